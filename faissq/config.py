@@ -1,0 +1,136 @@
+"""One Settings object for the whole service (env prefix FAISSQ_, nested sections with "__")."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Metric = Literal["cosine", "l2"]
+
+
+class RedisSettings(BaseModel):
+    """Where the broker, result backend and search queue live."""
+
+    url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://, rediss://, unix://). Unset: start an embedded redis-server.",
+    )
+    socket_timeout_s: float = Field(default=5.0, description="Socket timeout for client commands.")
+
+
+class StorageSettings(BaseModel):
+    """Shared storage for snapshots and the update log."""
+
+    url: str = Field(
+        default="./faissq-data",
+        description="fsspec URL or local folder holding snapshots and the update log.",
+    )
+    retention: int = Field(default=3, ge=1, description="Snapshot versions kept per index.")
+    fsync: bool = Field(default=True, description="fsync log entries and snapshot files.")
+
+
+class IndexSettings(BaseModel):
+    """How the engine chooses, builds and searches an index."""
+
+    metric: Metric = Field(default="cosine", description="cosine (IP on normalised) or l2.")
+    family: str = Field(
+        default="auto",
+        description="auto, flat, ivf_flat, ivf_pq, ivf_pq_refine, hnsw, or a FAISS factory string.",
+    )
+    flat_max: int = Field(default=5_000, ge=1, description="auto: Flat below this many vectors.")
+    ivf_flat_max: int = Field(default=50_000, ge=1, description="auto: IVF-Flat below this many.")
+    nlist_factor: float = Field(default=4.0, gt=0, description="nlist = factor x sqrt(N).")
+    min_points_per_centroid: int = Field(
+        default=39, ge=1, description="Never more centroids than train_size / this (FAISS: 39)."
+    )
+    train_points_per_centroid: int = Field(
+        default=64, ge=39, description="Training sample size = nlist x this (capped by N)."
+    )
+    pq_bytes: int | None = Field(
+        default=None, description="PQ bytes per vector (sub-quantizers). None: dim / 4."
+    )
+    opq: bool = Field(default=True, description="auto/ivf_pq: add an OPQ rotation when dim allows.")
+    refine: bool = Field(default=True, description="auto: exact refine of IVF-PQ from raw vectors.")
+    k_factor: int = Field(default=4, ge=1, description="Refine k x k_factor candidates.")
+    hnsw_m: int = Field(default=32, ge=4, description="HNSW graph degree.")
+    ef_construction: int = Field(default=40, ge=1, description="HNSW efConstruction.")
+    default_nprobe: int = Field(default=16, ge=1, description="nprobe when none is asked for.")
+    default_ef_search: int = Field(default=64, ge=1, description="efSearch when none is given.")
+    max_k: int = Field(default=1024, ge=1, description="Largest k a search may ask for.")
+    memory_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="Budget = this fraction of available host memory."
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None, description="Explicit host memory budget; overrides memory_fraction."
+    )
+    target_recall: float = Field(default=0.95, gt=0, le=1, description="Autotune target.")
+    merge_delta_max: int = Field(
+        default=50_000, ge=1, description="Delta size that makes a merge due."
+    )
+    imbalance_rebuild: float = Field(
+        default=3.0, gt=1, description="IVF imbalance factor above which a rebuild is due."
+    )
+    seed: int = Field(default=1234, description="Seed for sampling and k-means.")
+
+
+class GpuSettings(BaseModel):
+    """Whether and how an index is cloned to a GPU."""
+
+    mode: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto: use a GPU when the probe finds one."
+    )
+    device: int = Field(default=0, ge=0, description="CUDA device number.")
+    use_cuvs: bool = Field(default=True, description="Clone with cuVS when faiss was built with it.")
+    fp16: bool = Field(default=False, description="Store IVF-Flat / lookup tables in float16.")
+    temp_memory_bytes: int = Field(default=256 << 20, ge=0, description="GPU scratch memory.")
+    max_k: int = Field(default=2048, ge=1, description="GPU top-k limit of this faiss build.")
+    memory_fraction: float = Field(default=0.8, gt=0, le=1, description="GPU memory budget.")
+
+
+class RpcSettings(BaseModel):
+    """The synchronous search path over Redis lists."""
+
+    max_batch: int = Field(default=64, ge=1, description="Requests popped per loop turn.")
+    batch_window_ms: float = Field(
+        default=0.2, ge=0, description="Extra wait for more requests when the queue is busy."
+    )
+    queue_max: int = Field(default=10_000, ge=1, description="Request list bound: above, busy.")
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="Heartbeat key lifetime.")
+    reply_ttl_s: int = Field(default=30, ge=1, description="Reply key lifetime.")
+    timeout_s: float = Field(default=2.0, gt=0, description="Client default search timeout.")
+    max_allow_ids: int = Field(default=100_000, ge=0, description="Largest allow/deny list.")
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus exposition."""
+
+    enabled: bool = Field(default=True, description="Serve /metrics from the worker.")
+    port: int = Field(default=9310, ge=0, le=65535, description="Port of /metrics, /healthz.")
+
+
+class WorkerSettings(BaseModel):
+    """The Celery worker that pins the indexes."""
+
+    indexes: list[str] = Field(default_factory=lambda: ["default"], description="Served indexes.")
+    dead_letter_after: int = Field(default=3, ge=1, description="Deliveries before dead-letter.")
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=60, description="Above longest job.")
+    inline_max_bytes: int = Field(default=8 << 20, ge=0, description="Largest inline batch.")
+    job_time_limit_s: float = Field(default=4 * 3600, gt=0, description="Cooperative limit.")
+
+
+class Settings(BaseSettings):
+    """The whole configuration, read from FAISSQ_* variables (e.g. FAISSQ_INDEX__METRIC=l2)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FAISSQ_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    gpu: GpuSettings = Field(default_factory=GpuSettings)
+    rpc: RpcSettings = Field(default_factory=RpcSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)

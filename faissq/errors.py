@@ -1,0 +1,190 @@
+"""The faissq error tree; every error a caller can see is one of these.
+
+    FaissqError
+    ├── PermanentError              retrying cannot help: fail the job, nothing applied
+    │   ├── InvalidVectors
+    │   │   └── DimensionMismatch
+    │   ├── InvalidIds
+    │   ├── InvalidParameter
+    │   ├── UnknownFamily
+    │   ├── EmptyBuild
+    │   ├── MemoryBudgetExceeded
+    │   ├── UnknownIndex
+    │   ├── PayloadTooLarge
+    │   ├── ChecksumMismatch
+    │   ├── SnapshotCorrupt
+    │   ├── ManifestMismatch
+    │   ├── LogCorrupt
+    │   ├── WriterConflict
+    │   └── IndexNotReady
+    ├── RetryableError              transient: retry with backoff
+    │   └── StorageUnavailable
+    └── RpcError                    raised by SearchClient
+        ├── SearchTimeout
+        ├── NoWorkerAlive
+        ├── IndexBusy
+        └── RemoteSearchError
+
+Each class carries a stable `code` string used on the wire (RPC replies, task results).
+"""
+
+from __future__ import annotations
+
+
+class FaissqError(Exception):
+    """Raised for any faissq failure; the base of the tree."""
+
+    code = "error"
+
+
+class PermanentError(FaissqError):
+    """Raised when retrying the same input cannot succeed."""
+
+    code = "permanent"
+
+
+class InvalidVectors(PermanentError):
+    """Raised when vectors are not a finite 2-D float array usable by the index."""
+
+    code = "invalid_vectors"
+
+
+class DimensionMismatch(InvalidVectors):
+    """Raised when vectors have another dimension than the index."""
+
+    code = "dimension_mismatch"
+
+
+class InvalidIds(PermanentError):
+    """Raised when ids are not unique int64 values matching the vectors one to one."""
+
+    code = "invalid_ids"
+
+
+class InvalidParameter(PermanentError):
+    """Raised when a search or build parameter is out of range or unknown."""
+
+    code = "invalid_parameter"
+
+
+class UnknownFamily(PermanentError):
+    """Raised when the index family is neither a known name nor a valid factory string."""
+
+    code = "unknown_family"
+
+
+class EmptyBuild(PermanentError):
+    """Raised when a build is asked for with no vectors."""
+
+    code = "empty_build"
+
+
+class MemoryBudgetExceeded(PermanentError):
+    """Raised when no allowed family fits the memory budget; the message names the numbers."""
+
+    code = "memory_budget_exceeded"
+
+
+class UnknownIndex(PermanentError):
+    """Raised when a job or search names an index this service does not serve."""
+
+    code = "unknown_index"
+
+
+class PayloadTooLarge(PermanentError):
+    """Raised when an inline batch or a filter list is above its configured cap."""
+
+    code = "payload_too_large"
+
+
+class ChecksumMismatch(PermanentError):
+    """Raised when bytes do not match the sha256 they were announced with."""
+
+    code = "checksum_mismatch"
+
+
+class SnapshotCorrupt(PermanentError):
+    """Raised when a snapshot file is missing, unreadable or fails its checksum."""
+
+    code = "snapshot_corrupt"
+
+
+class ManifestMismatch(PermanentError):
+    """Raised when a snapshot's manifest disagrees with the settings (dim, metric, format)."""
+
+    code = "manifest_mismatch"
+
+
+class LogCorrupt(PermanentError):
+    """Raised when an update-log entry is truncated or fails its checksum."""
+
+    code = "log_corrupt"
+
+
+class WriterConflict(PermanentError):
+    """Raised when a second writer tries to append to an index's update log."""
+
+    code = "writer_conflict"
+
+
+class IndexNotReady(PermanentError):
+    """Raised when an index is searched or mutated before it was built or loaded."""
+
+    code = "index_not_ready"
+
+
+class RetryableError(FaissqError):
+    """Raised for transient faults that a retry with backoff may clear."""
+
+    code = "retryable"
+
+
+class StorageUnavailable(RetryableError):
+    """Raised when shared storage cannot be written or read right now (read-only, full, down)."""
+
+    code = "storage_unavailable"
+
+
+class RpcError(FaissqError):
+    """Raised by the search client; the base of the RPC-side errors."""
+
+    code = "rpc_error"
+
+
+class SearchTimeout(RpcError):
+    """Raised when no reply arrived before the search deadline."""
+
+    code = "timeout"
+
+
+class NoWorkerAlive(RpcError):
+    """Raised when no worker heartbeat exists for the index."""
+
+    code = "no_worker"
+
+
+class IndexBusy(RpcError):
+    """Raised when the index's request queue is at its bound."""
+
+    code = "busy"
+
+
+class RemoteSearchError(RpcError):
+    """Raised when the worker replied with an error; `remote_code` holds its stable code."""
+
+    code = "remote_error"
+
+    def __init__(self, message: str, remote_code: str = "error") -> None:
+        super().__init__(message)
+        self.remote_code = remote_code
+
+
+def error_for_code(code: str) -> type[FaissqError]:
+    """Return the error class with this wire code (FaissqError when unknown)."""
+    stack: list[type[FaissqError]] = [FaissqError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return FaissqError

@@ -1,0 +1,40 @@
+"""Every Redis key and Celery queue name faissq uses, in one place."""
+
+from __future__ import annotations
+
+PREFIX = "faissq"  # namespace of every key faissq writes to Redis
+
+
+def task_queue(index: str) -> str:
+    """Celery queue holding the mutation jobs of one index (one writer consumes it)."""
+    return f"{PREFIX}.{index}"
+
+
+def rpc_queue(index: str) -> str:
+    """Redis list that search requests are LPUSHed onto; replicas compete for it."""
+    return f"{PREFIX}:{index}:rpc"
+
+
+def reply_key(index: str, request_id: str) -> str:
+    """Redis list a worker LPUSHes one search reply onto (expires after rpc.reply_ttl_s)."""
+    return f"{PREFIX}:{index}:reply:{request_id}"
+
+
+def heartbeat_key(index: str, worker_id: str) -> str:
+    """Key with a TTL that says this worker serves the index and is ready."""
+    return f"{PREFIX}:{index}:hb:{worker_id}"
+
+
+def heartbeat_pattern(index: str) -> str:
+    """SCAN pattern matching every live heartbeat of one index."""
+    return f"{PREFIX}:{index}:hb:*"
+
+
+def delivery_key(task_id: str) -> str:
+    """Counter of how many times a task was delivered (dead-letter after N)."""
+    return f"{PREFIX}:deliveries:{task_id}"
+
+
+def dead_letter_list(index: str) -> str:
+    """Redis list of jobs that crashed the worker too often (JSON records)."""
+    return f"{PREFIX}:{index}:dead"
