@@ -15,7 +15,7 @@ class RedisSettings(BaseModel):
 
     url: str | None = Field(
         default=None,
-        description="Redis URL (redis://, rediss://, unix://). Unset: start an embedded redis-server.",
+        description="Redis URL (redis://, rediss://, unix://). Unset: embedded redis-server.",
     )
     socket_timeout_s: float = Field(default=5.0, description="Socket timeout for client commands.")
 
@@ -82,7 +82,9 @@ class GpuSettings(BaseModel):
         default="auto", description="auto: use a GPU when the probe finds one."
     )
     device: int = Field(default=0, ge=0, description="CUDA device number.")
-    use_cuvs: bool = Field(default=True, description="Clone with cuVS when faiss was built with it.")
+    use_cuvs: bool = Field(
+        default=True, description="Clone with cuVS when faiss was built with it."
+    )
     fp16: bool = Field(default=False, description="Store IVF-Flat / lookup tables in float16.")
     temp_memory_bytes: int = Field(default=256 << 20, ge=0, description="GPU scratch memory.")
     max_k: int = Field(default=2048, ge=1, description="GPU top-k limit of this faiss build.")
@@ -118,6 +120,13 @@ class WorkerSettings(BaseModel):
     visibility_timeout_s: int = Field(default=6 * 3600, ge=60, description="Above longest job.")
     inline_max_bytes: int = Field(default=8 << 20, ge=0, description="Largest inline batch.")
     job_time_limit_s: float = Field(default=4 * 3600, gt=0, description="Cooperative limit.")
+    progress_interval_s: float = Field(
+        default=1.0, ge=0, description="Least time between two PROGRESS updates of a job."
+    )
+    storage_retries: int = Field(
+        default=8, ge=0, description="Retries (exponential backoff) when storage is unavailable."
+    )
+    retry_backoff_max_s: int = Field(default=120, ge=1, description="Longest retry backoff.")
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,107 @@
+"""GPU seam: probe, clone to GPU, and a search that falls back to the CPU copy on any failure."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from faissq.config import GpuSettings
+from faissq.index.validate import F32, I64
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GpuProbe:
+    """What this process can do on a GPU: device count, cuVS, and why not when it cannot."""
+
+    num_gpus: int
+    cuvs: bool
+    reason: str
+
+    @property
+    def available(self) -> bool:
+        """Whether at least one GPU can be used."""
+        return self.num_gpus > 0
+
+
+def probe() -> GpuProbe:
+    """Look for faiss GPU symbols and devices, and for cuVS support in this faiss build."""
+    if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "index_cpu_to_gpu"):
+        return GpuProbe(0, False, "faiss built without GPU support (faiss-cpu)")
+    try:
+        n = int(faiss.get_num_gpus())
+    except Exception as exc:  # a broken CUDA runtime must not stop a CPU service
+        return GpuProbe(0, False, f"GPU probe failed: {exc}")
+    cuvs = bool(getattr(faiss, "should_use_cuvs", None)) or hasattr(faiss, "GpuIndexCagra")
+    if n == 0:
+        return GpuProbe(0, cuvs, "faiss has GPU support but no device is visible")
+    return GpuProbe(n, cuvs, f"{n} GPU(s) visible")
+
+
+class GpuCopy:
+    """A device copy of the primary index; calls are serialised (faiss GPU indexes are not
+    thread-safe) and anything it cannot answer exactly is left to the CPU copy."""
+
+    def __init__(self, device_index: Any, max_k: int, *, resources: Any = None) -> None:
+        """Wrap device_index (the clone) with its top-k limit max_k; resources are kept alive."""
+        self.index = device_index
+        self.max_k = max_k
+        self._resources = resources
+        self._lock = threading.Lock()
+        self.failures = 0
+        self.last_error = ""
+
+    def search(
+        self, queries: F32, k: int, nprobe: int | None, exclude: I64
+    ) -> tuple[F32, I64] | None:
+        """Top-k on the device, over-fetching past excluded ids; None: use the CPU copy."""
+        fetch = k + int(exclude.size)
+        if fetch > self.max_k:
+            return None
+        try:
+            with self._lock:
+                if nprobe is not None and hasattr(self.index, "nprobe"):
+                    params = faiss.SearchParametersIVF()
+                    params.nprobe = nprobe
+                    scores, ids = self.index.search(queries, fetch, params=params)
+                else:
+                    scores, ids = self.index.search(queries, fetch)
+        except Exception as exc:  # device errors degrade to the CPU copy, never to the caller
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("GPU search failed, answering from the CPU copy: %s", self.last_error)
+            return None
+        if exclude.size:
+            drop = np.isin(ids, exclude)
+            if drop.any():
+                order = np.argsort(drop, axis=1, kind="stable")
+                ids = np.where(drop, -1, ids)
+                ids = np.take_along_axis(ids, order, axis=1)
+                scores = np.take_along_axis(scores, order, axis=1)
+        return scores[:, :k], ids[:, :k]
+
+
+def clone_to_gpu(cpu_index: Any, cfg: GpuSettings, found: GpuProbe) -> tuple[GpuCopy | None, str]:
+    """Clone cpu_index to the configured device; return (copy or None, reason for the choice)."""
+    if cfg.mode == "off":
+        return None, "GPU disabled by settings (gpu.mode=off)"
+    if not found.available:
+        return None, f"CPU: {found.reason}"
+    try:
+        res = faiss.StandardGpuResources()
+        res.setTempMemory(cfg.temp_memory_bytes)
+        opts = faiss.GpuClonerOptions()
+        opts.useFloat16 = cfg.fp16
+        if hasattr(opts, "use_cuvs"):
+            opts.use_cuvs = bool(cfg.use_cuvs and found.cuvs)
+        device_index = faiss.index_cpu_to_gpu(res, cfg.device, cpu_index, opts)
+    except Exception as exc:  # unsupported family, out of device memory, driver trouble
+        return None, f"CPU fallback: GPU clone failed: {type(exc).__name__}: {exc}"
+    cuvs = " with cuVS" if found.cuvs and cfg.use_cuvs else ""
+    return GpuCopy(device_index, cfg.max_k, resources=res), f"GPU {cfg.device}{cuvs}"

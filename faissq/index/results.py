@@ -1,0 +1,62 @@
+"""Merging result lists by score (primary + delta) and exact refine from raw vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from faissq.index.validate import F32, I64
+
+WORST_IP = np.float32(-np.finfo(np.float32).max)  # FAISS's score for an empty slot under IP
+WORST_L2 = np.float32(np.finfo(np.float32).max)  # and under L2
+
+
+def worst(higher_is_better: bool) -> np.float32:
+    """The score FAISS puts in an empty slot for this metric."""
+    return WORST_IP if higher_is_better else WORST_L2
+
+
+def merge_topk(parts: list[tuple[F32, I64]], k: int, higher_is_better: bool) -> tuple[F32, I64]:
+    """Merge per-row candidate lists by score, keep the better score per id, pad with -1."""
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    nq, width = ids.shape
+    pad = worst(higher_is_better)
+    key = -scores if higher_is_better else scores.copy()
+    key[ids < 0] = np.inf
+    order = np.argsort(key, axis=1, kind="stable")
+    ids = np.take_along_axis(ids, order, axis=1)
+    scores = np.take_along_axis(scores, order, axis=1)
+    if width > 1:
+        rows = np.repeat(np.arange(nq), width)
+        pos = np.tile(np.arange(width), nq)
+        flat = ids.ravel()
+        # sort by (row, id, position): a repeat of (row, id) after the first is a worse duplicate
+        srt = np.lexsort((pos, flat, rows))
+        dup_sorted = np.zeros(flat.size, dtype=bool)
+        dup_sorted[1:] = (rows[srt][1:] == rows[srt][:-1]) & (flat[srt][1:] == flat[srt][:-1])
+        dup = np.zeros(flat.size, dtype=bool)
+        dup[srt] = dup_sorted
+        dup = dup.reshape(nq, width) & (ids >= 0)
+        if dup.any():
+            valid = (ids >= 0) & ~dup
+            compact = np.argsort(~valid, axis=1, kind="stable")
+            ids = np.where(valid, ids, -1)
+            ids = np.take_along_axis(ids, compact, axis=1)
+            scores = np.take_along_axis(scores, compact, axis=1)
+    out_ids = np.full((nq, k), -1, dtype=np.int64)
+    out_scores = np.full((nq, k), pad, dtype=np.float32)
+    take = min(k, width)
+    out_ids[:, :take] = ids[:, :take]
+    out_scores[:, :take] = scores[:, :take]
+    out_scores[out_ids < 0] = pad
+    return out_scores, out_ids
+
+
+def exact_scores(queries: F32, vectors: F32, higher_is_better: bool) -> F32:
+    """Exact score of each query row against its candidate rows: (nq, d) x (nq, c, d) -> (nq, c)."""
+    if higher_is_better:
+        out = np.einsum("qd,qcd->qc", queries, vectors)
+    else:
+        diff = vectors - queries[:, None, :]
+        out = np.einsum("qcd,qcd->qc", diff, diff)
+    return np.asarray(out, dtype=np.float32)

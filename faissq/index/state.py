@@ -1,0 +1,99 @@
+"""The engine's immutable state: primary index, delta, tombstones; swapped by one assignment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq.index.delta import Delta
+from faissq.index.gpu import GpuCopy
+from faissq.index.params import not_selector
+from faissq.index.policy import Plan
+from faissq.index.validate import F32, I64
+
+
+@dataclass(frozen=True, eq=False)
+class Primary:
+    """A built FAISS index plus the raw vectors of its (sorted) ids; immutable once published."""
+
+    index: Any
+    ids: I64
+    vectors: F32
+    plan: Plan
+    gpu: GpuCopy | None = None
+    gpu_reason: str = "CPU"
+
+    def rows_of(self, ids: I64) -> npt.NDArray[np.intp]:
+        """Row of each id in the raw store, -1 where absent (vectorised binary search)."""
+        if self.ids.size == 0 or ids.size == 0:
+            return np.full(ids.shape, -1, dtype=np.intp)
+        pos = np.searchsorted(self.ids, ids)
+        pos_c = np.minimum(pos, self.ids.size - 1)
+        return np.where(self.ids[pos_c] == ids, pos_c, -1)
+
+
+@dataclass(frozen=True, eq=False)
+class State:
+    """Everything a search reads, consistent as of one committed mutation."""
+
+    dim: int
+    primary: Primary | None
+    delta: Delta
+    tombstones: I64  # sorted primary ids deleted since the primary was built
+    version: int
+    tomb_selector: tuple[Any, list[Any]] | None = field(default=None)
+
+    @classmethod
+    def make(
+        cls, dim: int, primary: Primary | None, delta: Delta, tombstones: I64, version: int
+    ) -> State:
+        """Build a State, precomputing the tombstone selector once for all its searches."""
+        sel = not_selector(tombstones) if tombstones.size else None
+        return cls(dim, primary, delta, tombstones, version, sel)
+
+    @property
+    def ntotal(self) -> int:
+        """Live vectors: primary minus tombstones plus delta."""
+        base = 0 if self.primary is None else int(self.primary.ids.size)
+        return base - int(self.tombstones.size) + len(self.delta)
+
+    def live_in_primary(self, ids: I64) -> npt.NDArray[np.bool_]:
+        """Whether each id is in the primary and not tombstoned."""
+        if self.primary is None:
+            return np.zeros(ids.shape, dtype=bool)
+        present = self.primary.rows_of(ids) >= 0
+        if self.tombstones.size:
+            present &= ~in_sorted(self.tombstones, ids)
+        return present
+
+    def contains(self, ids: I64) -> npt.NDArray[np.bool_]:
+        """Whether each id is live (primary not tombstoned, or delta)."""
+        return self.live_in_primary(ids) | self.delta.contains(ids)
+
+    def live_vectors(self) -> tuple[I64, F32]:
+        """All live (ids, vectors) from the raw store and the delta (a copy)."""
+        parts_ids: list[I64] = []
+        parts_vecs: list[F32] = []
+        if self.primary is not None:
+            keep = ~in_sorted(self.tombstones, self.primary.ids)
+            parts_ids.append(self.primary.ids[keep])
+            parts_vecs.append(self.primary.vectors[keep])
+        parts_ids.append(self.delta.ids)
+        parts_vecs.append(self.delta.vectors)
+        return np.concatenate(parts_ids), np.concatenate(parts_vecs).reshape(-1, self.dim)
+
+
+def in_sorted(sorted_arr: I64, ids: I64) -> npt.NDArray[np.bool_]:
+    """Vectorised membership of ids in a sorted array."""
+    if sorted_arr.size == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_arr, ids), sorted_arr.size - 1)
+    return np.asarray(sorted_arr[pos] == ids)
+
+
+def union_sorted(a: I64, b: I64) -> I64:
+    """Sorted union of two id arrays."""
+    return np.union1d(a, b).astype(np.int64, copy=False)
