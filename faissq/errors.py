@@ -16,7 +16,9 @@
     │   ├── ManifestMismatch
     │   ├── LogCorrupt
     │   ├── WriterConflict
-    │   └── IndexNotReady
+    │   ├── IndexNotReady
+    │   ├── JobTimeLimitExceeded
+    │   └── DeadLettered
     ├── RetryableError              transient: retry with backoff
     │   └── StorageUnavailable
     └── RpcError                    raised by SearchClient
@@ -131,6 +133,18 @@ class IndexNotReady(PermanentError):
     """Raised when an index is searched or mutated before it was built or loaded."""
 
     code = "index_not_ready"
+
+
+class JobTimeLimitExceeded(PermanentError):
+    """Raised when a job passes its cooperative time limit; it stops cleanly between chunks."""
+
+    code = "time_limit_exceeded"
+
+
+class DeadLettered(PermanentError):
+    """Raised when a job was delivered more times than allowed (it kept crashing the worker)."""
+
+    code = "dead_lettered"
 
 
 class RetryableError(FaissqError):

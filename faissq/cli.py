@@ -1,0 +1,132 @@
+"""The `faissq` command. Each subcommand is one entry of COMMANDS: (help, add_arguments, run)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from faissq.config import Settings
+from faissq.errors import FaissqError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace, Settings], int]
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings) -> Iterator[Settings]:
+    """Yield settings with a Redis URL: the configured one, else a private embedded redis-server."""
+    if settings.redis.url:
+        yield settings
+        return
+    from faissq.embedded_redis import EmbeddedRedis
+
+    root = Path(settings.storage.url)
+    workdir = root / ".redis" if "://" not in settings.storage.url else None
+    server = EmbeddedRedis(workdir, unix_socket=True, persistent=True)
+    url = server.start()
+    logging.getLogger("faissq").warning("FAISSQ_REDIS__URL is unset: embedded Redis at %s", url)
+    try:
+        yield settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
+    finally:
+        server.stop()
+
+
+# -- worker ----------------------------------------------------------------------------------
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq worker`."""
+    p.add_argument(
+        "--index",
+        action="append",
+        metavar="NAME",
+        help="index to serve (repeatable; default: FAISSQ_WORKER__INDEXES or 'default')",
+    )
+    p.add_argument("--hostname", "-n", help="Celery node name (default: faissq-<index>@<host>)")
+    p.add_argument("--loglevel", "-l", default="INFO", help="log level (default INFO)")
+    p.add_argument(
+        "--mingle", action="store_true", help="sync with other workers at start (slower start)"
+    )
+
+
+def worker_argv(indexes: Sequence[str], hostname: str, loglevel: str, mingle: bool) -> list[str]:
+    """The `celery worker` arguments of an index worker: threads pool, one thread, events."""
+    from faissq import keys
+
+    argv = [
+        "worker",
+        "--pool=threads",
+        "--concurrency=1",  # one writer per index; searches run on the RPC thread
+        "--queues=" + ",".join(keys.task_queue(i) for i in indexes),
+        "--task-events",
+        "--hostname=" + hostname,
+        "--loglevel=" + loglevel,
+    ]
+    if not mingle:
+        argv.append("--without-mingle")
+    return argv
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Start an index worker (and an embedded Redis when no URL is configured)."""
+    from faissq.worker.service import make_worker_app
+
+    if args.index:
+        settings = settings.model_copy(
+            update={"worker": settings.worker.model_copy(update={"indexes": list(args.index)})}
+        )
+    indexes = settings.worker.indexes
+    hostname = args.hostname or f"faissq-{'+'.join(indexes)}@{socket.gethostname()}"
+    logging.basicConfig(level=args.loglevel.upper(), format=LOG_FORMAT)
+    with redis_for(settings) as settings:
+        app = make_worker_app(settings)
+        app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle))
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
+    "worker": ("run the Celery worker that pins the given indexes", add_worker_args, run_worker),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per COMMANDS entry."""
+    parser = argparse.ArgumentParser(
+        prog="faissq",
+        description="faissq: FAISS indexes behind Celery jobs and a Redis search RPC. "
+        "Configuration comes from FAISSQ_* environment variables (e.g. FAISSQ_REDIS__URL).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `faissq` command; typed errors become one line and exit code 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        settings = Settings()
+        return int(args.run(args, settings))
+    except FaissqError as exc:
+        print(f"faissq: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The faissq Celery tasks: check the payload, call the runtime, return a small dict.
+
+Task names and keyword arguments are a public contract (docs/tasks.md): upstream services enqueue
+with ``send_task("faissq.upsert", kwargs=..., queue="faissq.<index>")`` without importing faissq.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from celery import Celery
+
+from faissq.errors import DimensionMismatch
+from faissq.tasks import payload
+from faissq.tasks.base import FaissqTask
+
+
+def build(
+    self: FaissqTask,
+    index: str,
+    vectors: Any = None,
+    vectors_ref: Any = None,
+    ids: Any = None,
+    ids_ref: Any = None,
+    family: Any = None,
+    time_limit_s: Any = None,
+) -> dict[str, Any]:
+    """Build the index from scratch (ids default to 0..n-1), snapshot it, then swap it in."""
+    ctx = self.context()
+    ctx.runtime.slot(index)
+    cfg = ctx.settings
+    limit = payload.time_limit_arg(time_limit_s, cfg.worker.job_time_limit_s)
+    family = payload.optional_str("family", family)
+    vecs = payload.vectors_arg(vectors, vectors_ref, root=cfg.storage.url,
+                               inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
+    if ids is None and ids_ref is None:
+        id_arr = np.arange(len(vecs), dtype=np.int64)
+    else:
+        id_arr = payload.ids_arg(ids, ids_ref, root=cfg.storage.url, n=len(vecs))
+    return ctx.runtime.build(index, vecs, id_arr, family=family, progress=self.progress(limit))
+
+
+def upsert(
+    self: FaissqTask,
+    index: str,
+    ids: Any = None,
+    vectors: Any = None,
+    vectors_ref: Any = None,
+    ids_ref: Any = None,
+    batch_id: Any = None,
+) -> dict[str, Any]:
+    """Insert or replace vectors by id; logged before applied, a known batch_id is a no-op."""
+    ctx = self.context()
+    ctx.runtime.slot(index)
+    cfg = ctx.settings
+    bid = payload.batch_id_arg(batch_id, self.request.id)
+    vecs = payload.vectors_arg(vectors, vectors_ref, root=cfg.storage.url,
+                               inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
+    id_arr = payload.ids_arg(ids, ids_ref, root=cfg.storage.url, n=len(vecs))
+    return ctx.runtime.apply(
+        index, "upsert", id_arr, vecs, bid,
+        check=lambda eng: check_vectors(vecs, eng, cfg.index.metric),
+    )  # fmt: skip
+
+
+def delete(
+    self: FaissqTask, index: str, ids: Any = None, ids_ref: Any = None, batch_id: Any = None
+) -> dict[str, Any]:
+    """Delete vectors by id (unknown ids are ignored); logged before applied."""
+    ctx = self.context()
+    ctx.runtime.slot(index)
+    bid = payload.batch_id_arg(batch_id, self.request.id)
+    id_arr = payload.ids_arg(ids, ids_ref, root=ctx.settings.storage.url, n=None)
+    return ctx.runtime.apply(index, "delete", id_arr, None, bid, check=lambda eng: None)
+
+
+def merge(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, Any]:
+    """Fold the delta and tombstones into the primary index, re-using the trained quantizer."""
+    ctx = self.context()
+    limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
+    return ctx.runtime.maintain(index, "merge", self.progress(limit))
+
+
+def rebuild(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, Any]:
+    """Retrain and rebuild the primary from the raw vectors (after drift or imbalance)."""
+    ctx = self.context()
+    limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
+    return ctx.runtime.maintain(index, "rebuild", self.progress(limit))
+
+
+def save(self: FaissqTask, index: str) -> dict[str, Any]:
+    """Write a snapshot of the live index; the log it covers can then be truncated."""
+    return self.context().runtime.save(index)
+
+
+def reload(self: FaissqTask, index: str) -> dict[str, Any]:
+    """Reload the index from storage (snapshot + log) and swap it in."""
+    return self.context().runtime.reload(index)
+
+
+def autotune(
+    self: FaissqTask, index: str, target_recall: Any = None, time_limit_s: Any = None
+) -> dict[str, Any]:
+    """Choose the fastest search parameters meeting the target recall; returns the profile."""
+    from faissq.index.validate import check_recall
+
+    ctx = self.context()
+    limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
+    target = check_recall(target_recall)
+    return ctx.runtime.autotune(index, target, self.progress(limit))
+
+
+def stats(self: FaissqTask, index: str) -> dict[str, Any]:
+    """Describe the index: state, log seq, sizes, family and the engine's counters."""
+    return self.context().runtime.stats(index)
+
+
+TASKS = {
+    "faissq.build": build,
+    "faissq.upsert": upsert,
+    "faissq.delete": delete,
+    "faissq.merge": merge,
+    "faissq.rebuild": rebuild,
+    "faissq.save": save,
+    "faissq.reload": reload,
+    "faissq.autotune": autotune,
+    "faissq.stats": stats,
+}
+
+
+def register_tasks(app: Celery) -> None:
+    """Register every faissq task on `app` under its stable name."""
+    for name, fn in TASKS.items():
+        app.task(name=name, bind=True, base=FaissqTask)(fn)
+
+
+def check_vectors(vectors: Any, engine: Any, metric: str) -> None:
+    """Check finiteness, shape and (when the index exists) dimension before anything is logged."""
+    from faissq.index.validate import as_vectors
+
+    as_vectors(vectors, None, metric)
+    dim = getattr(engine, "dim", None) if engine is not None else None
+    if dim is not None and vectors.shape[1] != dim:
+        raise DimensionMismatch(f"vectors have dimension {vectors.shape[1]}, the index has {dim}")

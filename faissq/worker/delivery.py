@@ -1,0 +1,68 @@
+"""Delivery counting: a job that keeps crashing the worker is dead-lettered instead of looping.
+
+acks_late + reject_on_worker_lost redeliver a job whose worker died; a counter per task id that
+only a finished run clears tells a redelivery apart from a first delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from faissq import keys
+
+COUNTER_TTL_S = 7 * 24 * 3600  # a job not seen again for a week is forgotten
+
+
+def count_delivery(client: redis.Redis, task_id: str) -> int:
+    """Count one more delivery of a task and return the total so far."""
+    pipe = client.pipeline()
+    pipe.incr(keys.delivery_key(task_id))
+    pipe.expire(keys.delivery_key(task_id), COUNTER_TTL_S)
+    n, _ = pipe.execute()
+    return int(n)
+
+
+def forget_delivery(client: redis.Redis, task_id: str) -> None:
+    """Clear the counter once a run finished (success, failure or retry scheduled)."""
+    client.delete(keys.delivery_key(task_id))
+
+
+def dead_letter(
+    client: redis.Redis, index: str, *, task_id: str, name: str, deliveries: int, kwargs: Any
+) -> dict[str, Any]:
+    """Record a dead-lettered job on its index's dead list (without vector payloads)."""
+    record = {
+        "task_id": task_id,
+        "task": name,
+        "index": index,
+        "deliveries": deliveries,
+        "kwargs": summarize_kwargs(kwargs),
+        "at": time.time(),
+    }
+    client.rpush(keys.dead_letter_list(index), json.dumps(record))
+    return record
+
+
+def summarize_kwargs(kwargs: Any) -> dict[str, Any]:
+    """Keep scalars and references; replace inline payloads by their size."""
+    if not isinstance(kwargs, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, str | int | float | bool) or v is None:
+            out[str(k)] = v
+        elif isinstance(v, dict) and "path" in v:
+            out[str(k)] = {
+                f: v.get(f) for f in ("path", "shape", "sha256") if isinstance(v.get(f), str | list)
+            }
+        elif isinstance(v, dict) and "shape" in v:
+            out[str(k)] = {"shape": v.get("shape") if isinstance(v.get("shape"), list) else None}
+        elif isinstance(v, list):
+            out[str(k)] = f"<list of {len(v)}>"
+        else:
+            out[str(k)] = f"<{type(v).__name__}>"
+    return out

@@ -1,0 +1,305 @@
+"""The per-process IndexRuntime: pins each served index in memory; one writer, many readers.
+
+The Celery task thread is the only writer. Readers (the search RPC) take `engine(name)`, a plain
+reference: builds and reloads happen on a new Engine that is swapped in with one assignment, so a
+reader never waits for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq.config import Settings
+from faissq.errors import FaissqError, IndexNotReady, UnknownIndex
+from faissq.worker.store import IndexStore, Logged
+
+if TYPE_CHECKING:
+    from faissq.index.engine import Engine
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+class IndexState(StrEnum):
+    """Lifecycle of one served index in this process."""
+
+    LOADING = "loading"  # snapshot load and log replay in progress; jobs wait for it
+    EMPTY = "empty"  # nothing built or logged yet; a build or an upsert creates the index
+    READY = "ready"  # loaded and replayed: serves searches and applies jobs
+    REBUILDING = "rebuilding"  # a build/rebuild runs on a new object; the old one keeps serving
+    DEGRADED = "degraded"  # serving, but on a fallback (GPU failed, older snapshot): see reason
+    FAILED = "failed"  # could not load; jobs fail with IndexNotReady until a reload succeeds
+
+
+SERVING = frozenset({IndexState.READY, IndexState.REBUILDING, IndexState.DEGRADED})
+
+
+@dataclass
+class IndexSlot:
+    """One served index: its engine reference, state and the last log seq applied."""
+
+    name: str
+    state: IndexState = IndexState.LOADING
+    engine: Engine | None = None
+    reason: str = ""
+    seq: int = 0
+    version: str | None = None
+    loaded_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class IndexRuntime:
+    """Holds every served index of this worker process and applies jobs to them."""
+
+    def __init__(self, settings: Settings, store: IndexStore) -> None:
+        """Prepare slots for settings.worker.indexes; nothing is loaded until `load_all`."""
+        self.settings = settings
+        self.store = store
+        self.slots = {name: IndexSlot(name) for name in settings.worker.indexes}
+        self._ready = threading.Event()
+        self._ready_hooks: list[Callable[[IndexRuntime], None]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def load_all(self) -> None:
+        """Load every served index (snapshot + log replay), then mark the runtime ready."""
+        for slot in self.slots.values():
+            self._load(slot)
+        self._ready.set()
+        for hook in self._ready_hooks:
+            hook(self)
+
+    def _load(self, slot: IndexSlot) -> None:
+        """Recover one index; a failure leaves it FAILED with the reason, never kills the worker."""
+        slot.state = IndexState.LOADING
+        t0 = time.perf_counter()
+        try:
+            rec = self.store.recover(slot.name)
+        except FaissqError as exc:
+            slot.state, slot.reason = IndexState.FAILED, f"{exc.code}: {exc}"
+            log.error("index %s failed to load: %s", slot.name, slot.reason)
+            return
+        slot.engine = rec.engine
+        slot.seq, slot.version, slot.notes = rec.seq, rec.version, list(rec.notes)
+        slot.loaded_s = time.perf_counter() - t0
+        slot.state = IndexState.READY if slot.engine is not None else IndexState.EMPTY
+        if rec.notes:
+            slot.state, slot.reason = IndexState.DEGRADED, "; ".join(rec.notes)
+        log.info("index %s %s at seq %d in %.3fs", slot.name, slot.state.value, slot.seq,
+                 slot.loaded_s)  # fmt: skip
+
+    def on_ready(self, hook: Callable[[IndexRuntime], None]) -> None:
+        """Run `hook(runtime)` once every index is loaded (the RPC loop starts here)."""
+        self._ready_hooks.append(hook)
+        if self._ready.is_set():
+            hook(self)
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until `load_all` finished; False on timeout."""
+        return self._ready.wait(timeout_s)
+
+    def close(self) -> None:
+        """Release the store (writer locks)."""
+        self.store.close()
+
+    # -- readers -----------------------------------------------------------------------------
+
+    def slot(self, name: str) -> IndexSlot:
+        """Return the slot of a served index, or raise UnknownIndex."""
+        try:
+            return self.slots[name]
+        except KeyError:
+            served = ", ".join(sorted(self.slots))
+            raise UnknownIndex(f"index {name!r} is not served here (serving: {served})") from None
+
+    def engine(self, name: str) -> Engine:
+        """Return the engine readers search now; raises IndexNotReady before it exists."""
+        slot = self.slot(name)
+        eng = slot.engine
+        if eng is None or slot.state not in SERVING:
+            detail = f": {slot.reason}" if slot.reason else ""
+            raise IndexNotReady(f"index {name!r} is {slot.state.value}{detail}")
+        return eng
+
+    # -- writers (the Celery task thread only) -----------------------------------------------
+
+    def _writable(self, name: str) -> IndexSlot:
+        """Return a slot that accepts mutations."""
+        slot = self.slot(name)
+        if slot.state in (IndexState.LOADING, IndexState.FAILED):
+            detail = f": {slot.reason}" if slot.reason else ""
+            raise IndexNotReady(f"index {name!r} is {slot.state.value}{detail}")
+        return slot
+
+    def build(
+        self,
+        name: str,
+        vectors: npt.NDArray[np.float32],
+        ids: npt.NDArray[np.int64],
+        *,
+        family: str | None,
+        progress: Progress | None,
+    ) -> dict[str, Any]:
+        """Build a new engine, snapshot it, then swap it in: the old one serves until the swap."""
+        slot = self._writable(name)
+        before = slot.state
+        slot.state = IndexState.REBUILDING
+        try:
+            eng = self._new_engine(name, int(vectors.shape[1]))
+            report = eng.build(vectors, ids, family=family, progress=progress)
+            if progress:
+                progress("save", 0, 1)
+            saved = self.store.save(name, eng)
+        except BaseException:
+            slot.state = before
+            raise
+        self._swap(slot, eng, saved)
+        return {**_small(report), "seq": slot.seq, "version": eng.version, "snapshot": saved}
+
+    def apply(
+        self,
+        name: str,
+        op: str,
+        ids: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32] | None,
+        batch_id: str,
+        *,
+        check: Callable[[Engine | None], None],
+    ) -> dict[str, Any]:
+        """Log a batch (write-ahead), then apply it; a logged batch_id is not applied twice."""
+        slot = self._writable(name)
+        check(slot.engine)  # validate against the live index before anything is logged
+        t0 = time.perf_counter()
+        logged: Logged = self.store.append(name, "upsert" if op == "upsert" else "delete", ids,
+                                           vectors, batch_id)  # fmt: skip
+        if logged.duplicate:
+            return {"seq": logged.seq, "duplicate": True, "applied": 0, **self._counts(slot)}
+        if op == "upsert":
+            if vectors is None:
+                raise IndexNotReady("upsert without vectors")  # check() rules this out
+            if slot.engine is None:
+                slot.engine = self._new_engine(name, int(vectors.shape[1]))
+                slot.state = IndexState.READY
+            applied = slot.engine.upsert(ids, vectors)
+        else:
+            applied = slot.engine.delete(ids) if slot.engine is not None else 0
+        slot.seq = logged.seq
+        return {
+            "seq": logged.seq,
+            "duplicate": False,
+            "applied": int(applied),
+            "seconds": round(time.perf_counter() - t0, 6),
+            **self._counts(slot),
+        }
+
+    def maintain(self, name: str, what: str, progress: Progress | None) -> dict[str, Any]:
+        """Run merge or rebuild on the live engine (the engine swaps its own internals)."""
+        slot = self._writable(name)
+        eng = self.engine(name)
+        before = slot.state
+        slot.state = IndexState.REBUILDING
+        try:
+            report = (
+                eng.merge(progress=progress) if what == "merge" else eng.rebuild(progress=progress)
+            )
+        finally:
+            slot.state = before
+        return {**_small(report), **self._counts(slot)}
+
+    def autotune(
+        self, name: str, target_recall: float | None, progress: Progress | None
+    ) -> dict[str, Any]:
+        """Sweep search parameters against exact ground truth; the profile is kept by the engine."""
+        return _small(self.engine(name).autotune(target_recall=target_recall, progress=progress))
+
+    def save(self, name: str) -> dict[str, Any]:
+        """Snapshot the live engine; the log up to its seq becomes redundant."""
+        slot = self._writable(name)
+        eng = self.engine(name)
+        saved = self.store.save(name, eng)
+        return {"seq": slot.seq, "version": eng.version, "snapshot": saved}
+
+    def reload(self, name: str) -> dict[str, Any]:
+        """Reload from storage (snapshot + log) and swap; the old engine serves meanwhile."""
+        slot = self.slot(name)
+        rec = self.store.recover(name)
+        if rec.engine is None:
+            raise IndexNotReady(f"index {name!r} has no snapshot or log to reload from")
+        eng = rec.engine
+        slot.engine, slot.seq, slot.version = eng, rec.seq, rec.version
+        slot.state = IndexState.DEGRADED if rec.notes else IndexState.READY
+        slot.reason = "; ".join(rec.notes)
+        return {"seq": rec.seq, "version": rec.version, **self._counts(slot)}
+
+    def stats(self, name: str) -> dict[str, Any]:
+        """Describe one index: state, seq, sizes and the engine's own stats."""
+        slot = self.slot(name)
+        out: dict[str, Any] = {
+            "index": name,
+            "state": slot.state.value,
+            "reason": slot.reason,
+            "seq": slot.seq,
+            "snapshot_version": slot.version,
+            "load_seconds": round(slot.loaded_s, 6),
+        }
+        if slot.engine is not None:
+            out["engine"] = _small(slot.engine.stats())
+            out.update(self._counts(slot))
+        return out
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _swap(self, slot: IndexSlot, eng: Engine, saved: dict[str, Any]) -> None:
+        """Publish a new engine to readers with one reference assignment."""
+        slot.engine = eng
+        seq = saved.get("seq")
+        slot.seq = int(seq) if isinstance(seq, int) else slot.seq
+        slot.version = saved.get("version") if isinstance(saved.get("version"), str) else None
+        slot.state, slot.reason = IndexState.READY, ""
+
+    def _new_engine(self, name: str, dim: int) -> Engine:
+        """An empty engine of this dimension (it clones to the GPU itself when configured)."""
+        from faissq.index.engine import Engine
+
+        gpu = self.settings.gpu if self.settings.gpu.mode != "off" else None
+        return Engine(dim, self.settings.index, name=name, gpu=gpu)
+
+    @staticmethod
+    def _counts(slot: IndexSlot) -> dict[str, Any]:
+        """The small numbers every job result carries."""
+        eng = slot.engine
+        if eng is None:
+            return {"ntotal": 0, "version": None}
+        return {"ntotal": int(eng.ntotal), "version": eng.version}
+
+
+def _small(report: Any) -> dict[str, Any]:
+    """Keep a report JSON/msgpack friendly: numpy scalars to Python, arrays dropped."""
+    if not isinstance(report, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in report.items():
+        if isinstance(v, np.generic):
+            out[str(k)] = v.item()
+        elif isinstance(v, dict):
+            out[str(k)] = _small(v)
+        elif isinstance(v, list | tuple):
+            out[str(k)] = [_small(x) if isinstance(x, dict) else _plain(x) for x in v]
+        elif isinstance(v, str | int | float | bool) or v is None:
+            out[str(k)] = v
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """A numpy scalar as its Python value; other values unchanged."""
+    return v.item() if isinstance(v, np.generic) else v
