@@ -18,6 +18,7 @@ import numpy.typing as npt
 from faissq.errors import SnapshotCorrupt
 from faissq.storage.fs import Storage, Writable
 
+_faiss: Any = faiss  # the callback IO classes are missing from some faiss type stubs
 CHUNK_BYTES = 8 << 20  # write/read/hash granularity: bounds the extra memory of save and verify
 
 
@@ -80,7 +81,7 @@ def write_index(storage: Storage, path: str, index: Any) -> FileDigest:
     """Serialise a CPU FAISS index straight to storage through a callback writer (no bytes blob)."""
     with storage.open_new(path) as f:
         out = HashingWriter(f)
-        writer = faiss.PyCallbackIOWriter(out.write, CHUNK_BYTES)  # type: ignore[attr-defined]
+        writer = _faiss.PyCallbackIOWriter(out.write, CHUNK_BYTES)
         faiss.write_index(index, writer)
         del writer  # flushes faiss' last buffered block into `out`
         return out.result()
@@ -124,7 +125,7 @@ def read_npy(storage: Storage, path: str, *, mmap: bool = True) -> npt.NDArray[A
 def read_index(storage: Storage, path: str) -> Any:
     """Load a FAISS index by streaming it through a callback reader."""
     with storage.open_read(path) as f:
-        reader = faiss.PyCallbackIOReader(f.read, CHUNK_BYTES)  # type: ignore[attr-defined]
+        reader = _faiss.PyCallbackIOReader(f.read, CHUNK_BYTES)
         try:
             return faiss.read_index(reader)
         except RuntimeError as exc:

@@ -47,16 +47,35 @@ _VERSION = re.compile(r"^v(\d{8})$")
 class ExportLike(Protocol):
     """The engine's immutable export (faissq.index.engine.EngineExport) as snapshots see it."""
 
-    dim: int
-    metric: str
-    plan: dict[str, Any]
-    index: Any
-    primary_ids: npt.NDArray[np.int64]
-    primary_vectors: npt.NDArray[np.float32]
-    delta_ids: npt.NDArray[np.int64]
-    delta_vectors: npt.NDArray[np.float32]
-    tombstones: npt.NDArray[np.int64]
-    tuning: dict[str, Any] | None
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def metric(self) -> str: ...
+
+    @property
+    def plan(self) -> dict[str, Any]: ...
+
+    @property
+    def index(self) -> Any: ...
+
+    @property
+    def primary_ids(self) -> npt.NDArray[np.int64]: ...
+
+    @property
+    def primary_vectors(self) -> npt.NDArray[np.float32]: ...
+
+    @property
+    def delta_ids(self) -> npt.NDArray[np.int64]: ...
+
+    @property
+    def delta_vectors(self) -> npt.NDArray[np.float32]: ...
+
+    @property
+    def tombstones(self) -> npt.NDArray[np.int64]: ...
+
+    @property
+    def tuning(self) -> dict[str, Any] | None: ...
 
 
 @dataclass

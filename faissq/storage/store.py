@@ -1,0 +1,112 @@
+"""DurableStore: the served indexes' log, snapshots and recovery behind one small object.
+
+It has the shape of the runtime's ``IndexStore`` seam (recover / append / save / close): the
+runtime logs a batch here before applying it, snapshots between jobs, and recovers at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq.config import Settings
+from faissq.errors import InvalidParameter
+from faissq.index.engine import Engine
+from faissq.storage.fs import Storage
+from faissq.storage.log import Appended, LogWriter, Op, UpdateLog
+from faissq.storage.recovery import Recovered, recover
+from faissq.storage.snapshots import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # index names become folder names
+
+
+def check_index_name(index: str) -> str:
+    """Refuse index names that are not safe as a folder name on every backend."""
+    if not _NAME.match(index):
+        raise InvalidParameter(f"index name {index!r} must match {_NAME.pattern}")
+    return index
+
+
+class DurableStore:
+    """Update logs and snapshots of every index under `settings.storage.url`."""
+
+    def __init__(self, settings: Settings, *, engine_options: dict[str, Any] | None = None) -> None:
+        """settings: the whole configuration (storage and index sections are read);
+        engine_options: extra Engine keyword arguments used at recovery (gpu, cloner)."""
+        self.settings = settings
+        self.storage = Storage.from_url(settings.storage.url, fsync=settings.storage.fsync)
+        self.engine_options = engine_options or {}
+        self._writers: dict[str, LogWriter] = {}
+
+    def snapshots(self, index: str) -> SnapshotStore:
+        """The snapshot store of one index."""
+        retention = self.settings.storage.retention
+        return SnapshotStore(self.storage, check_index_name(index), retention=retention)
+
+    def log(self, index: str) -> UpdateLog:
+        """The update log of one index (read side)."""
+        return UpdateLog(self.storage, check_index_name(index))
+
+    def writer(self, index: str) -> LogWriter:
+        """This process's writer of an index's log, opened (and locked) on first use."""
+        w = self._writers.get(index)
+        if w is None:
+            w = self._writers[index] = self.log(index).open_writer()
+        return w
+
+    def recover(self, index: str, *, dim: int | None = None, strict: bool = True) -> Recovered:
+        """Load the newest good snapshot and replay the log after it (reads only)."""
+        return recover(
+            self.storage,
+            check_index_name(index),
+            self.settings.index,
+            dim=dim,
+            retention=self.settings.storage.retention,
+            strict=strict,
+            engine_options=self.engine_options,
+        )
+
+    def append(
+        self,
+        index: str,
+        op: Op,
+        ids: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32] | None,
+        batch_id: str,
+    ) -> Appended:
+        """Durably log a batch before it is applied; a known batch_id returns its first seq."""
+        return self.writer(index).append(op, ids, vectors, batch_id)
+
+    def save(self, index: str, engine: Engine) -> dict[str, Any]:
+        """Snapshot `engine`, which must reflect every batch logged so far; then trim the log.
+
+        The log keeps everything after the oldest retained snapshot, so falling back to any
+        retained version at load time can still replay to the latest acknowledged batch.
+        """
+        w = self.writer(index)
+        seq = w.last_seq
+        store = self.snapshots(index)
+        info = store.save(engine.export(), seq)
+        oldest = min((i.seq for i in store.ls()), default=seq)
+        removed = w.truncate(oldest)
+        return {
+            "version": info.version,
+            "seq": info.seq,
+            "bytes": info.bytes,
+            "ntotal": info.ntotal,
+            "log_truncated_upto": w.log.truncation().upto,
+            "log_entries_removed": removed,
+            "persisted": True,
+        }
+
+    def close(self) -> None:
+        """Release every writer lock held by this process."""
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
