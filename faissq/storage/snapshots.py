@@ -206,15 +206,27 @@ class SnapshotStore:
         version = version_name(number)
         folder = f"{self.folder}/{version}"
         self.storage.makedirs(folder)
-        digests: dict[str, files.FileDigest] = {}
         index = None if export.index is None else files.to_cpu(export.index)
-        if index is not None:
-            digests[INDEX_FILE] = files.write_index(self.storage, f"{folder}/{INDEX_FILE}", index)
-        for name in ARRAYS:
-            arr = getattr(export, name)
-            digests[f"{name}.npy"] = files.write_npy(self.storage, f"{folder}/{name}.npy", arr)
-        tuning = json.dumps(export.tuning).encode()
-        digests[TUNING_FILE] = files.write_bytes(self.storage, f"{folder}/{TUNING_FILE}", tuning)
+
+        def write_arrays() -> dict[str, files.FileDigest]:
+            out = {}
+            for name in ARRAYS:
+                path = f"{folder}/{name}.npy"
+                out[f"{name}.npy"] = files.write_npy(self.storage, path, getattr(export, name))
+            tuning = json.dumps(export.tuning).encode()
+            out[TUNING_FILE] = files.write_bytes(self.storage, f"{folder}/{TUNING_FILE}", tuning)
+            return out
+
+        # the index and the arrays stream side by side: hashing and file writes release the GIL
+        digests: dict[str, files.FileDigest] = {}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            arrays = pool.submit(write_arrays)
+            try:
+                if index is not None:
+                    path = f"{folder}/{INDEX_FILE}"
+                    digests[INDEX_FILE] = files.write_index(self.storage, path, index)
+            finally:
+                digests.update(arrays.result())
         self.storage.sync_dir(folder)
         manifest = self._manifest(export, index, seq, version, digests)
         payload = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -303,10 +315,11 @@ class SnapshotStore:
             )
         expected = manifest["files"]
         folder = f"{self.folder}/{version}"
-        # hashlib releases the GIL on large buffers: hash the files side by side
+        # hashlib releases the GIL on large buffers: hash the files side by side, largest first
+        names = sorted(expected, key=lambda n: -int(expected[n]["bytes"]))
         with ThreadPoolExecutor(max_workers=2) as pool:
-            digests = pool.map(lambda n: files.hash_file(self.storage, f"{folder}/{n}"), expected)
-            got = dict(zip(expected, digests, strict=True))
+            digests = pool.map(lambda n: files.hash_file(self.storage, f"{folder}/{n}"), names)
+            got = dict(zip(names, digests, strict=True))
         for name, want in expected.items():
             if got[name].sha256 != want["sha256"] or got[name].bytes != want["bytes"]:
                 raise SnapshotCorrupt(f"{folder}/{name} fails its checksum")
