@@ -1,0 +1,10 @@
+"""Durable state on shared storage: the update log, snapshots, and recovery.
+
+fs.py          the fsspec seam: atomic replace, exclusive create, errors -> StorageUnavailable
+log.py         the write-ahead update log: one checksummed file per batch, gap-free seqs
+files.py       streamed, hashed snapshot files (.npy, FAISS index through callback IO)
+snapshots.py   versioned snapshots, manifest, CURRENT pointer, retention, fallback
+recovery.py    load the newest good snapshot, replay the log after it (reads only)
+store.py       DurableStore: what the worker runtime calls (recover, append, save)
+admin.py       operator actions: ls, verify, restore
+"""
