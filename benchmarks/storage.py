@@ -56,12 +56,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def best(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """Run fn REPEAT times; return (fastest seconds, last result)."""
-    runs = [timed(fn) for _ in range(REPEAT[0])]
-    return min(t for t, _ in runs), runs[-1][1]
-
-
 def folder_bytes(path: Path) -> int:
     """Bytes of every file under a folder."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -94,69 +88,73 @@ def read_tree(src: Path) -> int:
     return total
 
 
+def interleaved(*fns: Callable[[], Any]) -> list[tuple[float, Any]]:
+    """Run the functions round-robin REPEAT times; per function, (fastest seconds, last result).
+
+    Interleaving keeps a drift of the shared disk or of other tenants' load from favouring
+    whichever side ran first.
+    """
+    runs: list[list[tuple[float, Any]]] = [[] for _ in fns]
+    for _ in range(REPEAT[0]):
+        for i, fn in enumerate(fns):
+            runs[i].append(timed(fn))
+    return [(min(t for t, _ in r), r[-1][1]) for r in runs]
+
+
 def snapshot_rows(durable: DurableStore, eng: Engine, work: Path, n: int, dim: int) -> list[Row]:
     """Save and load a snapshot, and the raw FAISS / plain file baselines on the same index."""
-    rows: list[Row] = []
     index = eng.export().index
     raw = work / "raw.faissindex"
-    t, _ = best(lambda: faiss.write_index(index, str(raw)))
-    rows.append(
-        ("faiss.write_index (page cache, no fsync)", t, raw.stat().st_size / MB, "baseline")
-    )
-    raw.unlink()
+    store = durable.snapshots("bench")
+    latest: list[Path] = []
 
     def write_fsync() -> None:
         faiss.write_index(index, str(raw))
         fsync_path(raw)
 
-    t_raw_w, _ = best(write_fsync)
-    raw_mb = raw.stat().st_size / MB
-    rows.append(("faiss.write_index + fsync", t_raw_w, raw_mb, "baseline (durable)"))
-
-    def save() -> tuple[dict[str, Any], int]:
+    def save() -> int:
         _, rss0 = mem()
         reset_peak()
         info = durable.save("bench", eng)
-        return info, mem()[0] - rss0
+        latest[:] = [Path(store.folder) / info["version"]]
+        return mem()[0] - rss0
 
-    t_save, (info, extra) = best(save)
-    snap_dir = Path(durable.snapshots("bench").folder) / info["version"]
-    snap_mb = folder_bytes(snap_dir) / MB
-    ratio = (t_save / snap_mb) / (t_raw_w / raw_mb)
-    rows.append(
+    def copy() -> None:
+        shutil.rmtree(work / "copy", ignore_errors=True)
+        copy_tree(latest[0], work / "copy")
+
+    (t_w, _), (t_raw_w, _), (t_save, extra), (t_copy, _) = interleaved(
+        lambda: faiss.write_index(index, str(raw)), write_fsync, save, copy
+    )
+    shutil.rmtree(work / "copy")
+    raw_mb = raw.stat().st_size / MB
+    snap_mb = folder_bytes(latest[0]) / MB
+    (t_raw_r, _), (t_plain_r, _), (t_load, _) = interleaved(
+        lambda: faiss.read_index(str(raw)),
+        lambda: read_tree(latest[0]),
+        lambda: store.load(dim=dim, metric=eng.metric),
+    )
+    save_ratio = (t_save / snap_mb) / (t_raw_w / raw_mb)
+    load_ratio = (t_load / snap_mb) / (t_raw_r / raw_mb)
+    return [
+        ("faiss.write_index (page cache, no fsync)", t_w, raw_mb, "baseline"),
+        ("faiss.write_index + fsync", t_raw_w, raw_mb, "baseline (durable)"),
         (
             "faissq snapshot save (stream + sha256 + fsync)",
             t_save,
             snap_mb,
-            f"{ratio:.2f}x raw time/MB; peak extra RSS {extra / MB:.0f} MB",
-        )
-    )
-
-    def copy() -> None:
-        shutil.rmtree(work / "copy", ignore_errors=True)
-        copy_tree(snap_dir, work / "copy")
-
-    t_copy, _ = best(copy)
-    rows.append(("plain copy of the snapshot files + fsync", t_copy, snap_mb, "file copy"))
-    shutil.rmtree(work / "copy")
-
-    t_raw_r, _ = best(lambda: faiss.read_index(str(raw)))
-    rows.append(("faiss.read_index", t_raw_r, raw_mb, "baseline"))
-    t_plain_r, _ = best(lambda: read_tree(snap_dir))
-    rows.append(("plain read of the snapshot files", t_plain_r, snap_mb, "file read"))
-    store = durable.snapshots("bench")
-    t_load, snap = best(lambda: store.load(dim=dim, metric=eng.metric))
-    ratio = (t_load / snap_mb) / (t_raw_r / raw_mb)
-    rows.append(
+            f"{save_ratio:.2f}x raw time/MB; peak extra RSS {extra / MB:.0f} MB",
+        ),
+        ("plain copy of the snapshot files + fsync", t_copy, snap_mb, "file copy"),
+        ("faiss.read_index", t_raw_r, raw_mb, "baseline"),
+        ("plain read of the snapshot files", t_plain_r, snap_mb, "file read"),
         (
             "faissq snapshot load (verify sha256 + read index + mmap .npy)",
             t_load,
             snap_mb,
-            f"{ratio:.2f}x raw time/MB",
-        )
-    )
-    del snap
-    return rows
+            f"{load_ratio:.2f}x raw time/MB",
+        ),
+    ]
 
 
 def append_case(
@@ -247,8 +245,7 @@ def restart_rows(
         rec.engine.search(q, 10)
         return rec.engine
 
-    t_raw, _ = best(raw_restart)
-    t_ours, recovered = best(faissq_restart)
+    (t_raw, _), (t_ours, recovered) = interleaved(raw_restart, faissq_restart)
     assert recovered.ntotal == eng.ntotal + logged
     return [
         (f"raw read_index + add_with_ids({logged:,}) + 1 search", t_raw, None, "baseline"),
