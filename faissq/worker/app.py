@@ -57,8 +57,8 @@ def route_by_index(
     index = kwargs.get("index")
     if not isinstance(index, str) or not index:
         return None
-    q = keys.task_queue(index)
-    return {"queue": q, "exchange": q, "routing_key": q}
+    # only the queue: an explicit queue= given by the sender then wins over the route entirely
+    return {"queue": keys.task_queue(index)}
 
 
 def make_celery_app(settings: Settings, *, main: str = "faissq") -> Celery:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from faissq.config import Settings
 from faissq.errors import FaissqError, IndexNotReady, UnknownIndex
-from faissq.worker.store import IndexStore, Logged
+from faissq.worker.store import IndexStore
 
 if TYPE_CHECKING:
     from faissq.index.engine import Engine
@@ -180,7 +180,7 @@ class IndexRuntime:
         slot = self._writable(name)
         check(slot.engine)  # validate against the live index before anything is logged
         t0 = time.perf_counter()
-        logged: Logged = self.store.append(name, "upsert" if op == "upsert" else "delete", ids,
+        logged = self.store.append(name, "upsert" if op == "upsert" else "delete", ids,
                                            vectors, batch_id)  # fmt: skip
         if logged.duplicate:
             return {"seq": logged.seq, "duplicate": True, "applied": 0, **self._counts(slot)}

@@ -15,6 +15,7 @@ from celery import Celery, signals
 
 from faissq import keys
 from faissq.config import Settings
+from faissq.storage.store import DurableStore
 from faissq.tasks.jobs import register_tasks
 from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.context import WorkerContext, attach_context, context_of
@@ -26,9 +27,8 @@ log = logging.getLogger(__name__)
 
 def make_store(settings: Settings) -> IndexStore:
     """The persistence the runtime writes through (update log + snapshots on shared storage)."""
-    from faissq.worker.store import EphemeralStore
-
-    return EphemeralStore()
+    gpu = settings.gpu if settings.gpu.mode != "off" else None
+    return DurableStore(settings, engine_options={"gpu": gpu})
 
 
 def make_worker_app(settings: Settings) -> Celery:

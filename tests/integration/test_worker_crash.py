@@ -1,0 +1,134 @@
+"""kill -9 of the worker: no upsert is lost or applied twice; poison jobs are dead-lettered."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from celery.result import AsyncResult
+
+from faissq import keys
+from faissq.client import JobClient
+from faissq.config import Settings
+from faissq.storage.store import DurableStore
+
+DIM = 8
+TIMEOUT = 60
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    """Poll `predicate` every 5 ms until it is true, or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.005)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def kill_while_running(
+    worker: Any, client: redis.Redis, task_ids: list[str], timeout_s: float = TIMEOUT
+) -> bool:
+    """SIGKILL the worker the moment one of `task_ids` is executing; False if all finished first.
+
+    A job is executing while its delivery counter exists (set at start, cleared at the end).
+    kombu's Redis transport pops a job with BRPOP and records it as unacked a moment later, so a
+    kill between two jobs can lose the job being popped; see docs/tasks.md, "Delivery".
+    """
+    counters = [keys.delivery_key(t) for t in task_ids]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.exists(*counters):
+            worker.kill()
+            return True
+        if all(client.get(f"celery-task-meta-{t}") for t in task_ids):
+            return False
+    pytest.fail("no job of the round started")
+
+
+def test_kill9_during_a_stream_of_upserts_loses_and_doubles_nothing(
+    worker_factory: Any, index_name: str, job_settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Rounds of: enqueue upserts, SIGKILL while one runs, restart; then every job is there once."""
+    rng = np.random.default_rng(7)
+    pick = random.Random(7)
+    worker = worker_factory([index_name]).start()
+    client = JobClient(job_settings)
+    jobs: list[tuple[AsyncResult, np.ndarray]] = []
+    next_id = 0
+    kills = 0
+    while kills < 10:
+        assert len(jobs) < 200, "could not kill the worker during a job 10 times"
+        round_jobs = []
+        for _ in range(6):
+            ids = np.arange(next_id, next_id + 256, dtype=np.int64)
+            next_id += 256
+            vectors = rng.standard_normal((256, DIM)).astype(np.float32)
+            by_ref = pick.random() < 0.5
+            round_jobs.append((client.upsert(index_name, ids, vectors, by_reference=by_ref), ids))
+        jobs += round_jobs
+        skip = pick.randrange(3)  # kill during the 1st, 2nd or 3rd job of the round
+        before = [r for r, _ in round_jobs[:skip]]
+        wait_for(lambda b=before: all(r.ready() for r in b), TIMEOUT, "the round's first jobs")
+        succeeded = [r for r, _ in jobs if r.ready()]
+        if not kill_while_running(worker, redis_client, [r.id for r, _ in round_jobs[skip:]]):
+            continue
+        kills += 1
+        worker.start()
+        # every job acknowledged before the kill survived it
+        stats = client.stats(index_name).get(timeout=TIMEOUT)
+        assert stats["seq"] >= len(succeeded)
+
+    results = [r.get(timeout=TIMEOUT) for r, _ in jobs]
+    assert all(r["applied"] == 256 or r["duplicate"] for r in results)
+    # each kill hit a running job, which the next start put back at the head of the queue
+    assert worker.all_logs().count("1 job(s) left unacked by a dead worker were requeued") == kills
+    stats = client.stats(index_name).get(timeout=TIMEOUT)
+    assert stats["ntotal"] == next_id and stats["seq"] == len(jobs)
+
+    # the durable log holds each job exactly once, with the ids it was sent with
+    worker.stop()
+    store = DurableStore(job_settings)
+    entries = list(store.log(index_name).read())
+    by_batch = {e.batch_id: e for e in entries}
+    assert len(entries) == len(jobs) == len(by_batch)
+    for result, ids in jobs:
+        np.testing.assert_array_equal(np.sort(by_batch[result.id].ids), ids)
+    rec = store.recover(index_name)
+    assert rec.engine is not None and rec.engine.ntotal == next_id
+    assert rec.engine.contains(np.arange(next_id)).all()
+    client.close()
+
+
+def test_a_job_that_keeps_killing_the_worker_is_dead_lettered(
+    worker_factory: Any, index_name: str, job_settings: Settings, redis_client: redis.Redis
+) -> None:
+    """After dead_letter_after deliveries that never finished, the next one fails by name."""
+    worker = worker_factory([index_name], env={"FAISSQ_WORKER__DEAD_LETTER_AFTER": "2"}).start()
+    client = JobClient(job_settings)
+    vectors = np.random.default_rng(1).standard_normal((60_000, 16)).astype(np.float32)
+    poison = client.build(index_name, vectors, family="ivf_flat", by_reference=True)
+    counter = keys.delivery_key(poison.id)
+    for delivery in (1, 2):
+        wait_for(lambda d=delivery: redis_client.get(counter) == str(d).encode(), TIMEOUT,
+                 f"delivery {delivery}")  # fmt: skip
+        worker.kill()  # the job "crashes" the worker while it runs
+        worker.start()
+    with pytest.raises(Exception) as info:
+        poison.get(timeout=TIMEOUT)
+    assert type(info.value).__name__ == "DeadLettered"
+    dead = [json.loads(x) for x in redis_client.lrange(keys.dead_letter_list(index_name), 0, -1)]
+    assert [(d["task_id"], d["task"], d["deliveries"]) for d in dead] == [
+        (poison.id, "faissq.build", 2)
+    ]
+    assert dead[0]["kwargs"]["vectors_ref"]["shape"] == [60_000, 16]
+    assert redis_client.get(counter) is None
+    # the worker is healthy and applies the next job
+    assert client.upsert(index_name, [1], vectors[:1]).get(timeout=TIMEOUT)["ntotal"] == 1
+    assert worker.alive()
+    client.close()
