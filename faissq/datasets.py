@@ -36,8 +36,10 @@ def queries_like(
 ) -> npt.NDArray[np.float32]:
     """Held-out queries from the same distribution as clustered(n, dim, ...) (not stored)."""
     rng = np.random.default_rng(seed)
+    # same draws, in the same order, as clustered(): centres, then cluster weights
     centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    weights = rng.gamma(2.0, size=clusters)
     q_rng = np.random.default_rng(seed + 10_007)
-    labels = q_rng.integers(0, clusters, size=nq)
+    labels = q_rng.choice(clusters, size=nq, p=weights / weights.sum())
     out = q_rng.standard_normal((nq, dim), dtype=np.float32) * np.float32(spread)
     return out + centres[labels]

@@ -203,6 +203,54 @@ class Engine:
             scores, ids = self._refine(primary, xq, ids, k)
         return scores, ids
 
+    def range_search(
+        self, queries: Any, radius: float, *, nprobe: int | None = None
+    ) -> tuple[list[F32], list[I64]]:
+        """Every live vector within radius (cosine: score > radius; L2: distance < radius).
+
+        Returns per-query score and id arrays, best first. Exact over the delta; the primary
+        answers through FAISS range_search (IVF probes nprobe lists; PQ scores are approximate).
+        """
+        st = self._state
+        nprobe = check_positive("nprobe", nprobe) or self.cfg.default_nprobe
+        if isinstance(radius, bool) or not isinstance(radius, float | int):
+            raise InvalidParameter(f"radius must be a number, got {type(radius).__name__}")
+        xq = as_vectors(queries, self.dim, self.metric)
+        nq = xq.shape[0]
+        out_s: list[list[F32]] = [[] for _ in range(nq)]
+        out_i: list[list[I64]] = [[] for _ in range(nq)]
+        if st.primary is not None:
+            sels = [st.tomb_selector] if st.tomb_selector is not None else []
+            sel, keep = combine(sels)
+            call = make_params(st.primary.index, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
+            try:
+                lims, dist, ids = st.primary.index.range_search(xq, radius, params=call.params)
+            except RuntimeError as exc:
+                raise InvalidParameter(
+                    f"{st.primary.plan.family} does not support range search: {exc}"
+                ) from None
+            for q in range(nq):
+                out_s[q].append(dist[lims[q] : lims[q + 1]])
+                out_i[q].append(ids[lims[q] : lims[q + 1]])
+        if len(st.delta):
+            v = st.delta.vectors
+            scores = xq @ v.T
+            if not self._hib:
+                scores = (xq * xq).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2 * scores
+            hit = scores > radius if self._hib else scores < radius
+            for q in range(nq):
+                out_s[q].append(scores[q][hit[q]])
+                out_i[q].append(st.delta.ids[hit[q]])
+        res_s: list[F32] = []
+        res_i: list[I64] = []
+        for q in range(nq):
+            s = np.concatenate(out_s[q]) if out_s[q] else np.empty(0, np.float32)
+            i = np.concatenate(out_i[q]) if out_i[q] else np.empty(0, np.int64)
+            order = np.argsort(-s if self._hib else s, kind="stable")
+            res_s.append(s[order].astype(np.float32, copy=False))
+            res_i.append(i[order].astype(np.int64, copy=False))
+        return res_s, res_i
+
     def _refine(self, primary: Primary, xq: F32, cand: I64, k: int) -> tuple[F32, I64]:
         """Re-score candidates exactly from raw vectors and keep the best k per query."""
         rows = primary.rows_of(cand)
@@ -333,7 +381,7 @@ class Engine:
         target_recall: float | None = None,
         k: int = 10,
         queries: Any = None,
-        num_queries: int = 500,
+        num_queries: int = 1000,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Sweep search parameters against exact ground truth; keep and return the profile."""
@@ -466,11 +514,16 @@ class Engine:
         )
         primary = None
         if exp.index is not None:
-            order = np.argsort(exp.primary_ids, kind="stable")
+            ids, vecs = exp.primary_ids, exp.primary_vectors
+            if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+                order = np.argsort(ids, kind="stable")
+                ids, vecs = ids[order], vecs[order]
+            # sorted arrays (what export() writes) are used as given: a memory-mapped .npy
+            # stays mapped, so a restart does not copy the raw store
             primary = Primary(
                 index=exp.index,
-                ids=np.ascontiguousarray(exp.primary_ids[order], dtype=np.int64),
-                vectors=np.ascontiguousarray(exp.primary_vectors[order], dtype=np.float32),
+                ids=np.asarray(ids, dtype=np.int64),
+                vectors=np.asarray(vecs, dtype=np.float32),
                 plan=Plan.from_dict(exp.plan),
             )
             primary = eng._with_gpu(primary)
