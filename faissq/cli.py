@@ -91,8 +91,27 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq demo` (defined next to the demo itself)."""
+    from faissq.demo import add_demo_args as add
+
+    add(p)
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the main job end to end on this machine."""
+    from faissq.demo import run_demo as run
+
+    return run(args, settings)
+
+
 COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "worker": ("run the Celery worker that pins the given indexes", add_worker_args, run_worker),
+    "demo": (
+        "start embedded Redis, a worker and Flower; build, autotune and search generated data",
+        add_demo_args,
+        run_demo,
+    ),
 }
 
 

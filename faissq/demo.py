@@ -1,0 +1,205 @@
+"""The main job end to end: embedded Redis, a worker, Flower, build, autotune, RPC searches."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq.config import Settings
+from faissq.datasets import clustered, queries_like
+
+DEMO_INDEX = "demo"
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq demo`."""
+    p.add_argument("--n", type=int, default=200_000, help="generated vectors (default 200000)")
+    p.add_argument("--dim", type=int, default=128, help="dimension of generated vectors")
+    p.add_argument("--vectors", type=Path, help="a .npy (n, d) float array to index instead")
+    p.add_argument("--queries", type=int, default=500, help="RPC searches to time")
+    p.add_argument("--k", type=int, default=10, help="neighbours per search")
+    p.add_argument("--target-recall", type=float, default=0.95, help="autotune target")
+    p.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    p.add_argument(
+        "--serve", action="store_true", help="keep the worker and Flower up until Ctrl-C"
+    )
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a child process with output to a log file; stop it (TERM, then KILL) on exit."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _bar(phase: str, done: int, total: int, width: int = 30) -> str:
+    """A one-line text progress bar."""
+    frac = 0.0 if total <= 0 else min(1.0, done / total)
+    fill = int(frac * width)
+    return f"\r  {phase:<9} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}"
+
+
+def wait_with_progress(result: Any, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Wait for a job, drawing its PROGRESS states as a bar; return its result dict."""
+    deadline = time.monotonic() + timeout_s
+    shown = False
+    while not result.ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {result.id} still {result.state} after {timeout_s:.0f}s")
+        info = result.info
+        if result.state == "PROGRESS" and isinstance(info, dict):
+            phase = str(info.get("phase", ""))
+            sys.stdout.write(_bar(phase, int(info.get("done", 0)), int(info.get("total", 0))))
+            sys.stdout.flush()
+            shown = True
+        time.sleep(0.2)
+    if shown:
+        sys.stdout.write("\n")
+    return dict(result.get(propagate=True))
+
+
+F32 = npt.NDArray[np.float32]
+
+
+def _load_vectors(args: argparse.Namespace) -> tuple[F32, F32]:
+    """The corpus and held-out queries: generated clustered data, or a user .npy file."""
+    if args.vectors is not None:
+        xb = np.load(args.vectors, mmap_mode="r", allow_pickle=False).astype(np.float32)
+        rng = np.random.default_rng(0)
+        rows = rng.choice(xb.shape[0], size=min(args.queries, xb.shape[0]), replace=False)
+        noise = rng.standard_normal((rows.size, xb.shape[1])).astype(np.float32) * 0.01
+        return xb, xb[rows] + noise * np.abs(xb).mean()
+    clusters = max(8, int(np.sqrt(args.n)))
+    xb = clustered(args.n, args.dim, clusters=clusters, spread=1.4, seed=1)
+    xq = queries_like(args.n, args.dim, clusters=clusters, spread=1.4, seed=1, nq=args.queries)
+    return xb, xq
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Start everything, build, autotune, search through the RPC, print the figures."""
+    from faissq.cli import redis_for
+    from faissq.client import JobClient
+    from faissq.rpc.client import SearchClient
+
+    root = Path(settings.storage.url).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    settings = settings.model_copy(
+        update={"storage": settings.storage.model_copy(update={"url": str(root)})}
+    )
+    xb, xq = _load_vectors(args)
+    print(f"faissq demo: {xb.shape[0]} x {xb.shape[1]} vectors, storage at {root}")
+    with contextlib.ExitStack() as stack:
+        settings = stack.enter_context(redis_for(settings))
+        url = str(settings.redis.url)
+        metrics_port = settings.metrics.port
+        env = {
+            **os.environ,
+            "FAISSQ_REDIS__URL": url,
+            "FAISSQ_STORAGE__URL": str(root),
+            "FAISSQ_METRICS__PORT": str(metrics_port),
+        }
+        print(f"  redis      {url}")
+        stack.enter_context(
+            _process(
+                [sys.executable, "-m", "faissq", "worker", "--index", DEMO_INDEX],
+                env,
+                root / "worker.log",
+            )
+        )
+        flower_url = None
+        if not args.no_flower:
+            port = _free_port()
+            stack.enter_context(
+                _process(
+                    [sys.executable, "-m", "celery", f"--broker={url}", "flower", f"--port={port}"],
+                    env,
+                    root / "flower.log",
+                )
+            )
+            flower_url = f"http://127.0.0.1:{port}"
+        jobs = JobClient(settings)
+        stack.callback(jobs.close)
+        t0 = time.perf_counter()
+        report = wait_with_progress(jobs.build(DEMO_INDEX, xb, np.arange(xb.shape[0])))
+        build_s = time.perf_counter() - t0
+        print(f"  family     {report.get('family')} ({report.get('factory')})")
+        print(f"  why        {report.get('reason')}")
+        inner = float(report.get("seconds", 0))
+        print(f"  build      {build_s:.2f} s end to end ({inner:.2f} s in the engine)")
+        profile = wait_with_progress(jobs.autotune(DEMO_INDEX, target_recall=args.target_recall))
+        _print_profile(profile.get("profile", profile))
+        client = SearchClient(settings, index=DEMO_INDEX)
+        stack.callback(client.close)
+        lat = _time_searches(client, xq, args.k)
+        print(
+            f"  RPC search p50 {np.percentile(lat, 50):.3f} ms, p99 {np.percentile(lat, 99):.3f} ms"
+            f" over {lat.size} single-query searches"
+        )
+        if flower_url:
+            print(f"  Flower     {flower_url}")
+        if settings.metrics.enabled:
+            print(f"  metrics    http://127.0.0.1:{metrics_port}/metrics")
+        print(f"  logs       {root / 'worker.log'}")
+        if args.serve:
+            print("serving; Ctrl-C stops everything")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(1)
+    return 0
+
+
+def _print_profile(profile: dict[str, Any]) -> None:
+    """The autotune table: parameters, recall, latency; the chosen row marked."""
+    table = profile.get("table", [])
+    chosen = profile.get("chosen", {})
+    print(f"  autotune   target recall@{profile.get('k')} >= {profile.get('target_recall')}")
+    for row in table:
+        params = ", ".join(
+            f"{key}={row[key]}" for key in ("nprobe", "ef_search", "k_factor") if key in row
+        )
+        mark = "  <- chosen" if row == chosen else ""
+        print(
+            f"    {params:<24} recall {row['recall']:.3f} (>= {row.get('recall_lo', 0):.3f})"
+            f"  {row['ms_per_query']:.3f} ms/query{mark}"
+        )
+
+
+def _time_searches(client: Any, xq: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.float64]:
+    """Latency in ms of one RPC search per query row (after a short warm-up)."""
+    for row in xq[: min(20, len(xq))]:
+        client.search(row[None, :], k)
+    out = []
+    for row in xq:
+        t = time.perf_counter()
+        client.search(row[None, :], k)
+        out.append((time.perf_counter() - t) * 1000)
+    return np.asarray(out)
