@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import time
 from typing import Any
@@ -69,7 +70,11 @@ class FaissqTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
 
 class JobProgress:
-    """progress(phase, done, total): throttled PROGRESS states plus a cooperative deadline."""
+    """progress(phase, done, total): throttled PROGRESS states and events, a cooperative deadline.
+
+    The state goes to the result backend (`AsyncResult.state == "PROGRESS"`, `.info` the meta);
+    a `task-progress` event carries them to Flower (state PROGRESS, the meta as its result).
+    """
 
     def __init__(self, task: Task, *, deadline: float, interval_s: float) -> None:
         """Report through `task.update_state` at most every `interval_s`; stop past `deadline`."""
@@ -88,7 +93,9 @@ class JobProgress:
             self._last, self._last_phase = now, phase
             if self.task.request.id is not None:
                 meta = {"phase": str(phase), "done": int(done), "total": int(total)}
-                self.task.update_state(state="PROGRESS", meta=meta)
+                self.task.update_state(state="PROGRESS", meta=meta)  # AsyncResult.info
+                # Flower shows a custom event's type as the state and its `result` field
+                self.task.send_event("task-progress", result=json.dumps(meta), **meta)
 
     def check(self) -> None:
         """Raise JobTimeLimitExceeded when the deadline passed (for steps without progress)."""

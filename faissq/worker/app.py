@@ -61,11 +61,17 @@ def route_by_index(
     return {"queue": keys.task_queue(index)}
 
 
-def make_celery_app(settings: Settings, *, main: str = "faissq") -> Celery:
-    """Build the Celery app for workers and clients alike; nothing connects until first use."""
+def make_celery_app(
+    settings: Settings, *, main: str = "faissq", set_as_current: bool = False
+) -> Celery:
+    """Build the Celery app for workers and clients alike; nothing connects until first use.
+
+    set_as_current: make it the process's default app (tools such as Flower build results
+    without naming an app); libraries leave it False so they never replace their host's app.
+    """
     url = celery_url(redis_url(settings))
     visibility = {"visibility_timeout": settings.worker.visibility_timeout_s}
-    app = Celery(main, broker=url, backend=url, set_as_current=False)
+    app = Celery(main, broker=url, backend=url, set_as_current=set_as_current)
     app.conf.update(
         task_serializer="msgpack",
         result_serializer="msgpack",
@@ -89,6 +95,5 @@ def make_celery_app(settings: Settings, *, main: str = "faissq") -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        broker_pool_limit=4,
     )
     return app
