@@ -29,7 +29,7 @@ from faissq.index.builder import (
 )
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy, clone_to_gpu, probe
-from faissq.index.memory import host_budget, raw_store_bytes
+from faissq.index.memory import host_budget, index_bytes, raw_store_bytes
 from faissq.index.params import batch_selector, combine, hnsw_of, make_params, not_selector
 from faissq.index.policy import Plan, choose_plan
 from faissq.index.results import exact_scores, merge_topk, worst
@@ -409,7 +409,8 @@ class Engine:
         elif self._gpu_cfg is None:
             return primary
         else:
-            copy, reason = clone_to_gpu(primary.index, self._gpu_cfg, _probe_once())
+            need = index_bytes(primary.plan)
+            copy, reason = clone_to_gpu(primary.index, self._gpu_cfg, _probe_once(), need)
         return replace(primary, gpu=copy, gpu_reason=reason)
 
     def _report(self, op: str, t0: float, primary: Primary) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ import faiss
 import numpy as np
 
 from faissq.config import GpuSettings
+from faissq.index.memory import format_bytes
 from faissq.index.validate import F32, I64
 
 log = logging.getLogger(__name__)
@@ -87,12 +89,50 @@ class GpuCopy:
         return scores[:, :k], ids[:, :k]
 
 
-def clone_to_gpu(cpu_index: Any, cfg: GpuSettings, found: GpuProbe) -> tuple[GpuCopy | None, str]:
-    """Clone cpu_index to the configured device; return (copy or None, reason for the choice)."""
+def gpu_free_bytes(device: int) -> int | None:
+    """Free memory of a CUDA device as nvidia-smi reports it (None when it cannot tell)."""
+    try:
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=memory.free",
+                "--format=csv,noheader,nounits",
+                f"-i={device}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return int(out.strip().splitlines()[0]) << 20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def clone_to_gpu(
+    cpu_index: Any,
+    cfg: GpuSettings,
+    found: GpuProbe,
+    need_bytes: int = 0,
+    free_bytes: int | None = None,
+) -> tuple[GpuCopy | None, str]:
+    """Clone cpu_index to the configured device; return (copy or None, reason for the choice).
+
+    need_bytes: estimated device footprint, checked against gpu.memory_fraction of free_bytes
+    (read from nvidia-smi when not given) before any allocation, so a large index stays on the
+    CPU with a reason instead of failing half-way on the device.
+    """
     if cfg.mode == "off":
         return None, "GPU disabled by settings (gpu.mode=off)"
     if not found.available:
         return None, f"CPU: {found.reason}"
+    free = free_bytes if free_bytes is not None else gpu_free_bytes(cfg.device)
+    budget = None if free is None else int(free * cfg.memory_fraction)
+    if budget is not None and need_bytes + cfg.temp_memory_bytes > budget:
+        return None, (
+            f"CPU fallback: index needs {format_bytes(need_bytes)} + "
+            f"{format_bytes(cfg.temp_memory_bytes)} scratch > GPU budget {format_bytes(budget)}"
+        )
     try:
         res = faiss.StandardGpuResources()
         res.setTempMemory(cfg.temp_memory_bytes)

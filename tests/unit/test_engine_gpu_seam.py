@@ -61,6 +61,13 @@ def test_clone_decisions_without_a_gpu() -> None:
     assert copy is None and reason.startswith("CPU")
 
 
+def test_gpu_memory_budget_is_checked_before_cloning() -> None:
+    seen = GpuProbe(1, False, "1 GPU(s) visible")
+    cfg = GpuSettings(memory_fraction=0.5, temp_memory_bytes=1 << 20)
+    copy, reason = clone_to_gpu(faiss.IndexFlatIP(4), cfg, seen, 600 << 20, free_bytes=1 << 30)
+    assert copy is None and "GPU budget 512.0 MiB" in reason and "600.0 MiB" in reason
+
+
 def test_engine_with_gpu_settings_runs_on_cpu_here() -> None:
     eng = Engine(8, IndexSettings(), gpu=GpuSettings(mode="auto"))
     eng.build(data(100, 8), np.arange(100))
