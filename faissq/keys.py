@@ -17,7 +17,17 @@ def rpc_queue(index: str) -> str:
 
 def reply_key(index: str, request_id: str) -> str:
     """Redis list a worker LPUSHes one search reply onto (expires after rpc.reply_ttl_s)."""
-    return f"{PREFIX}:{index}:reply:{request_id}"
+    return f"{reply_prefix(index)}{request_id}"
+
+
+def reply_prefix(index: str) -> str:
+    """Every reply key of an index starts so; a worker refuses to write anywhere else."""
+    return f"{PREFIX}:{index}:reply:"
+
+
+def alive_key(index: str) -> str:
+    """Key set (with TTL) by every replica serving the index; its value is the queue bound."""
+    return f"{PREFIX}:{index}:alive"
 
 
 def heartbeat_key(index: str, worker_id: str) -> str:

@@ -1,0 +1,112 @@
+"""AsyncSearchClient: the same one-round-trip search as SearchClient, for asyncio services."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import numpy.typing as npt
+import redis
+import redis.asyncio as aioredis
+
+from faissq import keys
+from faissq.config import Settings
+from faissq.errors import RemoteSearchError, RpcError, SearchTimeout
+from faissq.rpc.client import (
+    CONNECT_TIMEOUT_S,
+    READ_GRACE_S,
+    Prepared,
+    RequestBuilder,
+    SearchResponse,
+    rpc_of,
+)
+
+
+class AsyncSearchClient:
+    """Asyncio searches of one index; share one instance between tasks of one event loop."""
+
+    def __init__(
+        self,
+        settings: Settings | str,
+        index: str = "default",
+        *,
+        pool: aioredis.ConnectionPool | None = None,
+    ) -> None:
+        """Connect lazily.
+
+        settings: Settings (redis.url and the rpc section are read) or a Redis URL (rpc defaults);
+        index: the index to search; pool: a redis.asyncio pool to use instead of a new one.
+        """
+        url, rpc, socket_timeout = rpc_of(settings)
+        self.builder = RequestBuilder(index, rpc)
+        self.index = index
+        self.pool = pool or aioredis.ConnectionPool.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
+        )
+
+    async def search(
+        self,
+        queries: npt.ArrayLike,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        k_factor: int | None = None,
+        target_recall: float | None = None,
+        allow_ids: npt.ArrayLike | None = None,
+        deny_ids: npt.ArrayLike | None = None,
+        timeout: float | None = None,
+    ) -> SearchResponse:
+        """Top-k of each query row; raises the same typed errors as SearchClient.search."""
+        options = {
+            "nprobe": nprobe,
+            "ef_search": ef_search,
+            "k_factor": k_factor,
+            "target_recall": target_recall,
+            "allow_ids": allow_ids,
+            "deny_ids": deny_ids,
+        }
+        prepared = self.builder.prepare(queries, k, timeout, options)
+        return self.builder.response(await self._round_trip(prepared), prepared)
+
+    async def _round_trip(self, prepared: Prepared) -> Any:
+        """Send submit + BRPOP in one write and read both answers."""
+        conn: Any = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(conn.pack_commands(prepared.commands))
+            try:
+                await conn.read_response()
+            except redis.ResponseError as exc:
+                await conn.disconnect()
+                raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
+            return await conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
+        except redis.TimeoutError as exc:
+            await conn.disconnect()
+            raise SearchTimeout(f"Redis did not answer within {prepared.block_s}s: {exc}") from exc
+        except redis.ConnectionError as exc:
+            await conn.disconnect()
+            raise RpcError(f"Redis unreachable: {exc}") from exc
+        finally:
+            await self.pool.release(conn)
+
+    async def alive(self) -> bool:
+        """Whether some worker's heartbeat says the index is served."""
+        client = aioredis.Redis(connection_pool=self.pool)
+        return bool(await client.exists(keys.alive_key(self.index)))
+
+    async def close(self) -> None:
+        """Close the pool's connections."""
+        await self.pool.disconnect()
+
+    async def __aenter__(self) -> AsyncSearchClient:
+        """Use in an async with block; closed on exit."""
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the pool."""
+        await self.close()

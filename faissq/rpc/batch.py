@@ -1,0 +1,121 @@
+"""Micro-batching: requests with the same k and parameters share one engine.search call."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq.errors import DimensionMismatch, FaissqError
+from faissq.index.engine import Engine
+from faissq.rpc.protocol import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to one request: results or an error, plus how its search call went."""
+
+    request: Request
+    scores: npt.NDArray[np.float32] | None = None
+    ids: npt.NDArray[np.int64] | None = None
+    version: int = 0
+    error: tuple[str, str] | None = None  # (stable code, message)
+    search_s: float = 0.0
+    batch: int = 1
+
+
+INTERNAL = "internal"  # wire code of an unexpected engine failure (a bug, not bad input)
+
+
+def search_all(
+    engine: Engine, requests: Sequence[Request], calls: list[int] | None = None
+) -> list[Outcome]:
+    """Answer every request, batching compatible ones; one bad request never fails another.
+
+    calls, when given, receives the number of requests of each engine.search call made.
+    """
+    calls = calls if calls is not None else []
+    groups: dict[tuple[Any, ...], list[Request]] = {}
+    out: list[Outcome] = []
+    for req in requests:
+        if req.queries.shape[1] != engine.dim:
+            err = DimensionMismatch(
+                f"queries have dimension {req.queries.shape[1]}, the index has {engine.dim}"
+            )
+            out.append(Outcome(req, error=(err.code, str(err))))
+        elif req.allow_ids is not None or req.deny_ids is not None:
+            out.append(_one(engine, req, calls))  # filters are per request: never merged
+        else:
+            groups.setdefault(req.params(), []).append(req)
+    for group in groups.values():
+        out.extend(
+            _group(engine, group, calls) if len(group) > 1 else [_one(engine, group[0], calls)]
+        )
+    return out
+
+
+def _group(engine: Engine, group: list[Request], calls: list[int]) -> list[Outcome]:
+    """One stacked search for the group, split back by rows; per-request on any error."""
+    first = group[0]
+    t0 = time.perf_counter()
+    calls.append(len(group))
+    try:
+        res = engine.search(np.concatenate([r.queries for r in group]), first.k, **_params(first))
+    except Exception:  # one request (NaN after all, a GPU fault) must not fail the others
+        return [_one(engine, r, calls) for r in group]
+    took = time.perf_counter() - t0
+    out: list[Outcome] = []
+    row = 0
+    for req in group:
+        n = req.queries.shape[0]
+        out.append(
+            Outcome(
+                req,
+                scores=res.scores[row : row + n],
+                ids=res.ids[row : row + n],
+                version=res.version,
+                search_s=took,
+                batch=len(group),
+            )
+        )
+        row += n
+    return out
+
+
+def _one(engine: Engine, req: Request, calls: list[int]) -> Outcome:
+    """Search one request alone; every failure becomes an error outcome."""
+    t0 = time.perf_counter()
+    calls.append(1)
+    try:
+        res = engine.search(
+            req.queries, req.k, allow_ids=req.allow_ids, deny_ids=req.deny_ids, **_params(req)
+        )
+    except FaissqError as exc:
+        return Outcome(req, error=(exc.code, str(exc)))
+    except Exception as exc:
+        log.exception("search failed unexpectedly")
+        return Outcome(req, error=(INTERNAL, f"{type(exc).__name__}: {exc}"))
+    return Outcome(
+        req,
+        scores=res.scores,
+        ids=res.ids,
+        version=res.version,
+        search_s=time.perf_counter() - t0,
+    )
+
+
+def _params(req: Request) -> dict[str, Any]:
+    """The engine keyword arguments of a request."""
+    return {
+        "nprobe": req.nprobe,
+        "ef_search": req.ef_search,
+        "k_factor": req.k_factor,
+        "target_recall": req.target_recall,
+    }

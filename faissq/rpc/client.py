@@ -1,0 +1,224 @@
+"""SearchClient: synchronous searches over the RPC queue, one Redis round trip per search.
+
+The submit script (heartbeat check, queue bound, LPUSH) and the BRPOP on the reply key are sent
+together in one write; the script answers on the reply key itself when it refuses, so the BRPOP
+returns at once with `no_worker` or `busy`, and otherwise when the worker replies or the deadline
+passes. Thread-safe: each search holds one pooled connection for its round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import redis
+
+from faissq import keys
+from faissq.config import RpcSettings, Settings
+from faissq.errors import (
+    FaissqError,
+    InvalidParameter,
+    InvalidVectors,
+    RemoteSearchError,
+    RpcError,
+    SearchTimeout,
+    error_for_code,
+)
+from faissq.rpc import protocol
+
+READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
+CONNECT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class SearchResponse:
+    """Top-k scores and ids (nq, k; -1 pads), the engine version that answered, and by whom."""
+
+    scores: npt.NDArray[np.float32]
+    ids: npt.NDArray[np.int64]
+    version: int | None
+    worker: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One encoded request and the commands that submit it and wait for its reply."""
+
+    request_id: str
+    reply: str
+    block_s: float
+    commands: list[tuple[Any, ...]]
+
+
+class RequestBuilder:
+    """Encodes requests of one index; shared by the sync and asyncio clients."""
+
+    def __init__(self, index: str, rpc: RpcSettings) -> None:
+        """index: the searched index; rpc: timeout_s and reply_ttl_s are read."""
+        self.index = index
+        self.rpc = rpc
+        self.queue = keys.rpc_queue(index)
+        self.alive = keys.alive_key(index)
+
+    def prepare(
+        self, queries: npt.ArrayLike, k: int, timeout: float | None, options: dict[str, Any]
+    ) -> Prepared:
+        """Check the arguments and encode the request (deadline = now + timeout)."""
+        timeout_s = self.rpc.timeout_s if timeout is None else float(timeout)
+        if not timeout_s > 0:
+            raise InvalidParameter(f"timeout must be > 0 seconds, got {timeout}")
+        q = as_queries(queries)
+        for name in ("allow_ids", "deny_ids"):
+            if options.get(name) is not None:
+                options[name] = np.ascontiguousarray(options[name], dtype="<i8").reshape(-1)
+        rid = uuid.uuid4().hex
+        reply = keys.reply_key(self.index, rid)
+        now = time.time()
+        msg = protocol.encode_request(rid, reply, now + timeout_s, k, q, sent=now, **options)
+        block = max(0.001, round(timeout_s, 3))  # BRPOP 0 would mean forever
+        submit = ("EVAL", protocol.SUBMIT_SCRIPT, 3, self.queue, self.alive, reply, msg,
+                  self.rpc.reply_ttl_s, rid)  # fmt: skip
+        return Prepared(rid, reply, block, [submit, ("BRPOP", reply, block)])
+
+    @staticmethod
+    def response(got: Any, prepared: Prepared) -> SearchResponse:
+        """Turn the BRPOP result into a SearchResponse or raise the typed error it carries."""
+        if not got:
+            raise SearchTimeout(f"no reply within {prepared.block_s}s")
+        reply = protocol.decode_reply(bytes(got[1]))
+        if reply.id and reply.id != prepared.request_id:
+            raise RemoteSearchError(f"reply {reply.id!r} answers another request", "mismatch")
+        if not reply.ok or reply.scores is None or reply.ids is None:
+            raise remote_error(reply.code, reply.message)
+        return SearchResponse(reply.scores, reply.ids, reply.version, reply.worker, reply.timings)
+
+
+def as_queries(queries: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """Queries as a C-contiguous little-endian float32 (n, d) array (a 1-D vector is one row)."""
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q.reshape(1, -1)
+    if q.ndim != 2 or q.dtype.kind not in "fiu":
+        raise InvalidVectors(f"queries must be a 2-D numeric array, got {q.dtype} {q.shape}")
+    return np.ascontiguousarray(q, dtype="<f4")
+
+
+def remote_error(code: str, message: str) -> FaissqError:
+    """The typed error of a wire code: the tree's class when known, else RemoteSearchError."""
+    cls = error_for_code(code)
+    if cls is FaissqError or cls is RemoteSearchError:
+        return RemoteSearchError(message or code, code)
+    return cls(message or code)
+
+
+def rpc_of(settings: Settings | str) -> tuple[str, RpcSettings, float]:
+    """URL, rpc section and socket timeout from settings or a bare URL (defaults, no env read)."""
+    if isinstance(settings, str):
+        return settings, RpcSettings(), 5.0
+    if not settings.redis.url:
+        raise InvalidParameter("settings.redis.url is unset: SearchClient needs the worker's Redis")
+    return settings.redis.url, settings.rpc, settings.redis.socket_timeout_s
+
+
+class SearchClient:
+    """Synchronous searches of one index; share one instance between threads."""
+
+    def __init__(
+        self,
+        settings: Settings | str,
+        index: str = "default",
+        *,
+        pool: redis.ConnectionPool | None = None,
+    ) -> None:
+        """Connect lazily.
+
+        settings: Settings (redis.url and the rpc section are read) or a Redis URL (rpc defaults);
+        index: the index to search; pool: a redis-py connection pool to use instead of a new one.
+        """
+        url, rpc, socket_timeout = rpc_of(settings)
+        self.builder = RequestBuilder(index, rpc)
+        self.index = index
+        self.pool = pool or redis.ConnectionPool.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
+        )
+        self._redis = redis.Redis(connection_pool=self.pool)
+
+    def search(
+        self,
+        queries: npt.ArrayLike,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        k_factor: int | None = None,
+        target_recall: float | None = None,
+        allow_ids: npt.ArrayLike | None = None,
+        deny_ids: npt.ArrayLike | None = None,
+        timeout: float | None = None,
+    ) -> SearchResponse:
+        """Top-k of each query row; raises NoWorkerAlive, IndexBusy, SearchTimeout or the
+        worker's typed error (InvalidParameter, DimensionMismatch, ...)."""
+        options = {
+            "nprobe": nprobe,
+            "ef_search": ef_search,
+            "k_factor": k_factor,
+            "target_recall": target_recall,
+            "allow_ids": allow_ids,
+            "deny_ids": deny_ids,
+        }
+        prepared = self.builder.prepare(queries, k, timeout, options)
+        return self.builder.response(self._round_trip(prepared), prepared)
+
+    def _round_trip(self, prepared: Prepared) -> Any:
+        """Send submit + BRPOP in one write, read both answers; the connection goes back after."""
+        conn: Any = self.pool.get_connection()  # redis-py types it loosely
+        try:
+            conn.send_packed_command(conn.pack_commands(prepared.commands))
+            try:
+                conn.read_response()  # the script's answer: the reply key tells the rest
+            except redis.ResponseError as exc:
+                conn.disconnect()  # its BRPOP is still pending on this connection
+                raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
+            return conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
+        except redis.TimeoutError as exc:
+            conn.disconnect()
+            raise SearchTimeout(f"Redis did not answer within {prepared.block_s}s: {exc}") from exc
+        except redis.ConnectionError as exc:
+            conn.disconnect()
+            raise RpcError(f"Redis unreachable: {exc}") from exc
+        finally:
+            self.pool.release(conn)
+
+    def alive(self) -> bool:
+        """Whether some worker's heartbeat says the index is served."""
+        return bool(self._redis.exists(keys.alive_key(self.index)))
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The heartbeat of every worker serving the index (who, limits, engine, counters)."""
+        found = list(self._redis.scan_iter(match=keys.heartbeat_pattern(self.index), count=100))
+        values = self._redis.mget(found) if found else []
+        return [json.loads(v) for v in values if v]
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        self.pool.disconnect()
+
+    def __enter__(self) -> SearchClient:
+        """Use in a with block; closed on exit."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the pool."""
+        self.close()

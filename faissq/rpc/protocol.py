@@ -1,0 +1,334 @@
+"""The search RPC wire format (docs/protocol.md): msgpack maps, arrays as raw little-endian bytes.
+
+A request is LPUSHed on ``faissq:<index>:rpc``; exactly one reply is LPUSHed on its reply key,
+by a worker or by the submit script (no worker alive, queue full). Never pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq import codec
+from faissq.errors import (
+    FaissqError,
+    InvalidIds,
+    InvalidParameter,
+    InvalidVectors,
+    PayloadTooLarge,
+    PermanentError,
+)
+
+VERSION = 1  # the "v" field of every request and reply; bumped on any incompatible change
+
+REQUIRED = frozenset({"v", "id", "reply", "deadline", "k", "queries"})
+OPTIONAL = frozenset(
+    {"nprobe", "ef_search", "k_factor", "target_recall", "allow_ids", "deny_ids", "sent"}
+)
+MAX_ID_CHARS = 128  # request ids are opaque strings; a uuid4 hex is 32
+MAX_REPLY_KEY_CHARS = 512
+
+F32 = frozenset({"<f4"})
+I64 = frozenset({"<i8"})
+
+# Submit script: the whole client side of a request in one round trip. It answers on the reply
+# key itself when no worker is alive or the list is at its bound, so a client pipelining its
+# BRPOP right behind it is never left waiting. The alive key's value is the bound.
+SUBMIT_SCRIPT = """\
+local function answer(code, message)
+  redis.call('LPUSH', KEYS[3], cmsgpack.pack({v = 1, id = ARGV[3], ok = false,
+    error = {code = code, message = message}}))
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+  return code
+end
+local bound = redis.call('GET', KEYS[2])
+if not bound then
+  return answer('no_worker', 'no worker serves this index (no alive key)')
+end
+local n = redis.call('LLEN', KEYS[1])
+if n >= tonumber(bound) then
+  return answer('busy', 'request list holds ' .. n .. ' requests, bound ' .. bound)
+end
+return redis.call('LPUSH', KEYS[1], ARGV[1])
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a worker accepts: message size, k, filter list length, reply key namespace."""
+
+    reply_prefix: str
+    max_bytes: int
+    max_k: int
+    max_filter_ids: int
+
+
+@dataclass
+class Request:
+    """One decoded, checked search request."""
+
+    id: str
+    reply: str
+    deadline: float
+    k: int
+    queries: npt.NDArray[np.float32]
+    nprobe: int | None = None
+    ef_search: int | None = None
+    k_factor: int | None = None
+    target_recall: float | None = None
+    allow_ids: npt.NDArray[np.int64] | None = None
+    deny_ids: npt.NDArray[np.int64] | None = None
+    sent: float | None = None
+
+    def params(self) -> tuple[Any, ...]:
+        """The search parameters two requests must share to run in one batched call."""
+        return (self.k, self.nprobe, self.ef_search, self.k_factor, self.target_recall)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A decoded reply: results when ok, else the error code and message."""
+
+    id: str
+    ok: bool
+    scores: npt.NDArray[np.float32] | None = None
+    ids: npt.NDArray[np.int64] | None = None
+    version: int | None = None
+    worker: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    code: str = ""
+    message: str = ""
+
+
+class Unreadable(Exception):
+    """Raised when a request has no usable reply key: it can only be dropped (and counted)."""
+
+
+class BadRequest(Exception):
+    """Raised when a request is malformed but can be answered on its reply key."""
+
+    def __init__(self, reply: str, request_id: str, error: FaissqError) -> None:
+        super().__init__(str(error))
+        self.reply = reply
+        self.request_id = request_id
+        self.error = error
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def encode_request(
+    request_id: str,
+    reply: str,
+    deadline: float,
+    k: int,
+    queries: npt.NDArray[np.float32],
+    **options: Any,
+) -> bytes:
+    """Encode a request; `options` are the optional fields (None values are left out)."""
+    unknown = set(options) - OPTIONAL
+    if unknown:
+        raise InvalidParameter(f"unknown request field(s): {', '.join(sorted(unknown))}")
+    msg: dict[str, Any] = {
+        "v": VERSION,
+        "id": request_id,
+        "reply": reply,
+        "deadline": float(deadline),
+        "k": k,
+        "queries": codec.pack_array(queries),
+    }
+    for name, value in options.items():
+        if value is None:
+            continue
+        msg[name] = codec.pack_array(value) if name in ("allow_ids", "deny_ids") else value
+    return codec.dumps(msg)
+
+
+def decode_request(raw: bytes, limits: Limits) -> Request:
+    """Decode and check a request: Unreadable without a reply key, else BadRequest or Request."""
+    try:
+        msg = codec.loads(raw, max_bytes=limits.max_bytes)
+    except PermanentError as exc:
+        raise Unreadable(str(exc)) from None
+    if not isinstance(msg, dict):
+        raise Unreadable(f"request must be a map, got {type(msg).__name__}")
+    reply = msg.get("reply")
+    if (
+        not isinstance(reply, str)
+        or not reply.startswith(limits.reply_prefix)
+        or len(reply) > MAX_REPLY_KEY_CHARS
+        or len(reply) == len(limits.reply_prefix)
+    ):
+        raise Unreadable(f"reply must be a key under {limits.reply_prefix!r}, got {reply!r:.80}")
+    rid = msg.get("id")
+    rid = rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else ""
+    try:
+        return _check_request(msg, rid, reply, limits)
+    except FaissqError as exc:
+        raise BadRequest(reply, rid, exc) from None
+
+
+def _check_request(msg: dict[str, Any], rid: str, reply: str, limits: Limits) -> Request:
+    """Check every field of a request map whose reply key is known to be good."""
+    if msg.get("v") != VERSION:
+        raise InvalidParameter(f"protocol version {msg.get('v')!r} unsupported; this is {VERSION}")
+    missing = REQUIRED - msg.keys()
+    if missing:
+        raise InvalidParameter(f"request lacks {', '.join(sorted(missing))}")
+    unknown = msg.keys() - REQUIRED - OPTIONAL
+    if unknown:
+        raise InvalidParameter(f"unknown request field(s): {', '.join(sorted(map(str, unknown)))}")
+    if not rid:
+        raise InvalidParameter(f"id must be a string of 1..{MAX_ID_CHARS} characters")
+    deadline = _number("deadline", msg["deadline"])
+    k = _int("k", msg["k"])
+    if k is None or not 1 <= k <= limits.max_k:
+        raise InvalidParameter(f"k must be in [1, {limits.max_k}], got {msg['k']!r}")
+    queries = codec.unpack_array(
+        msg["queries"],
+        field="queries",
+        dtypes=F32,
+        ndim=2,
+        max_bytes=limits.max_bytes,
+        error=InvalidVectors,
+    )
+    if queries.shape[0] == 0 or queries.shape[1] == 0:
+        raise InvalidVectors(f"queries must hold at least one row and column, got {queries.shape}")
+    if not np.isfinite(queries).all():
+        raise InvalidVectors("queries hold NaN or Inf")
+    recall = msg.get("target_recall")
+    if recall is not None:
+        recall = _number("target_recall", recall)
+        if not 0 < recall <= 1:
+            raise InvalidParameter(f"target_recall must be in (0, 1], got {recall}")
+    sent = msg.get("sent")
+    return Request(
+        id=rid,
+        reply=reply,
+        deadline=deadline,
+        k=k,
+        queries=queries,
+        nprobe=_positive("nprobe", msg.get("nprobe")),
+        ef_search=_positive("ef_search", msg.get("ef_search")),
+        k_factor=_positive("k_factor", msg.get("k_factor")),
+        target_recall=recall,
+        allow_ids=_ids("allow_ids", msg.get("allow_ids"), limits.max_filter_ids),
+        deny_ids=_ids("deny_ids", msg.get("deny_ids"), limits.max_filter_ids),
+        sent=None if sent is None else _number("sent", sent),
+    )
+
+
+def _number(name: str, value: Any) -> float:
+    """A finite int or float field."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidParameter(f"{name} must be a finite number, got {value!r:.40}")
+    return float(value)
+
+
+def _int(name: str, value: Any) -> int | None:
+    """An optional integer field (bool is not an integer here)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(f"{name} must be an integer, got {value!r:.40}")
+    return value
+
+
+def _positive(name: str, value: Any) -> int | None:
+    """An optional integer field that must be > 0."""
+    out = _int(name, value)
+    if out is not None and out <= 0:
+        raise InvalidParameter(f"{name} must be > 0, got {out}")
+    return out
+
+
+def _ids(name: str, value: Any, cap: int) -> npt.NDArray[np.int64] | None:
+    """An optional 1-D int64 id frame no longer than `cap`, every id >= 0."""
+    if value is None:
+        return None
+    arr = codec.unpack_array(
+        value, field=name, dtypes=I64, ndim=1, max_bytes=max(8 * cap, 8), error=InvalidIds
+    )
+    if arr.size > cap:
+        raise PayloadTooLarge(f"{name} holds {arr.size} ids, cap {cap}")
+    if arr.size and int(arr.min()) < 0:
+        raise InvalidIds(f"{name} must hold ids >= 0")
+    return arr
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+def encode_result(
+    request_id: str,
+    scores: npt.NDArray[np.float32],
+    ids: npt.NDArray[np.int64],
+    version: int,
+    worker: str,
+    timings: dict[str, float],
+) -> bytes:
+    """Encode a successful reply."""
+    return codec.dumps(
+        {
+            "v": VERSION,
+            "id": request_id,
+            "ok": True,
+            "scores": codec.pack_array(scores),
+            "ids": codec.pack_array(ids),
+            "version": int(version),
+            "worker": worker,
+            "timings": timings,
+        }
+    )
+
+
+def encode_error(request_id: str, code: str, message: str, worker: str = "") -> bytes:
+    """Encode an error reply with its stable code."""
+    return codec.dumps(
+        {
+            "v": VERSION,
+            "id": request_id,
+            "ok": False,
+            "error": {"code": code, "message": message[:1000]},
+            "worker": worker,
+        }
+    )
+
+
+def decode_reply(raw: bytes) -> Reply:
+    """Decode a reply; a malformed one raises InvalidParameter."""
+    msg = codec.loads(raw)
+    if not isinstance(msg, dict) or not isinstance(msg.get("ok"), bool):
+        raise InvalidParameter("reply must be a map with a boolean 'ok'")
+    rid = msg.get("id") if isinstance(msg.get("id"), str) else ""
+    worker = msg.get("worker") if isinstance(msg.get("worker"), str) else ""
+    if not msg["ok"]:
+        err = msg.get("error")
+        err = err if isinstance(err, dict) else {}
+        code, message = err.get("code"), err.get("message")
+        return Reply(
+            id=str(rid),
+            ok=False,
+            worker=str(worker),
+            code=code if isinstance(code, str) else "error",
+            message=message if isinstance(message, str) else "",
+        )
+    scores = codec.unpack_array(msg.get("scores"), field="scores", dtypes=F32, ndim=2)
+    ids = codec.unpack_array(msg.get("ids"), field="ids", dtypes=I64, ndim=2)
+    if scores.shape != ids.shape:
+        raise InvalidParameter(f"reply scores {scores.shape} and ids {ids.shape} differ")
+    version = msg.get("version")
+    timings = msg.get("timings")
+    return Reply(
+        id=str(rid),
+        ok=True,
+        scores=scores,
+        ids=ids,
+        version=version if isinstance(version, int) else None,
+        worker=str(worker),
+        timings=timings if isinstance(timings, dict) else {},
+    )

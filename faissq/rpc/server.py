@@ -1,0 +1,300 @@
+"""The RPC loop: a thread of the worker process that answers searches of one index.
+
+Each turn pops up to `max_batch` requests in one command (BLMPOP; BRPOP + RPOP before Redis 7),
+answers expired and malformed ones with typed errors (or drops, counted, what has no reply key),
+searches the rest in batches and pipelines the replies (LPUSH + EXPIRE). The heartbeat keys are
+refreshed between turns. Lost connections are retried with backoff; nothing ends the loop but
+`stop()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import redis
+
+from faissq import keys
+from faissq.config import Settings
+from faissq.errors import FaissqError
+from faissq.index.engine import Engine
+from faissq.rpc import protocol
+from faissq.rpc.batch import Outcome, search_all
+from faissq.rpc.stats import RpcStats, Turn
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK_S = 1.0  # longest BLMPOP wait: bounds how late stop() and the heartbeat can be
+BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnect attempts
+MIN_REQUEST_BYTES = 1 << 20  # a message cap below this would refuse ordinary requests
+
+
+def new_worker_id() -> str:
+    """host:pid:random, unique per RPC loop even across restarts of the same pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class RpcServer:
+    """Serves searches of one index from its Redis request list, in a daemon thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        index: str,
+        engine: Callable[[], Engine],
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        """Prepare a loop (nothing connects until `start` or `run`).
+
+        settings: redis.url, rpc, index.max_k and worker.inline_max_bytes are read;
+        index: the served index; engine: returns the engine to search now (hot swaps are seen
+        on the next turn; it raises IndexNotReady while there is none);
+        worker_id: names this loop in replies and its heartbeat key (default: host:pid:random).
+        """
+        if not settings.redis.url:
+            raise FaissqError("settings.redis.url must be set to serve searches")
+        self.settings = settings
+        self.cfg = settings.rpc
+        self.index = index
+        self.engine = engine
+        self.worker_id = worker_id or new_worker_id()
+        self.queue = keys.rpc_queue(index)
+        self.limits = protocol.Limits(
+            reply_prefix=keys.reply_prefix(index),
+            max_bytes=max(settings.worker.inline_max_bytes, MIN_REQUEST_BYTES),
+            max_k=settings.index.max_k,
+            max_filter_ids=self.cfg.max_allow_ids,
+        )
+        self.stats = RpcStats()
+        self._beat_every = self.cfg.heartbeat_ttl_s / 3
+        self._block_s = min(MAX_BLOCK_S, self._beat_every)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._redis: redis.Redis | None = None
+        self._lmpop = True
+        self._next_beat = 0.0
+        self._started = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> RpcServer:
+        """Run the loop in a daemon thread."""
+        self._thread = threading.Thread(
+            target=self.run, name=f"faissq-rpc-{self.index}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop, then remove this worker's heartbeat (and the alive key if it was last)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        try:
+            self._unregister()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("rpc %s: heartbeat not removed: %s", self.index, exc)
+        if self._redis is not None:
+            self._redis.close()
+
+    def run(self) -> None:
+        """The loop: one turn at a time until `stop()`; every failure is caught and counted."""
+        backoff = BACKOFF_S[0]
+        log.info("rpc %s: serving %s as %s", self.index, self.queue, self.worker_id)
+        while not self._stop.is_set():
+            try:
+                self._turn()
+                backoff = BACKOFF_S[0]
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                self.stats.fault(f"{type(exc).__name__}: {exc}", reconnect=True)
+                log.warning("rpc %s: redis unavailable (%s); retry in %.2fs", self.index, exc,
+                            backoff)  # fmt: skip
+                self._reset()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+            except Exception as exc:
+                self.stats.fault(f"{type(exc).__name__}: {exc}", reconnect=False)
+                log.exception("rpc %s: loop turn failed; going on", self.index)
+                self._stop.wait(BACKOFF_S[0])
+
+    # -- one turn ----------------------------------------------------------------------------
+
+    def _turn(self) -> None:
+        """Heartbeat when due, wait for requests, answer them."""
+        r = self._client()
+        if time.monotonic() >= self._next_beat:
+            self._beat(r)
+        raws = self._pop(r)
+        if raws:
+            self.handle(r, raws)
+
+    def _client(self) -> redis.Redis:
+        """The loop's connection, made on first use and after a failure."""
+        if self._redis is None:
+            url = self.settings.redis.url or ""
+            sock_timeout = max(self.settings.redis.socket_timeout_s, self._block_s + 1.0)
+            client = redis.Redis.from_url(url, socket_timeout=sock_timeout)
+            version = str(client.info("server").get("redis_version", "0"))
+            self._lmpop = int(version.split(".")[0]) >= 7
+            self._redis, self._next_beat = client, 0.0
+        return self._redis
+
+    def _reset(self) -> None:
+        """Drop the connection so the next turn reconnects (and re-beats at once)."""
+        if self._redis is not None:
+            self._redis.close()
+        self._redis = None
+
+    def _pop(self, r: redis.Redis) -> list[bytes]:
+        """Block for the first request, take what else waits (up to max_batch), maybe a bit more.
+
+        With one request there is no wait (latency first); when several arrived together the
+        list is busy, and a short window lets more join the same batched search.
+        """
+        n = self.cfg.max_batch
+        items = self._take(r, n, block=True)
+        window = self.cfg.batch_window_ms / 1000
+        if 1 < len(items) < n and window > 0:
+            time.sleep(window)
+            items += self._take(r, n - len(items), block=False)
+        return items
+
+    def _take(self, r: redis.Redis, n: int, *, block: bool) -> list[bytes]:
+        """Pop up to n requests from the right end (oldest first)."""
+        if self._lmpop:
+            args = ("BLMPOP", self._block_s) if block else ("LMPOP",)
+            got = r.execute_command(*args, 1, self.queue, "RIGHT", "COUNT", n)  # type: ignore[no-untyped-call]
+            return list(got[1]) if got else []
+        if not block:
+            return list(r.rpop(self.queue, n) or [])  # type: ignore[arg-type]
+        first = r.brpop([self.queue], timeout=self._block_s)
+        if not first:
+            return []
+        rest = r.rpop(self.queue, n - 1) if n > 1 else None
+        return [first[1], *(rest or [])]
+
+    def handle(self, r: redis.Redis, raws: list[bytes]) -> Turn:
+        """Answer a list of raw requests; the one place a turn's outcome is recorded."""
+        t0 = time.perf_counter()
+        now = time.time()
+        turn = Turn(popped=len(raws))
+        replies: list[tuple[str, bytes]] = []
+        live: list[protocol.Request] = []
+        for raw in raws:
+            try:
+                req = protocol.decode_request(raw, self.limits)
+            except protocol.Unreadable as exc:
+                turn.dropped += 1
+                log.debug("rpc %s: dropped an unreadable request: %s", self.index, exc)
+                continue
+            except protocol.BadRequest as bad:
+                replies.append((bad.reply, self._error(bad.request_id, bad.error.code,
+                                                       str(bad.error), turn)))  # fmt: skip
+                continue
+            if req.deadline <= now:
+                turn.expired += 1
+                late = f"deadline passed {now - req.deadline:.3f}s before the search could run"
+                replies.append((req.reply, self._error(req.id, "timeout", late, turn)))
+                continue
+            live.append(req)
+        if live:
+            for out in self._search(live, turn):
+                replies.append((out.request.reply, self._encode(out, t0, now, turn)))
+        if replies:
+            self._send(r, replies)
+        turn.seconds = time.perf_counter() - t0
+        self.stats.record(turn)
+        return turn
+
+    def _search(self, live: list[protocol.Request], turn: Turn) -> list[Outcome]:
+        """Search the live requests on the engine serving now."""
+        try:
+            eng = self.engine()
+        except FaissqError as exc:
+            return [Outcome(req, error=(exc.code, str(exc))) for req in live]
+        outcomes = search_all(eng, live, turn.batch_sizes)
+        turn.batches = len(turn.batch_sizes)
+        return outcomes
+
+    def _encode(self, out: Outcome, t0: float, now: float, turn: Turn) -> bytes:
+        """The reply bytes of one outcome."""
+        req = out.request
+        if out.error is not None or out.scores is None or out.ids is None:
+            code, message = out.error or ("internal", "no result")
+            return self._error(req.id, code, message, turn)
+        server_s = time.perf_counter() - t0
+        timings = {
+            "search_ms": round(out.search_s * 1e3, 4),
+            "server_ms": round(server_s * 1e3, 4),
+            "batch": out.batch,
+        }
+        if req.sent is not None:
+            timings["queue_ms"] = round(max(0.0, now - req.sent) * 1e3, 4)
+        turn.answered += 1
+        turn.latencies_s.append(server_s)
+        return protocol.encode_result(req.id, out.scores, out.ids, out.version, self.worker_id,
+                                      timings)  # fmt: skip
+
+    def _error(self, request_id: str, code: str, message: str, turn: Turn) -> bytes:
+        """An error reply, counted by code."""
+        turn.errors[code] += 1
+        return protocol.encode_error(request_id, code, message, self.worker_id)
+
+    def _send(self, r: redis.Redis, replies: list[tuple[str, bytes]]) -> None:
+        """LPUSH + EXPIRE every reply in one pipelined round trip."""
+        pipe = r.pipeline(transaction=False)
+        for key, data in replies:
+            pipe.lpush(key, data)
+            pipe.expire(key, self.cfg.reply_ttl_s)
+        pipe.execute()
+
+    # -- heartbeat ---------------------------------------------------------------------------
+
+    def _beat(self, r: redis.Redis) -> None:
+        """Refresh the index's alive key (value: the queue bound) and this worker's own key."""
+        ttl_ms = max(1, int(self.cfg.heartbeat_ttl_s * 1000))
+        pipe = r.pipeline(transaction=False)
+        pipe.set(keys.alive_key(self.index), self.cfg.queue_max, px=ttl_ms)
+        pipe.set(keys.heartbeat_key(self.index, self.worker_id), self._status(), px=ttl_ms)
+        pipe.execute()
+        self._next_beat = time.monotonic() + self._beat_every
+
+    def _status(self) -> str:
+        """This worker's heartbeat value: who, limits, engine state and counters (JSON)."""
+        engine: dict[str, object]
+        try:
+            eng = self.engine()
+            engine = {"ready": True, "version": eng.version, "ntotal": eng.ntotal, "dim": eng.dim}
+        except FaissqError as exc:
+            engine = {"ready": False, "code": exc.code, "reason": str(exc)}
+        return json.dumps(
+            {
+                "worker": self.worker_id,
+                "index": self.index,
+                "pid": os.getpid(),
+                "protocol": protocol.VERSION,
+                "queue_max": self.cfg.queue_max,
+                "max_batch": self.cfg.max_batch,
+                "started": round(self._started, 3),
+                "beat": round(time.time(), 3),
+                "engine": engine,
+                "stats": self.stats.snapshot(),
+            }
+        )
+
+    def _unregister(self) -> None:
+        """Delete this worker's heartbeat; delete the alive key too when no other replica beats."""
+        if self._redis is None:
+            return
+        r = self._redis
+        r.delete(keys.heartbeat_key(self.index, self.worker_id))
+        others = next(iter(r.scan_iter(match=keys.heartbeat_pattern(self.index), count=100)), None)
+        if others is None:
+            r.delete(keys.alive_key(self.index))

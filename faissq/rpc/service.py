@@ -1,0 +1,46 @@
+"""RpcService: one RpcServer per served index of a worker process."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Protocol
+
+from faissq.config import Settings
+from faissq.index.engine import Engine
+from faissq.rpc.server import RpcServer, new_worker_id
+
+log = logging.getLogger(__name__)
+
+
+class EngineSource(Protocol):
+    """What the worker runtime offers readers: the engine serving an index now."""
+
+    def engine(self, name: str) -> Engine:
+        """Return the engine to search; raises IndexNotReady while there is none."""
+        ...
+
+
+class RpcService:
+    """Starts the RPC loops of settings.worker.indexes once the runtime is ready; stops them."""
+
+    def __init__(self, settings: Settings) -> None:
+        """settings: the worker's settings (redis.url must be set by then)."""
+        self.settings = settings
+        self.worker_id = new_worker_id()
+        self.servers: list[RpcServer] = []
+
+    def start(self, runtime: EngineSource) -> None:
+        """Start one loop per served index (the runtime's on_ready hook)."""
+        for index in self.settings.worker.indexes:
+            engine = functools.partial(runtime.engine, index)
+            self.servers.append(
+                RpcServer(self.settings, index, engine, worker_id=self.worker_id).start()
+            )
+        log.info("rpc: serving %s as %s", ", ".join(self.settings.worker.indexes), self.worker_id)
+
+    def stop(self) -> None:
+        """Stop every loop and remove its heartbeat."""
+        servers, self.servers = self.servers, []
+        for server in servers:
+            server.stop()
