@@ -15,6 +15,7 @@ from celery import Celery, signals
 
 from faissq import keys
 from faissq.config import Settings
+from faissq.rpc.service import RpcService
 from faissq.storage.store import DurableStore
 from faissq.tasks.jobs import register_tasks
 from faissq.worker.app import make_celery_app, redis_url
@@ -35,15 +36,17 @@ def make_worker_app(settings: Settings) -> Celery:
     """A Celery app that serves settings.worker.indexes: tasks registered, signals connected."""
     app = make_celery_app(settings)
     register_tasks(app)
+    rpc = RpcService(settings)  # search loops, one per index, from the moment indexes are loaded
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
-        start_runtime(app, settings)
+        start_runtime(app, settings).runtime.on_ready(rpc.start)
 
     def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
+        rpc.stop()
         ctx = context_of(app)
         if ctx is not None:
             ctx.runtime.close()
