@@ -22,10 +22,13 @@ from faissq.errors import (
     StorageUnavailable,
     UnknownFamily,
 )
+from faissq.rpc.aio import AsyncSearchClient
+from faissq.rpc.client import SearchClient, SearchResponse
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSearchClient",
     "DimensionMismatch",
     "EmptyBuild",
     "FaissqError",
@@ -39,6 +42,8 @@ __all__ = [
     "RemoteSearchError",
     "RetryableError",
     "RpcError",
+    "SearchClient",
+    "SearchResponse",
     "SearchTimeout",
     "Settings",
     "SnapshotCorrupt",
