@@ -109,7 +109,12 @@ class MetricsSettings(BaseModel):
     """Prometheus exposition."""
 
     enabled: bool = Field(default=True, description="Serve /metrics from the worker.")
-    port: int = Field(default=9310, ge=0, le=65535, description="Port of /metrics, /healthz.")
+    port: int = Field(
+        default=9310, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz (0: any)."
+    )
+    host: str = Field(
+        default="0.0.0.0", description="Address the metrics port binds (0.0.0.0: all interfaces)."
+    )
 
 
 class WorkerSettings(BaseModel):

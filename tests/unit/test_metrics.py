@@ -1,0 +1,286 @@
+"""Metrics named in one place: values from a real engine, RPC turns, jobs, HTTP endpoints."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import prometheus_client
+from prometheus_client.parser import text_string_to_metric_families
+
+from faissq.config import IndexSettings, Settings
+from faissq.index.engine import Engine
+from faissq.metrics import (
+    Metrics,
+    make_metrics,
+    metric_names,
+    observe_job,
+    observe_search,
+    observe_turn,
+    start_http,
+    update_index_gauges,
+)
+from faissq.worker.telemetry import code_bytes, job_outcome
+
+LABELS_ALLOWED = {"index", "outcome", "task", "op", "le"}  # le: histogram buckets
+
+
+def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the registry's exposition text: (name, sorted labels) -> value."""
+    text = prometheus_client.generate_latest(metrics.registry).decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    """One sample's value, None when the series does not exist."""
+    return scrape(metrics).get((name, tuple(sorted(labels.items()))))
+
+
+def engine(n: int = 400, dim: int = 8, family: str = "flat") -> Engine:
+    """A small real engine."""
+    eng = Engine(dim, IndexSettings(metric="l2"), name="t")
+    x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    eng.build(x, np.arange(n), family=family)
+    return eng
+
+
+def test_each_call_builds_an_independent_registry_and_import_registers_nothing() -> None:
+    a, b = make_metrics(), make_metrics()
+    observe_job(a, "faissq.save", "success", 0.1, index="i")
+    assert value(a, "faissq_jobs_total", task="faissq.save", outcome="success") == 1
+    assert value(b, "faissq_jobs_total", task="faissq.save", outcome="success") is None
+    default = {m.name for m in prometheus_client.REGISTRY.collect()}
+    assert not any(name.startswith("faissq") for name in default)
+
+
+def test_names_use_base_units_and_only_low_cardinality_labels() -> None:
+    m = make_metrics()
+    eng = engine()
+    update_index_gauges(m, "i", eng.stats(), ready=True, seq=3, log_seq=3, snapshot_age_s=1.0)
+    observe_search(m, "i", "ok", 0.001, k=10, nprobe=4)
+    observe_job(m, "faissq.build", "success", 2.0, index="i")
+    for family in m.registry.collect():
+        assert family.name.startswith("faissq_")
+        assert not family.name.endswith(("_ms", "_milliseconds", "_kb")), family.name
+        if family.type == "counter" and family.samples:
+            assert family.samples[0].name.endswith("_total"), family.name
+        for s in family.samples:
+            extra = set(s.labels) - LABELS_ALLOWED
+            if family.name == "faissq_index":  # the one info series carries the family string
+                extra -= {"family", "factory", "metric"}
+            assert not extra, (family.name, s.labels)
+
+
+def test_index_gauges_report_the_engines_actual_state() -> None:
+    m = make_metrics()
+    eng = engine(400)
+    eng.upsert(np.arange(1000, 1010), np.ones((10, 8), np.float32))
+    eng.delete(np.arange(5))
+    st = {**eng.stats(), "code_bytes": code_bytes(eng.state.primary.index)}
+    st["last_durations"] = dict(eng.last_durations)
+    update_index_gauges(m, "i", st, ready=True, seq=7, log_seq=9, snapshot_age_s=12.5, load_s=0.2)
+    assert value(m, "faissq_index_vectors", index="i") == eng.ntotal == 405
+    assert value(m, "faissq_index_delta_vectors", index="i") == 10
+    assert value(m, "faissq_index_tombstones", index="i") == 5
+    assert value(m, "faissq_index_dim", index="i") == 8
+    assert value(m, "faissq_index_code_bytes", index="i") == 400 * 8 * 4 + st["delta_bytes"]
+    assert value(m, "faissq_index_ready", index="i") == 1
+    assert value(m, "faissq_log_seq_lag", index="i") == 2
+    assert value(m, "faissq_snapshot_age_seconds", index="i") == 12.5
+    assert value(m, "faissq_index_last_duration_seconds", index="i", op="load") == 0.2
+    built = value(m, "faissq_index_last_duration_seconds", index="i", op="build")
+    assert built is not None and built == eng.last_durations["build"]
+    assert value(m, "faissq_gpu_enabled", index="i") == 0
+    assert value(m, "faissq_cuvs_enabled", index="i") == 0
+    info = ("faissq_index_info", (("factory", "IDMap,Flat"), ("family", "flat"), ("index", "i"),
+                                  ("metric", "l2")))  # fmt: skip
+    assert scrape(m)[info] == 1
+    assert value(m, "faissq_tuning_recall", index="i") is None  # no autotune yet: no series
+
+
+def test_ivf_imbalance_tuning_recall_and_a_rebuilt_family_replace_the_old_values() -> None:
+    m = make_metrics()
+    eng = engine(3000, 16, "ivf_flat")
+    eng.autotune(target_recall=0.5)
+    update_index_gauges(m, "i", eng.stats())
+    imb = value(m, "faissq_index_imbalance", index="i")
+    assert imb is not None and imb == eng.stats()["imbalance"] and imb >= 1.0
+    recall = value(m, "faissq_tuning_recall", index="i")
+    assert recall is not None and recall == eng.stats()["tuning"]["recall"]
+    flat = engine(100, 16, "flat")
+    update_index_gauges(m, "i", flat.stats())
+    infos = [k for k in scrape(m) if k[0] == "faissq_index_info"]
+    assert len(infos) == 1 and ("family", "flat") in infos[0][1]
+    assert value(m, "faissq_tuning_recall", index="i") is None
+
+
+def test_code_bytes_counts_the_encoded_vectors_of_each_family() -> None:
+    assert code_bytes(engine(300, 8, "flat").state.primary.index) == 300 * 8 * 4
+    hnsw = engine(300, 8, "hnsw").state.primary.index
+    assert code_bytes(hnsw) == 300 * 8 * 4
+    pq = Engine(8, IndexSettings(pq_bytes=2, opq=False), name="t")
+    pq.build(np.random.default_rng(1).standard_normal((1000, 8)).astype(np.float32),
+             np.arange(1000), family="ivf_pq")  # fmt: skip
+    assert 0 < code_bytes(pq.state.primary.index) <= 1000 * 2
+
+
+def test_search_counters_latency_and_last_parameters() -> None:
+    m = make_metrics()
+    observe_search(m, "i", "ok", 0.0004, queries=3, k=10, nprobe=8, ef_search=None)
+    observe_search(m, "i", "timeout", 0.0)
+    observe_search(m, "i", "busy", 0.0)
+    observe_search(None, "i", "ok", 1.0)  # metrics disabled: a no-op
+    assert value(m, "faissq_searches_total", index="i", outcome="ok") == 1
+    assert value(m, "faissq_search_errors_total", index="i", outcome="busy") == 1
+    assert value(m, "faissq_search_errors_total", index="i", outcome="ok") is None
+    assert value(m, "faissq_rpc_deadline_drops_total", index="i") == 1
+    assert value(m, "faissq_search_queries_total", index="i") == 3
+    assert value(m, "faissq_search_latency_seconds_count", index="i") == 1
+    assert value(m, "faissq_search_latency_seconds_bucket", index="i", le="0.0005") == 1
+    assert value(m, "faissq_search_latency_seconds_bucket", index="i", le="0.00025") == 0
+    assert value(m, "faissq_search_last_k", index="i") == 10
+    assert value(m, "faissq_search_last_nprobe", index="i") == 8
+    assert value(m, "faissq_search_last_ef_search", index="i") is None
+
+
+@dataclass
+class Turn:
+    """One RPC loop turn, in the shape faissq.metrics.TurnLike describes."""
+
+    popped: int = 0
+    answered: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    expired: int = 0
+    dropped: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    """The fields of a search request that the metrics read."""
+
+    k: int
+    queries: np.ndarray
+    nprobe: int | None = None
+    ef_search: int | None = None
+    k_factor: int | None = None
+    target_recall: float | None = None
+
+
+def test_an_rpc_turn_records_batch_outcomes_and_the_parameters_actually_used() -> None:
+    m = make_metrics()
+    eng = engine(3000, 16, "ivf_flat")
+    turn = Turn(popped=6, answered=3, errors={"timeout": 1, "dimension_mismatch": 1}, expired=1,
+                dropped=1, batch_sizes=[3], latencies_s=[0.001, 0.001, 0.002])  # fmt: skip
+    q = np.zeros((2, 16), np.float32)
+    observe_turn(m, "i", turn, [Request(5, q), Request(7, q)], eng)
+    assert value(m, "faissq_rpc_batch_size_count", index="i") == 1
+    assert value(m, "faissq_rpc_batch_size_sum", index="i") == 6
+    assert value(m, "faissq_searches_total", index="i", outcome="ok") == 3
+    assert value(m, "faissq_searches_total", index="i", outcome="timeout") == 1
+    assert value(m, "faissq_search_errors_total", index="i", outcome="unreadable") == 1
+    assert value(m, "faissq_rpc_deadline_drops_total", index="i") == 1
+    assert value(m, "faissq_search_latency_seconds_count", index="i") == 3
+    assert value(m, "faissq_search_queries_total", index="i") == 4
+    assert value(m, "faissq_search_last_k", index="i") == 7
+    # the request left nprobe to the index: the configured default was used
+    assert value(m, "faissq_search_last_nprobe", index="i") == IndexSettings().default_nprobe
+    assert value(m, "faissq_search_last_ef_search", index="i") is None  # not an HNSW index
+    eng.autotune(target_recall=0.5)
+    observe_turn(m, "i", Turn(popped=1, answered=1), [Request(5, q)], eng)
+    tuned = eng.stats()["tuning"]["nprobe"]
+    assert value(m, "faissq_search_last_nprobe", index="i") == tuned
+    observe_turn(m, "i", Turn(popped=1, answered=1), [Request(5, q, nprobe=3)], eng)
+    assert value(m, "faissq_search_last_nprobe", index="i") == 3
+
+
+def test_jobs_by_task_and_outcome_count_builds_and_save_durations() -> None:
+    m = make_metrics()
+    observe_job(m, "faissq.build", "success", 1.5, index="i")
+    observe_job(m, "faissq.build", "empty_build", 0.01, index="i")
+    observe_job(m, "faissq.save", "success", 0.25, index="i")
+    assert value(m, "faissq_builds_total", index="i") == 1
+    assert value(m, "faissq_jobs_total", task="faissq.build", outcome="empty_build") == 1
+    assert value(m, "faissq_job_duration_seconds_count", task="faissq.build") == 2
+    assert value(m, "faissq_index_last_duration_seconds", index="i", op="save") == 0.25
+
+
+def test_job_outcome_labels() -> None:
+    from faissq.errors import DeadLettered, StorageUnavailable
+
+    assert job_outcome("SUCCESS", None) == "success"
+    assert job_outcome("RETRY", StorageUnavailable("x")) == "retry"
+    assert job_outcome("FAILURE", DeadLettered("x")) == "dead_lettered"
+    assert job_outcome("FAILURE", ValueError("x")) == "error"
+
+
+def get(url: str) -> tuple[int, str, str]:
+    """Status, content type and body of a GET (error statuses included)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def test_http_serves_metrics_liveness_and_readiness_per_index_on_a_free_port() -> None:
+    m = make_metrics()
+    health = {"a": {"ready": True, "state": "ready"}, "b": {"ready": False, "state": "loading"}}
+    scrapes: list[int] = []
+
+    def refresh() -> None:
+        scrapes.append(1)
+        m.worker_ready.set(len(scrapes))
+
+    settings = Settings(metrics={"port": 0, "host": "127.0.0.1"})
+    server = start_http(settings, m.registry, lambda: health, before_scrape=refresh)
+    try:
+        assert server.port > 0
+        status, ctype, body = get(f"{server.url}/metrics")
+        assert status == 200 and ctype.startswith("text/plain")
+        assert "faissq_worker_ready 1.0" in body and scrapes == [1]
+        assert get(f"{server.url}/healthz")[0] == 200
+        status, _, body = get(f"{server.url}/readyz")
+        assert status == 503 and json.loads(body)["indexes"]["b"]["state"] == "loading"
+        assert get(f"{server.url}/readyz?index=a")[0] == 200
+        assert get(f"{server.url}/readyz?index=b")[0] == 503
+        assert get(f"{server.url}/readyz?index=zzz")[0] == 404
+        health["b"]["ready"] = True
+        assert get(f"{server.url}/readyz")[0] == 200
+        assert get(f"{server.url}/nothing")[0] == 404
+    finally:
+        server.close()
+
+
+def test_a_failing_refresh_or_health_check_never_breaks_the_endpoint() -> None:
+    m = make_metrics()
+
+    def broken() -> Any:
+        raise RuntimeError("storage away")
+
+    settings = Settings(metrics={"port": 0, "host": "127.0.0.1"})
+    server = start_http(settings, m.registry, broken, before_scrape=broken)
+    try:
+        assert get(f"{server.url}/metrics")[0] == 200
+        status, _, body = get(f"{server.url}/readyz")
+        assert status == 503 and "storage away" in body
+        assert get(f"{server.url}/healthz")[0] == 200
+    finally:
+        server.close()
+
+
+def test_metric_names_lists_every_exposed_sample_name() -> None:
+    names = metric_names(make_metrics())
+    for name in ("faissq_search_latency_seconds_bucket", "faissq_searches_total",
+                 "faissq_index_vectors", "faissq_rpc_queue_depth", "faissq_index_info",
+                 "faissq_jobs_total"):  # fmt: skip
+        assert name in names
