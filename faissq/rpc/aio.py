@@ -71,7 +71,10 @@ class AsyncSearchClient:
 
     async def _round_trip(self, prepared: Prepared) -> Any:
         """Send submit + BRPOP in one write and read both answers."""
-        conn: Any = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            conn: Any = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RpcError(f"Redis unreachable: {exc}") from exc
         try:
             await conn.send_packed_command(conn.pack_commands(prepared.commands))
             try:

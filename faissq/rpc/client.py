@@ -178,7 +178,10 @@ class SearchClient:
 
     def _round_trip(self, prepared: Prepared) -> Any:
         """Send submit + BRPOP in one write, read both answers; the connection goes back after."""
-        conn: Any = self.pool.get_connection()  # redis-py types it loosely
+        try:
+            conn: Any = self.pool.get_connection()  # redis-py types it loosely
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RpcError(f"Redis unreachable: {exc}") from exc
         try:
             conn.send_packed_command(conn.pack_commands(prepared.commands))
             try:
