@@ -144,7 +144,8 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 pytest.fail(f"worker exited during start-up:\n{self.log_tail()}")
-            if self.app.control.ping(destination=[self.hostname], timeout=0.3):
+            # limit=1: return on the first reply instead of waiting out the timeout
+            if self.app.control.ping(destination=[self.hostname], timeout=0.3, limit=1):
                 return
         pytest.fail(f"worker not ready after {timeout_s}s:\n{self.log_tail()}")
 

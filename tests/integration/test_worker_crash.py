@@ -111,8 +111,9 @@ def test_a_job_that_keeps_killing_the_worker_is_dead_lettered(
     """After dead_letter_after deliveries that never finished, the next one fails by name."""
     worker = worker_factory([index_name], env={"FAISSQ_WORKER__DEAD_LETTER_AFTER": "2"}).start()
     client = JobClient(job_settings)
-    vectors = np.random.default_rng(1).standard_normal((60_000, 16)).astype(np.float32)
-    poison = client.build(index_name, vectors, family="ivf_flat", by_reference=True)
+    # an HNSW build of this size runs for seconds: long enough to be caught running
+    vectors = np.random.default_rng(1).standard_normal((60_000, 32)).astype(np.float32)
+    poison = client.build(index_name, vectors, family="hnsw", by_reference=True)
     counter = keys.delivery_key(poison.id)
     for delivery in (1, 2):
         wait_for(lambda d=delivery: redis_client.get(counter) == str(d).encode(), TIMEOUT,
@@ -126,7 +127,7 @@ def test_a_job_that_keeps_killing_the_worker_is_dead_lettered(
     assert [(d["task_id"], d["task"], d["deliveries"]) for d in dead] == [
         (poison.id, "faissq.build", 2)
     ]
-    assert dead[0]["kwargs"]["vectors_ref"]["shape"] == [60_000, 16]
+    assert dead[0]["kwargs"]["vectors_ref"]["shape"] == [60_000, 32]
     assert redis_client.get(counter) is None
     # the worker is healthy and applies the next job
     assert client.upsert(index_name, [1], vectors[:1]).get(timeout=TIMEOUT)["ntotal"] == 1

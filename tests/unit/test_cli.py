@@ -1,0 +1,49 @@
+"""The `faissq` command: help, the worker's celery arguments, the embedded Redis default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from faissq.cli import COMMANDS, build_parser, redis_for, worker_argv
+from faissq.config import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_every_command() -> None:
+    """`python -m faissq --help` runs and names each subcommand."""
+    out = subprocess.run([sys.executable, "-m", "faissq", "--help"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_worker_arguments() -> None:
+    """Threads pool, one thread, the index queues, task events, mingle off by default."""
+    argv = worker_argv(["a", "b"], "n@h", "INFO", mingle=False)
+    assert "--pool=threads" in argv and "--concurrency=1" in argv and "--task-events" in argv
+    assert "--queues=faissq.a,faissq.b" in argv and "--without-mingle" in argv
+    args = build_parser().parse_args(["worker", "--index", "x", "--index", "y"])
+    assert args.index == ["x", "y"]
+
+
+def test_no_redis_url_starts_an_embedded_server_under_the_storage_root(tmp_path: Path) -> None:
+    """Unset FAISSQ_REDIS__URL: a private redis-server on a socket in <storage>/.redis."""
+    settings = Settings(storage={"url": str(tmp_path)})
+    with redis_for(settings) as running:
+        assert running.redis.url == f"unix://{(tmp_path / '.redis' / 'redis.sock').resolve()}"
+        assert redis.Redis.from_url(running.redis.url).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(running.redis.url).ping()
+
+
+def test_a_configured_url_is_used_as_is() -> None:
+    """With a URL nothing is started."""
+    settings = Settings(redis={"url": "redis://example:6379/0"})
+    with redis_for(settings) as running:
+        assert running is settings

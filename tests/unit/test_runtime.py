@@ -1,0 +1,108 @@
+"""IndexRuntime without Celery: write-ahead apply, idempotent batches, build swap, recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faissq.config import Settings
+from faissq.errors import IndexNotReady, UnknownIndex
+from faissq.storage.store import DurableStore
+from faissq.worker.runtime import IndexRuntime, IndexState
+
+
+def make(tmp_path: Path) -> IndexRuntime:
+    """A runtime over a temp storage root serving index 'a'."""
+    s = Settings(storage={"url": str(tmp_path)}, gpu={"mode": "off"}, worker={"indexes": ["a"]})
+    rt = IndexRuntime(s, DurableStore(s))
+    rt.load_all()
+    return rt
+
+
+def vecs(n: int, seed: int = 0) -> np.ndarray:
+    """Random float32 vectors of dimension 8."""
+    return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+
+
+def no_check(engine: object) -> None:
+    """Accept every batch."""
+
+
+def test_empty_index_takes_upserts_and_survives_a_restart(tmp_path: Path) -> None:
+    """An upsert creates the engine; a new runtime on the same storage replays the log."""
+    rt = make(tmp_path)
+    assert rt.slot("a").state is IndexState.EMPTY
+    with pytest.raises(IndexNotReady):
+        rt.engine("a")
+    out = rt.apply("a", "upsert", np.arange(10), vecs(10), "b1", check=no_check)
+    assert out["seq"] == 1 and out["applied"] == 10 and out["ntotal"] == 10
+    again = rt.apply("a", "upsert", np.arange(10), vecs(10), "b1", check=no_check)
+    assert again["duplicate"] is True and again["seq"] == 1 and again["ntotal"] == 10
+    rt.apply("a", "delete", np.arange(3), None, "b2", check=no_check)
+    rt.close()
+
+    rt2 = make(tmp_path)
+    assert rt2.slot("a").state is IndexState.READY and rt2.slot("a").seq == 2
+    assert rt2.engine("a").ntotal == 7
+    rt2.close()
+
+
+def test_build_is_snapshotted_before_it_is_swapped_in(tmp_path: Path) -> None:
+    """The built engine is on storage when the job returns; recovery starts from it."""
+    rt = make(tmp_path)
+    rt.apply("a", "upsert", np.arange(5), vecs(5), "b1", check=no_check)
+    phases: list[str] = []
+    report = rt.build("a", vecs(300, 1), np.arange(100, 400), family=None,
+                      progress=lambda p, d, t: phases.append(p))  # fmt: skip
+    assert report["ntotal"] == 300 and report["snapshot"]["persisted"] is True
+    assert "save" in phases and rt.slot("a").state is IndexState.READY
+    rt.close()
+    rt2 = make(tmp_path)
+    assert rt2.engine("a").ntotal == 300 and rt2.slot("a").version == report["snapshot"]["version"]
+    rt2.close()
+
+
+def test_failed_build_keeps_the_old_engine(tmp_path: Path) -> None:
+    """A build that raises leaves the previous engine serving, in its previous state."""
+    rt = make(tmp_path)
+    rt.apply("a", "upsert", np.arange(5), vecs(5), "b1", check=no_check)
+    old = rt.engine("a")
+
+    def stop(phase: str, done: int, total: int) -> None:
+        raise IndexNotReady("stop")
+
+    with pytest.raises(IndexNotReady):
+        rt.build("a", vecs(50), np.arange(50), family=None, progress=stop)
+    assert rt.engine("a") is old and rt.slot("a").state is IndexState.READY
+    rt.close()
+
+
+def test_unknown_index_and_a_check_that_refuses(tmp_path: Path) -> None:
+    """Jobs for other indexes are UnknownIndex; a failed check logs nothing."""
+    rt = make(tmp_path)
+    with pytest.raises(UnknownIndex):
+        rt.stats("zz")
+
+    def refuse(engine: object) -> None:
+        raise IndexNotReady("no")
+
+    with pytest.raises(IndexNotReady):
+        rt.apply("a", "upsert", np.arange(2), vecs(2), "b9", check=refuse)
+    assert rt.stats("a")["seq"] == 0
+    rt.close()
+
+
+def test_a_corrupt_store_marks_the_index_failed_not_the_process(tmp_path: Path) -> None:
+    """Recovery errors leave the index FAILED with the reason; jobs then get IndexNotReady."""
+    rt = make(tmp_path)
+    rt.apply("a", "upsert", np.arange(2), vecs(2), "b1", check=no_check)
+    rt.close()
+    (entry,) = (tmp_path / "a" / "log").glob("*.entry")
+    entry.write_bytes(entry.read_bytes()[:-5])
+    rt2 = make(tmp_path)
+    assert rt2.slot("a").state is IndexState.FAILED and "log" in rt2.slot("a").reason
+    with pytest.raises(IndexNotReady):
+        rt2.apply("a", "upsert", np.arange(2), vecs(2), "b2", check=no_check)
+    rt2.close()
