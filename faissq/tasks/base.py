@@ -27,8 +27,8 @@ class FaissqTask(Task):  # type: ignore[misc]  # celery ships no type hints
     """Counts deliveries (dead-letter after N), checks kwargs, retries only StorageUnavailable."""
 
     autoretry_for = (StorageUnavailable,)
-    retry_backoff = 2
-    retry_backoff_max = 120
+    retry_backoff = 2  # first retry after about 2 s, doubling (max_retries, retry_backoff_max
+    retry_backoff_max = 120  # come from settings.worker at registration)
     retry_jitter = True
     max_retries = 8
     throws = (PermanentError,)  # expected failures: logged as one line, no traceback

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from celery import Celery
 
+from faissq.config import Settings
 from faissq.errors import DimensionMismatch
 from faissq.tasks import payload
 from faissq.tasks.base import FaissqTask
@@ -129,10 +130,16 @@ TASKS = {
 }
 
 
-def register_tasks(app: Celery) -> None:
-    """Register every faissq task on `app` under its stable name."""
+def register_tasks(app: Celery, settings: Settings) -> None:
+    """Register every faissq task on `app` under its stable name, with the retry settings."""
     for name, fn in TASKS.items():
-        app.task(name=name, bind=True, base=FaissqTask)(fn)
+        app.task(
+            name=name,
+            bind=True,
+            base=FaissqTask,
+            max_retries=settings.worker.storage_retries,
+            retry_backoff_max=settings.worker.retry_backoff_max_s,
+        )(fn)
 
 
 def check_vectors(vectors: Any, engine: Any, metric: str) -> None:

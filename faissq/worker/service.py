@@ -35,7 +35,7 @@ def make_store(settings: Settings) -> IndexStore:
 def make_worker_app(settings: Settings) -> Celery:
     """A Celery app that serves settings.worker.indexes: tasks registered, signals connected."""
     app = make_celery_app(settings)
-    register_tasks(app)
+    register_tasks(app, settings)
     rpc = RpcService(settings)  # search loops, one per index, from the moment indexes are loaded
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:

@@ -171,3 +171,24 @@ def test_time_limit_stops_a_build_cleanly_and_progress_is_reported(
     assert stats["ntotal"] == 60_000 and stats["engine"]["family"] == "ivf_flat"
     assert worker.alive()
     client.close()
+
+
+def test_storage_unavailable_is_retried_with_backoff_until_it_clears(
+    worker_factory: Any, storage_root: Path, index_name: str, job_settings: Settings
+) -> None:
+    """A write that storage refuses is retried (state RETRY), then applied once it clears."""
+    worker = worker_factory([index_name]).start()
+    client = JobClient(job_settings)
+    blocker = storage_root / index_name  # a file where the index folder must go
+    blocker.write_bytes(b"")
+    job = client.upsert(index_name, [1, 2], vecs(2), by_reference=False)
+    deadline = time.monotonic() + TIMEOUT
+    while job.state != "RETRY":
+        assert time.monotonic() < deadline and not job.ready(), job.state
+        time.sleep(0.01)
+    assert type(job.info).__name__ == "StorageUnavailable"
+    blocker.unlink()
+    out = job.get(timeout=TIMEOUT)
+    assert out["applied"] == 2 and out["seq"] == 1
+    assert worker.alive()
+    client.close()
