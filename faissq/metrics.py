@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,8 +28,10 @@ __all__ = [
     "HealthFn",
     "Metrics",
     "MetricsServer",
+    "attach_metrics",
     "make_metrics",
     "metric_names",
+    "metrics_of",
     "observe_job",
     "observe_search",
     "observe_turn",
@@ -213,6 +216,19 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     )
 
 
+_ATTACHED: weakref.WeakKeyDictionary[Any, Metrics] = weakref.WeakKeyDictionary()
+
+
+def attach_metrics(owner: Any, metrics: Metrics) -> None:
+    """Make `metrics` the ones of `owner` (the worker's IndexRuntime) for as long as it lives."""
+    _ATTACHED[owner] = metrics
+
+
+def metrics_of(owner: Any) -> Metrics | None:
+    """The metrics attached to `owner`, None when metrics are disabled (every observe_* no-ops)."""
+    return _ATTACHED.get(owner)
+
+
 def metric_names(metrics: Metrics) -> set[str]:
     """Every sample name the registry can expose (histogram _bucket/_sum/_count included)."""
     names: set[str] = set()
@@ -383,7 +399,8 @@ def observe_turn(
 
     requests: the live (searched) requests of the turn; the last one sets the last k, nprobe
     and efSearch gauges (nprobe only for IVF families, efSearch only for HNSW, resolved
-    through `engine` when the request left them to the index).
+    through `engine` - the Engine, or a callable returning it - when the request left them
+    to the index).
     """
     if metrics is None:
         return
@@ -408,6 +425,11 @@ def observe_turn(
     if requests:
         last = requests[-1]
         m.search_last_k.labels(index).set(int(last.k))
+        if callable(engine):  # the loop's engine source: the engine serving now
+            try:
+                engine = engine()
+            except Exception:  # no engine (not ready): no parameters to report
+                engine = None
         if engine is not None:
             nprobe, ef = search_params(engine, last)
             family = str(_family(engine))

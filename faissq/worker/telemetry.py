@@ -4,8 +4,8 @@
 serves /metrics, /healthz and /readyz, and connects task_prerun / task_postrun / task_failure so
 every job is counted by task name and outcome without a line in the tasks. Index gauges are
 read from the runtime at scrape time, so they always show the actual state. The RPC loop reaches
-the same metrics through `metrics_of(runtime)` and records each request with
-`faissq.metrics.observe_search` at its single exit point.
+the same metrics through `faissq.metrics.metrics_of(runtime)` and records each turn with
+`faissq.metrics.observe_turn` at its single exit point.
 """
 
 from __future__ import annotations
@@ -14,26 +14,24 @@ import datetime as dt
 import logging
 import threading
 import time
-import weakref
 from typing import Any
 
 from celery import Celery, signals
 
 from faissq import keys
 from faissq.errors import FaissqError
-from faissq.metrics import Metrics, MetricsServer, make_metrics, observe_job, update_index_gauges
+from faissq.metrics import (
+    Metrics,
+    MetricsServer,
+    attach_metrics,
+    make_metrics,
+    observe_job,
+    update_index_gauges,
+)
 from faissq.worker.context import WorkerContext
-from faissq.worker.runtime import SERVING, IndexRuntime
+from faissq.worker.runtime import SERVING
 
 log = logging.getLogger(__name__)
-
-_BY_RUNTIME: weakref.WeakKeyDictionary[IndexRuntime, WorkerTelemetry] = weakref.WeakKeyDictionary()
-
-
-def metrics_of(runtime: IndexRuntime) -> Metrics | None:
-    """The metrics of the worker serving `runtime` (None when metrics are disabled)."""
-    tel = _BY_RUNTIME.get(runtime)
-    return tel.metrics if tel is not None else None
 
 
 def code_bytes(index: Any) -> int:
@@ -255,5 +253,5 @@ def start_telemetry(app: Celery, ctx: WorkerContext) -> WorkerTelemetry | None:
     tel = WorkerTelemetry(app, ctx, make_metrics())
     tel.connect()
     tel.serve()
-    _BY_RUNTIME[ctx.runtime] = tel
+    attach_metrics(ctx.runtime, tel.metrics)
     return tel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from faissq.config import IndexSettings, Settings
+from faissq.errors import IndexNotReady
 from faissq.index.engine import Engine
 from faissq.metrics import (
     Metrics,
@@ -24,6 +25,8 @@ from faissq.metrics import (
     start_http,
     update_index_gauges,
 )
+from faissq.rpc.protocol import Request
+from faissq.rpc.stats import Turn
 from faissq.worker.telemetry import code_bytes, job_outcome
 
 LABELS_ALLOWED = {"index", "outcome", "task", "op", "le"}  # le: histogram buckets
@@ -151,38 +154,19 @@ def test_search_counters_latency_and_last_parameters() -> None:
     assert value(m, "faissq_search_last_ef_search", index="i") is None
 
 
-@dataclass
-class Turn:
-    """One RPC loop turn, in the shape faissq.metrics.TurnLike describes."""
-
-    popped: int = 0
-    answered: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    expired: int = 0
-    dropped: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-    latencies_s: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Request:
-    """The fields of a search request that the metrics read."""
-
-    k: int
-    queries: np.ndarray
-    nprobe: int | None = None
-    ef_search: int | None = None
-    k_factor: int | None = None
-    target_recall: float | None = None
+def request(k: int, nprobe: int | None = None) -> Request:
+    """A decoded search request of two 16-d queries."""
+    q = np.zeros((2, 16), np.float32)
+    return Request(id="r", reply="faissq:i:reply:r", deadline=0.0, k=k, queries=q, nprobe=nprobe)
 
 
 def test_an_rpc_turn_records_batch_outcomes_and_the_parameters_actually_used() -> None:
     m = make_metrics()
     eng = engine(3000, 16, "ivf_flat")
-    turn = Turn(popped=6, answered=3, errors={"timeout": 1, "dimension_mismatch": 1}, expired=1,
-                dropped=1, batch_sizes=[3], latencies_s=[0.001, 0.001, 0.002])  # fmt: skip
-    q = np.zeros((2, 16), np.float32)
-    observe_turn(m, "i", turn, [Request(5, q), Request(7, q)], eng)
+    errors = Counter({"timeout": 1, "dimension_mismatch": 1})
+    turn = Turn(popped=6, answered=3, errors=errors, expired=1, dropped=1, batch_sizes=[3],
+                latencies_s=[0.001, 0.001, 0.002])  # fmt: skip
+    observe_turn(m, "i", turn, [request(5), request(7)], lambda: eng)
     assert value(m, "faissq_rpc_batch_size_count", index="i") == 1
     assert value(m, "faissq_rpc_batch_size_sum", index="i") == 6
     assert value(m, "faissq_searches_total", index="i", outcome="ok") == 3
@@ -196,11 +180,17 @@ def test_an_rpc_turn_records_batch_outcomes_and_the_parameters_actually_used() -
     assert value(m, "faissq_search_last_nprobe", index="i") == IndexSettings().default_nprobe
     assert value(m, "faissq_search_last_ef_search", index="i") is None  # not an HNSW index
     eng.autotune(target_recall=0.5)
-    observe_turn(m, "i", Turn(popped=1, answered=1), [Request(5, q)], eng)
+    observe_turn(m, "i", Turn(popped=1, answered=1), [request(5)], eng)
     tuned = eng.stats()["tuning"]["nprobe"]
     assert value(m, "faissq_search_last_nprobe", index="i") == tuned
-    observe_turn(m, "i", Turn(popped=1, answered=1), [Request(5, q, nprobe=3)], eng)
+    observe_turn(m, "i", Turn(popped=1, answered=1), [request(5, nprobe=3)], eng)
     assert value(m, "faissq_search_last_nprobe", index="i") == 3
+
+    def not_ready() -> Engine:
+        raise IndexNotReady("loading")
+
+    observe_turn(m, "i", Turn(popped=1, answered=1), [request(9)], not_ready)
+    assert value(m, "faissq_search_last_k", index="i") == 9
 
 
 def test_jobs_by_task_and_outcome_count_builds_and_save_durations() -> None:
