@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -274,3 +275,15 @@ def test_metric_names_lists_every_exposed_sample_name() -> None:
                  "faissq_index_vectors", "faissq_rpc_queue_depth", "faissq_index_info",
                  "faissq_jobs_total"):  # fmt: skip
         assert name in names
+
+
+def test_the_operations_doc_lists_every_metric_and_no_other() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    rows = re.findall(r"^\| `(faissq_[a-z_]+)` \|", doc, re.M)
+    defined = set()
+    for family in make_metrics().registry.collect():
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        defined.add(family.name + suffix)
+    assert set(rows) == defined and len(rows) == len(defined)
