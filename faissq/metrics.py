@@ -361,13 +361,18 @@ def observe_search(
 class TurnLike(Protocol):
     """What the RPC loop records per turn (faissq.rpc.stats.Turn has this shape)."""
 
-    popped: int
-    answered: int
-    errors: Mapping[str, int]
-    expired: int
-    dropped: int
-    batch_sizes: Sequence[int]
-    latencies_s: Sequence[float]
+    @property
+    def popped(self) -> int: ...
+    @property
+    def answered(self) -> int: ...
+    @property
+    def errors(self) -> Mapping[str, int]: ...
+    @property
+    def expired(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def latencies_s(self) -> Sequence[float]: ...
 
 
 def search_params(engine: Any, request: Any) -> tuple[int | None, int | None]:

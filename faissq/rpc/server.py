@@ -24,6 +24,7 @@ from faissq import keys
 from faissq.config import Settings
 from faissq.errors import FaissqError
 from faissq.index.engine import Engine
+from faissq.metrics import Metrics, observe_turn
 from faissq.rpc import protocol
 from faissq.rpc.batch import Outcome, search_all
 from faissq.rpc.stats import RpcStats, Turn
@@ -73,6 +74,7 @@ class RpcServer:
             max_filter_ids=self.cfg.max_allow_ids,
         )
         self.stats = RpcStats()
+        self.metrics: Metrics | None = None  # metrics hook: set by RpcService when enabled
         self._beat_every = self.cfg.heartbeat_ttl_s / 3
         self._block_s = min(MAX_BLOCK_S, self._beat_every)
         self._stop = threading.Event()
@@ -211,6 +213,7 @@ class RpcServer:
             self._send(r, replies)
         turn.seconds = time.perf_counter() - t0
         self.stats.record(turn)
+        observe_turn(self.metrics, self.index, turn, live, self.engine)  # metrics hook
         return turn
 
     def _search(self, live: list[protocol.Request], turn: Turn) -> list[Outcome]:

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from faissq.config import Settings
 from faissq.index.engine import Engine
+from faissq.metrics import metrics_of
 from faissq.rpc.server import RpcServer, new_worker_id
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ class RpcService:
         """Start one loop per served index (the runtime's on_ready hook)."""
         for index in self.settings.worker.indexes:
             engine = functools.partial(runtime.engine, index)
-            self.servers.append(
-                RpcServer(self.settings, index, engine, worker_id=self.worker_id).start()
-            )
+            server = RpcServer(self.settings, index, engine, worker_id=self.worker_id)
+            server.metrics = metrics_of(runtime)  # metrics hook (faissq/metrics.py)
+            self.servers.append(server.start())
         log.info("rpc: serving %s as %s", ", ".join(self.settings.worker.indexes), self.worker_id)
 
     def stop(self) -> None:

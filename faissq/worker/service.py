@@ -22,6 +22,7 @@ from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.context import WorkerContext, attach_context, context_of
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.store import IndexStore
+from faissq.worker.telemetry import start_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def start_runtime(app: Celery, settings: Settings) -> WorkerContext:
     runtime = IndexRuntime(settings, make_store(settings))
     ctx = WorkerContext(settings=settings, runtime=runtime, redis=client)
     attach_context(app, ctx)
+    start_telemetry(app, ctx)  # metrics hook: /metrics, /healthz, /readyz, job signals
     runtime.load_all()
     for index in settings.worker.indexes:
         n = restore_orphans(app, index)
