@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from celery import Celery
 
 from faissq.config import Settings
-from faissq.errors import DimensionMismatch
+from faissq.errors import DimensionMismatch, InvalidVectors
 from faissq.tasks import payload
 from faissq.tasks.base import FaissqTask
 
@@ -142,11 +143,23 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         )(fn)
 
 
-def check_vectors(vectors: Any, engine: Any, metric: str) -> None:
-    """Check finiteness, shape and (when the index exists) dimension before anything is logged."""
-    from faissq.index.validate import as_vectors
+def check_vectors(vectors: npt.NDArray[np.float32], engine: Any, metric: str) -> None:
+    """Refuse what the engine would refuse, before the batch is logged, without copying it.
 
-    as_vectors(vectors, None, metric)
+    The engine validates again (as_vectors); this pre-check only keeps a batch the engine cannot
+    apply out of the log, where replay would trip on it.
+    """
+    if vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise InvalidVectors(f"vectors must be a 2-D array (n, d), got shape {vectors.shape}")
     dim = getattr(engine, "dim", None) if engine is not None else None
     if dim is not None and vectors.shape[1] != dim:
         raise DimensionMismatch(f"vectors have dimension {vectors.shape[1]}, the index has {dim}")
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InvalidVectors(f"{int(bad.sum())} vector(s) hold NaN or Inf (first at row {first})")
+    if metric == "cosine":
+        zero = ~vectors.any(axis=1)
+        if zero.any():
+            first = int(np.flatnonzero(zero)[0])
+            raise InvalidVectors(f"{int(zero.sum())} zero vector(s) under cosine (row {first})")

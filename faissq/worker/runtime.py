@@ -159,12 +159,20 @@ class IndexRuntime:
             report = eng.build(vectors, ids, family=family, progress=progress)
             if progress:
                 progress("save", 0, 1)
+            t0 = time.perf_counter()
             saved = self.store.save(name, eng)
+            save_s = time.perf_counter() - t0
         except BaseException:
             slot.state = before
             raise
         self._swap(slot, eng, saved)
-        return {**_small(report), "seq": slot.seq, "version": eng.version, "snapshot": saved}
+        return {
+            **_small(report),
+            "seq": slot.seq,
+            "version": eng.version,
+            "snapshot": saved,
+            "save_seconds": round(save_s, 6),
+        }
 
     def apply(
         self,

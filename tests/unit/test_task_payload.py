@@ -93,3 +93,24 @@ def test_batch_id_and_time_limit() -> None:
     for bad_limit in (0, -1, True, "1"):
         with pytest.raises(InvalidParameter):
             payload.time_limit_arg(bad_limit, 7.0)
+
+
+def test_vectors_the_engine_would_refuse_never_reach_the_log() -> None:
+    """NaN rows, zero rows under cosine, a wrong dimension: refused before logging."""
+    from faissq.errors import DimensionMismatch
+    from faissq.index.engine import Engine
+    from faissq.tasks.jobs import check_vectors
+
+    engine = Engine(4, Settings().index)
+    ok = np.ones((3, 4), np.float32)
+    check_vectors(ok, engine, "cosine")
+    nan, zero = ok.copy(), ok.copy()
+    nan[2, 1] = np.nan
+    zero[1] = 0
+    with pytest.raises(InvalidVectors, match="row 2"):
+        check_vectors(nan, engine, "cosine")
+    with pytest.raises(InvalidVectors, match="zero"):
+        check_vectors(zero, engine, "cosine")
+    check_vectors(zero, engine, "l2")  # a zero vector is a fine point under L2
+    with pytest.raises(DimensionMismatch):
+        check_vectors(np.ones((3, 5), np.float32), engine, "cosine")
