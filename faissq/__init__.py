@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from faissq.client import JobClient, put_vectors
 from faissq.config import Settings
 from faissq.errors import (
+    ChecksumMismatch,
+    DeadLettered,
     DimensionMismatch,
     EmptyBuild,
     FaissqError,
@@ -11,8 +14,10 @@ from faissq.errors import (
     InvalidIds,
     InvalidParameter,
     InvalidVectors,
+    JobTimeLimitExceeded,
     MemoryBudgetExceeded,
     NoWorkerAlive,
+    PayloadTooLarge,
     PermanentError,
     RemoteSearchError,
     RetryableError,
@@ -21,6 +26,7 @@ from faissq.errors import (
     SnapshotCorrupt,
     StorageUnavailable,
     UnknownFamily,
+    UnknownIndex,
 )
 from faissq.rpc.aio import AsyncSearchClient
 from faissq.rpc.client import SearchClient, SearchResponse
@@ -29,6 +35,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncSearchClient",
+    "ChecksumMismatch",
+    "DeadLettered",
     "DimensionMismatch",
     "EmptyBuild",
     "FaissqError",
@@ -36,8 +44,11 @@ __all__ = [
     "InvalidIds",
     "InvalidParameter",
     "InvalidVectors",
+    "JobClient",
+    "JobTimeLimitExceeded",
     "MemoryBudgetExceeded",
     "NoWorkerAlive",
+    "PayloadTooLarge",
     "PermanentError",
     "RemoteSearchError",
     "RetryableError",
@@ -49,5 +60,7 @@ __all__ = [
     "SnapshotCorrupt",
     "StorageUnavailable",
     "UnknownFamily",
+    "UnknownIndex",
     "__version__",
+    "put_vectors",
 ]

@@ -122,9 +122,11 @@ class JobClient:
         """Fold delta and tombstones into the primary."""
         return self.send("faissq.merge", index, time_limit_s=time_limit_s)
 
-    def rebuild(self, index: str, *, time_limit_s: float | None = None) -> AsyncResult:
-        """Retrain the primary from the raw vectors."""
-        return self.send("faissq.rebuild", index, time_limit_s=time_limit_s)
+    def rebuild(
+        self, index: str, *, family: str | None = None, time_limit_s: float | None = None
+    ) -> AsyncResult:
+        """Retrain the primary from the raw vectors (optionally into another family)."""
+        return self.send("faissq.rebuild", index, family=family, time_limit_s=time_limit_s)
 
     def save(self, index: str) -> AsyncResult:
         """Snapshot the index to shared storage."""

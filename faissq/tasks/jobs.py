@@ -81,14 +81,17 @@ def merge(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, A
     """Fold the delta and tombstones into the primary index, re-using the trained quantizer."""
     ctx = self.context()
     limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
-    return ctx.runtime.maintain(index, "merge", self.progress(limit))
+    return ctx.runtime.merge(index, self.progress(limit))
 
 
-def rebuild(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, Any]:
+def rebuild(
+    self: FaissqTask, index: str, family: Any = None, time_limit_s: Any = None
+) -> dict[str, Any]:
     """Retrain and rebuild the primary from the raw vectors (after drift or imbalance)."""
     ctx = self.context()
     limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
-    return ctx.runtime.maintain(index, "rebuild", self.progress(limit))
+    family = payload.optional_str("family", family)
+    return ctx.runtime.rebuild(index, family, self.progress(limit))
 
 
 def save(self: FaissqTask, index: str) -> dict[str, Any]:
@@ -104,7 +107,7 @@ def reload(self: FaissqTask, index: str) -> dict[str, Any]:
 def autotune(
     self: FaissqTask, index: str, target_recall: Any = None, time_limit_s: Any = None
 ) -> dict[str, Any]:
-    """Choose the fastest search parameters meeting the target recall; returns the profile."""
+    """Choose the fastest search parameters meeting the target recall; snapshot; the profile."""
     from faissq.index.validate import check_recall
 
     ctx = self.context()

@@ -210,16 +210,22 @@ class IndexRuntime:
             **self._counts(slot),
         }
 
-    def maintain(self, name: str, what: str, progress: Progress | None) -> dict[str, Any]:
-        """Run merge or rebuild on the live engine (the engine swaps its own internals)."""
+    def merge(self, name: str, progress: Progress | None) -> dict[str, Any]:
+        """Fold delta and tombstones into the primary (the engine swaps its own internals)."""
+        return self._maintain(name, lambda eng: eng.merge(progress=progress))
+
+    def rebuild(self, name: str, family: str | None, progress: Progress | None) -> dict[str, Any]:
+        """Retrain the primary from the raw vectors, optionally in another family."""
+        return self._maintain(name, lambda eng: eng.rebuild(progress=progress, family=family))
+
+    def _maintain(self, name: str, run: Callable[[Engine], Any]) -> dict[str, Any]:
+        """Run a merge or rebuild on the live engine; searches keep using the old primary."""
         slot = self._writable(name)
         eng = self.engine(name)
         before = slot.state
         slot.state = IndexState.REBUILDING
         try:
-            report = (
-                eng.merge(progress=progress) if what == "merge" else eng.rebuild(progress=progress)
-            )
+            report = run(eng)
         finally:
             slot.state = before
         return {**_small(report), **self._counts(slot)}
@@ -227,8 +233,15 @@ class IndexRuntime:
     def autotune(
         self, name: str, target_recall: float | None, progress: Progress | None
     ) -> dict[str, Any]:
-        """Sweep search parameters against exact ground truth; the profile is kept by the engine."""
-        return _small(self.engine(name).autotune(target_recall=target_recall, progress=progress))
+        """Tune search parameters, then snapshot so the profile survives a restart."""
+        slot = self._writable(name)
+        eng = self.engine(name)
+        profile = _small(eng.autotune(target_recall=target_recall, progress=progress))
+        if progress:
+            progress("save", 0, 1)
+        saved = self.store.save(name, eng)
+        slot.version = saved.get("version") if isinstance(saved.get("version"), str) else None
+        return {**profile, "snapshot": saved}
 
     def save(self, name: str) -> dict[str, Any]:
         """Snapshot the live engine; the log up to its seq becomes redundant."""

@@ -192,3 +192,37 @@ def test_storage_unavailable_is_retried_with_backoff_until_it_clears(
     assert out["applied"] == 2 and out["seq"] == 1
     assert worker.alive()
     client.close()
+
+
+def test_maintenance_jobs_merge_rebuild_autotune_save_reload(
+    worker_factory: Any, index_name: str, job_settings: Settings
+) -> None:
+    """Merge empties the delta, rebuild re-tiers, autotune's profile survives a kill -9."""
+    worker = worker_factory([index_name]).start()
+    client = JobClient(job_settings)
+    client.build(index_name, vecs(6000), family="ivf_flat").get(timeout=TIMEOUT)
+    client.upsert(index_name, np.arange(10_000, 10_500), vecs(500, seed=1)).get(timeout=TIMEOUT)
+    client.delete(index_name, np.arange(100)).get(timeout=TIMEOUT)
+    before = client.stats(index_name).get(timeout=TIMEOUT)["engine"]
+    assert before["delta"] == 500 and before["tombstones"] == 100
+
+    merged = client.merge(index_name).get(timeout=TIMEOUT)
+    assert merged["ntotal"] == 6400
+    after = client.stats(index_name).get(timeout=TIMEOUT)["engine"]
+    assert after["delta"] == 0 and after["tombstones"] == 0 and after["family"] == "ivf_flat"
+
+    rebuilt = client.rebuild(index_name, family="flat").get(timeout=TIMEOUT)
+    assert rebuilt["ntotal"] == 6400
+    assert client.stats(index_name).get(timeout=TIMEOUT)["engine"]["family"] == "flat"
+
+    tuned = client.autotune(index_name, target_recall=0.9).get(timeout=TIMEOUT)
+    assert tuned["snapshot"]["persisted"] is True
+
+    worker.kill()  # the result is stored just before the ack: autotune may run once more
+    worker.start()
+    stats = client.stats(index_name).get(timeout=TIMEOUT)
+    assert stats["ntotal"] == 6400 and stats["snapshot_version"] >= tuned["snapshot"]["version"]
+    assert stats["engine"]["tuning"] is not None and stats["engine"]["family"] == "flat"
+    reloaded = client.reload(index_name).get(timeout=TIMEOUT)
+    assert reloaded["ntotal"] == 6400 and reloaded["seq"] == stats["seq"]
+    client.close()
