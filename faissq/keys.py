@@ -45,6 +45,11 @@ def delivery_key(task_id: str) -> str:
     return f"{PREFIX}:deliveries:{task_id}"
 
 
+def inflight_list(queue: str) -> str:
+    """Redis list holding jobs a worker fetched and has not yet recorded as unacked."""
+    return f"{PREFIX}:inflight:{queue}"
+
+
 def dead_letter_list(index: str) -> str:
     """Redis list of jobs that crashed the worker too often (JSON records)."""
     return f"{PREFIX}:{index}:dead"

@@ -83,7 +83,9 @@ def make_celery_app(
         worker_prefetch_multiplier=1,
         # Redis redelivers an unacked job once this expires: it must exceed the longest job;
         # kombu reads it from both option sets, so set it everywhere it is read.
-        broker_transport_options=dict(visibility),
+        # one list per queue (jobs of an index are FIFO, no priorities): a worker can then fetch
+        # with one atomic BLMOVE (faissq.worker.transport) instead of BRPOP over four lists
+        broker_transport_options={**visibility, "priority_steps": [0]},
         result_backend_transport_options=dict(visibility),
         task_track_started=True,
         worker_send_task_events=True,

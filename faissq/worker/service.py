@@ -23,6 +23,7 @@ from faissq.worker.context import WorkerContext, attach_context, context_of
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.store import IndexStore
 from faissq.worker.telemetry import start_telemetry
+from faissq.worker.transport import restore_inflight
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def make_store(settings: Settings) -> IndexStore:
 def make_worker_app(settings: Settings) -> Celery:
     """A Celery app that serves settings.worker.indexes: tasks registered, signals connected."""
     app = make_celery_app(settings)
+    use_inflight_fetch(app, redis_url(settings))
     register_tasks(app, settings)
     rpc = RpcService(settings)  # search loops, one per index, from the moment indexes are loaded
 
@@ -69,10 +71,22 @@ def start_runtime(app: Celery, settings: Settings) -> WorkerContext:
     start_telemetry(app, ctx)  # metrics hook: /metrics, /healthz, /readyz, job signals
     runtime.load_all()
     for index in settings.worker.indexes:
-        n = restore_orphans(app, index)
+        n = restore_inflight(client, keys.task_queue(index)) + restore_orphans(app, index)
         if n:
             log.warning("index %s: %d job(s) left unacked by a dead worker were requeued", index, n)
     return ctx
+
+
+def use_inflight_fetch(app: Celery, url: str) -> None:
+    """Consume through faissq.worker.transport (no job lost to a SIGKILL between fetch and ack).
+
+    Plain redis:// and unix:// only; other schemes (rediss://, sentinel://) keep kombu's own.
+    """
+    if url.startswith("redis://"):
+        app.conf.broker_transport = "faissq.worker.transport:Transport"
+    elif url.startswith("unix://"):
+        app.conf.broker_url = "socket://" + url[len("unix://") :]
+        app.conf.broker_transport = "faissq.worker.transport:SocketTransport"
 
 
 def restore_orphans(app: Celery, index: str) -> int:

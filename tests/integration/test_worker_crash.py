@@ -37,8 +37,6 @@ def kill_while_running(
     """SIGKILL the worker the moment one of `task_ids` is executing; False if all finished first.
 
     A job is executing while its delivery counter exists (set at start, cleared at the end).
-    kombu's Redis transport pops a job with BRPOP and records it as unacked a moment later, so a
-    kill between two jobs can lose the job being popped; see docs/tasks.md, "Delivery".
     """
     counters = [keys.delivery_key(t) for t in task_ids]
     deadline = time.monotonic() + timeout_s
@@ -54,16 +52,21 @@ def kill_while_running(
 def test_kill9_during_a_stream_of_upserts_loses_and_doubles_nothing(
     worker_factory: Any, index_name: str, job_settings: Settings, redis_client: redis.Redis
 ) -> None:
-    """Rounds of: enqueue upserts, SIGKILL while one runs, restart; then every job is there once."""
+    """Rounds of: enqueue upserts, SIGKILL, restart; then every job is there exactly once.
+
+    Even rounds kill while a job runs (it is redelivered from the unacked hash); odd rounds kill
+    at a random moment of the stream, often between jobs, while the worker fetches the next one
+    (it is requeued from the in-flight list of faissq.worker.transport).
+    """
     rng = np.random.default_rng(7)
     pick = random.Random(7)
     worker = worker_factory([index_name]).start()
     client = JobClient(job_settings)
     jobs: list[tuple[AsyncResult, np.ndarray]] = []
     next_id = 0
-    kills = 0
-    while kills < 10:
-        assert len(jobs) < 200, "could not kill the worker during a job 10 times"
+    kills = running_kills = 0
+    while kills < 12:
+        assert len(jobs) < 300, "could not kill the worker during a job often enough"
         round_jobs = []
         for _ in range(6):
             ids = np.arange(next_id, next_id + 256, dtype=np.int64)
@@ -76,7 +79,12 @@ def test_kill9_during_a_stream_of_upserts_loses_and_doubles_nothing(
         before = [r for r, _ in round_jobs[:skip]]
         wait_for(lambda b=before: all(r.ready() for r in b), TIMEOUT, "the round's first jobs")
         succeeded = [r for r, _ in jobs if r.ready()]
-        if not kill_while_running(worker, redis_client, [r.id for r, _ in round_jobs[skip:]]):
+        if kills % 2:
+            time.sleep(pick.uniform(0.0, 0.03))
+            worker.kill()
+        elif kill_while_running(worker, redis_client, [r.id for r, _ in round_jobs[skip:]]):
+            running_kills += 1
+        else:
             continue
         kills += 1
         worker.start()
@@ -86,8 +94,9 @@ def test_kill9_during_a_stream_of_upserts_loses_and_doubles_nothing(
 
     results = [r.get(timeout=TIMEOUT) for r, _ in jobs]
     assert all(r["applied"] == 256 or r["duplicate"] for r in results)
-    # each kill hit a running job, which the next start put back at the head of the queue
-    assert worker.all_logs().count("1 job(s) left unacked by a dead worker were requeued") == kills
+    # each kill during a job left it unacked; the next start put it back at the head of the queue
+    requeued = worker.all_logs().count("1 job(s) left unacked by a dead worker were requeued")
+    assert requeued >= running_kills >= 6
     stats = client.stats(index_name).get(timeout=TIMEOUT)
     assert stats["ntotal"] == next_id and stats["seq"] == len(jobs)
 
