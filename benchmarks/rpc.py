@@ -1,0 +1,475 @@
+"""Search latency: in-process engine vs bare Redis request/reply vs faissq RPC vs a Celery task.
+
+One command, one index (built by a real `faissq worker` through a job, loaded in-process from
+its snapshot for the in-process and Celery rows):
+
+    python benchmarks/rpc.py                    # 100k x 128 IVF-Flat, TCP loopback
+    python benchmarks/rpc.py --transport unix   # same over a unix socket
+    python benchmarks/rpc.py --quick            # 20k vectors, fewer rounds
+
+Rows: (a) engine.search batch 1; (b) bare redis-py LPUSH then BRPOP with the same request
+bytes, answered by a no-op worker with a reply of the same size; (c) faissq SearchClient;
+(d) the same search as a Celery task, delay().get(); (e) faissq RPC under 16 concurrent
+clients vs in-process batch-16 QPS. Variants measure each optimisation (pipelining, hiredis).
+Scenarios are interleaved round by round so that load from other jobs hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import redis
+from redis._parsers import _RESP2Parser
+
+from faissq import codec
+from faissq.client import JobClient
+from faissq.config import Settings
+from faissq.embedded_redis import EmbeddedRedis
+from faissq.index.engine import SearchResult
+from faissq.rpc import protocol
+from faissq.rpc.aio import AsyncSearchClient
+from faissq.rpc.client import RequestBuilder, SearchClient
+from faissq.rpc.server import RpcServer
+from faissq.storage.store import DurableStore
+from faissq.worker.app import make_celery_app
+
+INDEX = "bench"
+ECHO = "bench:echo"  # the no-op worker's request list
+CELERY_QUEUE = "bench.celery"
+PAUSE_S = 0.0005  # (a'): about the idle gap the worker sees between sequential RPC searches
+NOOP_INDEX = "bench-noop"  # served by faissq's RPC loop over an engine that does nothing
+
+
+def settings_for(url: str, storage: str) -> Settings:
+    """Settings of every process of the run."""
+    return Settings(redis={"url": url}, storage={"url": storage}, metrics={"enabled": False},
+                    gpu={"mode": "off"}, worker={"indexes": [INDEX]})  # fmt: skip
+
+
+def bench_app(settings: Settings) -> Any:
+    """A Celery app configured like faissq's, with one search task over the loaded engine."""
+    app = make_celery_app(settings, main="bench")
+    engine: list[Any] = []
+
+    @app.task(name="bench.search", queue=CELERY_QUEUE)  # type: ignore[misc]
+    def search(queries: dict[str, Any], k: int, nprobe: int) -> dict[str, Any]:
+        if not engine:
+            engine.append(DurableStore(settings).recover(INDEX).engine)
+        res = engine[0].search(codec.unpack_array(queries), k, nprobe=nprobe)
+        return {"scores": codec.pack_array(res.scores), "ids": codec.pack_array(res.ids),
+                "version": res.version}  # fmt: skip
+
+    app.bench_search = search
+    return app
+
+
+def run_celery_worker(url: str, storage: str) -> None:
+    """Role: a Celery worker (threads pool, one thread, like faissq's) serving bench.search."""
+    app = bench_app(settings_for(url, storage))
+    app.worker_main(["worker", "--pool=threads", "--concurrency=1", f"--queues={CELERY_QUEUE}",
+                     "--without-mingle", "--without-gossip", "--loglevel=WARNING"])  # fmt: skip
+
+
+def run_echo(url: str, reply_bytes: int) -> None:
+    """Role: the no-op worker of row (b): BRPOP, read the reply key, LPUSH a same-size reply."""
+    r = redis.Redis.from_url(url)
+    payload = b"x" * reply_bytes
+    while True:
+        got = r.brpop([ECHO], timeout=1)
+        if got is None:
+            continue
+        msg = msgpack.unpackb(got[1], raw=False)
+        r.lpush(msg["reply"], payload)
+
+
+class NoopEngine:
+    """An engine that answers at once: isolates the RPC machinery from the search itself."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.version, self.ntotal = dim, 1, 0
+
+    def search(self, queries: Any, k: int, **_: Any) -> Any:
+        """Zeros of the right shape."""
+        n = len(queries)
+        return SearchResult(np.zeros((n, k), np.float32), np.zeros((n, k), np.int64), 1)
+
+
+def run_noop_rpc(url: str, storage: str, dim: int) -> None:
+    """Role: faissq's RPC loop for index NOOP_INDEX over an engine that does nothing."""
+    settings = settings_for(url, storage)
+    noop: Any = NoopEngine(dim)
+    RpcServer(settings, NOOP_INDEX, lambda: noop).run()
+
+
+def stats(lat_s: list[float]) -> dict[str, float]:
+    """p50/p90/p99/mean in milliseconds."""
+    a = np.asarray(lat_s) * 1e3
+    p50, p90, p99 = (float(np.percentile(a, p)) for p in (50, 90, 99))
+    return {"n": float(a.size), "p50": p50, "p90": p90, "p99": p99, "mean": float(a.mean())}
+
+
+def timed(fn: Callable[[int], Any], n: int, offset: int, pause_s: float = 0.0) -> list[float]:
+    """Latency of n sequential calls fn(i), idle `pause_s` between calls (outside the timing)."""
+    out = []
+    for i in range(offset, offset + n):
+        t0 = time.perf_counter()
+        fn(i)
+        out.append(time.perf_counter() - t0)
+        if pause_s:
+            time.sleep(pause_s)
+    return out
+
+
+def concurrent_qps(
+    fn: Callable[[int], Any], clients: int, seconds: float
+) -> tuple[float, list[float]]:
+    """QPS and latencies of `clients` threads calling fn in a loop for `seconds`."""
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+
+    def loop(c: int) -> None:
+        i = c * 100_000
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            fn(i)
+            lat[c].append(time.perf_counter() - t0)
+            i += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [x for c in lat for x in c]
+    return len(flat) / (time.perf_counter() - t0), flat
+
+
+def async_qps(settings: Settings, queries: np.ndarray, k: int, nprobe: int, clients: int,
+              seconds: float) -> tuple[float, list[float]]:  # fmt: skip
+    """QPS and latencies of `clients` asyncio tasks searching in a loop for `seconds`."""
+    lat: list[float] = []
+
+    async def loop(client: AsyncSearchClient, c: int, stop: float) -> None:
+        i = c * 100_000
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            await client.search(queries[i % len(queries)], k, nprobe=nprobe)
+            lat.append(time.perf_counter() - t0)
+            i += 1
+
+    async def main() -> float:
+        async with AsyncSearchClient(settings, INDEX) as client:
+            await client.search(queries[0], k, nprobe=nprobe)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(loop(client, c, t0 + seconds) for c in range(clients)))
+            return time.perf_counter() - t0
+
+    took = asyncio.run(main())
+    return len(lat) / took, lat
+
+
+ROWS = {
+    "a": "(a) in-process engine.search, batch 1",
+    "a2": "(a') in-process engine.search, batch 1, 0.5 ms idle between calls",
+    "b": "(b) bare redis-py LPUSH, then BRPOP; no-op worker",
+    "b1": "(b') bare, LPUSH + BRPOP pipelined in one write",
+    "c": "(c) faissq SearchClient (script + BRPOP in one write, hiredis)",
+    "c2": "(c') faissq protocol, script then BRPOP: two round trips",
+    "cpy": "(c'') faissq SearchClient, pure-Python RESP parser",
+    "c0": "(c0) faissq SearchClient, worker loop over a no-op engine",
+    "d": "(d) Celery task, delay().get()",
+}
+
+
+def run(args: argparse.Namespace, rig: Rig) -> None:
+    """Build the index, start the workers, measure every row, print the tables, draw the PNG."""
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((args.n, args.dim)).astype(np.float32)
+    queries = rng.standard_normal((4096, args.dim)).astype(np.float32)
+    nq, k, nprobe = len(queries), args.k, args.nprobe
+    sample = protocol.encode_result(uuid.uuid4().hex, np.zeros((1, k), np.float32),
+                                    np.zeros((1, k), np.int64), 1, "host:123456:abcdef",
+                                    {"search_ms": 0.1, "server_ms": 0.1, "batch": 1,
+                                     "queue_ms": 0.1})  # fmt: skip
+    rig.start_all(len(sample))
+    client = SearchClient(rig.settings, INDEX)
+    deadline = time.monotonic() + 120
+    while not client.alive():
+        if time.monotonic() > deadline:
+            raise SystemExit("the faissq worker did not start: see its log")
+        time.sleep(0.1)
+    t0 = time.perf_counter()
+    JobClient(rig.settings).build(INDEX, xb, family=args.family).get(timeout=1800)
+    build_s = time.perf_counter() - t0
+    engine = DurableStore(rig.settings).recover(INDEX).engine
+    assert engine is not None
+    check = client.search(queries[:8], k, nprobe=nprobe)
+    if not np.array_equal(check.ids, engine.search(queries[:8], k, nprobe=nprobe).ids):
+        raise SystemExit("RPC and in-process results differ")
+    celery_search = bench_app(rig.settings).bench_search
+    noop = SearchClient(rig.settings, NOOP_INDEX)
+    r = redis.Redis.from_url(rig.url)
+    builder = RequestBuilder(INDEX, rig.settings.rpc)
+    pure_pool = redis.ConnectionPool.from_url(rig.url, parser_class=_RESP2Parser)
+    pure = SearchClient(rig.settings, INDEX, pool=pure_pool)
+
+    def q(i: int) -> np.ndarray:
+        return queries[i % nq : i % nq + 1]
+
+    def bare_msg(i: int) -> tuple[str, bytes]:
+        rid = uuid.uuid4().hex
+        reply = f"{ECHO}:reply:{rid}"
+        now = time.time()
+        return reply, protocol.encode_request(rid, reply, now + 2, k, q(i), nprobe=nprobe, sent=now)
+
+    def bare(i: int) -> None:
+        reply, msg = bare_msg(i)
+        r.lpush(ECHO, msg)
+        if r.brpop([reply], timeout=2) is None:
+            raise SystemExit("the no-op worker did not answer")
+
+    def bare_pipe(i: int) -> None:
+        reply, msg = bare_msg(i)
+        pipe = r.pipeline(transaction=False)
+        pipe.lpush(ECHO, msg)
+        pipe.brpop([reply], timeout=2)
+        if pipe.execute()[1] is None:
+            raise SystemExit("the no-op worker did not answer")
+
+    def two_trips(i: int) -> None:
+        prepared = builder.prepare(q(i), k, None, {"nprobe": nprobe})
+        r.execute_command(*prepared.commands[0])
+        builder.response(r.brpop([prepared.reply], timeout=prepared.block_s), prepared)
+
+    fns: dict[str, Callable[[int], Any]] = {
+        "a": lambda i: engine.search(q(i), k, nprobe=nprobe),
+        "a2": lambda i: engine.search(q(i), k, nprobe=nprobe),
+        "b": bare,
+        "b1": bare_pipe,
+        "c": lambda i: client.search(q(i), k, nprobe=nprobe),
+        "c2": two_trips,
+        "cpy": lambda i: pure.search(q(i), k, nprobe=nprobe),
+        "c0": lambda i: noop.search(q(i), k, nprobe=nprobe),
+        "d": lambda i: celery_search.delay(codec.pack_array(q(i)), k, nprobe).get(timeout=120),
+    }
+    for fn in fns.values():  # warm-up: connections, the Celery worker's engine load
+        timed(fn, 30, 0)
+    lat: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for rnd in range(args.rounds):
+        for name in order[rnd % len(order) :] + order[: rnd % len(order)]:
+            pause = PAUSE_S if name == "a2" else 0.0
+            lat[name] += timed(fns[name], args.per_round, rnd * args.per_round, pause)
+        print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+
+    qps: dict[str, list[float]] = {"inproc16": [], "inproc1": [], "rpc16": [], "async16": []}
+    conc: dict[str, list[float]] = {"rpc16": [], "async16": []}
+    for _ in range(min(3, args.rounds)):
+        qps["inproc16"].append(_inproc_qps(engine, queries, 16, k, nprobe, args.seconds))
+        qps["inproc1"].append(_inproc_qps(engine, queries, 1, k, nprobe, args.seconds))
+        got, l16 = concurrent_qps(lambda i: client.search(q(i), k, nprobe=nprobe), 16, args.seconds)
+        qps["rpc16"].append(got)
+        conc["rpc16"] += l16
+        got, la = async_qps(rig.settings, queries, k, nprobe, 16, args.seconds)
+        qps["async16"].append(got)
+        conc["async16"] += la
+    workers = client.workers()
+    report(args, rig, lat, qps, conc, build_s, workers)
+
+
+def _inproc_qps(engine: Any, queries: np.ndarray, batch: int, k: int, nprobe: int,
+                seconds: float) -> float:  # fmt: skip
+    """Queries per second of engine.search at a given batch size, one caller."""
+    n, i, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.search(queries[i : i + batch], k, nprobe=nprobe)
+        i = (i + batch) % (len(queries) - batch)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
+           qps: dict[str, list[float]], conc: dict[str, list[float]], build_s: float,
+           workers: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Print the Markdown tables and the targets; write the histogram PNG."""
+    s = {name: stats(v) for name, v in lat.items()}
+    print(f"\nindex: {args.n:,} x {args.dim} {args.family}, nprobe {args.nprobe}, k {args.k}; "
+          f"built by the worker in {build_s:.1f}s; transport {args.transport}; "
+          f"{args.rounds} interleaved rounds x {args.per_round} searches per row\n")  # fmt: skip
+    print("| row | p50 ms | p90 ms | p99 ms | mean ms |")
+    print("|---|---:|---:|---:|---:|")
+    for name, label in ROWS.items():
+        x = s[name]
+        print(f"| {label} | {x['p50']:.3f} | {x['p90']:.3f} | {x['p99']:.3f} | {x['mean']:.3f} |")
+    med = {name: float(np.median(v)) for name, v in qps.items()}
+    print("\n| throughput | QPS (median of runs) | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|")
+    print(f"| in-process engine.search, batch 16, one caller | {med['inproc16']:,.0f} | | |")
+    print(f"| in-process engine.search, batch 1, one caller | {med['inproc1']:,.0f} | | |")
+    labels = {"rpc16": "(e) faissq RPC, 16 client threads, one SearchClient",
+              "async16": "(e') faissq RPC, 16 asyncio tasks, one AsyncSearchClient"}  # fmt: skip
+    for name, label in labels.items():
+        x = stats(conc[name])
+        print(f"| {label} | {med[name]:,.0f} | {x['p50']:.3f} | {x['p99']:.3f} |")
+    for w in workers:
+        st = w["stats"]
+        per_call = st["answered"] / max(1, st["batches"])
+        print(f"\nworker {w['worker']}: {st['answered']} answered, {per_call:.2f} requests "
+              f"per engine call, {st['dropped']} dropped, {st['expired']} expired")  # fmt: skip
+    a, b, c, d = s["a"], s["b"], s["c"], s["d"]
+    print("\ntargets:")
+    print(f"- (c)-(a) p50 {c['p50'] - a['p50']:.3f} ms vs 1.2 x (b) {1.2 * b['p50']:.3f} ms: "
+          f"{'met' if c['p50'] - a['p50'] <= 1.2 * b['p50'] else 'NOT met'}")  # fmt: skip
+    print(f"- (c)-(a) p99 {c['p99'] - a['p99']:.3f} ms vs 1.5 x (b) {1.5 * b['p99']:.3f} ms: "
+          f"{'met' if c['p99'] - a['p99'] <= 1.5 * b['p99'] else 'NOT met'}")  # fmt: skip
+    a2 = s["a2"]
+    print(f"- (c)-(a') p50 {c['p50'] - a2['p50']:.3f} ms vs 1.2 x (b) {1.2 * b['p50']:.3f} ms "
+          "(the search as the worker runs it: cold between requests)")  # fmt: skip
+    c0 = s["c0"]
+    print(f"- machinery alone: (c0) p50 {c0['p50']:.3f} ms vs 1.2 x (b) {1.2 * b['p50']:.3f} ms, "
+          f"p99 {c0['p99']:.3f} ms vs 1.5 x (b) {1.5 * b['p99']:.3f} ms")  # fmt: skip
+    ratio = d["p50"] / c["p50"]
+    print(f"- (d)/(c) p50 {ratio:.1f}x vs 5x: {'met' if ratio >= 5 else 'NOT met'}")
+    e = max(med["rpc16"], med["async16"])
+    frac = e / med["inproc16"]
+    print(f"- (e) {e:,.0f} QPS = {frac:.2f} x in-process batch-16 vs 0.5x: "
+          f"{'met' if frac >= 0.5 else 'NOT met'}")  # fmt: skip
+    draw(args.png, lat, conc)
+
+
+def draw(path: str, lat: dict[str, list[float]], conc: dict[str, list[float]]) -> None:
+    """Latency histograms on a log axis, one step line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    bins = np.logspace(np.log10(0.01), np.log10(50), 120)
+    short = {"a": "(a) in-process engine.search", "b": "(b) bare LPUSH + BRPOP, no-op worker",
+             "c": "(c) faissq RPC", "c0": "(c0) faissq RPC over a no-op engine",
+             "d": "(d) Celery delay().get()"}  # fmt: skip
+    rows = {label: lat[name] for name, label in short.items()}
+    rows["(e) faissq RPC, 16 client threads"] = conc["rpc16"]
+    for label, values in rows.items():
+        ms = np.asarray(values) * 1e3
+        weights = np.full(ms.size, 1 / max(1, ms.size))
+        ax.hist(ms, bins=bins, weights=weights, histtype="step", linewidth=1.5, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per search (ms, log scale)")
+    ax.set_ylabel("fraction of searches")
+    ax.set_title("faissq search latency, 2-core Linux VM, no GPU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\nhistogram: {path}")
+
+
+class Rig:
+    """The processes of one run: Redis, a faissq worker, the no-op worker, a Celery worker."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        """Start Redis; nothing else yet."""
+        self.args = args
+        self.tmp = tmp
+        self.redis = EmbeddedRedis(tmp / "redis", unix_socket=args.transport == "unix",
+                                   persistent=False)  # fmt: skip
+        self.url = self.redis.start()
+        self.storage = str(tmp / "storage")
+        self.settings = settings_for(self.url, self.storage)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> None:
+        """Start a child process logging to tmp/<name>.log."""
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+        full_env = {**os.environ, **(env or {})}
+        self.procs.append(
+            subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        )
+
+    def start_all(self, reply_bytes: int) -> None:
+        """The faissq worker, the echo worker and the Celery worker."""
+        env = {"FAISSQ_REDIS__URL": self.url, "FAISSQ_STORAGE__URL": self.storage,
+               "FAISSQ_METRICS__ENABLED": "false", "FAISSQ_GPU__MODE": "off",
+               "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms)}  # fmt: skip
+        self.spawn([sys.executable, "-m", "faissq", "worker", "--index", INDEX, "-l", "WARNING"],
+                   "faissq-worker", env)  # fmt: skip
+        me = [sys.executable, __file__, "--url", self.url, "--storage", self.storage]
+        self.spawn([*me, "--role", "echo", "--reply-bytes", str(reply_bytes)], "echo")
+        self.spawn([*me, "--role", "celery"], "celery")
+        self.spawn([*me, "--role", "noop-rpc", "--dim", str(self.args.dim)], "noop-rpc")
+
+    def stop(self) -> None:
+        """Terminate the children and Redis."""
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.redis.stop()
+
+
+def main() -> None:
+    """Parse arguments, run a role or the whole benchmark."""
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=100_000, help="indexed vectors")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--family", default="ivf_flat")
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--per-round", type=int, default=400, help="sequential searches per row/round")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each QPS run")
+    ap.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
+    ap.add_argument("--batch-window-ms", type=float, default=0.2)
+    ap.add_argument("--png", default="docs/rpc-latency.png")
+    ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
+    ap.add_argument("--role", choices=["echo", "celery", "noop-rpc"], help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--storage", help=argparse.SUPPRESS)
+    ap.add_argument("--reply-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role == "echo":
+        run_echo(args.url, args.reply_bytes)
+        return
+    if args.role == "noop-rpc":
+        run_noop_rpc(args.url, args.storage, args.dim)
+        return
+    if args.role == "celery":
+        run_celery_worker(args.url, args.storage)
+        return
+    if args.quick:
+        args.n, args.rounds, args.per_round, args.seconds = 20_000, 2, 200, 1.0
+    with tempfile.TemporaryDirectory(prefix="faissq-rpc-bench-") as tmp:
+        rig = Rig(args, Path(tmp))
+        try:
+            run(args, rig)
+        except BaseException:
+            for log in sorted(Path(tmp).glob("*.log")):
+                print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+            raise
+        finally:
+            rig.stop()
+
+
+if __name__ == "__main__":
+    main()
