@@ -112,11 +112,6 @@ def raw_faiss_build(x: np.ndarray, factory: str, train_n: int, seed: int) -> flo
     return time.perf_counter() - t0
 
 
-def best(fn: Callable[[], float], repeat: int) -> float:
-    """The best of `repeat` runs (noise on a shared machine only ever adds time)."""
-    return min(fn() for _ in range(repeat))
-
-
 def run(args: argparse.Namespace) -> list[Row]:
     """Run every measurement and return the table rows."""
     rows: list[Row] = []
@@ -135,7 +130,16 @@ def run(args: argparse.Namespace) -> list[Row]:
                 batches.append((np.arange(next_id, next_id + per_job), vectors(per_job, 100 + j)))
                 next_id += per_job
             total = per_job * jobs
-            raw = best(lambda b=batches: engine_upserts(base, b), args.repeat)
+            # interleaved repetitions, best of each: load drift on a shared machine hits all
+            # three alike instead of favouring whichever ran in the quiet minute
+            times: dict[str, list[float]] = {"raw": [], "ref": [], "inline": []}
+            for _ in range(args.repeat):
+                times["raw"].append(engine_upserts(base, batches))
+                for how in ("ref", "inline"):
+                    client.build(INDEX, base, family="ivf_flat").get(timeout=600)  # same base
+                    times[how].append(upsert_jobs(client, batches, by_reference=how == "ref"))
+                    batches = [(ids + 100_000_000, x) for ids, x in batches]  # new batch ids
+            raw = min(times["raw"])
             rows.append(
                 (
                     f"Engine.upsert in process, {per_job:,}/batch x {jobs}",
@@ -143,18 +147,14 @@ def run(args: argparse.Namespace) -> list[Row]:
                     f"{total / raw:,.0f} vec/s",
                 )
             )
-            for by_ref in (True, False):
-                times = []
-                for _ in range(args.repeat):
-                    # every repetition starts from the same freshly built base
-                    client.build(INDEX, base, family="ivf_flat").get(timeout=600)
-                    times.append(upsert_jobs(client, batches, by_ref))
-                    batches = [(ids + 100_000_000, x) for ids, x in batches]  # new batch ids
-                t = min(times)
-                how = "by reference (.npy, incl. writing it)" if by_ref else "inline frame"
+            for how, label in (
+                ("ref", "by reference (.npy, incl. writing it)"),
+                ("inline", "inline frame"),
+            ):
+                t = min(times[how])
                 rows.append(
                     (
-                        f"upsert jobs {how}, {per_job:,}/job x {jobs}",
+                        f"upsert jobs {label}, {per_job:,}/job x {jobs}",
                         t,
                         f"{total / t:,.0f} vec/s = {raw / t:.2f}x in-process; "
                         f"{1000 * t / jobs:.1f} ms/job",
@@ -166,15 +166,17 @@ def run(args: argparse.Namespace) -> list[Row]:
         factory = str(report["factory"])
         nlist = int(factory.split(",")[0].removeprefix("IVF"))
         train_n = nlist * Settings().index.train_points_per_centroid
-        raw_b = best(lambda: raw_faiss_build(x, factory, train_n, 1), args.repeat)
-        rows.append((f"raw faiss build {factory}, {args.build:,} x {DIM}", raw_b, "baseline"))
-
-        runs: list[tuple[float, float]] = []  # (wall seconds, of which snapshot save)
+        eng = Engine(DIM, Settings().index, name=INDEX)
+        raw_runs, eng_runs, task_runs = [], [], []
         for _ in range(args.repeat):
+            raw_runs.append(raw_faiss_build(x, factory, train_n, 1))
             t0 = time.perf_counter()
             out = client.build(INDEX, x, family="ivf_flat", by_reference=True).get(timeout=600)
-            runs.append((time.perf_counter() - t0, float(out["save_seconds"])))
-        task_b, save_b = min(runs)
+            task_runs.append((time.perf_counter() - t0, float(out["save_seconds"])))
+            eng_runs.append(_timed(lambda: eng.build(x, np.arange(len(x)), family="ivf_flat")))
+        raw_b, eng_b = min(raw_runs), min(eng_runs)
+        task_b, save_b = min(task_runs)
+        rows.append((f"raw faiss build {factory}, {args.build:,} x {DIM}", raw_b, "baseline"))
         rows.append(
             (
                 f"faissq.build task (by reference), {args.build:,} x {DIM}",
@@ -188,10 +190,6 @@ def run(args: argparse.Namespace) -> list[Row]:
                 save_b,
                 f"without it: {(task_b - save_b) / raw_b:.2f}x raw",
             )
-        )
-        eng = Engine(DIM, Settings().index, name=INDEX)
-        eng_b = best(
-            lambda: _timed(lambda: eng.build(x, np.arange(len(x)), family="ivf_flat")), args.repeat
         )
         rows.append(
             (f"Engine.build in process, {args.build:,} x {DIM}", eng_b, f"{eng_b / raw_b:.2f}x raw")
