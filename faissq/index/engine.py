@@ -162,7 +162,11 @@ class Engine:
             parts.append(self._search_primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
         if len(st.delta) or not parts:
             parts.append(st.delta.search(xq, k, self._mt, allow, deny))
-        scores, ids = merge_topk(parts, k, self._hib)
+        if len(parts) == 1:
+            # one source: FAISS already returns k sorted, unique ids padded with -1
+            scores, ids = parts[0]
+        else:
+            scores, ids = merge_topk(parts, k, self._hib)
         return SearchResult(scores, ids, st.version)
 
     def _search_primary(
@@ -193,10 +197,14 @@ class Engine:
                 sels.append(batch_selector(allow))
             if deny is not None:
                 sels.append(not_selector(deny))
-            sel, keep = combine(sels)
-            call = make_params(
-                primary.index, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep
-            )
+            if sels:
+                sel, keep = combine(sels)
+                call = make_params(
+                    primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep
+                )
+            else:
+                # no selector: nothing in the tree is written during the search, so reuse it
+                call = primary.params_for(nprobe, ef_search)
             result = primary.index.search(xq, fetch, params=call.params)
         scores, ids = result
         if lossy and fetch > k:
@@ -222,7 +230,7 @@ class Engine:
         if st.primary is not None:
             sels = [st.tomb_selector] if st.tomb_selector is not None else []
             sel, keep = combine(sels)
-            call = make_params(st.primary.index, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
+            call = make_params(st.primary.shape, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
             try:
                 lims, dist, ids = st.primary.index.range_search(xq, radius, params=call.params)
             except RuntimeError as exc:

@@ -45,32 +45,58 @@ def combine(selectors: list[tuple[Any, list[Any]]]) -> tuple[Any, list[Any]]:
     return sel, keep
 
 
-def make_params(
-    index: Any, *, nprobe: int | None, ef_search: int | None, sel: Any, keep: list[Any]
-) -> CallParams:
-    """Build the SearchParameters tree matching index's structure (pre-transform, id map, IVF)."""
+@dataclass(frozen=True)
+class ParamShape:
+    """The layers of an index that take SearchParameters, read once per primary (not per call)."""
+
+    pretransforms: int  # IndexPreTransform layers wrapping the searchable index
+    kind: str  # "ivf", "hnsw" or "plain"
+    nlist: int = 0
+    default_nprobe: int = 1
+    default_ef: int = 16
+
+
+def param_shape(index: Any) -> ParamShape:
+    """Walk pre-transforms and id maps down to the index whose parameters a search sets."""
     idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexPreTransform):
-        inner = make_params(idx.index, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep)
-        outer = faiss.SearchParametersPreTransform()
-        outer.index_params = inner.params
-        return CallParams(outer, [*inner.keep, inner.params])
-    if isinstance(idx, faiss.IndexIDMap | faiss.IndexIDMap2):
-        # IndexIDMap translates the selector onto internal ids itself
-        return make_params(idx.index, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep)
-    if isinstance(idx, faiss.IndexIVF):
-        p = faiss.SearchParametersIVF()
-        if nprobe is not None:
-            p.nprobe = min(nprobe, int(idx.nlist))
+    layers = 0
+    while True:
+        if isinstance(idx, faiss.IndexPreTransform):
+            layers += 1
+            idx = faiss.downcast_index(idx.index)
+        elif isinstance(idx, faiss.IndexIDMap | faiss.IndexIDMap2):
+            # IndexIDMap translates the selector onto internal ids itself
+            idx = faiss.downcast_index(idx.index)
         else:
-            p.nprobe = int(idx.nprobe)
-    elif isinstance(idx, faiss.IndexHNSW):
+            break
+    if isinstance(idx, faiss.IndexIVF):
+        return ParamShape(layers, "ivf", nlist=int(idx.nlist), default_nprobe=int(idx.nprobe))
+    if isinstance(idx, faiss.IndexHNSW):
+        return ParamShape(layers, "hnsw", default_ef=int(idx.hnsw.efSearch))
+    return ParamShape(layers, "plain")
+
+
+def make_params(
+    shape: ParamShape, *, nprobe: int | None, ef_search: int | None, sel: Any, keep: list[Any]
+) -> CallParams:
+    """Build a fresh SearchParameters tree for one call (the shared index is never touched)."""
+    p: Any
+    if shape.kind == "ivf":
+        p = faiss.SearchParametersIVF()
+        p.nprobe = min(nprobe, shape.nlist) if nprobe is not None else shape.default_nprobe
+    elif shape.kind == "hnsw":
         p = faiss.SearchParametersHNSW()
-        p.efSearch = ef_search if ef_search is not None else int(idx.hnsw.efSearch)
+        p.efSearch = ef_search if ef_search is not None else shape.default_ef
     else:
         p = faiss.SearchParameters()
     if sel is not None:
         p.sel = sel
+    keep = [*keep, p]
+    for _ in range(shape.pretransforms):
+        outer = faiss.SearchParametersPreTransform()
+        outer.index_params = p
+        keep.append(outer)
+        p = outer
     return CallParams(p, keep)
 
 

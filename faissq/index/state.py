@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy.typing as npt
 
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy
-from faissq.index.params import not_selector
+from faissq.index.params import CallParams, ParamShape, make_params, not_selector, param_shape
 from faissq.index.policy import Plan
 from faissq.index.validate import F32, I64
 
@@ -25,6 +26,26 @@ class Primary:
     plan: Plan
     gpu: GpuCopy | None = None
     gpu_reason: str = "CPU"
+
+    @cached_property
+    def plain_params(self) -> dict[tuple[int | None, int | None], CallParams]:
+        """Reused parameter trees for calls without selectors (FAISS only reads them)."""
+        return {}
+
+    def params_for(self, nprobe: int | None, ef_search: int | None) -> CallParams:
+        """SearchParameters for a call without selectors, built once per setting."""
+        key = (nprobe, ef_search)
+        call = self.plain_params.get(key)
+        if call is None:
+            call = make_params(self.shape, nprobe=nprobe, ef_search=ef_search, sel=None, keep=[])
+            if len(self.plain_params) < 256:
+                self.plain_params[key] = call
+        return call
+
+    @cached_property
+    def shape(self) -> ParamShape:
+        """Where per-call parameters go in this index (computed once, on first search)."""
+        return param_shape(self.index)
 
     def rows_of(self, ids: I64) -> npt.NDArray[np.intp]:
         """Row of each id in the raw store, -1 where absent (vectorised binary search)."""

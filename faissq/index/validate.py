@@ -31,17 +31,27 @@ def as_vectors(x: Any, dim: int | None, metric: str) -> F32:
     if arr.shape[1] == 0:
         raise InvalidVectors("vectors must have at least one dimension")
     out = np.array(arr, dtype=np.float32, order="C", copy=True)
-    finite = np.isfinite(out)
-    if not finite.all():
-        raise InvalidVectors(_bad_rows_message(finite))
     if metric == "cosine" and out.shape[0]:
-        norms = np.linalg.norm(out, axis=1)
-        zero = np.flatnonzero(norms == 0)
-        if zero.size:
+        # one pass for both checks: a NaN/Inf anywhere makes its row's squared norm non-finite
+        sq = np.einsum("ij,ij->i", out, out)
+        if not np.isfinite(sq).all():
+            finite = np.isfinite(out)
+            if not finite.all():
+                raise InvalidVectors(_bad_rows_message(finite))
+            # huge but finite rows: scale by their largest component before squaring
+            big = ~np.isfinite(sq)
+            out[big] /= np.abs(out[big]).max(axis=1, keepdims=True)
+            sq[big] = np.einsum("ij,ij->i", out[big], out[big])
+        if not sq.all():
+            zero = np.flatnonzero(sq == 0)
             raise InvalidVectors(
                 f"{zero.size} zero vector(s) under cosine (first at row {int(zero[0])})"
             )
-        out /= norms[:, None]
+        out /= np.sqrt(sq)[:, None]
+        return out
+    finite = np.isfinite(out)
+    if not finite.all():
+        raise InvalidVectors(_bad_rows_message(finite))
     return out
 
 

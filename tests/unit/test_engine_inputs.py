@@ -127,3 +127,11 @@ def test_empty_build_and_failed_build_keep_previous_index() -> None:
 def test_dimension_must_be_positive() -> None:
     with pytest.raises(InvalidParameter):
         Engine(0, IndexSettings())
+
+
+def test_huge_finite_vectors_normalise_under_cosine() -> None:
+    eng, _, _ = engine(300, family="flat")
+    big = GOOD[:1].astype(np.float64) * 1e37
+    eng.upsert([1], big)
+    res = eng.search(GOOD[:1], 1)
+    assert res.ids[0, 0] == 1 and abs(res.scores[0, 0] - 1) < 1e-5
