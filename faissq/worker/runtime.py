@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq.config import Settings
-from faissq.errors import FaissqError, IndexNotReady, UnknownIndex
-from faissq.worker.store import IndexStore
+from faissq.errors import FaissqError, IndexNotReady, InvalidVectors, UnknownIndex
+from faissq.worker.store import IndexStore, Op
 
 if TYPE_CHECKING:
     from faissq.index.engine import Engine
@@ -177,7 +177,7 @@ class IndexRuntime:
     def apply(
         self,
         name: str,
-        op: str,
+        op: Op,
         ids: npt.NDArray[np.int64],
         vectors: npt.NDArray[np.float32] | None,
         batch_id: str,
@@ -186,15 +186,14 @@ class IndexRuntime:
     ) -> dict[str, Any]:
         """Log a batch (write-ahead), then apply it; a logged batch_id is not applied twice."""
         slot = self._writable(name)
+        if op == "upsert" and vectors is None:
+            raise InvalidVectors("an upsert needs vectors")
         check(slot.engine)  # validate against the live index before anything is logged
         t0 = time.perf_counter()
-        logged = self.store.append(name, "upsert" if op == "upsert" else "delete", ids,
-                                           vectors, batch_id)  # fmt: skip
+        logged = self.store.append(name, op, ids, vectors, batch_id)
         if logged.duplicate:
             return {"seq": logged.seq, "duplicate": True, "applied": 0, **self._counts(slot)}
-        if op == "upsert":
-            if vectors is None:
-                raise IndexNotReady("upsert without vectors")  # check() rules this out
+        if vectors is not None:  # an upsert
             if slot.engine is None:
                 slot.engine = self._new_engine(name, int(vectors.shape[1]))
                 slot.state = IndexState.READY
