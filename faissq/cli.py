@@ -54,6 +54,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mingle", action="store_true", help="sync with other workers at start (slower start)"
     )
+    p.add_argument(
+        "--replica",
+        action="store_true",
+        help="search-only replica: no job queue, follows the writer's log "
+        "(also FAISSQ_WORKER__REPLICA=true; needs FAISSQ_REDIS__URL)",
+    )
 
 
 def worker_argv(indexes: Sequence[str], hostname: str, loglevel: str, mingle: bool) -> list[str]:
@@ -85,6 +91,11 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     indexes = settings.worker.indexes
     hostname = args.hostname or f"faissq-{'+'.join(indexes)}@{socket.gethostname()}"
     logging.basicConfig(level=args.loglevel.upper(), format=LOG_FORMAT)
+    if args.replica or settings.worker.replica:
+        from faissq.worker.replica import run_replica
+
+        run_replica(settings)  # a replica joins the writer's Redis: never an embedded one
+        return 0
     with redis_for(settings) as settings:
         app = make_worker_app(settings)
         app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle))

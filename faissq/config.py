@@ -132,6 +132,13 @@ class WorkerSettings(BaseModel):
         default=8, ge=0, description="Retries (exponential backoff) when storage is unavailable."
     )
     retry_backoff_max_s: int = Field(default=120, ge=1, description="Longest retry backoff.")
+    replica: bool = Field(
+        default=False,
+        description="Search-only replica: consume no job queue, follow the writer's log.",
+    )
+    replica_poll_s: float = Field(
+        default=0.5, gt=0, description="How often a replica polls the log and CURRENT."
+    )
 
 
 class Settings(BaseSettings):

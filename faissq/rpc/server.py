@@ -52,13 +52,15 @@ class RpcServer:
         engine: Callable[[], Engine],
         *,
         worker_id: str | None = None,
+        describe: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """Prepare a loop (nothing connects until `start` or `run`).
 
         settings: redis.url, rpc, index.max_k and worker.inline_max_bytes are read;
         index: the served index; engine: returns the engine to search now (hot swaps are seen
         on the next turn; it raises IndexNotReady while there is none);
-        worker_id: names this loop in replies and its heartbeat key (default: host:pid:random).
+        worker_id: names this loop in replies and its heartbeat key (default: host:pid:random);
+        describe: extra heartbeat fields (the runtime's role and replication position).
         """
         if not settings.redis.url:
             raise FaissqError("settings.redis.url must be set to serve searches")
@@ -67,6 +69,7 @@ class RpcServer:
         self.index = index
         self.engine = engine
         self.worker_id = worker_id or new_worker_id()
+        self.describe = describe
         self.queue = keys.rpc_queue(index)
         self.limits = protocol.Limits(
             reply_prefix=keys.reply_prefix(index),
@@ -294,6 +297,7 @@ class RpcServer:
             engine = {"ready": False, "code": exc.code, "reason": str(exc)}
         return json.dumps(
             {
+                **(self.describe() if self.describe is not None else {}),
                 "worker": self.worker_id,
                 "index": self.index,
                 "pid": os.getpid(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from faissq.config import Settings
 from faissq.index.engine import Engine
@@ -21,6 +21,10 @@ class EngineSource(Protocol):
         """Return the engine to search; raises IndexNotReady while there is none."""
         ...
 
+    def role_status(self, name: str) -> dict[str, Any]:
+        """Return the role (writer or replica) and replication position the heartbeat shows."""
+        ...
+
 
 class RpcService:
     """Starts the RPC loops of settings.worker.indexes once the runtime is ready; stops them."""
@@ -35,7 +39,10 @@ class RpcService:
         """Start one loop per served index (the runtime's on_ready hook)."""
         for index in self.settings.worker.indexes:
             engine = functools.partial(runtime.engine, index)
-            server = RpcServer(self.settings, index, engine, worker_id=self.worker_id)
+            describe = functools.partial(runtime.role_status, index)
+            server = RpcServer(
+                self.settings, index, engine, worker_id=self.worker_id, describe=describe
+            )
             server.metrics = metrics_of(runtime)  # metrics hook (faissq/metrics.py)
             self.servers.append(server.start())
         log.info("rpc: serving %s as %s", ", ".join(self.settings.worker.indexes), self.worker_id)

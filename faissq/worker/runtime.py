@@ -2,7 +2,8 @@
 
 The Celery task thread is the only writer. Readers (the search RPC) take `engine(name)`, a plain
 reference: builds and reloads happen on a new Engine that is swapped in with one assignment, so a
-reader never waits for them.
+reader never waits for them. In a search replica (settings.worker.replica) jobs are refused and
+the follower thread is the only writer: it applies what the writer logged (`apply_logged`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq.config import Settings
-from faissq.errors import FaissqError, IndexNotReady, InvalidVectors, UnknownIndex
+from faissq.errors import FaissqError, IndexNotReady, InvalidVectors, UnknownIndex, WriterConflict
 from faissq.worker.store import IndexStore, Op
 
 if TYPE_CHECKING:
     from faissq.index.engine import Engine
+    from faissq.storage.log import LogEntry
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ class IndexSlot:
     version: str | None = None
     loaded_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # replicas only, kept by the follower: the newest seq seen in the log, the seconds between
+    # the writer logging the last applied entry and its application here, snapshot reloads
+    log_seq: int = 0
+    lag_s: float = 0.0
+    reloads: int = 0
 
 
 class IndexRuntime:
@@ -65,6 +72,7 @@ class IndexRuntime:
         """Prepare slots for settings.worker.indexes; nothing is loaded until `load_all`."""
         self.settings = settings
         self.store = store
+        self.role = "replica" if settings.worker.replica else "writer"
         self.slots = {name: IndexSlot(name) for name in settings.worker.indexes}
         self._ready = threading.Event()
         self._ready_hooks: list[Callable[[IndexRuntime], None]] = []
@@ -136,6 +144,9 @@ class IndexRuntime:
     def _writable(self, name: str) -> IndexSlot:
         """Return a slot that accepts mutations."""
         slot = self.slot(name)
+        if self.role == "replica":
+            raise WriterConflict(f"this worker is a search-only replica of {name!r}: jobs go to "
+                                 "the index's writer")  # fmt: skip
         if slot.state in (IndexState.LOADING, IndexState.FAILED):
             detail = f": {slot.reason}" if slot.reason else ""
             raise IndexNotReady(f"index {name!r} is {slot.state.value}{detail}")
@@ -209,6 +220,22 @@ class IndexRuntime:
             **self._counts(slot),
         }
 
+    def apply_logged(self, name: str, entry: LogEntry) -> None:
+        """Apply an entry the writer already logged (a replica follows the log this way)."""
+        slot = self.slot(name)
+        if entry.seq <= slot.seq:
+            return  # already in the loaded snapshot or applied before
+        if entry.op == "upsert":
+            eng = slot.engine
+            if eng is None:
+                eng = self._new_engine(name, int(entry.vectors.shape[1]))
+            eng.upsert(entry.ids, entry.vectors)
+            if slot.engine is None:  # published once it holds the batch
+                slot.engine, slot.state = eng, IndexState.READY
+        elif slot.engine is not None:
+            slot.engine.delete(entry.ids)
+        slot.seq = entry.seq
+
     def merge(self, name: str, progress: Progress | None) -> dict[str, Any]:
         """Fold delta and tombstones into the primary (the engine swaps its own internals)."""
         return self._maintain(name, lambda eng: eng.merge(progress=progress))
@@ -272,9 +299,21 @@ class IndexRuntime:
             "snapshot_version": slot.version,
             "load_seconds": round(slot.loaded_s, 6),
         }
+        out.update(self.role_status(name))
         if slot.engine is not None:
             out["engine"] = _small(slot.engine.stats())
             out.update(self._counts(slot))
+        return out
+
+    def role_status(self, name: str) -> dict[str, Any]:
+        """Role and replication position of one index (heartbeats and stats carry it)."""
+        slot = self.slot(name)
+        out: dict[str, Any] = {"role": self.role, "seq": slot.seq}
+        if self.role == "replica":
+            out["log_seq"] = max(slot.log_seq, slot.seq)
+            out["behind"] = max(0, slot.log_seq - slot.seq)
+            out["lag_seconds"] = round(slot.lag_s, 6)
+            out["reloads"] = slot.reloads
         return out
 
     # -- helpers -----------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""A search-only replica: loads an index like the writer, serves its searches, follows its log.
+
+The replica is a plain process, not a Celery worker: with no consumer it can never take a job,
+re-queue the writer's in-flight jobs or show up as a second writer, and it needs no broker
+connection beyond the search path. Its threads are the RPC loops (faissq.rpc), the follower
+(faissq.worker.follower) and the metrics endpoints; the main thread waits for SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import redis
+
+from faissq.config import Settings
+from faissq.errors import InvalidParameter, WriterConflict
+from faissq.index.engine import Engine
+from faissq.rpc.service import RpcService
+from faissq.storage.log import Appended, UpdateLog
+from faissq.storage.recovery import Recovered
+from faissq.storage.snapshots import SnapshotStore
+from faissq.storage.store import DurableStore
+from faissq.worker.app import make_celery_app
+from faissq.worker.context import WorkerContext
+from faissq.worker.follower import Follower
+from faissq.worker.runtime import IndexRuntime
+from faissq.worker.store import Op
+from faissq.worker.telemetry import start_telemetry
+
+log = logging.getLogger(__name__)
+
+
+class ReadOnlyStore:
+    """The runtime's IndexStore over shared storage that never writes and never takes a lock."""
+
+    def __init__(self, durable: DurableStore) -> None:
+        """durable: the store whose read side (recover, log, snapshots) is used."""
+        self.durable = durable
+
+    def recover(self, index: str) -> Recovered:
+        """Load the newest good snapshot and replay the log after it (reads only)."""
+        return self.durable.recover(index)
+
+    def log(self, index: str) -> UpdateLog:
+        """The update log of one index (read side)."""
+        return self.durable.log(index)
+
+    def snapshots(self, index: str) -> SnapshotStore:
+        """The snapshot store of one index."""
+        return self.durable.snapshots(index)
+
+    def append(
+        self,
+        index: str,
+        op: Op,
+        ids: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32] | None,
+        batch_id: str,
+    ) -> Appended:
+        """Refuse: only the index's writer appends to its log."""
+        raise WriterConflict(f"a replica never appends to the log of {index!r}")
+
+    def save(self, index: str, engine: Engine) -> dict[str, Any]:
+        """Refuse: only the index's writer writes snapshots."""
+        raise WriterConflict(f"a replica never writes snapshots of {index!r}")
+
+    def close(self) -> None:
+        """Nothing to release: no writer lock was taken."""
+
+
+def make_replica(settings: Settings) -> tuple[IndexRuntime, Follower]:
+    """A replica runtime over read-only storage and its (not yet started) follower."""
+    gpu = settings.gpu if settings.gpu.mode != "off" else None
+    store = ReadOnlyStore(DurableStore(settings, engine_options={"gpu": gpu}))
+    runtime = IndexRuntime(settings, store)
+    return runtime, Follower(runtime, store, settings.worker.replica_poll_s)
+
+
+def run_replica(settings: Settings, stop: threading.Event | None = None) -> None:
+    """Load, serve searches and follow the writer until SIGTERM / SIGINT (or `stop` is set)."""
+    url = settings.redis.url
+    if not url:
+        raise InvalidParameter("a replica serves the writer's Redis: set FAISSQ_REDIS__URL")
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"replica": True})}
+    )
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    runtime, follower = make_replica(settings)
+    client = redis.Redis.from_url(url, socket_timeout=settings.redis.socket_timeout_s)
+    ctx = WorkerContext(settings=settings, runtime=runtime, redis=client)
+    # telemetry hangs off an app's job signals; this one is never started, so none ever fire
+    telemetry = start_telemetry(make_celery_app(settings), ctx)
+    rpc = RpcService(settings)
+    runtime.on_ready(rpc.start)
+    runtime.on_ready(lambda _: follower.start())
+    log.info("replica of %s: loading", ", ".join(settings.worker.indexes))
+    runtime.load_all()
+    while not stop.wait(1.0):  # a timed wait: the signal handler runs between two waits
+        pass
+    log.info("replica: shutting down")
+    follower.stop()
+    rpc.stop()
+    if telemetry is not None:
+        telemetry.close()
+    runtime.close()
+    client.close()
