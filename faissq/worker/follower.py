@@ -120,10 +120,10 @@ class Follower:
     def reload(self, name: str, current: str | None) -> None:
         """Load the newest good snapshot (+ log after it) on a new Engine and swap it in."""
         t0 = time.perf_counter()
-        out = self.runtime.reload(name)
+        self.runtime.reload(name)
         slot = self.runtime.slot(name)
         self._seen[name] = current
         slot.reloads += 1
         slot.log_seq = max(slot.log_seq, slot.seq)
-        log.info("replica %s: reloaded snapshot %s at seq %d in %.3fs", name, out.get("version"),
+        log.info("replica %s: reloaded snapshot %s at seq %d in %.3fs", name, slot.version,
                  slot.seq, time.perf_counter() - t0)  # fmt: skip

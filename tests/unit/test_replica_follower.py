@@ -116,3 +116,11 @@ def test_replica_refuses_jobs_and_never_blocks_the_writer(tmp_path: Path) -> Non
     assert w.slot("a").seq == 1
     w.close()
     rep.close()
+
+
+def test_worker_command_takes_a_replica_flag() -> None:
+    from faissq.cli import build_parser
+
+    args = build_parser().parse_args(["worker", "--index", "a", "--replica"])
+    assert args.replica is True and args.index == ["a"]
+    assert build_parser().parse_args(["worker"]).replica is False
