@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from faissq import cli_jobs, cli_ops
 from faissq.config import Settings
 from faissq.errors import FaissqError
 
@@ -122,6 +123,45 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
         "start embedded Redis, a worker and Flower; build, autotune and search generated data",
         add_demo_args,
         run_demo,
+    ),
+    "build": (
+        "build an index from a .npy/.npz file (replaces it), with a progress bar",
+        cli_jobs.add_build_args,
+        cli_jobs.run_build,
+    ),
+    "upsert": ("insert or replace vectors by id", cli_jobs.add_upsert_args, cli_jobs.run_upsert),
+    "delete": ("delete vectors by id", cli_jobs.add_delete_args, cli_jobs.run_delete),
+    "merge": (
+        "fold delta and tombstones into the primary",
+        cli_jobs.add_job_args,
+        cli_jobs.run_merge,
+    ),
+    "rebuild": (
+        "retrain the primary from the raw vectors",
+        cli_jobs.add_rebuild_args,
+        cli_jobs.run_rebuild,
+    ),
+    "save": ("snapshot the index to shared storage", cli_jobs.add_job_args, cli_jobs.run_save),
+    "reload": ("reload the index from shared storage", cli_jobs.add_job_args, cli_jobs.run_reload),
+    "autotune": (
+        "tune search parameters for a target recall; print the calibration table",
+        cli_jobs.add_autotune_args,
+        cli_jobs.run_autotune,
+    ),
+    "search": (
+        "search through the RPC queue; print a table",
+        cli_ops.add_search_args,
+        cli_ops.run_search,
+    ),
+    "status": (
+        "indexes, versions, sizes, family, device, readiness, queue depths, snapshots",
+        cli_ops.add_status_args,
+        cli_ops.run_status,
+    ),
+    "snapshot": (
+        "ls / verify / restore the snapshots on shared storage",
+        cli_ops.add_snapshot_args,
+        cli_ops.run_snapshot,
     ),
 }
 

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from faissq.config import Settings
 from faissq.datasets import clustered, queries_like
+from faissq.jobview import print_profile, wait_with_progress
 
 DEMO_INDEX = "demo"
 
@@ -59,32 +60,6 @@ def _process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-
-
-def _bar(phase: str, done: int, total: int, width: int = 30) -> str:
-    """A one-line text progress bar."""
-    frac = 0.0 if total <= 0 else min(1.0, done / total)
-    fill = int(frac * width)
-    return f"\r  {phase:<9} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}"
-
-
-def wait_with_progress(result: Any, timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Wait for a job, drawing its PROGRESS states as a bar; return its result dict."""
-    deadline = time.monotonic() + timeout_s
-    shown = False
-    while not result.ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {result.id} still {result.state} after {timeout_s:.0f}s")
-        info = result.info
-        if result.state == "PROGRESS" and isinstance(info, dict):
-            phase = str(info.get("phase", ""))
-            sys.stdout.write(_bar(phase, int(info.get("done", 0)), int(info.get("total", 0))))
-            sys.stdout.flush()
-            shown = True
-        time.sleep(0.2)
-    if shown:
-        sys.stdout.write("\n")
-    return dict(result.get(propagate=True))
 
 
 F32 = npt.NDArray[np.float32]
@@ -156,7 +131,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         inner = float(report.get("seconds", 0))
         print(f"  build      {build_s:.2f} s end to end ({inner:.2f} s in the engine)")
         profile = wait_with_progress(jobs.autotune(DEMO_INDEX, target_recall=args.target_recall))
-        _print_profile(profile.get("profile", profile))
+        print_profile(profile.get("profile", profile))
         client = SearchClient(settings, index=DEMO_INDEX)
         stack.callback(client.close)
         lat = _time_searches(client, xq, args.k)
@@ -175,22 +150,6 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
                 while True:
                     time.sleep(1)
     return 0
-
-
-def _print_profile(profile: dict[str, Any]) -> None:
-    """The autotune table: parameters, recall, latency; the chosen row marked."""
-    table = profile.get("table", [])
-    chosen = profile.get("chosen", {})
-    print(f"  autotune   target recall@{profile.get('k')} >= {profile.get('target_recall')}")
-    for row in table:
-        params = ", ".join(
-            f"{key}={row[key]}" for key in ("nprobe", "ef_search", "k_factor") if key in row
-        )
-        mark = "  <- chosen" if row == chosen else ""
-        print(
-            f"    {params:<24} recall {row['recall']:.3f} (>= {row.get('recall_lo', 0):.3f})"
-            f"  {row['ms_per_query']:.3f} ms/query{mark}"
-        )
 
 
 def _time_searches(client: Any, xq: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.float64]:

@@ -1,0 +1,308 @@
+"""`faissq status / search / snapshot`: what an operator looks at and touches by hand."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from faissq import keys
+from faissq.cli_jobs import as_vectors, heartbeats, load_npy, redis_client, require_redis
+from faissq.config import Settings
+from faissq.errors import FaissqError, NoWorkerAlive
+
+if TYPE_CHECKING:
+    import redis
+
+STATS_TIMEOUT_S = 5.0  # the stats job waits behind a running job: do not hang the command on it
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def add_status_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq status`."""
+    p.add_argument(
+        "--index",
+        action="append",
+        metavar="NAME",
+        help="index to show (repeatable; default: every index with a heartbeat or a snapshot)",
+    )
+    p.add_argument(
+        "--stats-timeout",
+        type=float,
+        default=STATS_TIMEOUT_S,
+        metavar="S",
+        help=f"wait this long for the worker's stats job (default {STATS_TIMEOUT_S:g})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Show each index; exit 0 only when every one has a live worker and is ready."""
+    import json
+
+    import redis
+
+    require_redis(settings, "status")
+    client = redis_client(settings)
+    try:
+        indexes = args.index or discover_indexes(client, settings)
+        report = [index_status(client, settings, i, args.stats_timeout) for i in indexes]
+    except (redis.RedisError, OSError) as exc:
+        raise FaissqError(f"cannot reach Redis at {settings.redis.url}: {exc}") from exc
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"indexes": report}, indent=2, default=str))
+    else:
+        print(f"redis {settings.redis.url}  storage {settings.storage.url}")
+        for entry in report:
+            print_status(entry)
+    return 0 if report and all(e["ready"] for e in report) else 1
+
+
+def discover_indexes(client: redis.Redis, settings: Settings) -> list[str]:
+    """Indexes with a live heartbeat or a snapshot on storage; else the configured ones."""
+    found = set()
+    for key in client.scan_iter(match=f"{keys.PREFIX}:*:hb:*", count=1000):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        found.add(name[len(keys.PREFIX) + 1 :].split(":hb:", 1)[0])
+    found.update(stored_indexes(settings))
+    return sorted(found) or list(settings.worker.indexes)
+
+
+def stored_indexes(settings: Settings) -> list[str]:
+    """Folders under the storage root that hold an index (a CURRENT pointer)."""
+    from faissq.storage.fs import Storage
+    from faissq.storage.snapshots import CURRENT
+
+    storage = Storage.from_url(settings.storage.url)
+    try:
+        names = storage.listdir(storage.root)
+        return [n for n in names if storage.exists(storage.path(n, CURRENT))]
+    except FaissqError:  # storage down: Redis still tells what runs
+        return []
+
+
+def index_status(
+    client: redis.Redis, settings: Settings, index: str, stats_timeout_s: float
+) -> dict[str, Any]:
+    """Heartbeats, queue depths, the worker's stats (when one is alive) and the stored snapshot."""
+    now = time.time()
+    workers = []
+    for key, beat in sorted(heartbeats(client, index).items()):
+        engine = beat.get("engine") or {}
+        workers.append(
+            {
+                "worker": beat.get("worker") or key.split(":hb:", 1)[-1],
+                "beat_age_s": round(now - float(beat.get("beat", now)), 1),
+                "ready": bool(engine.get("ready")),
+                "reason": engine.get("reason", ""),
+                "version": engine.get("version"),
+                "ntotal": engine.get("ntotal"),
+            }
+        )
+    out: dict[str, Any] = {
+        "index": index,
+        "alive": bool(workers),
+        "workers": workers,
+        "queues": {
+            "rpc": int(client.llen(keys.rpc_queue(index))),
+            "jobs": int(client.llen(keys.task_queue(index))),
+            "in_flight": int(client.llen(keys.inflight_list(keys.task_queue(index)))),
+            "dead_letters": int(client.llen(keys.dead_letter_list(index))),
+        },
+        "stats": None,
+        "stats_error": "",
+        "snapshot": stored_snapshot(settings, index),
+    }
+    if workers:
+        out["stats"], out["stats_error"] = worker_stats(settings, index, stats_timeout_s)
+    stats = out["stats"] or {}
+    out["ready"] = any(w["ready"] for w in workers) and stats.get("state", "ready") == "ready"
+    return out
+
+
+def worker_stats(settings: Settings, index: str, timeout_s: float) -> tuple[dict[str, Any], str]:
+    """The `faissq.stats` job's answer, or an empty dict and why there is none."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from faissq.client import JobClient
+
+    jobs = JobClient(settings)
+    try:
+        result = jobs.stats(index)
+        try:
+            return dict(result.get(timeout=timeout_s)), ""
+        except CeleryTimeout:
+            result.revoke()  # nobody waits for it any more
+            return {}, f"no stats within {timeout_s:g}s (the writer is busy with another job)"
+        except FaissqError as exc:
+            return {}, f"{exc.code}: {exc}"
+    finally:
+        jobs.close()
+
+
+def stored_snapshot(settings: Settings, index: str) -> dict[str, Any]:
+    """The CURRENT version on shared storage and how many versions there are."""
+    from faissq.storage.store import DurableStore
+
+    try:
+        store = DurableStore(settings).snapshots(index)
+        return {"current": store.current_version(), "versions": len(store.versions())}
+    except FaissqError as exc:
+        return {"current": None, "versions": 0, "error": f"{exc.code}: {exc}"}
+
+
+def print_status(entry: dict[str, Any]) -> None:
+    """One index as a few aligned lines."""
+    index, workers, stats = entry["index"], entry["workers"], entry["stats"] or {}
+    print(f"index {index}")
+    if not workers:
+        print(f"  readiness   no worker alive (no heartbeat under {keys.heartbeat_pattern(index)})")
+    else:
+        verdict = "ready" if entry["ready"] else "NOT READY"
+        print(f"  readiness   {verdict}: {len(workers)} worker(s) alive")
+        for w in workers:
+            what = (
+                f"ready, version {w['version']}, ntotal {w['ntotal']}"
+                if w["ready"]
+                else f"not ready ({w['reason']})"
+            )
+            print(f"    {w['worker']}  beat {w['beat_age_s']}s ago, {what}")
+    if entry["stats_error"]:
+        print(f"  stats       {entry['stats_error']}")
+    if stats:
+        reason = f" ({stats['reason']})" if stats.get("reason") else ""
+        print(f"  state       {stats.get('state')}{reason}, seq {stats.get('seq')}, "
+              f"loaded snapshot {stats.get('snapshot_version')}")  # fmt: skip
+        eng = stats.get("engine") or {}
+        if eng:
+            print(f"  version     {eng.get('version')}")
+            print(f"  sizes       ntotal {eng.get('ntotal')} (primary {eng.get('primary')}, "
+                  f"delta {eng.get('delta')}, tombstones {eng.get('tombstones')}), "
+                  f"dim {eng.get('dim')}")  # fmt: skip
+            print(f"  family      {eng.get('family')} ({eng.get('factory')}), {eng.get('metric')}")
+            kind, device = ("GPU" if eng.get("gpu") else "CPU"), str(eng.get("device"))
+            print(f"  device      {kind}" + ("" if device == kind else f" ({device})"))
+    q = entry["queues"]
+    print(f"  queues      rpc {q['rpc']}, jobs {q['jobs']}, in flight {q['in_flight']}, "
+          f"dead letters {q['dead_letters']}")  # fmt: skip
+    snap = entry["snapshot"]
+    if snap.get("error"):
+        print(f"  snapshot    unreadable: {snap['error']}")
+    else:
+        print(f"  snapshot    {snap['current'] or 'none'} (CURRENT; {snap['versions']} stored)")
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq search`."""
+    p.add_argument("--index", required=True, metavar="NAME", help="the index to search")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--vector", type=Path, metavar="FILE", help="a .npy query (d) or (n, d)")
+    src.add_argument(
+        "--random", action="store_true", help="random queries of the index's dimension"
+    )
+    p.add_argument("--queries", type=int, default=1, metavar="N", help="--random: how many rows")
+    p.add_argument("--seed", type=int, default=0, help="--random: the generator's seed")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the tuned value)")
+    p.add_argument("--ef-search", type=int, help="HNSW efSearch (default: the tuned value)")
+    p.add_argument("--target-recall", type=float, metavar="R", help="use the tuned row for R")
+    p.add_argument("--timeout", type=float, metavar="S", help="default FAISSQ_RPC__TIMEOUT_S")
+
+
+def run_search(args: argparse.Namespace, settings: Settings) -> int:
+    """Search through the RPC queue and print (query row, rank, id, score)."""
+    from faissq.rpc.client import SearchClient
+
+    require_redis(settings, "search")
+    client = SearchClient(settings, index=args.index)
+    try:
+        if args.random:
+            queries = random_queries(client, args.index, args.queries, args.seed)
+        else:
+            queries = load_npy(args.vector, "query")
+            if queries.ndim == 1:
+                queries = queries.reshape(1, -1)
+            queries = as_vectors(queries, args.vector)
+        t0 = time.perf_counter()
+        res = client.search(queries, args.k, nprobe=args.nprobe, ef_search=args.ef_search,
+                            target_recall=args.target_recall, timeout=args.timeout)  # fmt: skip
+        ms = (time.perf_counter() - t0) * 1000
+    finally:
+        client.close()
+    print(f"{'query':>5} {'rank':>4} {'id':>12} {'score':>10}")
+    for row in range(res.ids.shape[0]):
+        for rank in range(res.ids.shape[1]):
+            if res.ids[row, rank] < 0:  # -1 pads when fewer than k vectors match
+                continue
+            print(f"{row:>5} {rank + 1:>4} {res.ids[row, rank]:>12} {res.scores[row, rank]:>10.4f}")
+    print(f"index {args.index} version {res.version}, answered by {res.worker}, "
+          f"{ms:.2f} ms round trip for {queries.shape[0]} query row(s)")  # fmt: skip
+    return 0
+
+
+def random_queries(client: Any, index: str, n: int, seed: int) -> np.ndarray[Any, Any]:
+    """Standard-normal float32 queries of the dimension the index's worker reports."""
+    dims = [w.get("engine", {}).get("dim") for w in client.workers()]
+    dim = next((d for d in dims if isinstance(d, int)), None)
+    if dim is None:
+        raise NoWorkerAlive(f"no ready worker for index {index!r}: its dimension is unknown")
+    return np.random.default_rng(seed).standard_normal((max(1, n), dim)).astype(np.float32)
+
+
+# -- snapshot ----------------------------------------------------------------------------------
+
+
+def add_snapshot_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq snapshot ls | verify [VERSION] | restore VERSION`."""
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = sub.add_parser(
+        "ls",
+        help="list complete versions, oldest first, and which is CURRENT "
+        "(primary: vectors in the saved FAISS index, without delta and tombstones)",
+    )
+    verify = sub.add_parser("verify", help="check the checksum of every file of a version (all)")
+    verify.add_argument("version", nargs="?", help="e.g. v00000007 (default: every version)")
+    restore = sub.add_parser(
+        "restore", help="point CURRENT at an older verified version; then reload the worker"
+    )
+    restore.add_argument("version", help="e.g. v00000007")
+    for q in (ls, verify, restore):
+        q.add_argument("--index", required=True, metavar="NAME", help="the index")
+
+
+def run_snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    """Snapshot operations on shared storage (FAISSQ_STORAGE__URL); no worker or Redis needed."""
+    from faissq.storage import admin
+
+    if args.action == "ls":
+        rows = admin.ls(settings, args.index)
+        # the manifest counts the saved FAISS index only; delta and tombstones are stored beside it
+        print(f"{'version':<10} {'seq':>8} {'primary':>10} {'bytes':>12}  created")
+        for r in rows:
+            mark = "  CURRENT" if r["current"] else ""
+            print(f"{r['version']:<10} {r['seq']:>8} {r['ntotal']:>10} {r['bytes']:>12}  "
+                  f"{r['created_at']}{mark}")  # fmt: skip
+        if not rows:
+            print(f"(no snapshot of {args.index!r} under {settings.storage.url})")
+        return 0
+    if args.action == "verify":
+        report = admin.verify(settings, args.index, args.version)
+        for version, verdict in report.items():
+            print(f"{version:<10} {verdict}")
+        if not report:
+            print(f"(no snapshot of {args.index!r} under {settings.storage.url})")
+        return 0 if all(v == "ok" for v in report.values()) else 1
+    done = admin.restore(settings, args.index, args.version)
+    print(f"{args.index}: CURRENT {done['previous']} -> {done['current']} (seq {done['seq']})")
+    print(f"now run `faissq reload --index {args.index}` or restart the index's worker")
+    return 0
