@@ -163,7 +163,8 @@ def print_status(entry: dict[str, Any]) -> None:
     index, workers, stats = entry["index"], entry["workers"], entry["stats"] or {}
     print(f"index {index}")
     if not workers:
-        print(f"  readiness   no worker alive (no heartbeat under {keys.heartbeat_pattern(index)})")
+        print(f"  readiness   no worker alive (no heartbeat under {keys.heartbeat_pattern(index)};"
+              " a starting worker beats once its indexes are loaded)")  # fmt: skip
     else:
         verdict = "ready" if entry["ready"] else "NOT READY"
         print(f"  readiness   {verdict}: {len(workers)} worker(s) alive")
