@@ -341,7 +341,11 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
 def add_rebuild_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `faissq rebuild`."""
     add_job_args(p)
-    p.add_argument("--family", help="retrain into this family (default: the auto choice)")
+    p.add_argument(
+        "--family",
+        help="retrain into this family (default: the one the last build asked for, else "
+        "FAISSQ_INDEX__FAMILY of the worker)",
+    )
 
 
 def run_rebuild(args: argparse.Namespace, settings: Settings) -> int:

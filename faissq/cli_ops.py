@@ -25,11 +25,13 @@ STATS_TIMEOUT_S = 5.0  # the stats job waits behind a running job: do not hang t
 
 def add_status_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `faissq status`."""
+    p.epilog = "exit status 0 when every shown index has a live, ready worker; 1 otherwise"
     p.add_argument(
         "--index",
         action="append",
         metavar="NAME",
-        help="index to show (repeatable; default: every index with a heartbeat or a snapshot)",
+        help="index to show (repeatable; default: every index with a heartbeat or a snapshot, "
+        "else FAISSQ_WORKER__INDEXES)",
     )
     p.add_argument(
         "--stats-timeout",
@@ -271,7 +273,9 @@ def add_snapshot_args(p: argparse.ArgumentParser) -> None:
         help="list complete versions, oldest first, and which is CURRENT "
         "(primary: vectors in the saved FAISS index, without delta and tombstones)",
     )
-    verify = sub.add_parser("verify", help="check the checksum of every file of a version (all)")
+    verify = sub.add_parser(
+        "verify", help="check the checksum of every file of a version (all); exit 1 if one fails"
+    )
     verify.add_argument("version", nargs="?", help="e.g. v00000007 (default: every version)")
     restore = sub.add_parser(
         "restore", help="point CURRENT at an older verified version; then reload the worker"
