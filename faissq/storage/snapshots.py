@@ -307,39 +307,31 @@ class SnapshotStore:
 
     def verify(self, version: str) -> dict[str, Any]:
         """Check every file of a version against its manifest; return the manifest."""
+        manifest = self._readable_manifest(version)
+        files.verify_files(self.storage, f"{self.folder}/{version}", manifest["files"])
+        return manifest
+
+    def _readable_manifest(self, version: str) -> dict[str, Any]:
         manifest = self.read_manifest(version)
         if manifest.get("format") != FORMAT_VERSION:
             raise ManifestMismatch(
                 f"snapshot {version} has format {manifest.get('format')}, "
                 f"this faissq reads format {FORMAT_VERSION}"
             )
-        expected = manifest["files"]
-        folder = f"{self.folder}/{version}"
-        # hashlib releases the GIL on large buffers: hash the files side by side, largest first
-        names = sorted(expected, key=lambda n: -int(expected[n]["bytes"]))
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            digests = pool.map(lambda n: files.hash_file(self.storage, f"{folder}/{n}"), names)
-            got = dict(zip(names, digests, strict=True))
-        for name, want in expected.items():
-            if got[name].sha256 != want["sha256"] or got[name].bytes != want["bytes"]:
-                raise SnapshotCorrupt(f"{folder}/{name} fails its checksum")
         return manifest
 
     def load_version(
         self, version: str, *, dim: int | None = None, metric: str | None = None
     ) -> Snapshot:
         """Verify then load one version; ManifestMismatch when it disagrees with dim/metric."""
-        manifest = self.verify(version)
-        check_manifest(manifest, dim=dim, metric=metric)
+        manifest = self._readable_manifest(version)
+        check_manifest(manifest, dim=dim, metric=metric)  # the manifest's own digest matched
         folder = f"{self.folder}/{version}"
-        index = None
-        if INDEX_FILE in manifest["files"]:
-            index = files.read_index(self.storage, f"{folder}/{INDEX_FILE}")
-        arrays = {name: files.read_npy(self.storage, f"{folder}/{name}.npy") for name in ARRAYS}
-        try:
-            tuning = json.loads(self.storage.read_bytes(f"{folder}/{TUNING_FILE}"))
-        except (ValueError, FileNotFoundError) as exc:
-            raise SnapshotCorrupt(f"{folder}/{TUNING_FILE} is unreadable: {exc}") from exc
+        # each file is parsed as soon as its digest matches; the snapshot is used only when all do
+        opened = files.verify_files(self.storage, folder, manifest["files"], files.open_file)
+        missing = [n for n in (*(f"{a}.npy" for a in ARRAYS), TUNING_FILE) if n not in opened]
+        if missing:
+            raise SnapshotCorrupt(f"snapshot {version} has no {missing} in its manifest")
         snap = Snapshot(
             version=version,
             seq=int(manifest["seq"]),
@@ -347,13 +339,9 @@ class SnapshotStore:
             dim=int(manifest["dim"]),
             metric=str(manifest["metric"]),
             plan=dict(manifest["plan"]),
-            index=index,
-            tuning=tuning,
-            primary_ids=arrays["primary_ids"],
-            primary_vectors=arrays["primary_vectors"],
-            delta_ids=arrays["delta_ids"],
-            delta_vectors=arrays["delta_vectors"],
-            tombstones=arrays["tombstones"],
+            index=opened.get(INDEX_FILE),
+            tuning=opened[TUNING_FILE],
+            **{name: opened[f"{name}.npy"] for name in ARRAYS},
         )
         check_consistent(snap)
         return snap

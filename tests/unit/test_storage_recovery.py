@@ -84,6 +84,19 @@ def test_snapshot_plus_log_replay_restores_the_engine(settings: Settings) -> Non
     assert_same_engine(rec.engine, eng)
 
 
+def test_recovered_raw_vectors_stay_memory_mapped(settings: Settings) -> None:
+    """A restart maps the snapshot's raw store instead of copying it into memory."""
+    durable = DurableStore(settings)
+    durable.save("default", built_engine(settings))
+    durable.close()
+    rec = DurableStore(settings).recover("default", dim=DIM)
+    assert rec.engine is not None
+    exp = rec.engine.export()
+    for arr in (exp.primary_vectors, exp.primary_ids):
+        assert isinstance(arr, np.memmap) or isinstance(arr.base, np.memmap)
+        assert not arr.flags.writeable
+
+
 def test_log_only_recovery_builds_the_engine_from_entries(durable: DurableStore) -> None:
     durable.append("default", "delete", np.array([1], np.int64), None, "d0")
     durable.append("default", "upsert", np.arange(30, dtype=np.int64), vectors(30), "u1")
