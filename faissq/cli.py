@@ -196,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly, like other Unix tools
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":

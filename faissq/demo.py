@@ -26,7 +26,7 @@ DEMO_INDEX = "demo"
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `faissq demo`."""
-    p.add_argument("--n", type=int, default=200_000, help="generated vectors (default 200000)")
+    p.add_argument("--n", type=int, default=40_000, help="generated vectors (default 40000)")
     p.add_argument("--dim", type=int, default=128, help="dimension of generated vectors")
     p.add_argument("--vectors", type=Path, help="a .npy (n, d) float array to index instead")
     p.add_argument("--queries", type=int, default=500, help="RPC searches to time")

@@ -274,6 +274,8 @@ class IndexRuntime:
         slot = self._writable(name)
         eng = self.engine(name)
         saved = self.store.save(name, eng)
+        if isinstance(saved.get("version"), str):
+            slot.version = saved["version"]  # stats and status report the snapshot just written
         return {"seq": slot.seq, "version": eng.version, "snapshot": saved}
 
     def reload(self, name: str) -> dict[str, Any]:
