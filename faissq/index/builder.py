@@ -65,9 +65,12 @@ def build_primary(
     ids: I64, vectors: F32, plan: Plan, *, seed: int, ef_construction: int, progress: Progress
 ) -> Primary:
     """Train on a sample and add everything; ids/vectors are stored sorted by id."""
-    order = np.argsort(ids, kind="stable")
-    ids_s = np.ascontiguousarray(ids[order])
-    vecs_s = np.ascontiguousarray(vectors[order])
+    if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+        order = np.argsort(ids, kind="stable")
+        ids, vectors = ids[order], vectors[order]
+    # already sorted (what the engine passes): no second copy of the whole corpus
+    ids_s = np.ascontiguousarray(ids)
+    vecs_s = np.ascontiguousarray(vectors)
     index = new_index(plan, ef_construction)
     if not index.is_trained:
         sample = train_sample(vectors, plan.train_size, seed)

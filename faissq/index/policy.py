@@ -89,7 +89,8 @@ def _plan_family(family: str, n: int, dim: int, cfg: IndexSettings, reason: str)
         nlist, train = nlist_for(n, cfg)
         m, nbits, opq = pq_shape(dim, cfg, train)
         prefix = f"OPQ{m}," if opq else ""
-        factory = f"{prefix}IVF{nlist},PQ{m}x{nbits}"
+        # "np": no polysemous training, which FAISS otherwise runs for PQ and we never search
+        factory = f"{prefix}IVF{nlist},PQ{m}x{nbits}np"
         refine = family == "ivf_pq_refine"
         plan = replace(
             base,
