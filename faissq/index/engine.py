@@ -312,11 +312,7 @@ class Engine:
             st = self._state
             vecs = as_vectors(vectors, self.dim, self.metric)
             id_arr = as_ids(ids, vecs.shape[0])
-            tomb = st.tombstones
-            if st.primary is not None and id_arr.size:
-                in_primary = st.primary.rows_of(id_arr) >= 0
-                if in_primary.any():
-                    tomb = union_sorted(tomb, id_arr[in_primary])
+            tomb = _tombstone(st, id_arr)
             delta = st.delta.without(id_arr).appended(id_arr, vecs)
             self._state = State.make(self.dim, st.primary, delta, tomb, st.version + 1)
             return int(id_arr.size)
@@ -327,11 +323,7 @@ class Engine:
             st = self._state
             id_arr = np.unique(as_ids(ids, unique=False))
             live = int(st.contains(id_arr).sum())
-            tomb = st.tombstones
-            if st.primary is not None and id_arr.size:
-                in_primary = st.primary.rows_of(id_arr) >= 0
-                if in_primary.any():
-                    tomb = union_sorted(tomb, id_arr[in_primary])
+            tomb = _tombstone(st, id_arr)
             delta = st.delta.without(id_arr)
             if live or tomb is not st.tombstones or delta is not st.delta:
                 self._state = State.make(self.dim, st.primary, delta, tomb, st.version + 1)
@@ -555,6 +547,14 @@ def _probe_once() -> Any:
     if not _PROBE:
         _PROBE.append(probe())
     return _PROBE[0]
+
+
+def _tombstone(st: State, ids: I64) -> I64:
+    """The state's tombstones plus those of ids that have a copy in the primary."""
+    if st.primary is None or ids.size == 0:
+        return st.tombstones
+    in_primary = st.primary.rows_of(ids) >= 0
+    return union_sorted(st.tombstones, ids[in_primary]) if in_primary.any() else st.tombstones
 
 
 def _is_lossy(plan: Plan) -> bool:
