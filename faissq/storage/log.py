@@ -6,10 +6,11 @@ Layout under ``<root>/<index>/log/``::
     TRUNCATED                    JSON {"upto": seq, "batch_ids": {...}}: a snapshot covers up to seq
     writer.lock                  advisory lock held by the single writer (local storage)
 
-An entry file is ``MAGIC | u32 header length | JSON header | ids int64 | vectors float32 | sha256``,
-the digest covering every byte before it, so a torn or flipped byte is detected before anything
-from the entry is applied. Sequence numbers are gap-free: the writer creates ``<seq>.entry``
-exclusively, so a second writer fails on its first append instead of interleaving.
+An entry file is ``MAGIC | u32 header length | JSON header | ids int64 | vectors float32 | digest``,
+the 32-byte digest (BLAKE3; sha256 in format-1 entries) covering every byte before it, so a torn
+or flipped byte is detected before anything from the entry is applied. Sequence numbers are
+gap-free: the writer creates ``<seq>.entry`` exclusively, so a second writer fails on its first
+append instead of interleaving.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
@@ -34,9 +36,11 @@ from faissq.storage.fs import Storage, Writable, storage_errors
 log = logging.getLogger(__name__)
 
 Op = Literal["upsert", "delete"]
-MAGIC = b"FQLOG\x00\x01\x00"  # file kind + format version 1
+MAGIC = b"FQLOG\x00\x02\x00"  # file kind + format version 2 (BLAKE3 trailer)
+# the trailer's algorithm by magic; format 1 (sha256) entries still replay
+_DIGESTS: dict[bytes, Any] = {MAGIC: blake3.blake3, b"FQLOG\x00\x01\x00": hashlib.sha256}
 _HEAD = struct.Struct("<8sI")  # magic, header length
-_DIGEST = 32  # sha256 trailer
+_DIGEST = 32  # trailer bytes (both algorithms)
 _ENTRY = re.compile(r"^(\d{20})\.entry$")
 TRUNCATED = "TRUNCATED"
 LOCK = "writer.lock"
@@ -116,9 +120,10 @@ def _write_entry(
             "created_at": time.time(),
         }
     ).encode()
-    digest = hashlib.sha256()
+    digest = _DIGESTS[MAGIC]()
     # write the arrays' own buffers: no concatenated copy of a large batch
-    for part in (_HEAD.pack(MAGIC, len(header)), header, ids.data, vectors.data):
+    arrays = (a.reshape(-1).view(np.uint8).data for a in (ids, vectors))  # bytes, as hashed
+    for part in (_HEAD.pack(MAGIC, len(header)), header, *arrays):
         digest.update(part)
         f.write(part)
     f.write(digest.digest())
@@ -128,7 +133,7 @@ def _parse_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
     if len(data) < _HEAD.size:
         raise LogCorrupt(f"log entry {where} is truncated ({len(data)} bytes)")
     magic, hlen = _HEAD.unpack_from(data)
-    if magic != MAGIC:
+    if magic not in _DIGESTS:
         raise LogCorrupt(f"log entry {where} has an unknown magic/format {magic!r}")
     end = _HEAD.size + hlen
     if len(data) < end:
@@ -146,10 +151,11 @@ def decode_entry(data: bytes, where: str) -> LogEntry:
     """Parse and verify one entry file's bytes; LogCorrupt names `where` on any damage."""
     if len(data) < _HEAD.size + _DIGEST:
         raise LogCorrupt(f"log entry {where} is truncated ({len(data)} bytes)")
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if hashlib.sha256(body).digest() != digest:
+    body, digest = memoryview(data)[:-_DIGEST], data[-_DIGEST:]  # a view: no copy of the batch
+    algorithm = _DIGESTS.get(data[: len(MAGIC)])
+    if algorithm is None or algorithm(body).digest() != digest:
         raise LogCorrupt(f"log entry {where} fails its checksum (truncated or corrupted)")
-    header, start = _parse_header(body, where)
+    header, start = _parse_header(data[: _HEAD.size + _HEAD.unpack_from(data)[1]], where)
     try:
         seq, n, dim = int(header["seq"]), int(header["n"]), int(header["dim"])
         op, batch_id = str(header["op"]), str(header["batch_id"])

@@ -35,7 +35,8 @@ from faissq.storage.fs import Storage
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the folder layout or manifest fields change incompatibly
+FORMAT_VERSION = 2  # bump when the folder layout or manifest fields change incompatibly
+READABLE_FORMATS = (1, 2)  # 1: files recorded with sha256; 2: with BLAKE3
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -313,10 +314,10 @@ class SnapshotStore:
 
     def _readable_manifest(self, version: str) -> dict[str, Any]:
         manifest = self.read_manifest(version)
-        if manifest.get("format") != FORMAT_VERSION:
+        if manifest.get("format") not in READABLE_FORMATS:
             raise ManifestMismatch(
                 f"snapshot {version} has format {manifest.get('format')}, "
-                f"this faissq reads format {FORMAT_VERSION}"
+                f"this faissq reads formats {READABLE_FORMATS}"
             )
         return manifest
 

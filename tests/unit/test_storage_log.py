@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Any
 
+import blake3
 import fsspec
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from faissq.errors import (
     WriterConflict,
 )
 from faissq.storage.fs import Storage
-from faissq.storage.log import TRUNCATED, UpdateLog, entry_name
+from faissq.storage.log import MAGIC, TRUNCATED, UpdateLog, entry_name
 
 DIM = 8
 
@@ -53,6 +55,22 @@ def test_append_then_read_round_trips_in_seq_order(ulog: UpdateLog) -> None:
     assert entries[1].vectors.shape == (2, 0)
     assert [e.seq for e in ulog.read(after_seq=2)] == [3]
     assert ulog.last_seq() == 3
+
+
+def test_a_format_1_entry_with_a_sha256_trailer_still_replays(ulog: UpdateLog) -> None:
+    ids, vecs = batch(0)
+    with ulog.open_writer() as w:
+        w.append("upsert", ids, vecs, "b1")
+    path = entry_path(ulog, 1)
+    body = path.read_bytes()[:-32]
+    assert body.startswith(MAGIC)
+    old = b"FQLOG\x00\x01\x00" + body[len(MAGIC) :]
+    path.write_bytes(old + hashlib.sha256(old).digest())
+    (entry,) = ulog.read()
+    np.testing.assert_array_equal(entry.vectors, vecs)
+    path.write_bytes(old + blake3.blake3(old).digest())  # a trailer of the wrong algorithm
+    with pytest.raises(LogCorrupt, match="fails its checksum"):
+        list(ulog.read())
 
 
 def test_known_batch_id_returns_original_seq_and_logs_nothing(ulog: UpdateLog) -> None:

@@ -83,7 +83,8 @@ def test_save_then_load_round_trips_every_part(store: SnapshotStore) -> None:
     assert snap is not None and snap.version == "v00000001" and snap.seq == 7
     assert_same(snap, exp)
     m = snap.manifest
-    assert m["format"] == 1 and m["faiss_version"] == faiss.__version__
+    assert m["format"] == 2 and m["faiss_version"] == faiss.__version__
+    assert all(set(f) == {"blake3", "bytes"} for f in m["files"].values())
     assert (m["dim"], m["metric"]) == (DIM, "cosine")
     assert (m["family"], m["factory"]) == ("ivf_flat", "IVF8,Flat")
     assert (m["ntotal"], m["delta_count"], m["tombstone_count"]) == (2000, 2, 3)
