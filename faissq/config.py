@@ -103,6 +103,19 @@ class RpcSettings(BaseModel):
     reply_ttl_s: int = Field(default=30, ge=1, description="Reply key lifetime.")
     timeout_s: float = Field(default=2.0, gt=0, description="Client default search timeout.")
     max_allow_ids: int = Field(default=100_000, ge=0, description="Largest allow/deny list.")
+    coalesce: bool = Field(
+        default=True,
+        description="Clients merge concurrent searches with equal k and options into one request.",
+    )
+    max_in_flight: int = Field(
+        default=2, ge=1, description="Round trips one merging client runs at once."
+    )
+    spin_us: float = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Busy-poll for the next request this long after a turn before sleeping.",
+    )
 
 
 class MetricsSettings(BaseModel):

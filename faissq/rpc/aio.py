@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import redis
 import redis.asyncio as aioredis
@@ -18,8 +19,10 @@ from faissq.rpc.client import (
     Prepared,
     RequestBuilder,
     SearchResponse,
+    as_queries,
     rpc_of,
 )
+from faissq.rpc.coalesce import AsyncCoalescer, Pending, merge_key
 
 
 class AsyncSearchClient:
@@ -42,6 +45,9 @@ class AsyncSearchClient:
         self.index = index
         self.pool = pool or aioredis.ConnectionPool.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
+        )
+        self.coalescer = (
+            AsyncCoalescer(self._merged, max_in_flight=rpc.max_in_flight) if rpc.coalesce else None
         )
 
     async def search(
@@ -66,7 +72,19 @@ class AsyncSearchClient:
             "allow_ids": allow_ids,
             "deny_ids": deny_ids,
         }
-        prepared = self.builder.prepare(queries, k, timeout, options)
+        if self.coalescer is None or merge_key(k, 0, options) is None:
+            prepared = self.builder.prepare(queries, k, timeout, options)
+            return self.builder.response(await self._round_trip(prepared), prepared)
+        q = as_queries(queries)
+        timeout_s = self.builder.timeout_of(timeout)
+        key = merge_key(k, q.shape[1], options)
+        return await self.coalescer.run(self.coalescer.pending(q, k, options, key, timeout_s))
+
+    async def _merged(
+        self, first: Pending, queries: npt.NDArray[np.float32], timeout_s: float
+    ) -> Any:
+        """One round trip for a merged batch (the AsyncCoalescer's search)."""
+        prepared = self.builder.prepare(queries, first.k, timeout_s, dict(first.options))
         return self.builder.response(await self._round_trip(prepared), prepared)
 
     async def _round_trip(self, prepared: Prepared) -> Any:

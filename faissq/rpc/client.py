@@ -31,6 +31,7 @@ from faissq.errors import (
     error_for_code,
 )
 from faissq.rpc import protocol
+from faissq.rpc.coalesce import Coalescer, Pending, merge_key
 
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
@@ -71,9 +72,7 @@ class RequestBuilder:
         self, queries: npt.ArrayLike, k: int, timeout: float | None, options: dict[str, Any]
     ) -> Prepared:
         """Check the arguments and encode the request (deadline = now + timeout)."""
-        timeout_s = self.rpc.timeout_s if timeout is None else float(timeout)
-        if not timeout_s > 0:
-            raise InvalidParameter(f"timeout must be > 0 seconds, got {timeout}")
+        timeout_s = self.timeout_of(timeout)
         q = as_queries(queries)
         for name in ("allow_ids", "deny_ids"):
             if options.get(name) is not None:
@@ -86,6 +85,13 @@ class RequestBuilder:
         submit = ("EVAL", protocol.SUBMIT_SCRIPT, 3, self.queue, self.alive, reply, msg,
                   self.rpc.reply_ttl_s, rid)  # fmt: skip
         return Prepared(rid, reply, block, [submit, ("BRPOP", reply, block)])
+
+    def timeout_of(self, timeout: float | None) -> float:
+        """The timeout in seconds (the settings' default for None); InvalidParameter unless > 0."""
+        timeout_s = self.rpc.timeout_s if timeout is None else float(timeout)
+        if not timeout_s > 0:
+            raise InvalidParameter(f"timeout must be > 0 seconds, got {timeout}")
+        return timeout_s
 
     @staticmethod
     def response(got: Any, prepared: Prepared) -> SearchResponse:
@@ -149,6 +155,9 @@ class SearchClient:
             url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
         )
         self._redis = redis.Redis(connection_pool=self.pool)
+        self.coalescer = (
+            Coalescer(self._merged, max_in_flight=rpc.max_in_flight) if rpc.coalesce else None
+        )
 
     def search(
         self,
@@ -173,7 +182,17 @@ class SearchClient:
             "allow_ids": allow_ids,
             "deny_ids": deny_ids,
         }
-        prepared = self.builder.prepare(queries, k, timeout, options)
+        if self.coalescer is None or merge_key(k, 0, options) is None:
+            prepared = self.builder.prepare(queries, k, timeout, options)
+            return self.builder.response(self._round_trip(prepared), prepared)
+        q = as_queries(queries)
+        timeout_s = self.builder.timeout_of(timeout)
+        key = merge_key(k, q.shape[1], options)
+        return self.coalescer.run(self.coalescer.pending(q, k, options, key, timeout_s))
+
+    def _merged(self, first: Pending, queries: npt.NDArray[np.float32], timeout_s: float) -> Any:
+        """One round trip for a merged batch (the Coalescer's search)."""
+        prepared = self.builder.prepare(queries, first.k, timeout_s, dict(first.options))
         return self.builder.response(self._round_trip(prepared), prepared)
 
     def _round_trip(self, prepared: Prepared) -> Any:

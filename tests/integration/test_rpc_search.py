@@ -112,6 +112,27 @@ def test_concurrent_clients_are_batched_and_still_exact(served: Served) -> None:
     assert max(int(got.timings["batch"]) for _, got in results) >= 1
 
 
+def test_one_clients_concurrent_searches_merge_and_a_bad_one_fails_alone(served: Served) -> None:
+    queries = vecs(64, seed=21)
+    want = served.engine.search(queries, 5)
+    bad = 17
+
+    def one(i: int) -> Any:
+        q = np.full((1, DIM), np.nan, np.float32) if i == bad else queries[i : i + 1]
+        try:
+            return served.client.search(q, 5)
+        except InvalidVectors as exc:
+            return exc
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(len(queries))))
+    assert isinstance(results[bad], InvalidVectors)
+    good = [(i, r) for i, r in enumerate(results) if i != bad]
+    for i, got in good:
+        np.testing.assert_array_equal(got.ids[0], want.ids[i])
+    assert max(int(got.timings["merged"]) for _, got in good) > 1  # shared round trips
+
+
 def test_async_client_gives_the_same_answers(served: Served) -> None:
     queries = vecs(32, seed=13)
     want = served.engine.search(queries, 4)

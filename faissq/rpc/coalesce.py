@@ -1,0 +1,254 @@
+"""Client-side merging: concurrent searches of one client with equal k and options share a request.
+
+Sixteen threads each searching one query cost sixteen submits, sixteen worker decodes and sixteen
+replies; merged, they cost one of each and a batch-16 search. Leaders and followers: a caller
+becomes a leader when fewer than `max_in_flight` round trips of this client are running, takes
+every waiting query of its own key (itself included, oldest first, up to `max_rows` rows), sends
+them as one request and splits the reply by rows. Other callers wait; a finishing leader promotes
+the oldest waiter. A lone caller leads at once, so an idle client adds no wait and no thread
+handoff. A request-specific error of a merged request (bad vectors, say) is retried member by
+member, so only the caller who sent the bad input sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq.errors import PermanentError, RpcError, SearchTimeout
+
+if TYPE_CHECKING:
+    from faissq.rpc.client import SearchResponse
+
+MAX_ROWS = 256  # query rows of one merged request: bounds its size and the batch the worker runs
+
+# search(first member, stacked queries, timeout_s): one round trip with the member's k and options
+Search = Callable[["Pending", npt.NDArray[np.float32], float], "SearchResponse"]
+AsyncSearch = Callable[["Pending", npt.NDArray[np.float32], float], Awaitable["SearchResponse"]]
+
+
+@dataclasses.dataclass(eq=False)
+class Pending:
+    """One caller's search while it waits to be sent, is in flight, or has its answer."""
+
+    queries: npt.NDArray[np.float32]
+    k: int
+    options: dict[str, Any]
+    key: Hashable  # requests merge only when their keys are equal (k, parameters, dimension)
+    deadline: float  # time.monotonic() by which the caller wants an answer
+    turn: Any  # threading/asyncio Event: set when this caller leads, or its answer is in
+    done: Any  # threading/asyncio Event: set when its answer (result or error) is in
+    promoted: bool = False  # this caller leads its own round trip
+    taken: bool = False  # in some leader's batch
+    result: SearchResponse | None = None
+    error: BaseException | None = None
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (at least 1 ms: Redis cannot block for less)."""
+        return max(1e-3, self.deadline - time.monotonic())
+
+    def answer(self) -> SearchResponse:
+        """The result, or raise the error."""
+        if self.result is None:
+            raise self.error or RpcError("the merged request ended without an answer")
+        return self.result
+
+
+def stacked(batch: list[Pending]) -> tuple[npt.NDArray[np.float32], float]:
+    """The batch's queries as one array, and the tightest timeout among its members."""
+    queries = batch[0].queries if len(batch) == 1 else np.concatenate([p.queries for p in batch])
+    return queries, min(p.remaining() for p in batch)
+
+
+def deliver(batch: list[Pending], res: SearchResponse) -> None:
+    """Split a merged reply by rows into each member's result."""
+    row = 0
+    timings = {**res.timings, "merged": len(batch)}
+    for p in batch:
+        n = len(p.queries)
+        p.result = dataclasses.replace(
+            res, scores=res.scores[row : row + n], ids=res.ids[row : row + n], timings=timings
+        )
+        row += n
+
+
+def finish(batch: list[Pending]) -> None:
+    """Wake every member of a batch: its answer is in."""
+    for p in batch:
+        p.done.set()
+        p.turn.set()
+
+
+def serve(batch: list[Pending], search: Search) -> None:
+    """Answer a batch with one request; a request-specific error is retried member by member."""
+    try:
+        queries, timeout_s = stacked(batch)
+        deliver(batch, search(batch[0], queries, timeout_s))
+    except PermanentError as exc:  # bad input (NaN, k, dimension): whose? ask one by one
+        if len(batch) == 1:
+            batch[0].error = exc
+        else:
+            for p in batch:
+                serve([p], search)
+    except Exception as exc:  # timeout, no worker, busy, Redis down: the same for every member
+        for p in batch:
+            p.error = exc
+    finally:
+        finish(batch)
+
+
+async def aserve(batch: list[Pending], search: AsyncSearch) -> None:
+    """serve() for asyncio clients."""
+    try:
+        queries, timeout_s = stacked(batch)
+        deliver(batch, await search(batch[0], queries, timeout_s))
+    except PermanentError as exc:
+        if len(batch) == 1:
+            batch[0].error = exc
+        else:
+            for p in batch:
+                await aserve([p], search)
+    except Exception as exc:
+        for p in batch:
+            p.error = exc
+    finally:
+        finish(batch)
+
+
+class Waiting:
+    """The searches of one client waiting for a round trip, and who leads (no locking here)."""
+
+    def __init__(self, max_in_flight: int, max_rows: int) -> None:
+        """At most `max_in_flight` leaders; at most `max_rows` query rows per merged request."""
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_rows = max(1, max_rows)
+        self.pending: list[Pending] = []
+        self.leaders = 0
+
+    def join(self, p: Pending) -> None:
+        """Queue p; it leads at once when a round trip is free."""
+        self.pending.append(p)
+        if self.leaders < self.max_in_flight:
+            self.leaders += 1
+            p.promoted = True
+
+    def give_up(self, p: Pending) -> bool:
+        """Withdraw p after its wait timed out; False when it was taken or promoted meanwhile."""
+        if p.taken or p.promoted:
+            return False
+        self.pending.remove(p)
+        return True
+
+    def take(self, p: Pending) -> list[Pending]:
+        """The oldest waiting searches of p's key up to max_rows rows; empty if p was taken."""
+        if p.taken:
+            return []
+        batch: list[Pending] = []
+        rows = 0
+        for q in self.pending:
+            if q.key == p.key and (not batch or rows + len(q.queries) <= self.max_rows):
+                batch.append(q)
+                rows += len(q.queries)
+        for q in batch:
+            q.taken = True
+            self.pending.remove(q)
+        return batch
+
+    def step_down(self) -> None:
+        """A leader is done: wake the oldest waiters to lead while round trips are free."""
+        self.leaders -= 1
+        for q in self.pending:
+            if self.leaders >= self.max_in_flight:
+                return
+            if not q.promoted:
+                q.promoted = True
+                self.leaders += 1
+                q.turn.set()
+
+
+class Coalescer:
+    """Merges the concurrent searches of one SearchClient (threads)."""
+
+    def __init__(self, search: Search, *, max_in_flight: int, max_rows: int = MAX_ROWS) -> None:
+        """search(member, queries, timeout_s) is one round trip; `max_in_flight` run at once."""
+        self.search = search
+        self._lock = threading.Lock()
+        self._waiting = Waiting(max_in_flight, max_rows)
+
+    def run(self, p: Pending) -> SearchResponse:
+        """Search p's queries, merged with whatever else waits; raise its error."""
+        with self._lock:
+            self._waiting.join(p)
+        if not p.promoted and not p.turn.wait(p.remaining()):
+            with self._lock:
+                if self._waiting.give_up(p):
+                    raise SearchTimeout("no round trip of this client was free before the deadline")
+        if p.promoted:
+            try:
+                with self._lock:
+                    batch = self._waiting.take(p)
+                if batch:
+                    serve(batch, self.search)
+            finally:
+                with self._lock:
+                    self._waiting.step_down()
+        p.done.wait()  # taken by a leader: its request is bounded by this caller's deadline too
+        return p.answer()
+
+    def pending(self, q: npt.NDArray[np.float32], k: int, options: dict[str, Any], key: Hashable,
+                timeout_s: float) -> Pending:  # fmt: skip
+        """A Pending with thread events."""
+        return Pending(q, k, options, key, time.monotonic() + timeout_s, threading.Event(),
+                       threading.Event())  # fmt: skip
+
+
+class AsyncCoalescer:
+    """Merges the concurrent searches of one AsyncSearchClient (tasks of one event loop)."""
+
+    def __init__(
+        self, search: AsyncSearch, *, max_in_flight: int, max_rows: int = MAX_ROWS
+    ) -> None:
+        """search(member, queries, timeout_s) is one round trip; `max_in_flight` run at once."""
+        self.search = search
+        self._waiting = Waiting(max_in_flight, max_rows)
+
+    async def run(self, p: Pending) -> SearchResponse:
+        """Search p's queries, merged with whatever else waits; raise its error."""
+        self._waiting.join(p)
+        if not p.promoted:
+            try:
+                await asyncio.wait_for(p.turn.wait(), p.remaining())
+            except TimeoutError:
+                if self._waiting.give_up(p):
+                    raise SearchTimeout(
+                        "no round trip of this client was free before the deadline"
+                    ) from None
+        if p.promoted:
+            try:
+                batch = self._waiting.take(p)
+                if batch:
+                    await aserve(batch, self.search)
+            finally:
+                self._waiting.step_down()
+        await p.done.wait()
+        return p.answer()
+
+    def pending(self, q: npt.NDArray[np.float32], k: int, options: dict[str, Any], key: Hashable,
+                timeout_s: float) -> Pending:  # fmt: skip
+        """A Pending with asyncio events."""
+        return Pending(q, k, options, key, time.monotonic() + timeout_s, asyncio.Event(),
+                       asyncio.Event())  # fmt: skip
+
+
+def merge_key(k: int, dim: int, options: dict[str, Any]) -> Hashable | None:
+    """The merge key of a search, or None when it must travel alone (allow or deny lists)."""
+    if options.get("allow_ids") is not None or options.get("deny_ids") is not None:
+        return None
+    return (k, dim, tuple(sorted(options.items())))

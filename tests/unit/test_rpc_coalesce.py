@@ -1,0 +1,169 @@
+"""Client-side merging of concurrent searches: right rows to the right caller, errors isolated."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from faissq.errors import IndexBusy, InvalidVectors, SearchTimeout
+from faissq.rpc.client import SearchResponse
+from faissq.rpc.coalesce import AsyncCoalescer, Coalescer, Pending, merge_key
+
+DIM = 4
+
+
+class Server:
+    """A search function standing in for one round trip: answers row r with id = r's tag."""
+
+    def __init__(self, delay_s: float = 0.002) -> None:
+        self.delay_s = delay_s
+        self.calls: list[int] = []  # rows per call
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.lock = threading.Lock()
+        self.fail_with: BaseException | None = None
+
+    def answer(self, first: Pending, queries: np.ndarray) -> SearchResponse:
+        if self.fail_with is not None:
+            raise self.fail_with
+        if not np.isfinite(queries).all():
+            raise InvalidVectors("queries hold NaN or Inf")
+        tags = queries[:, :1].astype(np.int64)  # each caller's row carries its tag
+        ids = np.repeat(tags, first.k, axis=1)
+        return SearchResponse(ids.astype(np.float32), ids, 7, "w", {"batch": 1})
+
+    def __call__(self, first: Pending, queries: np.ndarray, timeout_s: float) -> SearchResponse:
+        with self.lock:
+            self.calls.append(len(queries))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay_s)
+            return self.answer(first, queries)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    async def call_async(self, first: Pending, queries: np.ndarray, timeout_s: float) -> Any:
+        self.calls.append(len(queries))
+        await asyncio.sleep(self.delay_s)
+        return self.answer(first, queries)
+
+
+def query(tag: int) -> np.ndarray:
+    return np.full((1, DIM), tag, np.float32)
+
+
+def search(c: Coalescer, tag: int, k: int = 3, timeout_s: float = 5.0, q: Any = None) -> Any:
+    q = query(tag) if q is None else q
+    opts = {"nprobe": 4}
+    return c.run(c.pending(q, k, opts, merge_key(k, DIM, opts), timeout_s))
+
+
+def test_concurrent_callers_share_requests_and_each_gets_its_own_rows() -> None:
+    server = Server()
+    c = Coalescer(server, max_in_flight=2)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda t: (t, search(c, t)), range(200)))
+    for tag, res in results:
+        assert res.ids.tolist() == [[tag] * 3] and res.version == 7
+    assert sum(server.calls) == 200
+    assert len(server.calls) < 200 and max(server.calls) > 1  # merged
+    assert server.most_in_flight <= 2
+    assert max(int(res.timings["merged"]) for _, res in results) > 1
+
+
+def test_a_lone_caller_is_sent_alone_at_once() -> None:
+    server = Server(delay_s=0)
+    c = Coalescer(server, max_in_flight=2)
+    assert search(c, 5).ids.tolist() == [[5, 5, 5]]
+    assert server.calls == [1]
+
+
+def test_a_bad_query_fails_only_its_own_caller() -> None:
+    server = Server()
+    c = Coalescer(server, max_in_flight=1)
+    nan = np.full((1, DIM), np.nan, np.float32)
+
+    def one(tag: int) -> Any:
+        try:
+            return search(c, tag, q=nan if tag == 13 else None)
+        except InvalidVectors as exc:
+            return exc
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    assert isinstance(results[13], InvalidVectors)
+    for tag, res in enumerate(results):
+        if tag != 13:
+            assert res.ids.tolist() == [[tag] * 3]
+
+
+def test_a_transport_error_reaches_every_member() -> None:
+    server = Server()
+    server.fail_with = IndexBusy("queue full")
+    c = Coalescer(server, max_in_flight=1)
+
+    def one(tag: int) -> Any:
+        try:
+            return search(c, tag)
+        except IndexBusy as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(isinstance(r, IndexBusy) for r in pool.map(one, range(32)))
+
+
+def test_different_k_or_filters_never_merge() -> None:
+    assert merge_key(3, DIM, {"nprobe": 4}) != merge_key(4, DIM, {"nprobe": 4})
+    assert merge_key(3, DIM, {"nprobe": 4}) != merge_key(3, DIM, {"nprobe": 8})
+    assert merge_key(3, DIM, {"allow_ids": np.arange(3)}) is None
+    assert merge_key(3, DIM, {"deny_ids": np.arange(3)}) is None
+    server = Server()
+    c = Coalescer(server, max_in_flight=1)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda t: search(c, t, k=1 + t % 2), range(40)))
+    assert [r.ids.shape[1] for r in results] == [1 + t % 2 for t in range(40)]
+
+
+def test_a_waiting_caller_times_out_and_is_never_sent() -> None:
+    gate = threading.Event()
+    server = Server(delay_s=0)
+    blocking = server.__call__
+
+    def stuck(first: Pending, queries: np.ndarray, timeout_s: float) -> SearchResponse:
+        gate.wait(5)
+        return blocking(first, queries, timeout_s)
+
+    c = Coalescer(stuck, max_in_flight=1)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(search, c, 1)
+        while not c._waiting.leaders:
+            time.sleep(0.001)
+        with pytest.raises(SearchTimeout):
+            search(c, 2, timeout_s=0.05)
+        gate.set()
+        assert first.result().ids.tolist() == [[1, 1, 1]]
+    assert server.calls == [1]  # the timed-out caller's query never went out
+
+
+def test_asyncio_callers_share_requests() -> None:
+    server = Server()
+
+    async def run() -> list[Any]:
+        c = AsyncCoalescer(server.call_async, max_in_flight=2)
+        opts = {"nprobe": 4}
+        key = merge_key(3, DIM, opts)
+        return await asyncio.gather(
+            *(c.run(c.pending(query(t), 3, opts, key, 5.0)) for t in range(100))
+        )
+
+    results = asyncio.run(run())
+    assert [r.ids[0, 0] for r in results] == list(range(100))
+    assert sum(server.calls) == 100 and len(server.calls) < 100
