@@ -72,20 +72,31 @@ class AsyncSearchClient:
             "allow_ids": allow_ids,
             "deny_ids": deny_ids,
         }
-        if self.coalescer is None or merge_key(k, 0, options) is None:
-            prepared = self.builder.prepare(queries, k, timeout, options)
-            return self.builder.response(await self._round_trip(prepared), prepared)
+        merging = self.coalescer
+        if merging is None or merge_key(k, 0, options) is None:
+            return await self._once(queries, k, timeout, options)
+        if merging.alone():
+            try:
+                return await self._once(queries, k, timeout, options)
+            finally:
+                merging.done_alone()
         q = as_queries(queries)
         timeout_s = self.builder.timeout_of(timeout)
         key = merge_key(k, q.shape[1], options)
-        return await self.coalescer.run(self.coalescer.pending(q, k, options, key, timeout_s))
+        return await merging.run(merging.pending(q, k, options, key, timeout_s))
+
+    async def _once(
+        self, queries: npt.ArrayLike, k: int, timeout: float | None, options: dict[str, Any]
+    ) -> SearchResponse:
+        """One request, one round trip."""
+        prepared = self.builder.prepare(queries, k, timeout, options)
+        return self.builder.response(await self._round_trip(prepared), prepared)
 
     async def _merged(
         self, first: Pending, queries: npt.NDArray[np.float32], timeout_s: float
     ) -> Any:
         """One round trip for a merged batch (the AsyncCoalescer's search)."""
-        prepared = self.builder.prepare(queries, first.k, timeout_s, dict(first.options))
-        return self.builder.response(await self._round_trip(prepared), prepared)
+        return await self._once(queries, first.k, timeout_s, dict(first.options))
 
     async def _round_trip(self, prepared: Prepared) -> Any:
         """Send submit + BRPOP in one write and read both answers."""

@@ -182,18 +182,29 @@ class SearchClient:
             "allow_ids": allow_ids,
             "deny_ids": deny_ids,
         }
-        if self.coalescer is None or merge_key(k, 0, options) is None:
-            prepared = self.builder.prepare(queries, k, timeout, options)
-            return self.builder.response(self._round_trip(prepared), prepared)
+        merging = self.coalescer
+        if merging is None or merge_key(k, 0, options) is None:
+            return self._once(queries, k, timeout, options)
+        if merging.alone():
+            try:
+                return self._once(queries, k, timeout, options)
+            finally:
+                merging.done_alone()
         q = as_queries(queries)
         timeout_s = self.builder.timeout_of(timeout)
         key = merge_key(k, q.shape[1], options)
-        return self.coalescer.run(self.coalescer.pending(q, k, options, key, timeout_s))
+        return merging.run(merging.pending(q, k, options, key, timeout_s))
+
+    def _once(
+        self, queries: npt.ArrayLike, k: int, timeout: float | None, options: dict[str, Any]
+    ) -> SearchResponse:
+        """One request, one round trip."""
+        prepared = self.builder.prepare(queries, k, timeout, options)
+        return self.builder.response(self._round_trip(prepared), prepared)
 
     def _merged(self, first: Pending, queries: npt.NDArray[np.float32], timeout_s: float) -> Any:
         """One round trip for a merged batch (the Coalescer's search)."""
-        prepared = self.builder.prepare(queries, first.k, timeout_s, dict(first.options))
-        return self.builder.response(self._round_trip(prepared), prepared)
+        return self._once(queries, first.k, timeout_s, dict(first.options))
 
     def _round_trip(self, prepared: Prepared) -> Any:
         """Send submit + BRPOP in one write, read both answers; the connection goes back after."""

@@ -5,9 +5,9 @@ replies; merged, they cost one of each and a batch-16 search. Leaders and follow
 becomes a leader when fewer than `max_in_flight` round trips of this client are running, takes
 every waiting query of its own key (itself included, oldest first, up to `max_rows` rows), sends
 them as one request and splits the reply by rows. Other callers wait; a finishing leader promotes
-the oldest waiter. A lone caller leads at once, so an idle client adds no wait and no thread
-handoff. A request-specific error of a merged request (bad vectors, say) is retried member by
-member, so only the caller who sent the bad input sees it.
+the oldest waiter. A lone caller sends its search directly, so an idle client adds no wait, no
+thread handoff and no allocation. A request-specific error of a merged request (bad vectors,
+say) is retried member by member, so only the caller who sent the bad input sees it.
 """
 
 from __future__ import annotations
@@ -132,6 +132,13 @@ class Waiting:
         self.pending: list[Pending] = []
         self.leaders = 0
 
+    def lead_alone(self) -> bool:
+        """Take a free round trip when nothing waits: the caller sends its search as it is."""
+        if self.pending or self.leaders >= self.max_in_flight:
+            return False
+        self.leaders += 1
+        return True
+
     def join(self, p: Pending) -> None:
         """Queue p; it leads at once when a round trip is free."""
         self.pending.append(p)
@@ -182,6 +189,16 @@ class Coalescer:
         self._lock = threading.Lock()
         self._waiting = Waiting(max_in_flight, max_rows)
 
+    def alone(self) -> bool:
+        """True when the caller may send its search directly; it must call `done_alone` after."""
+        with self._lock:
+            return self._waiting.lead_alone()
+
+    def done_alone(self) -> None:
+        """A direct search is over: hand its round trip to whoever waits."""
+        with self._lock:
+            self._waiting.step_down()
+
     def run(self, p: Pending) -> SearchResponse:
         """Search p's queries, merged with whatever else waits; raise its error."""
         with self._lock:
@@ -218,6 +235,14 @@ class AsyncCoalescer:
         """search(member, queries, timeout_s) is one round trip; `max_in_flight` run at once."""
         self.search = search
         self._waiting = Waiting(max_in_flight, max_rows)
+
+    def alone(self) -> bool:
+        """True when the caller may send its search directly; it must call `done_alone` after."""
+        return self._waiting.lead_alone()
+
+    def done_alone(self) -> None:
+        """A direct search is over: hand its round trip to whoever waits."""
+        self._waiting.step_down()
 
     async def run(self, p: Pending) -> SearchResponse:
         """Search p's queries, merged with whatever else waits; raise its error."""

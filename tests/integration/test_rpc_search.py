@@ -130,7 +130,7 @@ def test_one_clients_concurrent_searches_merge_and_a_bad_one_fails_alone(served:
     good = [(i, r) for i, r in enumerate(results) if i != bad]
     for i, got in good:
         np.testing.assert_array_equal(got.ids[0], want.ids[i])
-    assert max(int(got.timings["merged"]) for _, got in good) > 1  # shared round trips
+    assert max(int(got.timings.get("merged", 1)) for _, got in good) > 1  # shared round trips
 
 
 def test_async_client_gives_the_same_answers(served: Served) -> None:

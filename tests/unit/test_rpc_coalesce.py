@@ -167,3 +167,12 @@ def test_asyncio_callers_share_requests() -> None:
     results = asyncio.run(run())
     assert [r.ids[0, 0] for r in results] == list(range(100))
     assert sum(server.calls) == 100 and len(server.calls) < 100
+
+
+def test_a_caller_goes_alone_only_while_nothing_waits_and_a_round_trip_is_free() -> None:
+    c = Coalescer(Server(delay_s=0), max_in_flight=1)
+    assert c.alone()
+    assert not c.alone()  # the one round trip is taken: the next caller must queue
+    c.done_alone()
+    assert c.alone()
+    c.done_alone()
