@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,105 +29,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import redis
 from redis._parsers import _RESP2Parser
+from rpc_rig import ECHO, INDEX, NOOP_INDEX, Rig, bench_app, settings_for
 
 from faissq import codec
 from faissq.client import JobClient
 from faissq.config import Settings
-from faissq.embedded_redis import EmbeddedRedis
-from faissq.index.engine import SearchResult
 from faissq.rpc import protocol
 from faissq.rpc.aio import AsyncSearchClient
 from faissq.rpc.client import RequestBuilder, SearchClient
-from faissq.rpc.server import RpcServer
 from faissq.storage.store import DurableStore
-from faissq.worker.app import make_celery_app
 
-INDEX = "bench"
-ECHO = "bench:echo"  # the no-op worker's request list
-CELERY_QUEUE = "bench.celery"
 PAUSE_S = 0.0005  # (a'): about the idle gap the worker sees between sequential RPC searches
-NOOP_INDEX = "bench-noop"  # served by faissq's RPC loop over an engine that does nothing
-
-
-def settings_for(url: str, storage: str, *, coalesce: bool = True) -> Settings:
-    """Settings of every process of the run (coalesce: clients merge concurrent searches)."""
-    return Settings(redis={"url": url}, storage={"url": storage}, metrics={"enabled": False},
-                    gpu={"mode": "off"}, worker={"indexes": [INDEX]},
-                    rpc={"coalesce": coalesce})  # fmt: skip
-
-
-def bench_app(settings: Settings) -> Any:
-    """A Celery app configured like faissq's, with one search task over the loaded engine."""
-    app = make_celery_app(settings, main="bench")
-    engine: list[Any] = []
-
-    @app.task(name="bench.search", queue=CELERY_QUEUE)  # type: ignore[misc]
-    def search(queries: dict[str, Any], k: int, nprobe: int) -> dict[str, Any]:
-        if not engine:
-            engine.append(DurableStore(settings).recover(INDEX).engine)
-        res = engine[0].search(codec.unpack_array(queries), k, nprobe=nprobe)
-        return {"scores": codec.pack_array(res.scores), "ids": codec.pack_array(res.ids),
-                "version": res.version}  # fmt: skip
-
-    app.bench_search = search
-    return app
-
-
-def run_celery_worker(url: str, storage: str) -> None:
-    """Role: a Celery worker (threads pool, one thread, like faissq's) serving bench.search."""
-    app = bench_app(settings_for(url, storage))
-    app.worker_main(["worker", "--pool=threads", "--concurrency=1", f"--queues={CELERY_QUEUE}",
-                     "--without-mingle", "--without-gossip", "--loglevel=WARNING"])  # fmt: skip
-
-
-def run_echo(url: str, reply_bytes: int) -> None:
-    """Role: the no-op worker of row (b): BRPOP, read the reply key, LPUSH a same-size reply."""
-    r = redis.Redis.from_url(url)
-    payload = b"x" * reply_bytes
-    while True:
-        got = r.brpop([ECHO], timeout=1)
-        if got is None:
-            continue
-        msg = msgpack.unpackb(got[1], raw=False)
-        r.lpush(msg["reply"], payload)
-
-
-def run_client(args: argparse.Namespace) -> None:
-    """Role: one client process of row (e4): search one query at a time from `start` on."""
-    client = SearchClient(settings_for(args.url, args.storage), INDEX)
-    queries = np.random.default_rng(args.seed).standard_normal((1024, args.dim), np.float32)
-    client.search(queries[:1], args.k, nprobe=args.nprobe)  # connect before the clock starts
-    time.sleep(max(0.0, args.start - time.time()))
-    lat, i, stop = [], 0, time.perf_counter() + args.seconds
-    while time.perf_counter() < stop:
-        t0 = time.perf_counter()
-        client.search(queries[i % 1024 : i % 1024 + 1], args.k, nprobe=args.nprobe)
-        lat.append(time.perf_counter() - t0)
-        i += 1
-    np.save(args.out, np.asarray(lat))
-
-
-class NoopEngine:
-    """An engine that answers at once: isolates the RPC machinery from the search itself."""
-
-    def __init__(self, dim: int) -> None:
-        self.dim, self.version, self.ntotal = dim, 1, 0
-
-    def search(self, queries: Any, k: int, **_: Any) -> Any:
-        """Zeros of the right shape."""
-        n = len(queries)
-        return SearchResult(np.zeros((n, k), np.float32), np.zeros((n, k), np.int64), 1)
-
-
-def run_noop_rpc(url: str, storage: str, dim: int) -> None:
-    """Role: faissq's RPC loop for index NOOP_INDEX over an engine that does nothing."""
-    settings = settings_for(url, storage)
-    noop: Any = NoopEngine(dim)
-    RpcServer(settings, NOOP_INDEX, lambda: noop).run()
 
 
 def stats(lat_s: list[float]) -> dict[str, float]:
@@ -424,73 +337,8 @@ def draw(path: str, lat: dict[str, list[float]], conc: dict[str, list[float]]) -
     print(f"\nhistogram: {path}")
 
 
-class Rig:
-    """The processes of one run: Redis, a faissq worker, the no-op worker, a Celery worker."""
-
-    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
-        """Start Redis; nothing else yet."""
-        self.args = args
-        self.tmp = tmp
-        self.redis = EmbeddedRedis(tmp / "redis", unix_socket=args.transport == "unix",
-                                   persistent=False)  # fmt: skip
-        self.url = self.redis.start()
-        self.storage = str(tmp / "storage")
-        self.settings = settings_for(self.url, self.storage)
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> None:
-        """Start a child process logging to tmp/<name>.log."""
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-        full_env = {**os.environ, **(env or {})}
-        self.procs.append(
-            subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-        )
-
-    def start_all(self, reply_bytes: int) -> None:
-        """The faissq worker, the echo worker and the Celery worker."""
-        env = {"FAISSQ_REDIS__URL": self.url, "FAISSQ_STORAGE__URL": self.storage,
-               "FAISSQ_METRICS__ENABLED": "false", "FAISSQ_GPU__MODE": "off",
-               "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms),
-               "FAISSQ_RPC__SPIN_US": str(self.args.spin_us)}  # fmt: skip
-        self.spawn([sys.executable, "-m", "faissq", "worker", "--index", INDEX, "-l", "WARNING"],
-                   "faissq-worker", env)  # fmt: skip
-        me = [sys.executable, __file__, "--url", self.url, "--storage", self.storage]
-        self.spawn([*me, "--role", "echo", "--reply-bytes", str(reply_bytes)], "echo")
-        self.spawn([*me, "--role", "celery"], "celery")
-        self.spawn([*me, "--role", "noop-rpc", "--dim", str(self.args.dim)], "noop-rpc")
-
-    def client_processes(
-        self, n: int, seconds: float, k: int, nprobe: int
-    ) -> tuple[float, list[float]]:
-        """QPS and latencies of n client processes searching in a loop for `seconds` together."""
-        start = time.time() + 3.0  # time for every process to import and connect
-        me = [sys.executable, __file__, "--url", self.url, "--storage", self.storage,
-              "--role", "client", "--dim", str(self.args.dim), "--k", str(k),
-              "--nprobe", str(nprobe), "--seconds", str(seconds),
-              "--start", str(start)]  # fmt: skip
-        outs = [self.tmp / f"client-{uuid.uuid4().hex[:8]}.npy" for _ in range(n)]
-        procs = [subprocess.Popen([*me, "--seed", str(c), "--out", str(out)])
-                 for c, out in enumerate(outs)]  # fmt: skip
-        for proc in procs:
-            if proc.wait(timeout=seconds + 120) != 0:
-                raise SystemExit("a client process failed")
-        lat = [float(x) for out in outs for x in np.load(out)]
-        return len(lat) / seconds, lat
-
-    def stop(self) -> None:
-        """Terminate the children and Redis."""
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        self.redis.stop()
-
-
 def main() -> None:
-    """Parse arguments, run a role or the whole benchmark."""
+    """Parse arguments, run the whole benchmark."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -507,27 +355,7 @@ def main() -> None:
     ap.add_argument("--png", default="docs/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
-    ap.add_argument("--role", choices=["echo", "celery", "noop-rpc", "client"],
-                    help=argparse.SUPPRESS)  # fmt: skip
-    ap.add_argument("--start", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--url", help=argparse.SUPPRESS)
-    ap.add_argument("--storage", help=argparse.SUPPRESS)
-    ap.add_argument("--reply-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.role == "echo":
-        run_echo(args.url, args.reply_bytes)
-        return
-    if args.role == "noop-rpc":
-        run_noop_rpc(args.url, args.storage, args.dim)
-        return
-    if args.role == "celery":
-        run_celery_worker(args.url, args.storage)
-        return
-    if args.role == "client":
-        run_client(args)
-        return
     if args.quick:
         args.n, args.rounds, args.per_round, args.seconds = 20_000, 2, 200, 1.0
     with tempfile.TemporaryDirectory(prefix="faissq-rpc-bench-") as tmp:
