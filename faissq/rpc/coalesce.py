@@ -153,6 +153,13 @@ class Waiting:
         self.pending.remove(p)
         return True
 
+    def abandon(self, p: Pending) -> None:
+        """p's caller stopped waiting (cancelled): withdraw p; free a round trip it was given."""
+        if not p.taken and p in self.pending:
+            self.pending.remove(p)
+        if p.promoted:
+            self.step_down()
+
     def take(self, p: Pending) -> list[Pending]:
         """The oldest waiting searches of p's key up to max_rows rows; empty if p was taken."""
         if p.taken:
@@ -203,7 +210,13 @@ class Coalescer:
         """Search p's queries, merged with whatever else waits; raise its error."""
         with self._lock:
             self._waiting.join(p)
-        if not p.promoted and not p.turn.wait(p.remaining()):
+        try:
+            woken = p.promoted or p.turn.wait(p.remaining())
+        except BaseException:  # interrupted while waiting: leave nothing behind
+            with self._lock:
+                self._waiting.abandon(p)
+            raise
+        if not woken:
             with self._lock:
                 if self._waiting.give_up(p):
                     raise SearchTimeout("no round trip of this client was free before the deadline")
@@ -255,6 +268,9 @@ class AsyncCoalescer:
                     raise SearchTimeout(
                         "no round trip of this client was free before the deadline"
                     ) from None
+            except BaseException:  # cancelled while waiting: leave nothing behind
+                self._waiting.abandon(p)
+                raise
         if p.promoted:
             try:
                 batch = self._waiting.take(p)

@@ -176,3 +176,28 @@ def test_a_caller_goes_alone_only_while_nothing_waits_and_a_round_trip_is_free()
     c.done_alone()
     assert c.alone()
     c.done_alone()
+
+
+def test_a_cancelled_waiting_task_leaks_no_round_trip() -> None:
+    server = Server(delay_s=0.05)
+
+    async def run() -> Any:
+        c = AsyncCoalescer(server.call_async, max_in_flight=1)
+        opts = {"nprobe": 4}
+        key = merge_key(3, DIM, opts)
+        leader = asyncio.create_task(c.run(c.pending(query(1), 3, opts, key, 5.0)))
+        await asyncio.sleep(0.01)  # the leader's round trip is in flight
+        waiter = asyncio.create_task(c.run(c.pending(query(2), 3, opts, key, 5.0)))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (await leader).ids[0, 0] == 1
+        # the cancelled search is gone and no round trip is held: the next one runs at once
+        later = await asyncio.wait_for(c.run(c.pending(query(3), 3, opts, key, 5.0)), 1.0)
+        return later, c._waiting
+
+    later, waiting = asyncio.run(run())
+    assert later.ids[0, 0] == 3
+    assert waiting.leaders == 0 and not waiting.pending
+    assert server.calls == [1, 1]  # the cancelled query never went out
