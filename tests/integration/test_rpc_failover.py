@@ -68,6 +68,7 @@ def test_stalled_worker_times_out_then_is_busy_then_not_alive(
     assert client.search(q, 3).ids.shape == (1, 3)
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGSTOP)
+    wait_for(lambda: _all_stopped(worker.proc.pid), 5, "every thread of the worker stopped")
     try:
         # a stopped worker blocked in BLMPOP may still take one request into its socket buffer,
         # so the list fills after 3 or 4 searches; each of them times out, never hangs
@@ -97,6 +98,13 @@ def test_stalled_worker_times_out_then_is_busy_then_not_alive(
              "the stale requests counted as expired")  # fmt: skip
     r.close()
     client.close()
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of a process is stopped: SIGSTOP returns before they all are."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+    return all(state in "Tt" for state in states)
 
 
 def _try(client: SearchClient, q: np.ndarray) -> Any:
