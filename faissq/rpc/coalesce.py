@@ -248,6 +248,7 @@ class AsyncCoalescer:
         """search(member, queries, timeout_s) is one round trip; `max_in_flight` run at once."""
         self.search = search
         self._waiting = Waiting(max_in_flight, max_rows)
+        self._trips: set[asyncio.Future[None]] = set()  # round trips in flight (kept referenced)
 
     def alone(self) -> bool:
         """True when the caller may send its search directly; it must call `done_alone` after."""
@@ -272,14 +273,23 @@ class AsyncCoalescer:
                 self._waiting.abandon(p)
                 raise
         if p.promoted:
-            try:
-                batch = self._waiting.take(p)
-                if batch:
-                    await aserve(batch, self.search)
-            finally:
+            batch = self._waiting.take(p)
+            if not batch:
                 self._waiting.step_down()
+            else:
+                # the round trip answers every member: it runs as its own task, so cancelling
+                # this caller cancels only its wait, and the turn is handed on when it ends
+                trip = asyncio.ensure_future(aserve(batch, self.search))
+                self._trips.add(trip)
+                trip.add_done_callback(self._trip_done)
+                await asyncio.shield(trip)
         await p.done.wait()
         return p.answer()
+
+    def _trip_done(self, trip: asyncio.Future[None]) -> None:
+        """A merged round trip ended: free its slot for the next waiter."""
+        self._trips.discard(trip)
+        self._waiting.step_down()
 
     def pending(self, q: npt.NDArray[np.float32], k: int, options: dict[str, Any], key: Hashable,
                 timeout_s: float) -> Pending:  # fmt: skip

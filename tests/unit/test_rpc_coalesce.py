@@ -201,3 +201,29 @@ def test_a_cancelled_waiting_task_leaks_no_round_trip() -> None:
     assert later.ids[0, 0] == 3
     assert waiting.leaders == 0 and not waiting.pending
     assert server.calls == [1, 1]  # the cancelled query never went out
+
+
+def test_cancelling_a_leading_task_still_answers_the_rest_of_its_request() -> None:
+    server = Server(delay_s=0.05)
+
+    async def run() -> Any:
+        c = AsyncCoalescer(server.call_async, max_in_flight=1)
+        opts = {"nprobe": 4}
+        key = merge_key(3, DIM, opts)
+        first = asyncio.create_task(c.run(c.pending(query(1), 3, opts, key, 5.0)))
+        await asyncio.sleep(0.01)  # in flight alone; the next two wait and will be merged
+        lead = asyncio.create_task(c.run(c.pending(query(2), 3, opts, key, 5.0)))
+        other = asyncio.create_task(c.run(c.pending(query(3), 3, opts, key, 5.0)))
+        await first
+        await asyncio.sleep(0.01)  # lead now sends [2, 3]
+        lead.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lead
+        got = await asyncio.wait_for(other, 1.0)
+        later = await asyncio.wait_for(c.run(c.pending(query(4), 3, opts, key, 5.0)), 1.0)
+        return got, later, c._waiting
+
+    got, later, waiting = asyncio.run(run())
+    assert got.ids[0, 0] == 3 and later.ids[0, 0] == 4
+    assert waiting.leaders == 0 and not waiting.pending
+    assert server.calls == [1, 2, 1]
