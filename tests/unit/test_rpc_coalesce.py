@@ -66,6 +66,12 @@ def search(c: Coalescer, tag: int, k: int = 3, timeout_s: float = 5.0, q: Any = 
     return c.run(c.pending(q, k, opts, merge_key(k, DIM, opts), timeout_s))
 
 
+async def asearch(c: AsyncCoalescer, tag: int) -> Any:
+    """One asyncio search of `tag`'s row through the coalescer."""
+    opts = {"nprobe": 4}
+    return await c.run(c.pending(query(tag), 3, opts, merge_key(3, DIM, opts), 5.0))
+
+
 def test_concurrent_callers_share_requests_and_each_gets_its_own_rows() -> None:
     server = Server()
     c = Coalescer(server, max_in_flight=2)
@@ -158,11 +164,7 @@ def test_asyncio_callers_share_requests() -> None:
 
     async def run() -> list[Any]:
         c = AsyncCoalescer(server.call_async, max_in_flight=2)
-        opts = {"nprobe": 4}
-        key = merge_key(3, DIM, opts)
-        return await asyncio.gather(
-            *(c.run(c.pending(query(t), 3, opts, key, 5.0)) for t in range(100))
-        )
+        return await asyncio.gather(*(asearch(c, t) for t in range(100)))
 
     results = asyncio.run(run())
     assert [r.ids[0, 0] for r in results] == list(range(100))
@@ -183,18 +185,16 @@ def test_a_cancelled_waiting_task_leaks_no_round_trip() -> None:
 
     async def run() -> Any:
         c = AsyncCoalescer(server.call_async, max_in_flight=1)
-        opts = {"nprobe": 4}
-        key = merge_key(3, DIM, opts)
-        leader = asyncio.create_task(c.run(c.pending(query(1), 3, opts, key, 5.0)))
+        leader = asyncio.create_task(asearch(c, 1))
         await asyncio.sleep(0.01)  # the leader's round trip is in flight
-        waiter = asyncio.create_task(c.run(c.pending(query(2), 3, opts, key, 5.0)))
+        waiter = asyncio.create_task(asearch(c, 2))
         await asyncio.sleep(0.01)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
         assert (await leader).ids[0, 0] == 1
         # the cancelled search is gone and no round trip is held: the next one runs at once
-        later = await asyncio.wait_for(c.run(c.pending(query(3), 3, opts, key, 5.0)), 1.0)
+        later = await asyncio.wait_for(asearch(c, 3), 1.0)
         return later, c._waiting
 
     later, waiting = asyncio.run(run())
@@ -208,19 +208,17 @@ def test_cancelling_a_leading_task_still_answers_the_rest_of_its_request() -> No
 
     async def run() -> Any:
         c = AsyncCoalescer(server.call_async, max_in_flight=1)
-        opts = {"nprobe": 4}
-        key = merge_key(3, DIM, opts)
-        first = asyncio.create_task(c.run(c.pending(query(1), 3, opts, key, 5.0)))
+        first = asyncio.create_task(asearch(c, 1))
         await asyncio.sleep(0.01)  # in flight alone; the next two wait and will be merged
-        lead = asyncio.create_task(c.run(c.pending(query(2), 3, opts, key, 5.0)))
-        other = asyncio.create_task(c.run(c.pending(query(3), 3, opts, key, 5.0)))
+        lead = asyncio.create_task(asearch(c, 2))
+        other = asyncio.create_task(asearch(c, 3))
         await first
         await asyncio.sleep(0.01)  # lead now sends [2, 3]
         lead.cancel()
         with pytest.raises(asyncio.CancelledError):
             await lead
         got = await asyncio.wait_for(other, 1.0)
-        later = await asyncio.wait_for(c.run(c.pending(query(4), 3, opts, key, 5.0)), 1.0)
+        later = await asyncio.wait_for(asearch(c, 4), 1.0)
         return got, later, c._waiting
 
     got, later, waiting = asyncio.run(run())
