@@ -22,7 +22,7 @@ from faissq.rpc.client import (
     as_queries,
     rpc_of,
 )
-from faissq.rpc.coalesce import AsyncCoalescer, Pending, merge_key
+from faissq.rpc.coalesce import AsyncCoalescer, Pending, merge_key, mergeable
 
 
 class AsyncSearchClient:
@@ -73,7 +73,7 @@ class AsyncSearchClient:
             "deny_ids": deny_ids,
         }
         merging = self.coalescer
-        if merging is None or merge_key(k, 0, options) is None:
+        if merging is None or not mergeable(options):
             return await self._once(queries, k, timeout, options)
         if merging.alone():
             try:

@@ -32,7 +32,7 @@ from faissq.errors import (
     error_for_code,
 )
 from faissq.rpc import protocol
-from faissq.rpc.coalesce import Coalescer, Pending, merge_key
+from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
 
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
@@ -184,7 +184,7 @@ class SearchClient:
             "deny_ids": deny_ids,
         }
         merging = self.coalescer
-        if merging is None or merge_key(k, 0, options) is None:
+        if merging is None or not mergeable(options):
             return self._once(queries, k, timeout, options)
         if merging.alone():
             try:

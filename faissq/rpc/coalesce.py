@@ -298,8 +298,11 @@ class AsyncCoalescer:
                        asyncio.Event())  # fmt: skip
 
 
+def mergeable(options: dict[str, Any]) -> bool:
+    """Whether a search may share a request: not with its own allow or deny list."""
+    return options.get("allow_ids") is None and options.get("deny_ids") is None
+
+
 def merge_key(k: int, dim: int, options: dict[str, Any]) -> Hashable | None:
     """The merge key of a search, or None when it must travel alone (allow or deny lists)."""
-    if options.get("allow_ids") is not None or options.get("deny_ids") is not None:
-        return None
-    return (k, dim, tuple(sorted(options.items())))
+    return (k, dim, tuple(sorted(options.items()))) if mergeable(options) else None
