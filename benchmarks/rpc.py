@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import threading
@@ -266,7 +267,8 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
     s = {name: stats(v) for name, v in lat.items()}
     print(f"\nindex: {args.n:,} x {args.dim} {args.family}, nprobe {args.nprobe}, k {args.k}; "
           f"built by the worker in {build_s:.1f}s; transport {args.transport}; "
-          f"{args.rounds} interleaved rounds x {args.per_round} searches per row\n")  # fmt: skip
+          f"{args.rounds} interleaved rounds x {args.per_round} searches per row; "
+          f"{machine(args)}\n")  # fmt: skip
     print("| row | p50 ms | p90 ms | p99 ms | mean ms |")
     print("|---|---:|---:|---:|---:|")
     for name, label in ROWS.items():
@@ -304,10 +306,19 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
         frac = med[name] / med["inproc16"]
         print(f"- {label.split(' faissq')[0]} {med[name]:,.0f} QPS = {frac:.2f} x in-process "
               f"batch-16 vs 0.5x: {'met' if frac >= 0.5 else 'NOT met'}")  # fmt: skip
-    draw(args.png, lat, conc)
+    draw(args.png, lat, conc, machine(args))
 
 
-def draw(path: str, lat: dict[str, list[float]], conc: dict[str, list[float]]) -> None:
+def machine(args: argparse.Namespace) -> str:
+    """The machine and CPU split of this run, for the table header and the plot title."""
+    text = f"{os.cpu_count()}-CPU Linux machine"
+    if args.worker_cpus:
+        text += (f", worker on CPUs {','.join(map(str, sorted(args.worker_cpus)))}, "
+                 f"the rest of the run on {len(args.other_cpus)} others")  # fmt: skip
+    return text
+
+
+def draw(path: str, lat: dict[str, list[float]], conc: dict[str, list[float]], title: str) -> None:
     """Latency histograms on a log axis, one step line per row."""
     import matplotlib
 
@@ -329,12 +340,45 @@ def draw(path: str, lat: dict[str, list[float]], conc: dict[str, list[float]]) -
     ax.set_xscale("log")
     ax.set_xlabel("latency per search (ms, log scale)")
     ax.set_ylabel("fraction of searches")
-    ax.set_title("faissq search latency, 2-core Linux VM, no GPU")
+    ax.set_title(f"faissq search latency, {title}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"\nhistogram: {path}")
+
+
+def parse_cpus(text: str) -> set[int]:
+    """'0,1' or '0-3' (the kernel's CPU list format) -> a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def cpu_list(text: str) -> set[int]:
+    """--worker-cpus: a CPU list that leaves this machine other CPUs for the rest of the run."""
+    cpus = parse_cpus(text)
+    if not cpus or not cpus < os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(f"{text}: not a strict subset of the usable CPUs")
+    return cpus
+
+
+def pin_apart(worker_cpus: set[int]) -> set[int]:
+    """Keep this process (clients, Redis, baselines) off the worker's CPUs and their hyperthread
+    siblings; in-process FAISS gets as many threads as the worker has CPUs. Returns the rest."""
+    import faiss
+
+    near = set(worker_cpus)
+    for cpu in worker_cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        if siblings.exists():
+            near |= parse_cpus(siblings.read_text())
+    rest = os.sched_getaffinity(0) - near or os.sched_getaffinity(0) - worker_cpus
+    os.sched_setaffinity(0, rest)
+    faiss.omp_set_num_threads(len(worker_cpus))
+    return rest
 
 
 def main() -> None:
@@ -355,7 +399,13 @@ def main() -> None:
     ap.add_argument("--png", default="docs/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
+    pin_help = (
+        "pin the faissq worker to these CPUs and the rest of the run to the others; "
+        "in-process rows then use as many FAISS threads as the worker has CPUs"
+    )
+    ap.add_argument("--worker-cpus", type=cpu_list, metavar="0,1", help=pin_help)
     args = ap.parse_args()
+    args.other_cpus = pin_apart(args.worker_cpus) if args.worker_cpus else None
     if args.quick:
         args.n, args.rounds, args.per_round, args.seconds = 20_000, 2, 200, 1.0
     with tempfile.TemporaryDirectory(prefix="faissq-rpc-bench-") as tmp:

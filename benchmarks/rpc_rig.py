@@ -126,13 +126,14 @@ class Rig:
         self.settings = settings_for(self.url, self.storage)
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> None:
-        """Start a child process logging to tmp/<name>.log."""
+    def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None,
+              cpus: set[int] | None = None) -> None:  # fmt: skip
+        """Start a child process logging to tmp/<name>.log (pinned to `cpus` when given)."""
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
         full_env = {**os.environ, **(env or {})}
-        self.procs.append(
-            subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-        )
+        pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+        self.procs.append(subprocess.Popen(argv, env=full_env, stdout=log,
+                                           stderr=subprocess.STDOUT, preexec_fn=pin))  # fmt: skip
 
     def start_all(self, reply_bytes: int) -> None:
         """The faissq worker, the echo worker and the Celery worker."""
@@ -140,8 +141,11 @@ class Rig:
                "FAISSQ_METRICS__ENABLED": "false", "FAISSQ_GPU__MODE": "off",
                "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms),
                "FAISSQ_RPC__SPIN_US": str(self.args.spin_us)}  # fmt: skip
+        cpus = self.args.worker_cpus
+        if cpus:
+            env["OMP_NUM_THREADS"] = str(len(cpus))
         self.spawn([sys.executable, "-m", "faissq", "worker", "--index", INDEX, "-l", "WARNING"],
-                   "faissq-worker", env)  # fmt: skip
+                   "faissq-worker", env, cpus)  # fmt: skip
         me = [sys.executable, __file__, "--url", self.url, "--storage", self.storage]
         self.spawn([*me, "--role", "echo", "--reply-bytes", str(reply_bytes)], "echo")
         self.spawn([*me, "--role", "celery"], "celery")
