@@ -167,6 +167,7 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
     celery_search = bench_app(rig.settings).bench_search
     noop = SearchClient(rig.settings, NOOP_INDEX)
     r = redis.Redis.from_url(rig.url)
+    args.redis_version = r.info("server")["redis_version"]
     builder = RequestBuilder(INDEX, rig.settings.rpc)
     pure_pool = redis.ConnectionPool.from_url(rig.url, parser_class=_RESP2Parser)
     pure = SearchClient(rig.settings, INDEX, pool=pure_pool)
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
     single = SearchClient(settings_for(rig.url, rig.storage, coalesce=False), INDEX)
     qps: dict[str, list[float]] = {name: [] for name in ("inproc16", "inproc1", *QPS_ROWS)}
     conc: dict[str, list[float]] = {name: [] for name in QPS_ROWS}
+    cores: dict[str, list[float]] = {name: [] for name in QPS_ROWS}  # worker CPU / run length
     for _ in range(min(3, args.rounds)):
         qps["inproc16"].append(_inproc_qps(engine, queries, 16, k, nprobe, args.seconds))
         qps["inproc1"].append(_inproc_qps(engine, queries, 1, k, nprobe, args.seconds))
@@ -242,11 +244,13 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
             "procs16": lambda: rig.client_processes(16, args.seconds, k, nprobe),
         }  # fmt: skip
         for name, run_one in runs.items():
+            cpu0 = rig.worker_cpu_s()
             got, lats = run_one()
+            cores[name].append((rig.worker_cpu_s() - cpu0) / args.seconds)
             qps[name].append(got)
             conc[name] += lats
     workers = client.workers()
-    report(args, rig, lat, qps, conc, build_s, workers)
+    report(args, rig, lat, (qps, conc, cores), build_s, workers)
 
 
 def _inproc_qps(engine: Any, queries: np.ndarray, batch: int, k: int, nprobe: int,
@@ -261,27 +265,32 @@ def _inproc_qps(engine: Any, queries: np.ndarray, batch: int, k: int, nprobe: in
 
 
 def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
-           qps: dict[str, list[float]], conc: dict[str, list[float]], build_s: float,
+           load: tuple[dict[str, list[float]], ...], build_s: float,
            workers: list[dict[str, Any]]) -> None:  # fmt: skip
-    """Print the Markdown tables and the targets; write the histogram PNG."""
+    """Print the Markdown tables and the targets; write the histogram PNG.
+
+    load: per QPS row, the QPS of each run, the latencies, and the worker's CPU in cores."""
+    qps, conc, cores = load
     s = {name: stats(v) for name, v in lat.items()}
     print(f"\nindex: {args.n:,} x {args.dim} {args.family}, nprobe {args.nprobe}, k {args.k}; "
           f"built by the worker in {build_s:.1f}s; transport {args.transport}; "
           f"{args.rounds} interleaved rounds x {args.per_round} searches per row; "
-          f"{machine(args)}\n")  # fmt: skip
+          f"{machine(args)}; Redis {args.redis_version}; worker rpc.loops {args.loops}, "
+          f"spin_us {args.spin_us:g}, batch_window_ms {args.batch_window_ms:g}\n")  # fmt: skip
     print("| row | p50 ms | p90 ms | p99 ms | mean ms |")
     print("|---|---:|---:|---:|---:|")
     for name, label in ROWS.items():
         x = s[name]
         print(f"| {label} | {x['p50']:.3f} | {x['p90']:.3f} | {x['p99']:.3f} | {x['mean']:.3f} |")
     med = {name: float(np.median(v)) for name, v in qps.items()}
-    print("\n| throughput | QPS (median of runs) | p50 ms | p99 ms |")
-    print("|---|---:|---:|---:|")
-    print(f"| in-process engine.search, batch 16, one caller | {med['inproc16']:,.0f} | | |")
-    print(f"| in-process engine.search, batch 1, one caller | {med['inproc1']:,.0f} | | |")
+    print("\n| throughput | QPS (median of runs) | p50 ms | p99 ms | worker CPU, cores |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| in-process engine.search, batch 16, one caller | {med['inproc16']:,.0f} | | | |")
+    print(f"| in-process engine.search, batch 1, one caller | {med['inproc1']:,.0f} | | | |")
     for name, label in QPS_ROWS.items():
         x = stats(conc[name])
-        print(f"| {label} | {med[name]:,.0f} | {x['p50']:.3f} | {x['p99']:.3f} |")
+        busy = float(np.median(cores[name]))
+        print(f"| {label} | {med[name]:,.0f} | {x['p50']:.3f} | {x['p99']:.3f} | {busy:.2f} |")
     for w in workers:
         st = w["stats"]
         per_call = st["answered"] / max(1, st["batches"])
@@ -399,6 +408,7 @@ def main() -> None:
     ap.add_argument("--png", default="docs/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
+    ap.add_argument("--loops", type=int, default=1, help="the worker's rpc.loops")
     pin_help = (
         "pin the faissq worker to these CPUs and the rest of the run to the others; "
         "in-process rows then use as many FAISS threads as the worker has CPUs"

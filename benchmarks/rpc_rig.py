@@ -140,7 +140,8 @@ class Rig:
         env = {"FAISSQ_REDIS__URL": self.url, "FAISSQ_STORAGE__URL": self.storage,
                "FAISSQ_METRICS__ENABLED": "false", "FAISSQ_GPU__MODE": "off",
                "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms),
-               "FAISSQ_RPC__SPIN_US": str(self.args.spin_us)}  # fmt: skip
+               "FAISSQ_RPC__SPIN_US": str(self.args.spin_us),
+               "FAISSQ_RPC__LOOPS": str(self.args.loops)}  # fmt: skip
         cpus = self.args.worker_cpus
         if cpus:
             env["OMP_NUM_THREADS"] = str(len(cpus))
@@ -150,6 +151,11 @@ class Rig:
         self.spawn([*me, "--role", "echo", "--reply-bytes", str(reply_bytes)], "echo")
         self.spawn([*me, "--role", "celery"], "celery")
         self.spawn([*me, "--role", "noop-rpc", "--dim", str(self.args.dim)], "noop-rpc")
+
+    def worker_cpu_s(self) -> float:
+        """CPU seconds (user + system) the faissq worker process has used so far."""
+        fields = Path(f"/proc/{self.procs[0].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def client_processes(
         self, n: int, seconds: float, k: int, nprobe: int

@@ -178,26 +178,34 @@ class RpcServer:
         return items
 
     def _take(self, r: redis.Redis, n: int, *, block: bool) -> list[bytes]:
-        """Pop up to n requests from the right end (oldest first)."""
+        """Pop up to n requests from the right end (oldest first), in one round trip.
+
+        Redis 7: one BLMPOP (LMPOP). Before 7: BRPOP and RPOP written together; Redis holds the
+        RPOP behind the blocked BRPOP, so the rest of the list comes back with the first item.
+        """
+        conn: Any = r.connection
         if self._lmpop:
             args = ("BLMPOP", self._block_s) if block else ("LMPOP",)
-            conn: Any = r.connection
             conn.send_command(*args, 1, self.queue, "RIGHT", "COUNT", n)
-            self._read_acks(conn)  # answers to the last replies, queued ahead of this pop's
-            if block and self._spin_s:
-                until = time.perf_counter() + self._spin_s
-                while not conn.can_read(timeout=0) and time.perf_counter() < until:
-                    pass
-            got = conn.read_response()
+        elif block:
+            cmds: list[tuple[Any, ...]] = [("BRPOP", self.queue, self._block_s)]
+            if n > 1:
+                cmds.append(("RPOP", self.queue, n - 1))
+            conn.send_packed_command(conn.pack_commands(cmds))
+        else:
+            conn.send_command("RPOP", self.queue, n)
+        self._read_acks(conn)  # answers to the last replies, queued ahead of this pop's
+        if block and self._spin_s:
+            until = time.perf_counter() + self._spin_s
+            while not conn.can_read(timeout=0) and time.perf_counter() < until:
+                pass
+        got = conn.read_response()
+        if self._lmpop:
             return list(got[1]) if got else []
-        self._read_acks(r.connection)
         if not block:
-            return list(r.rpop(self.queue, n) or [])  # type: ignore[arg-type]
-        first = r.brpop([self.queue], timeout=self._block_s)
-        if not first:
-            return []
-        rest = r.rpop(self.queue, n - 1) if n > 1 else None
-        return [first[1], *(rest or [])]
+            return list(got or [])
+        rest = conn.read_response() if n > 1 else None  # may hold items even after a timeout
+        return [got[1], *(rest or [])] if got else list(rest or [])
 
     def handle(self, r: redis.Redis, raws: list[bytes]) -> Turn:
         """Answer a list of raw requests; the one place a turn's outcome is recorded."""
