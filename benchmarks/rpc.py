@@ -275,8 +275,8 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
     print(f"\nindex: {args.n:,} x {args.dim} {args.family}, nprobe {args.nprobe}, k {args.k}; "
           f"built by the worker in {build_s:.1f}s; transport {args.transport}; "
           f"{args.rounds} interleaved rounds x {args.per_round} searches per row; "
-          f"{machine(args)}; Redis {args.redis_version}; worker rpc.loops {args.loops}, "
-          f"spin_us {args.spin_us:g}, batch_window_ms {args.batch_window_ms:g}\n")  # fmt: skip
+          f"{machine(args)}; Redis {args.redis_version}; worker rpc.spin_us {args.spin_us:g}, "
+          f"rpc.batch_window_ms {args.batch_window_ms:g}\n")  # fmt: skip
     print("| row | p50 ms | p90 ms | p99 ms | mean ms |")
     print("|---|---:|---:|---:|---:|")
     for name, label in ROWS.items():
@@ -408,7 +408,6 @@ def main() -> None:
     ap.add_argument("--png", default="docs/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
-    ap.add_argument("--loops", type=int, default=1, help="the worker's rpc.loops")
     pin_help = (
         "pin the faissq worker to these CPUs and the rest of the run to the others; "
         "in-process rows then use as many FAISS threads as the worker has CPUs"

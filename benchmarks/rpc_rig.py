@@ -140,8 +140,7 @@ class Rig:
         env = {"FAISSQ_REDIS__URL": self.url, "FAISSQ_STORAGE__URL": self.storage,
                "FAISSQ_METRICS__ENABLED": "false", "FAISSQ_GPU__MODE": "off",
                "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms),
-               "FAISSQ_RPC__SPIN_US": str(self.args.spin_us),
-               "FAISSQ_RPC__LOOPS": str(self.args.loops)}  # fmt: skip
+               "FAISSQ_RPC__SPIN_US": str(self.args.spin_us)}  # fmt: skip
         cpus = self.args.worker_cpus
         if cpus:
             env["OMP_NUM_THREADS"] = str(len(cpus))

@@ -110,12 +110,6 @@ class RpcSettings(BaseModel):
     max_in_flight: int = Field(
         default=2, ge=1, description="Round trips one merging client runs at once."
     )
-    loops: int = Field(
-        default=1,
-        ge=1,
-        le=16,
-        description="Search loops per index: one can search while another waits on Redis.",
-    )
     spin_us: float = Field(
         default=0,
         ge=0,

@@ -37,17 +37,14 @@ class RpcService:
 
     def start(self, runtime: EngineSource) -> None:
         """Start one loop per served index (the runtime's on_ready hook)."""
-        loops = self.settings.rpc.loops
         for index in self.settings.worker.indexes:
             engine = functools.partial(runtime.engine, index)
             describe = functools.partial(runtime.role_status, index)
-            for n in range(loops):  # competing consumers of one list, like replicas
-                loop_id = self.worker_id if loops == 1 else f"{self.worker_id}/{n}"
-                server = RpcServer(
-                    self.settings, index, engine, worker_id=loop_id, describe=describe
-                )
-                server.metrics = metrics_of(runtime)  # metrics hook (faissq/metrics.py)
-                self.servers.append(server.start())
+            server = RpcServer(
+                self.settings, index, engine, worker_id=self.worker_id, describe=describe
+            )
+            server.metrics = metrics_of(runtime)  # metrics hook (faissq/metrics.py)
+            self.servers.append(server.start())
         log.info("rpc: serving %s as %s", ", ".join(self.settings.worker.indexes), self.worker_id)
 
     def stop(self) -> None:

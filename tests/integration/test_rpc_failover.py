@@ -55,26 +55,6 @@ def test_replicas_share_the_queue_and_one_survives_the_other(
     client.close()
 
 
-def test_two_loops_of_one_worker_both_answer_and_agree(
-    worker_factory: Any, index_name: str, job_settings: Settings
-) -> None:
-    worker = worker_factory([index_name], env={**FAST_BEAT, "FAISSQ_RPC__LOOPS": "2"}).start()
-    build(job_settings, index_name)
-    client = SearchClient(job_settings, index_name)
-    loops = wait_for(lambda: len(client.workers()) == 2 and client.workers(), 5, "two loops")
-    assert {w["pid"] for w in loops} == {worker.proc.pid}, "both loops live in the one process"
-    queries = vecs(40, seed=6)
-    want = client.search(queries, 5).ids  # one request: one loop answers all rows
-    answered_by: set[str] = set()
-    for _ in range(3):
-        for i in range(len(queries)):
-            got = client.search(queries[i], 5)
-            np.testing.assert_array_equal(got.ids[0], want[i])
-            answered_by.add(got.worker)
-    assert len(answered_by) == 2, "the loops compete for the request list"
-    client.close()
-
-
 def test_stalled_worker_times_out_then_is_busy_then_not_alive(
     worker_factory: Any, index_name: str, job_settings: Settings
 ) -> None:
