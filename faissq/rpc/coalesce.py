@@ -71,10 +71,11 @@ def deliver(batch: list[Pending], res: SearchResponse) -> None:
     """Split a merged reply by rows into each member's result."""
     row = 0
     timings = {**res.timings, "merged": len(batch)}
+    response = type(res)  # SearchResponse, built directly: dataclasses.replace costs more
     for p in batch:
         n = len(p.queries)
-        p.result = dataclasses.replace(
-            res, scores=res.scores[row : row + n], ids=res.ids[row : row + n], timings=timings
+        p.result = response(
+            res.scores[row : row + n], res.ids[row : row + n], res.version, res.worker, timings
         )
         row += n
 
@@ -263,7 +264,8 @@ class AsyncCoalescer:
         self._waiting.join(p)
         if not p.promoted:
             try:
-                await asyncio.wait_for(p.turn.wait(), p.remaining())
+                async with asyncio.timeout(p.remaining()):  # no extra task, unlike wait_for
+                    await p.turn.wait()
             except TimeoutError:
                 if self._waiting.give_up(p):
                     raise SearchTimeout(
