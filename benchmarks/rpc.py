@@ -37,7 +37,7 @@ from rpc_rig import ECHO, INDEX, NOOP_INDEX, Rig, bench_app, settings_for
 
 from faissq import codec
 from faissq.client import JobClient
-from faissq.config import Settings
+from faissq.config import RpcSettings, Settings
 from faissq.rpc import protocol
 from faissq.rpc.aio import AsyncSearchClient
 from faissq.rpc.client import RequestBuilder, SearchClient
@@ -404,7 +404,8 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=400, help="sequential searches per row/round")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each QPS run")
     ap.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
-    ap.add_argument("--batch-window-ms", type=float, default=0.2)
+    ap.add_argument("--batch-window-ms", type=float, default=RpcSettings().batch_window_ms,
+                    help="the worker's rpc.batch_window_ms")  # fmt: skip
     ap.add_argument("--png", default="docs/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")

@@ -96,7 +96,7 @@ class RpcSettings(BaseModel):
 
     max_batch: int = Field(default=64, ge=1, description="Requests popped per loop turn.")
     batch_window_ms: float = Field(
-        default=0.2, ge=0, description="Extra wait for more requests when the queue is busy."
+        default=0.0, ge=0, description="Extra wait for more requests when the queue is busy."
     )
     queue_max: int = Field(default=10_000, ge=1, description="Request list bound: above, busy.")
     heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="Heartbeat key lifetime.")
