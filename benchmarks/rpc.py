@@ -35,7 +35,7 @@ import redis
 from redis._parsers import _RESP2Parser
 from rpc_rig import ECHO, INDEX, NOOP_INDEX, Rig, bench_app, settings_for
 
-from faissq import codec
+from faissq import codec, keys
 from faissq.client import JobClient
 from faissq.config import RpcSettings, Settings
 from faissq.rpc import protocol
@@ -92,6 +92,27 @@ def concurrent_qps(
     return len(flat) / (time.perf_counter() - t0), flat
 
 
+def drain_qps(r: redis.Redis, queries: np.ndarray, k: int, nprobe: int, requests: int,
+              rows: int) -> tuple[float, list[float]]:  # fmt: skip
+    """Query rows per second the worker answers from a full request list (raw LPUSH, no client
+    in the loop): from the first push to the reply of the last request."""
+    msgs, last = [], ""
+    for i in range(requests):
+        rid = uuid.uuid4().hex
+        last = keys.reply_key(INDEX, rid)
+        at = (i * rows) % (len(queries) - rows)
+        msgs.append(protocol.encode_request(rid, last, time.time() + 600, k,
+                                            queries[at : at + rows], nprobe=nprobe))  # fmt: skip
+    t0 = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for msg in msgs:
+        pipe.lpush(keys.rpc_queue(INDEX), msg)
+    pipe.execute()
+    if r.brpop([last], timeout=600) is None:
+        raise SystemExit("the worker did not drain its request list")
+    return requests * rows / (time.perf_counter() - t0), []
+
+
 def async_qps(settings: Settings, queries: np.ndarray, k: int, nprobe: int, clients: int,
               seconds: float) -> tuple[float, list[float]]:  # fmt: skip
     """QPS and latencies of `clients` asyncio tasks searching in a loop for `seconds`."""
@@ -136,6 +157,8 @@ QPS_ROWS = {
     "rpc16_single": "(e2) faissq RPC, 16 client threads, one SearchClient, merging off",
     "async16_single": "(e3) faissq RPC, 16 asyncio tasks, merging off",
     "procs16": "(e4) faissq RPC, 16 client processes, one search at a time each",
+    "drain1": "(f1) the worker alone: one-row requests queued at once, no client waiting",
+    "drain16": "(f16) the worker alone: 16-row requests queued at once, no client waiting",
 }
 
 
@@ -226,6 +249,7 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
     qps: dict[str, list[float]] = {name: [] for name in ("inproc16", "inproc1", *QPS_ROWS)}
     conc: dict[str, list[float]] = {name: [] for name in QPS_ROWS}
     cores: dict[str, list[float]] = {name: [] for name in QPS_ROWS}  # worker CPU / run length
+    drained = {"drain1": int(5000 * args.seconds), "drain16": int(9600 * args.seconds)}  # rows
     for _ in range(min(3, args.rounds)):
         qps["inproc16"].append(_inproc_qps(engine, queries, 16, k, nprobe, args.seconds))
         qps["inproc1"].append(_inproc_qps(engine, queries, 1, k, nprobe, args.seconds))
@@ -242,11 +266,14 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
                 args.seconds,
             ),
             "procs16": lambda: rig.client_processes(16, args.seconds, k, nprobe),
+            "drain1": lambda: drain_qps(r, queries, k, nprobe, drained["drain1"], 1),
+            "drain16": lambda: drain_qps(r, queries, k, nprobe, drained["drain16"] // 16, 16),
         }  # fmt: skip
         for name, run_one in runs.items():
             cpu0 = rig.worker_cpu_s()
             got, lats = run_one()
-            cores[name].append((rig.worker_cpu_s() - cpu0) / args.seconds)
+            span = drained[name] / got if name in drained else args.seconds
+            cores[name].append((rig.worker_cpu_s() - cpu0) / span)
             qps[name].append(got)
             conc[name] += lats
     workers = client.workers()
@@ -288,9 +315,10 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
     print(f"| in-process engine.search, batch 16, one caller | {med['inproc16']:,.0f} | | | |")
     print(f"| in-process engine.search, batch 1, one caller | {med['inproc1']:,.0f} | | | |")
     for name, label in QPS_ROWS.items():
-        x = stats(conc[name])
         busy = float(np.median(cores[name]))
-        print(f"| {label} | {med[name]:,.0f} | {x['p50']:.3f} | {x['p99']:.3f} | {busy:.2f} |")
+        x = stats(conc[name]) if conc[name] else None
+        pct = f"{x['p50']:.3f} | {x['p99']:.3f}" if x else " | "
+        print(f"| {label} | {med[name]:,.0f} | {pct} | {busy:.2f} |")
     for w in workers:
         st = w["stats"]
         per_call = st["answered"] / max(1, st["batches"])

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from faissq import keys
 from faissq.config import Settings
 from faissq.errors import RemoteSearchError, RpcError, SearchTimeout
+from faissq.rpc import resp
 from faissq.rpc.client import (
     CONNECT_TIMEOUT_S,
     READ_GRACE_S,
@@ -105,7 +106,7 @@ class AsyncSearchClient:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RpcError(f"Redis unreachable: {exc}") from exc
         try:
-            await conn.send_packed_command(conn.pack_commands(prepared.commands))
+            await conn.send_packed_command(resp.pack(prepared.commands))
             try:
                 await conn.read_response()
             except redis.ResponseError as exc:

@@ -31,7 +31,7 @@ from faissq.errors import (
     SearchTimeout,
     error_for_code,
 )
-from faissq.rpc import protocol
+from faissq.rpc import protocol, resp
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
 
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
@@ -214,7 +214,7 @@ class SearchClient:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RpcError(f"Redis unreachable: {exc}") from exc
         try:
-            conn.send_packed_command(conn.pack_commands(prepared.commands))
+            conn.send_packed_command(resp.pack(prepared.commands))
             try:
                 conn.read_response()  # the script's answer: the reply key tells the rest
             except redis.ResponseError as exc:

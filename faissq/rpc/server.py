@@ -26,7 +26,7 @@ from faissq.config import Settings
 from faissq.errors import FaissqError
 from faissq.index.engine import Engine
 from faissq.metrics import Metrics, observe_turn
-from faissq.rpc import protocol
+from faissq.rpc import protocol, resp
 from faissq.rpc.batch import Outcome, search_all
 from faissq.rpc.stats import RpcStats, Turn
 
@@ -191,7 +191,7 @@ class RpcServer:
             cmds: list[tuple[Any, ...]] = [("BRPOP", self.queue, self._block_s)]
             if n > 1:
                 cmds.append(("RPOP", self.queue, n - 1))
-            conn.send_packed_command(conn.pack_commands(cmds))
+            conn.send_packed_command(resp.pack(cmds))
         else:
             conn.send_command("RPOP", self.queue, n)
         self._read_acks(conn)  # answers to the last replies, queued ahead of this pop's
@@ -286,7 +286,7 @@ class RpcServer:
         conn: Any = r.connection
         ttl = self.cfg.reply_ttl_s
         cmds = [c for key, data in replies for c in (("LPUSH", key, data), ("EXPIRE", key, ttl))]
-        conn.send_packed_command(conn.pack_commands(cmds))
+        conn.send_packed_command(resp.pack(cmds))
         self._acks += len(cmds)
 
     def _read_acks(self, conn: Any) -> None:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.connection import Connection
 
 from faissq import errors
 from faissq.config import IndexSettings
 from faissq.index.engine import Engine
-from faissq.rpc import protocol
+from faissq.rpc import protocol, resp
 from faissq.rpc.batch import search_all
 from faissq.rpc.client import as_queries, remote_error
 
@@ -256,3 +257,14 @@ def test_one_bad_request_never_fails_its_batch() -> None:
     assert outs[id(reqs[1])].error is not None
     assert outs[id(reqs[1])].error[0] == "dimension_mismatch"  # type: ignore[index]
     assert all(outs[id(reqs[i])].error is None for i in (0, 2))
+
+
+def test_resp_pack_writes_the_bytes_redis_py_writes() -> None:
+    commands = [
+        ("EVAL", "return 1", 3, "q", "alive", "reply:ab", b"\x00\xff" * 5000, 30, "ab"),
+        ("BRPOP", "reply:ab", 1.5),
+        ("LPUSH", "k\u00e9y", b""),
+        ("EXPIRE", "k\u00e9y", 30),
+    ]
+    want = b"".join(Connection().pack_commands(commands))
+    assert resp.pack(commands) == [want]

@@ -1,0 +1,15 @@
+"""RESP bytes of pipelined commands, packed by hiredis: a few µs less per search than redis-py's
+own packer, which checks and encodes every argument in Python."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import hiredis
+
+
+def pack(commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
+    """Every command (args: str, bytes, int or float) in one buffer, as send_packed_command
+    takes it (a list of buffers: redis-py iterates over what it is given)."""
+    return [b"".join([hiredis.pack_command(command) for command in commands])]
