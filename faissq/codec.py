@@ -19,6 +19,7 @@ from faissq.errors import InvalidParameter, PayloadTooLarge, PermanentError
 WIRE_DTYPES = frozenset({"<f4", "<f8", "<f2", "<i8", "<i4", "<u8", "<u4", "|u1", "|b1"})
 
 MAX_NDIM = 4  # vectors are 2-D, ids 1-D; anything deeper is a malformed message
+ITEMSIZE = {d: np.dtype(d).itemsize for d in WIRE_DTYPES}
 
 
 def pack_array(arr: npt.ArrayLike) -> dict[str, Any]:
@@ -45,10 +46,11 @@ def unpack_array(
     """Rebuild a read-only array from its frame, checking every field; bad frames raise `error`."""
     if not isinstance(obj, dict):
         raise error(f"{field} must be a map with dtype, shape and data, got {type(obj).__name__}")
-    missing = {"dtype", "shape", "data"} - obj.keys()
-    if missing:
-        raise error(f"{field} lacks {', '.join(sorted(missing))}")
-    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    try:
+        dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    except KeyError:
+        missing = {"dtype", "shape", "data"} - obj.keys()
+        raise error(f"{field} lacks {', '.join(sorted(missing))}") from None
     if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
         raise error(f"{field}.dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
     if dtypes is not None and dtype not in dtypes:
@@ -56,13 +58,12 @@ def unpack_array(
     shape_t = check_shape(shape, field=field, ndim=ndim, error=error)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise error(f"{field}.data must be raw bytes, got {type(data).__name__}")
-    itemsize = np.dtype(dtype).itemsize
-    expected = math.prod(shape_t) * itemsize
+    expected = math.prod(shape_t) * ITEMSIZE[dtype]
     if max_bytes is not None and max(expected, len(data)) > max_bytes:
         raise PayloadTooLarge(f"{field} holds {max(expected, len(data))} bytes, cap {max_bytes}")
     if len(data) != expected:
         raise error(f"{field}.data has {len(data)} bytes, shape {list(shape_t)} needs {expected}")
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape_t)
+    return np.frombuffer(data, dtype=dtype).reshape(shape_t)
 
 
 def check_shape(
@@ -75,11 +76,12 @@ def check_shape(
     """Return a shape as a tuple of non-negative ints, or raise `error` naming the field."""
     if not isinstance(shape, list | tuple) or not 0 < len(shape) <= MAX_NDIM:
         raise error(f"{field}.shape must be a list of 1..{MAX_NDIM} integers, got {shape!r}")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
-        raise error(f"{field}.shape must hold non-negative integers, got {shape!r}")
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise error(f"{field}.shape must hold non-negative integers, got {shape!r}")
     if ndim is not None and len(shape) != ndim:
         raise error(f"{field} must be {ndim}-D, got shape {list(shape)}")
-    return tuple(int(s) for s in shape)
+    return tuple(map(int, shape))
 
 
 def dumps(obj: Any) -> bytes:
