@@ -24,6 +24,8 @@ ITEMSIZE = {d: np.dtype(d).itemsize for d in WIRE_DTYPES}
 
 def pack_array(arr: npt.ArrayLike) -> dict[str, Any]:
     """Frame an array as dtype + shape + raw little-endian C-order bytes."""
+    if type(arr) is np.ndarray and arr.dtype.str in WIRE_DTYPES:  # the usual case, checked once
+        return {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
     a = np.asarray(arr)
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
         a = a.astype(a.dtype.newbyteorder("<"))
