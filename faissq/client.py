@@ -18,9 +18,10 @@ from celery.result import AsyncResult
 from faissq import codec, keys
 from faissq.config import Settings
 from faissq.errors import StorageUnavailable
+from faissq.storage import incoming
 from faissq.worker.app import make_celery_app
 
-INCOMING = "incoming"  # folder under the storage root where clients drop .npy batches
+INCOMING = incoming.FOLDER  # under the storage root: where clients drop .npy batches
 
 
 def put_vectors(

@@ -29,6 +29,11 @@ class StorageSettings(BaseModel):
     )
     retention: int = Field(default=3, ge=1, description="Snapshot versions kept per index.")
     fsync: bool = Field(default=True, description="fsync log entries and snapshot files.")
+    incoming_ttl_s: float = Field(
+        default=7 * 86_400,
+        ge=0,
+        description="incoming/ files older than this are deleted after a snapshot; 0 keeps them.",
+    )
 
 
 class IndexSettings(BaseModel):

@@ -7,4 +7,5 @@ snapshots.py   versioned snapshots, manifest, CURRENT pointer, retention, fallba
 recovery.py    load the newest good snapshot, replay the log after it (reads only)
 store.py       DurableStore: what the worker runtime calls (recover, append, save)
 admin.py       operator actions: ls, verify, restore
+incoming.py    the incoming/ folder of vectors by reference, swept by age after snapshots
 """

@@ -77,20 +77,30 @@ class Storage:
         with storage_errors("stat", path):
             return bool(self.fs.exists(path))
 
-    def listdir(self, path: str) -> list[str]:
-        """Return the base names in a folder, sorted, without unfinished temp files."""
+    def listdir(self, path: str, *, temps: bool = False) -> list[str]:
+        """Return the base names in a folder, sorted, without unfinished temp files (unless
+        `temps`: a sweeper wants those too)."""
         with storage_errors("list", path):
             try:
                 entries = self.fs.ls(path, detail=False)
             except FileNotFoundError:
                 return []
         names = (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        return sorted(n for n in names if n and not n.startswith(TMP_PREFIX))
+        return sorted(n for n in names if n and (temps or not n.startswith(TMP_PREFIX)))
 
     def read_bytes(self, path: str) -> bytes:
         """Read a whole (small) file; FileNotFoundError passes through unchanged."""
         with storage_errors("read", path):
             return bytes(self.fs.cat_file(path))
+
+    def modified(self, path: str) -> float | None:
+        """A file's last modification as a Unix time; None when it is gone or the backend
+        cannot say."""
+        with storage_errors("stat", path):
+            try:
+                return float(self.fs.modified(path).timestamp())
+            except (FileNotFoundError, NotImplementedError, AttributeError):
+                return None
 
     def size(self, path: str) -> int:
         """Return a file's size in bytes."""

@@ -14,8 +14,9 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq.config import Settings
-from faissq.errors import InvalidParameter
+from faissq.errors import InvalidParameter, StorageUnavailable
 from faissq.index.engine import Engine
+from faissq.storage import incoming
 from faissq.storage.fs import Storage
 from faissq.storage.log import Appended, LogWriter, Op, UpdateLog
 from faissq.storage.recovery import Recovered, recover
@@ -95,6 +96,11 @@ class DurableStore:
         info = store.save(engine.export(), seq)
         oldest = min((i.seq for i in store.ls()), default=seq)
         removed = w.truncate(oldest)
+        try:
+            swept = incoming.sweep(self.storage, self.settings.storage.incoming_ttl_s)
+        except StorageUnavailable as exc:  # the snapshot is safe; sweeping waits for the next
+            log.warning("incoming/ not swept: %s", exc)
+            swept = 0
         return {
             "version": info.version,
             "seq": info.seq,
@@ -102,6 +108,7 @@ class DurableStore:
             "ntotal": info.ntotal,
             "log_truncated_upto": w.log.truncation().upto,
             "log_entries_removed": removed,
+            "incoming_removed": swept,
             "persisted": True,
         }
 
