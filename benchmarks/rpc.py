@@ -6,12 +6,14 @@ its snapshot for the in-process and Celery rows):
     python benchmarks/rpc.py                    # 100k x 128 IVF-Flat, TCP loopback
     python benchmarks/rpc.py --transport unix   # same over a unix socket
     python benchmarks/rpc.py --quick            # 20k vectors, fewer rounds
+    python benchmarks/rpc.py --worker-cpus 0,1  # worker on CPUs 0-1, the rest on the others
 
 Rows: (a) engine.search batch 1; (b) bare redis-py LPUSH then BRPOP with the same request
 bytes, answered by a no-op worker with a reply of the same size; (c) faissq SearchClient;
 (d) the same search as a Celery task, delay().get(); (e) faissq RPC under 16 concurrent
 clients (threads and asyncio tasks of one client, merging on and off; 16 client processes) vs
-in-process batch-16 QPS. Variants measure each optimisation (pipelining, hiredis), and (a'')
+in-process batch-16 QPS; (f1)/(f16) the worker alone, draining a list filled at once with
+one-row or 16-row requests. Variants measure each optimisation (pipelining, hiredis), and (a'')
 runs the in-process search with a Redis PING between calls, the cache state a served search has.
 Scenarios are interleaved round by round so that load from other jobs hits all of them alike.
 """
