@@ -93,6 +93,11 @@ class Storage:
         with storage_errors("read", path):
             return bytes(self.fs.cat_file(path))
 
+    def is_file(self, path: str) -> bool:
+        """Say whether a path is a file (not a folder, not missing)."""
+        with storage_errors("stat", path):
+            return bool(self.fs.isfile(path))
+
     def modified(self, path: str) -> float | None:
         """A file's last modification as a Unix time; None when it is gone or the backend
         cannot say."""

@@ -29,7 +29,7 @@ def sweep(storage: Storage, max_age_s: float, *, now: float | None = None) -> in
     for name in storage.listdir(folder, temps=True):
         path = f"{folder}/{name}"
         written = storage.modified(path)
-        if written is not None and now - written > max_age_s and storage.fs.isfile(path):
+        if written is not None and now - written > max_age_s and storage.is_file(path):
             storage.remove(path)
             removed += 1
     if removed:
