@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+from storage_support import can_make_read_only, read_only
 
 from faissq.client import put_vectors
 from faissq.config import Settings, StorageSettings
@@ -63,3 +65,22 @@ def test_a_zero_ttl_keeps_every_file(tmp_path: Path) -> None:
 
 def test_no_incoming_folder_is_nothing_to_sweep(tmp_path: Path) -> None:
     assert incoming.sweep(Storage.from_url(str(tmp_path)), DAY) == 0
+
+
+def test_a_sweep_that_cannot_delete_does_not_fail_the_snapshot(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    if not can_make_read_only(tmp_path):
+        pytest.skip("this filesystem cannot be made read-only here")
+    settings = Settings(storage=StorageSettings(url=str(root), incoming_ttl_s=DAY))
+    vecs = np.random.default_rng(2).random((200, 8), dtype=np.float32)
+    old = root / put_vectors(settings, vecs)["path"]
+    age(old, 2 * DAY)
+    durable = DurableStore(settings)
+    eng = Engine(8, settings.index, "default")
+    eng.build(vecs, np.arange(200, dtype=np.int64))
+    try:
+        with read_only(root / "incoming"):
+            report = durable.save("default", eng)
+    finally:
+        durable.close()
+    assert report["persisted"] is True and report["incoming_removed"] == 0 and old.exists()
