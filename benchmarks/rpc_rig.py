@@ -127,13 +127,15 @@ class Rig:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None,
-              cpus: set[int] | None = None) -> None:  # fmt: skip
+              cpus: set[int] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
         """Start a child process logging to tmp/<name>.log (pinned to `cpus` when given)."""
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
         full_env = {**os.environ, **(env or {})}
         pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
-        self.procs.append(subprocess.Popen(argv, env=full_env, stdout=log,
-                                           stderr=subprocess.STDOUT, preexec_fn=pin))  # fmt: skip
+        proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=pin)  # fmt: skip
+        self.procs.append(proc)
+        return proc
 
     def start_all(self, reply_bytes: int) -> None:
         """The faissq worker, the echo worker and the Celery worker."""
@@ -144,8 +146,8 @@ class Rig:
         cpus = self.args.worker_cpus
         if cpus:
             env["OMP_NUM_THREADS"] = str(len(cpus))
-        self.spawn([sys.executable, "-m", "faissq", "worker", "--index", INDEX, "-l", "WARNING"],
-                   "faissq-worker", env, cpus)  # fmt: skip
+        argv = [sys.executable, "-m", "faissq", "worker", "--index", INDEX, "-l", "WARNING"]
+        self.worker = self.spawn(argv, "faissq-worker", env, cpus)
         me = [sys.executable, __file__, "--url", self.url, "--storage", self.storage]
         self.spawn([*me, "--role", "echo", "--reply-bytes", str(reply_bytes)], "echo")
         self.spawn([*me, "--role", "celery"], "celery")
@@ -153,7 +155,7 @@ class Rig:
 
     def worker_cpu_s(self) -> float:
         """CPU seconds (user + system) the faissq worker process has used so far."""
-        fields = Path(f"/proc/{self.procs[0].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def client_processes(

@@ -77,26 +77,38 @@ class Storage:
         with storage_errors("stat", path):
             return bool(self.fs.exists(path))
 
-    def listdir(self, path: str, *, temps: bool = False) -> list[str]:
-        """Return the base names in a folder, sorted, without unfinished temp files (unless
-        `temps`: a sweeper wants those too)."""
+    def listdir(self, path: str) -> list[str]:
+        """Return the base names in a folder, sorted, without unfinished temp files."""
         with storage_errors("list", path):
             try:
                 entries = self.fs.ls(path, detail=False)
             except FileNotFoundError:
                 return []
         names = (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        return sorted(n for n in names if n and (temps or not n.startswith(TMP_PREFIX)))
+        return sorted(n for n in names if n and not n.startswith(TMP_PREFIX))
+
+    def files_modified(self, path: str) -> list[tuple[str, float | None]]:
+        """Every file in a folder (temp files too) with its last modification as a Unix time,
+        from one listing; None where the listing does not say (see `modified`)."""
+        with storage_errors("list", path):
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return []
+        out = []
+        for e in entries:
+            if e.get("type") != "file":
+                continue
+            when = e.get("mtime", e.get("LastModified"))
+            stamp = when.timestamp() if hasattr(when, "timestamp") else when
+            name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+            out.append((name, float(stamp) if isinstance(stamp, int | float) else None))
+        return sorted(out)
 
     def read_bytes(self, path: str) -> bytes:
         """Read a whole (small) file; FileNotFoundError passes through unchanged."""
         with storage_errors("read", path):
             return bytes(self.fs.cat_file(path))
-
-    def is_file(self, path: str) -> bool:
-        """Say whether a path is a file (not a folder, not missing)."""
-        with storage_errors("stat", path):
-            return bool(self.fs.isfile(path))
 
     def modified(self, path: str) -> float | None:
         """A file's last modification as a Unix time; None when it is gone or the backend

@@ -26,10 +26,11 @@ def sweep(storage: Storage, max_age_s: float, *, now: float | None = None) -> in
     folder = storage.path(FOLDER)
     now = time.time() if now is None else now
     removed = 0
-    for name in storage.listdir(folder, temps=True):
+    for name, written in storage.files_modified(folder):  # one listing, no stat per file
         path = f"{folder}/{name}"
-        written = storage.modified(path)
-        if written is not None and now - written > max_age_s and storage.is_file(path):
+        if written is None:
+            written = storage.modified(path)
+        if written is not None and now - written > max_age_s:
             storage.remove(path)
             removed += 1
     if removed:
