@@ -188,6 +188,33 @@ class Waiting:
                 q.turn.set()
 
 
+class ThreadFlag:
+    """A one-shot thread signal: one held lock that set() releases; lighter than threading.Event,
+    whose Condition adds a second lock and a handoff. The coalescer orders every set() of a flag
+    (under its lock, or after the member was taken), so two never race."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        """A flag, not set."""
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        """Wake the waiter (again: nothing happens)."""
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set or `timeout` seconds passed; whether it was set."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()  # stays set for a later wait
+        return True
+
+
 class Coalescer:
     """Merges the concurrent searches of one SearchClient (threads)."""
 
@@ -235,9 +262,29 @@ class Coalescer:
 
     def pending(self, q: npt.NDArray[np.float32], k: int, options: dict[str, Any], key: Hashable,
                 timeout_s: float) -> Pending:  # fmt: skip
-        """A Pending with thread events."""
-        return Pending(q, k, options, key, time.monotonic() + timeout_s, threading.Event(),
-                       threading.Event())  # fmt: skip
+        """A Pending with thread flags."""
+        return Pending(q, k, options, key, time.monotonic() + timeout_s, ThreadFlag(),
+                       ThreadFlag())  # fmt: skip
+
+
+class Flag:
+    """A one-shot asyncio signal: one future, set once; cheaper than asyncio.Event's waiters."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A flag of `loop`, not set."""
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        """Wake the waiter (again: nothing happens)."""
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def expire(self) -> None:
+        """The waiter's deadline passed: it wakes with TimeoutError unless set before."""
+        if not self.future.done():
+            self.future.set_exception(TimeoutError())
 
 
 class AsyncCoalescer:
@@ -263,9 +310,11 @@ class AsyncCoalescer:
         """Search p's queries, merged with whatever else waits; raise its error."""
         self._waiting.join(p)
         if not p.promoted:
+            turn: Flag = p.turn
+            # a plain timer, not asyncio.timeout: no Timeout object, no task uncancel dance
+            timer = asyncio.get_running_loop().call_later(p.remaining(), turn.expire)
             try:
-                async with asyncio.timeout(p.remaining()):  # no extra task, unlike wait_for
-                    await p.turn.wait()
+                await turn.future
             except TimeoutError:
                 if self._waiting.give_up(p):
                     raise SearchTimeout(
@@ -274,6 +323,8 @@ class AsyncCoalescer:
             except BaseException:  # cancelled while waiting: leave nothing behind
                 self._waiting.abandon(p)
                 raise
+            finally:
+                timer.cancel()
         if p.promoted:
             batch = self._waiting.take(p)
             if not batch:
@@ -285,7 +336,7 @@ class AsyncCoalescer:
                 self._trips.add(trip)
                 trip.add_done_callback(self._trip_done)
                 await asyncio.shield(trip)
-        await p.done.wait()
+        await p.done.future
         return p.answer()
 
     def _trip_done(self, trip: asyncio.Future[None]) -> None:
@@ -295,9 +346,9 @@ class AsyncCoalescer:
 
     def pending(self, q: npt.NDArray[np.float32], k: int, options: dict[str, Any], key: Hashable,
                 timeout_s: float) -> Pending:  # fmt: skip
-        """A Pending with asyncio events."""
-        return Pending(q, k, options, key, time.monotonic() + timeout_s, asyncio.Event(),
-                       asyncio.Event())  # fmt: skip
+        """A Pending with asyncio flags."""
+        loop = asyncio.get_running_loop()
+        return Pending(q, k, options, key, time.monotonic() + timeout_s, Flag(loop), Flag(loop))
 
 
 def mergeable(options: dict[str, Any]) -> bool:

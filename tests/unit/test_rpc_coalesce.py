@@ -13,7 +13,7 @@ import pytest
 
 from faissq.errors import IndexBusy, InvalidVectors, SearchTimeout
 from faissq.rpc.client import SearchResponse
-from faissq.rpc.coalesce import AsyncCoalescer, Coalescer, Pending, merge_key
+from faissq.rpc.coalesce import AsyncCoalescer, Coalescer, Flag, Pending, ThreadFlag, merge_key
 
 DIM = 4
 
@@ -157,6 +157,49 @@ def test_a_waiting_caller_times_out_and_is_never_sent() -> None:
         gate.set()
         assert first.result().ids.tolist() == [[1, 1, 1]]
     assert server.calls == [1]  # the timed-out caller's query never went out
+
+
+def test_an_asyncio_caller_waiting_past_its_deadline_times_out_and_is_never_sent() -> None:
+    server = Server(delay_s=0.2)
+
+    async def run() -> Any:
+        c = AsyncCoalescer(server.call_async, max_in_flight=1)
+        leader = asyncio.create_task(asearch(c, 1))
+        await asyncio.sleep(0.01)  # the only round trip is in flight for 0.2 s
+        opts = {"nprobe": 4}
+        with pytest.raises(SearchTimeout):
+            await c.run(c.pending(query(2), 3, opts, merge_key(3, DIM, opts), 0.05))
+        return await leader, c._waiting
+
+    first, waiting = asyncio.run(run())
+    assert first.ids[0, 0] == 1
+    assert waiting.leaders == 0 and not waiting.pending
+    assert server.calls == [1]  # the timed-out caller's query never went out
+
+
+def test_flags_wake_once_stay_set_and_time_out() -> None:
+    flag = ThreadFlag()
+    assert not flag.wait(0.01)
+    threading.Timer(0.02, flag.set).start()
+    assert flag.wait(5)
+    flag.set()  # a second set changes nothing
+    assert flag.wait(0) and flag.wait()
+
+    async def run() -> list[str]:
+        seen = []
+        for fire in ("set", "expire"):
+            f = Flag(asyncio.get_running_loop())
+            asyncio.get_running_loop().call_later(0.01, getattr(f, fire))
+            try:
+                await f.future
+                seen.append("woken")
+            except TimeoutError:
+                seen.append("expired")
+            f.set()  # after either: nothing happens
+            f.expire()
+        return seen
+
+    assert asyncio.run(run()) == ["woken", "expired"]
 
 
 def test_asyncio_callers_share_requests() -> None:
