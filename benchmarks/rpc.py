@@ -6,7 +6,7 @@ its snapshot for the in-process and Celery rows):
     python benchmarks/rpc.py                    # 100k x 128 IVF-Flat, TCP loopback
     python benchmarks/rpc.py --transport unix   # same over a unix socket
     python benchmarks/rpc.py --quick            # 20k vectors, fewer rounds
-    python benchmarks/rpc.py --worker-cpus 0,1  # worker on CPUs 0-1, the rest on the others
+    python benchmarks/rpc.py --worker-cpus 1    # workers on CPU 1; clients and Redis on the rest
 
 Rows: (a) engine.search batch 1; (b) bare redis-py LPUSH then BRPOP with the same request
 bytes, answered by a no-op worker with a reply of the same size; (c) faissq SearchClient;
@@ -352,8 +352,8 @@ def machine(args: argparse.Namespace) -> str:
     """The machine and CPU split of this run, for the table header and the plot title."""
     text = f"{os.cpu_count()}-CPU Linux machine"
     if args.worker_cpus:
-        text += (f", worker on CPUs {','.join(map(str, sorted(args.worker_cpus)))}, "
-                 f"the rest of the run on {len(args.other_cpus)} others")  # fmt: skip
+        text += (f", workers on CPUs {','.join(map(str, sorted(args.worker_cpus)))}, "
+                 f"clients and Redis on {len(args.other_cpus)} others")  # fmt: skip
     return text
 
 
@@ -405,8 +405,9 @@ def cpu_list(text: str) -> set[int]:
 
 
 def pin_apart(worker_cpus: set[int]) -> set[int]:
-    """Keep this process (clients, Redis, baselines) off the worker's CPUs and their hyperthread
-    siblings; in-process FAISS gets as many threads as the worker has CPUs. Returns the rest."""
+    """Keep this process (clients, Redis, in-process rows) off the workers' CPUs and their
+    hyperthread siblings; in-process FAISS gets as many threads as the worker has CPUs.
+    Returns the rest."""
     import faiss
 
     near = set(worker_cpus)
@@ -440,8 +441,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
     pin_help = (
-        "pin the faissq worker to these CPUs and the rest of the run to the others; "
-        "in-process rows then use as many FAISS threads as the worker has CPUs"
+        "pin the workers (faissq's and the baselines' no-op, echo and Celery workers) to these "
+        "CPUs, the clients, Redis and the in-process rows to the others; in-process rows then "
+        "use as many FAISS threads as the worker has CPUs"
     )
     ap.add_argument("--worker-cpus", type=cpu_list, metavar="0,1", help=pin_help)
     args = ap.parse_args()

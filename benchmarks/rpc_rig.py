@@ -149,9 +149,12 @@ class Rig:
         argv = [sys.executable, "-m", "faissq", "worker", "--index", INDEX, "-l", "WARNING"]
         self.worker = self.spawn(argv, "faissq-worker", env, cpus)
         me = [sys.executable, __file__, "--url", self.url, "--storage", self.storage]
-        self.spawn([*me, "--role", "echo", "--reply-bytes", str(reply_bytes)], "echo")
-        self.spawn([*me, "--role", "celery"], "celery")
-        self.spawn([*me, "--role", "noop-rpc", "--dim", str(self.args.dim)], "noop-rpc")
+        # the baselines' workers answer where faissq's does: (b), (c0) and (d) then compare
+        # like with like, and none of them takes CPU from the clients and Redis
+        self.spawn([*me, "--role", "echo", "--reply-bytes", str(reply_bytes)], "echo", env, cpus)
+        self.spawn([*me, "--role", "celery"], "celery", env, cpus)
+        self.spawn([*me, "--role", "noop-rpc", "--dim", str(self.args.dim)], "noop-rpc", env,
+                   cpus)  # fmt: skip
 
     def worker_cpu_s(self) -> float:
         """CPU seconds (user + system) the faissq worker process has used so far."""
