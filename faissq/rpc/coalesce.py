@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -297,6 +298,8 @@ class AsyncCoalescer:
         self.search = search
         self._waiting = Waiting(max_in_flight, max_rows)
         self._trips: set[asyncio.Future[None]] = set()  # round trips in flight (kept referenced)
+        self._sweep: asyncio.TimerHandle | None = None  # wakes waiters whose deadline passed
+        self._sweep_at = math.inf  # the deadline (time.monotonic) it is set for
 
     def alone(self) -> bool:
         """True when the caller may send its search directly; it must call `done_alone` after."""
@@ -310,11 +313,9 @@ class AsyncCoalescer:
         """Search p's queries, merged with whatever else waits; raise its error."""
         self._waiting.join(p)
         if not p.promoted:
-            turn: Flag = p.turn
-            # a plain timer, not asyncio.timeout: no Timeout object, no task uncancel dance
-            timer = asyncio.get_running_loop().call_later(p.remaining(), turn.expire)
+            self._watch(p)
             try:
-                await turn.future
+                await p.turn.future
             except TimeoutError:
                 if self._waiting.give_up(p):
                     raise SearchTimeout(
@@ -323,8 +324,6 @@ class AsyncCoalescer:
             except BaseException:  # cancelled while waiting: leave nothing behind
                 self._waiting.abandon(p)
                 raise
-            finally:
-                timer.cancel()
         if p.promoted:
             batch = self._waiting.take(p)
             if not batch:
@@ -338,6 +337,30 @@ class AsyncCoalescer:
                 await asyncio.shield(trip)
         await p.done.future
         return p.answer()
+
+    def _watch(self, p: Pending) -> None:
+        """Have p's wait end by its deadline: one timer serves every waiter, set for the earliest
+        deadline, instead of a timer per search (each costs a heap push and a cancel)."""
+        if p.deadline < self._sweep_at:
+            if self._sweep is not None:
+                self._sweep.cancel()
+            self._sweep_at = p.deadline
+            self._sweep = asyncio.get_running_loop().call_later(p.remaining(), self._expire)
+
+    def _expire(self) -> None:
+        """The earliest deadline came: wake the waiters past theirs; watch the next one."""
+        self._sweep, self._sweep_at = None, math.inf
+        now = time.monotonic()
+        nxt: Pending | None = None
+        for q in self._waiting.pending:
+            if q.promoted or q.taken:
+                continue
+            if q.deadline <= now:
+                q.turn.expire()
+            elif nxt is None or q.deadline < nxt.deadline:
+                nxt = q
+        if nxt is not None:
+            self._watch(nxt)
 
     def _trip_done(self, trip: asyncio.Future[None]) -> None:
         """A merged round trip ended: free its slot for the next waiter."""

@@ -177,6 +177,36 @@ def test_an_asyncio_caller_waiting_past_its_deadline_times_out_and_is_never_sent
     assert server.calls == [1]  # the timed-out caller's query never went out
 
 
+def test_a_later_caller_with_a_shorter_timeout_times_out_first() -> None:
+    server = Server(delay_s=0.5)
+
+    async def run() -> Any:
+        c = AsyncCoalescer(server.call_async, max_in_flight=1)
+        leader = asyncio.create_task(asearch(c, 1))
+        await asyncio.sleep(0.01)  # the only round trip is in flight for 0.5 s
+        opts = {"nprobe": 4}
+
+        def waiter(tag: int, timeout_s: float) -> Any:
+            key = merge_key(3, DIM, opts)
+            return asyncio.create_task(c.run(c.pending(query(tag), 3, opts, key, timeout_s)))
+
+        patient = waiter(2, 0.3)
+        await asyncio.sleep(0.01)
+        hasty = waiter(3, 0.05)  # joins later, its deadline comes first
+        with pytest.raises(SearchTimeout):
+            await hasty
+        still_waiting = not patient.done()
+        with pytest.raises(SearchTimeout):
+            await patient
+        return still_waiting, await leader, c._waiting
+
+    still_waiting, first, waiting = asyncio.run(run())
+    assert still_waiting  # the short deadline did not end the longer wait
+    assert first.ids[0, 0] == 1
+    assert waiting.leaders == 0 and not waiting.pending
+    assert server.calls == [1]
+
+
 def test_flags_wake_once_stay_set_and_time_out() -> None:
     flag = ThreadFlag()
     assert not flag.wait(0.01)
