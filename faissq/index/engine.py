@@ -184,7 +184,7 @@ class Engine:
         primary = st.primary
         if primary is None:
             raise IndexNotReady(f"index {self.name!r} has no primary")
-        lossy = _is_lossy(primary.plan)
+        lossy = primary.lossy
         kf = k_factor if k_factor is not None else (self.cfg.k_factor if primary.plan.refine else 1)
         fetch = k * kf if lossy else k
         result = None
@@ -555,13 +555,6 @@ def _tombstone(st: State, ids: I64) -> I64:
         return st.tombstones
     in_primary = st.primary.rows_of(ids) >= 0
     return union_sorted(st.tombstones, ids[in_primary]) if in_primary.any() else st.tombstones
-
-
-def _is_lossy(plan: Plan) -> bool:
-    """Whether the family stores compressed codes (so exact refine changes results)."""
-    if plan.pq_m:
-        return True
-    return any(tag in plan.factory for tag in ("PQ", "SQ", "LSH", "RaBitQ", "RQ", "LSQ"))
 
 
 def faiss_version() -> str:

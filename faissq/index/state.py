@@ -43,6 +43,13 @@ class Primary:
         return call
 
     @cached_property
+    def lossy(self) -> bool:
+        """Whether the family stores compressed codes (so exact refine changes results)."""
+        if self.plan.pq_m:
+            return True
+        return any(tag in self.plan.factory for tag in ("PQ", "SQ", "LSH", "RaBitQ", "RQ", "LSQ"))
+
+    @cached_property
     def shape(self) -> ParamShape:
         """Where per-call parameters go in this index (computed once, on first search)."""
         return param_shape(self.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,10 @@ def as_vectors(x: Any, dim: int | None, metric: str) -> F32:
     out = np.array(arr, dtype=np.float32, order="C", copy=True)
     if metric == "cosine" and out.shape[0]:
         # one pass for both checks: a NaN/Inf anywhere makes its row's squared norm non-finite
-        sq = np.einsum("ij,ij->i", out, out)
+        sq = np.einsum("ij,ij->i", out, out)  # no temporary, no overflow warning
+        if math.isfinite(sq.max()) and np.count_nonzero(sq) == sq.size:  # the usual case
+            out /= np.sqrt(sq)[:, None]
+            return out
         if not np.isfinite(sq).all():
             finite = np.isfinite(out)
             if not finite.all():

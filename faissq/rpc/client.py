@@ -82,7 +82,7 @@ class RequestBuilder:
         reply = keys.reply_key(self.index, rid)
         now = time.time()
         msg = protocol.encode_request(rid, reply, now + timeout_s, k, q, sent=now, **options)
-        block = max(0.001, round(timeout_s, 3))  # BRPOP 0 would mean forever
+        block = max(0.001, int(timeout_s * 1000 + 0.5) / 1000)  # BRPOP 0 would mean forever
         submit = ("EVAL", protocol.SUBMIT_SCRIPT, 3, self.queue, self.alive, reply, msg,
                   self.rpc.reply_ttl_s, rid)  # fmt: skip
         return Prepared(rid, reply, block, [submit, ("BRPOP", reply, block)])

@@ -238,7 +238,8 @@ class RpcServer:
             self._send(r, replies)
         turn.seconds = time.perf_counter() - t0
         self.stats.record(turn)
-        observe_turn(self.metrics, self.index, turn, live, self.engine)  # metrics hook
+        if self.metrics is not None:  # metrics hook
+            observe_turn(self.metrics, self.index, turn, live, self.engine)
         return turn
 
     def _search(self, live: list[protocol.Request], turn: Turn) -> list[Outcome]:
@@ -258,13 +259,10 @@ class RpcServer:
             code, message = out.error or ("internal", "no result")
             return self._error(req.id, code, message, turn)
         server_s = time.perf_counter() - t0
-        timings = {
-            "search_ms": round(out.search_s * 1e3, 4),
-            "server_ms": round(server_s * 1e3, 4),
-            "batch": out.batch,
-        }
+        # unrounded: msgpack sends every float in 9 bytes anyway, and round() formats a string
+        timings = {"search_ms": out.search_s * 1e3, "server_ms": server_s * 1e3, "batch": out.batch}
         if req.sent is not None:
-            timings["queue_ms"] = round(max(0.0, now - req.sent) * 1e3, 4)
+            timings["queue_ms"] = max(0.0, now - req.sent) * 1e3
         turn.answered += 1
         turn.latencies_s.append(server_s)
         return protocol.encode_result(req.id, out.scores, out.ids, out.version, self.worker_id,
@@ -272,7 +270,7 @@ class RpcServer:
 
     def _error(self, request_id: str, code: str, message: str, turn: Turn) -> bytes:
         """An error reply, counted by code."""
-        turn.errors[code] += 1
+        turn.errors[code] = turn.errors.get(code, 0) + 1
         return protocol.encode_error(request_id, code, message, self.worker_id)
 
     def _send(self, r: redis.Redis, replies: list[tuple[str, bytes]]) -> None:

@@ -18,7 +18,7 @@ class Turn:
 
     popped: int = 0  # messages taken off the request list
     answered: int = 0  # result replies sent
-    errors: Counter[str] = field(default_factory=Counter)  # error replies sent, by code
+    errors: dict[str, int] = field(default_factory=dict)  # error replies sent, by code
     expired: int = 0  # requests already past their deadline (answered with "timeout")
     dropped: int = 0  # unreadable requests (no usable reply key): nothing can be answered
     batches: int = 0  # engine.search calls
@@ -50,7 +50,8 @@ class RpcStats:
             self.turns += 1
             self.popped += turn.popped
             self.answered += turn.answered
-            self.errors.update(turn.errors)
+            if turn.errors:
+                self.errors.update(turn.errors)
             self.expired += turn.expired
             self.dropped += turn.dropped
             self.batches += turn.batches
