@@ -66,10 +66,10 @@ def search(c: Coalescer, tag: int, k: int = 3, timeout_s: float = 5.0, q: Any = 
     return c.run(c.pending(q, k, opts, merge_key(k, DIM, opts), timeout_s))
 
 
-async def asearch(c: AsyncCoalescer, tag: int) -> Any:
+async def asearch(c: AsyncCoalescer, tag: int, timeout_s: float = 5.0) -> Any:
     """One asyncio search of `tag`'s row through the coalescer."""
     opts = {"nprobe": 4}
-    return await c.run(c.pending(query(tag), 3, opts, merge_key(3, DIM, opts), 5.0))
+    return await c.run(c.pending(query(tag), 3, opts, merge_key(3, DIM, opts), timeout_s))
 
 
 def test_concurrent_callers_share_requests_and_each_gets_its_own_rows() -> None:
@@ -159,40 +159,16 @@ def test_a_waiting_caller_times_out_and_is_never_sent() -> None:
     assert server.calls == [1]  # the timed-out caller's query never went out
 
 
-def test_an_asyncio_caller_waiting_past_its_deadline_times_out_and_is_never_sent() -> None:
-    server = Server(delay_s=0.2)
-
-    async def run() -> Any:
-        c = AsyncCoalescer(server.call_async, max_in_flight=1)
-        leader = asyncio.create_task(asearch(c, 1))
-        await asyncio.sleep(0.01)  # the only round trip is in flight for 0.2 s
-        opts = {"nprobe": 4}
-        with pytest.raises(SearchTimeout):
-            await c.run(c.pending(query(2), 3, opts, merge_key(3, DIM, opts), 0.05))
-        return await leader, c._waiting
-
-    first, waiting = asyncio.run(run())
-    assert first.ids[0, 0] == 1
-    assert waiting.leaders == 0 and not waiting.pending
-    assert server.calls == [1]  # the timed-out caller's query never went out
-
-
-def test_a_later_caller_with_a_shorter_timeout_times_out_first() -> None:
+def test_asyncio_callers_waiting_past_their_deadlines_time_out_in_deadline_order() -> None:
     server = Server(delay_s=0.5)
 
     async def run() -> Any:
         c = AsyncCoalescer(server.call_async, max_in_flight=1)
         leader = asyncio.create_task(asearch(c, 1))
         await asyncio.sleep(0.01)  # the only round trip is in flight for 0.5 s
-        opts = {"nprobe": 4}
-
-        def waiter(tag: int, timeout_s: float) -> Any:
-            key = merge_key(3, DIM, opts)
-            return asyncio.create_task(c.run(c.pending(query(tag), 3, opts, key, timeout_s)))
-
-        patient = waiter(2, 0.3)
+        patient = asyncio.create_task(asearch(c, 2, timeout_s=0.3))
         await asyncio.sleep(0.01)
-        hasty = waiter(3, 0.05)  # joins later, its deadline comes first
+        hasty = asyncio.create_task(asearch(c, 3, timeout_s=0.05))  # later, but due first
         with pytest.raises(SearchTimeout):
             await hasty
         still_waiting = not patient.done()
@@ -204,7 +180,7 @@ def test_a_later_caller_with_a_shorter_timeout_times_out_first() -> None:
     assert still_waiting  # the short deadline did not end the longer wait
     assert first.ids[0, 0] == 1
     assert waiting.leaders == 0 and not waiting.pending
-    assert server.calls == [1]
+    assert server.calls == [1]  # the timed-out callers' queries never went out
 
 
 def test_flags_wake_once_stay_set_and_time_out() -> None:
