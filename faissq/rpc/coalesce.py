@@ -300,6 +300,7 @@ class AsyncCoalescer:
         self._trips: set[asyncio.Future[None]] = set()  # round trips in flight (kept referenced)
         self._sweep: asyncio.TimerHandle | None = None  # wakes waiters whose deadline passed
         self._sweep_at = math.inf  # the deadline (time.monotonic) it is set for
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in
 
     def alone(self) -> bool:
         """True when the caller may send its search directly; it must call `done_alone` after."""
@@ -341,11 +342,12 @@ class AsyncCoalescer:
     def _watch(self, p: Pending) -> None:
         """Have p's wait end by its deadline: one timer serves every waiter, set for the earliest
         deadline, instead of a timer per search (each costs a heap push and a cancel)."""
-        if p.deadline < self._sweep_at:
+        loop = asyncio.get_running_loop()
+        if p.deadline < self._sweep_at or self._sweep_loop is not loop:  # a new loop: re-arm
             if self._sweep is not None:
                 self._sweep.cancel()
-            self._sweep_at = p.deadline
-            self._sweep = asyncio.get_running_loop().call_later(p.remaining(), self._expire)
+            self._sweep_at, self._sweep_loop = p.deadline, loop
+            self._sweep = loop.call_later(p.remaining(), self._expire)
 
     def _expire(self) -> None:
         """The earliest deadline came: wake the waiters past theirs; watch the next one."""

@@ -183,6 +183,26 @@ def test_asyncio_callers_waiting_past_their_deadlines_time_out_in_deadline_order
     assert server.calls == [1]  # the timed-out callers' queries never went out
 
 
+def test_a_client_used_again_from_a_new_event_loop_still_times_out() -> None:
+    server = Server(delay_s=0.3)
+    c = AsyncCoalescer(server.call_async, max_in_flight=1)
+
+    async def behind_a_leader(timeout_s: float) -> Any:
+        leader = asyncio.create_task(asearch(c, 1))
+        await asyncio.sleep(0.01)
+        try:
+            return await asearch(c, 2, timeout_s=timeout_s)
+        finally:
+            await leader
+
+    # served before its deadline: the loop ends with the deadline timer still set
+    assert asyncio.run(behind_a_leader(1.0)).ids[0, 0] == 2
+    server.delay_s = 1.0
+    with pytest.raises(SearchTimeout):  # a later deadline than that timer's, in a new loop
+        asyncio.run(behind_a_leader(0.6))
+    assert server.calls == [1, 1, 1]
+
+
 def test_flags_wake_once_stay_set_and_time_out() -> None:
     flag = ThreadFlag()
     assert not flag.wait(0.01)
