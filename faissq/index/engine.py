@@ -30,9 +30,9 @@ from faissq.index.builder import (
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy, clone_to_gpu, probe
 from faissq.index.memory import host_budget, index_bytes, raw_store_bytes
-from faissq.index.params import batch_selector, combine, hnsw_of, make_params, not_selector
+from faissq.index.params import hnsw_of
 from faissq.index.policy import Plan, choose_plan
-from faissq.index.results import exact_scores, merge_topk, worst
+from faissq.index.reader import Reader
 from faissq.index.state import Primary, State, union_sorted
 from faissq.index.validate import (
     F32,
@@ -95,8 +95,8 @@ class Engine:
         self.cfg = settings
         self.name = name
         self.metric = settings.metric
-        self._mt = metric_type(settings.metric)
-        self._hib = settings.metric == "cosine"  # inner product: higher is better
+        self._reader = Reader(name, metric_type(settings.metric), settings.metric == "cosine",
+                              settings.k_factor)  # fmt: skip
         self._gpu_cfg = gpu
         self._cloner = cloner
         self._write_lock = threading.RLock()
@@ -157,59 +157,8 @@ class Engine:
             nprobe = chosen.get("nprobe") or self.cfg.default_nprobe
             ef_search = chosen.get("ef_search") or self.cfg.default_ef_search
             k_factor = chosen.get("k_factor")
-        parts: list[tuple[F32, I64]] = []
-        if st.primary is not None:
-            parts.append(self._search_primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
-        if len(st.delta) or not parts:
-            parts.append(st.delta.search(xq, k, self._mt, allow, deny))
-        if len(parts) == 1:
-            # one source: FAISS already returns k sorted, unique ids padded with -1
-            scores, ids = parts[0]
-        else:
-            scores, ids = merge_topk(parts, k, self._hib)
+        scores, ids = self._reader.top_k(st, xq, k, nprobe, ef_search, k_factor, allow, deny)
         return SearchResult(scores, ids, st.version)
-
-    def _search_primary(
-        self,
-        st: State,
-        xq: F32,
-        k: int,
-        nprobe: int | None,
-        ef_search: int | None,
-        k_factor: int | None,
-        allow: I64 | None,
-        deny: I64 | None,
-    ) -> tuple[F32, I64]:
-        """Search the primary (GPU copy when usable), then refine lossy codes exactly."""
-        primary = st.primary
-        if primary is None:
-            raise IndexNotReady(f"index {self.name!r} has no primary")
-        lossy = primary.lossy
-        kf = k_factor if k_factor is not None else (self.cfg.k_factor if primary.plan.refine else 1)
-        fetch = k * kf if lossy else k
-        result = None
-        if primary.gpu is not None and allow is None:
-            exclude = st.tombstones if deny is None else union_sorted(st.tombstones, deny)
-            result = primary.gpu.search(xq, fetch, nprobe, exclude)
-        if result is None:
-            sels = [st.tomb_selector] if st.tomb_selector is not None else []
-            if allow is not None:
-                sels.append(batch_selector(allow))
-            if deny is not None:
-                sels.append(not_selector(deny))
-            if sels:
-                sel, keep = combine(sels)
-                call = make_params(
-                    primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep
-                )
-            else:
-                # no selector: nothing in the tree is written during the search, so reuse it
-                call = primary.params_for(nprobe, ef_search)
-            result = primary.index.search(xq, fetch, params=call.params)
-        scores, ids = result
-        if lossy and fetch > k:
-            scores, ids = self._refine(primary, xq, ids, k)
-        return scores, ids
 
     def range_search(
         self, queries: Any, radius: float, *, nprobe: int | None = None
@@ -224,53 +173,7 @@ class Engine:
         if isinstance(radius, bool) or not isinstance(radius, float | int):
             raise InvalidParameter(f"radius must be a number, got {type(radius).__name__}")
         xq = as_vectors(queries, self.dim, self.metric)
-        nq = xq.shape[0]
-        out_s: list[list[F32]] = [[] for _ in range(nq)]
-        out_i: list[list[I64]] = [[] for _ in range(nq)]
-        if st.primary is not None:
-            sels = [st.tomb_selector] if st.tomb_selector is not None else []
-            sel, keep = combine(sels)
-            call = make_params(st.primary.shape, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
-            try:
-                lims, dist, ids = st.primary.index.range_search(xq, radius, params=call.params)
-            except RuntimeError as exc:
-                raise InvalidParameter(
-                    f"{st.primary.plan.family} does not support range search: {exc}"
-                ) from None
-            for q in range(nq):
-                out_s[q].append(dist[lims[q] : lims[q + 1]])
-                out_i[q].append(ids[lims[q] : lims[q + 1]])
-        if len(st.delta):
-            v = st.delta.vectors
-            scores = xq @ v.T
-            if not self._hib:
-                scores = (xq * xq).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2 * scores
-            hit = scores > radius if self._hib else scores < radius
-            for q in range(nq):
-                out_s[q].append(scores[q][hit[q]])
-                out_i[q].append(st.delta.ids[hit[q]])
-        res_s: list[F32] = []
-        res_i: list[I64] = []
-        for q in range(nq):
-            s = np.concatenate(out_s[q]) if out_s[q] else np.empty(0, np.float32)
-            i = np.concatenate(out_i[q]) if out_i[q] else np.empty(0, np.int64)
-            order = np.argsort(-s if self._hib else s, kind="stable")
-            res_s.append(s[order].astype(np.float32, copy=False))
-            res_i.append(i[order].astype(np.int64, copy=False))
-        return res_s, res_i
-
-    def _refine(self, primary: Primary, xq: F32, cand: I64, k: int) -> tuple[F32, I64]:
-        """Re-score candidates exactly from raw vectors and keep the best k per query."""
-        rows = primary.rows_of(cand)
-        valid = rows >= 0
-        vecs = primary.vectors[np.maximum(rows, 0)]
-        exact = exact_scores(xq, vecs, self._hib)
-        bad = worst(self._hib)
-        exact[~valid] = bad
-        key = -exact if self._hib else exact
-        order = np.argsort(key, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
-        return np.take_along_axis(exact, order, axis=1), ids
+        return self._reader.within(st, xq, radius, nprobe)
 
     # ----------------------------------------------------------------- writing
     def build(

@@ -1,0 +1,141 @@
+"""The engine's read path: top-k and range search over one committed State (no locks, no I/O).
+
+The Engine checks the arguments and picks the parameters; a Reader answers from the State it is
+given, so a search reads one consistent snapshot while mutations publish new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from faissq.errors import IndexNotReady, InvalidParameter
+from faissq.index.params import batch_selector, combine, make_params, not_selector
+from faissq.index.results import exact_scores, merge_topk, worst
+from faissq.index.state import Primary, State, union_sorted
+from faissq.index.validate import F32, I64
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How one engine reads its states: its name (for errors), metric and refine factor."""
+
+    name: str
+    metric_type: int  # faiss.METRIC_*
+    higher_is_better: bool  # inner product (cosine): larger scores rank first
+    k_factor: int  # candidates per result fetched for exact refine, when the plan refines
+
+    def top_k(
+        self,
+        st: State,
+        xq: F32,
+        k: int,
+        nprobe: int | None,
+        ef_search: int | None,
+        k_factor: int | None,
+        allow: I64 | None,
+        deny: I64 | None,
+    ) -> tuple[F32, I64]:
+        """Top-k over primary + delta, tombstones excluded, merged by score, ids de-duplicated."""
+        parts: list[tuple[F32, I64]] = []
+        if st.primary is not None:
+            parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
+        if len(st.delta) or not parts:
+            parts.append(st.delta.search(xq, k, self.metric_type, allow, deny))
+        if len(parts) == 1:
+            # one source: FAISS already returns k sorted, unique ids padded with -1
+            return parts[0]
+        return merge_topk(parts, k, self.higher_is_better)
+
+    def primary(
+        self,
+        st: State,
+        xq: F32,
+        k: int,
+        nprobe: int | None,
+        ef_search: int | None,
+        k_factor: int | None,
+        allow: I64 | None,
+        deny: I64 | None,
+    ) -> tuple[F32, I64]:
+        """Search the primary (GPU copy when usable), then refine lossy codes exactly."""
+        primary = st.primary
+        if primary is None:
+            raise IndexNotReady(f"index {self.name!r} has no primary")
+        lossy = primary.lossy
+        kf = k_factor if k_factor is not None else (self.k_factor if primary.plan.refine else 1)
+        fetch = k * kf if lossy else k
+        result = None
+        if primary.gpu is not None and allow is None:
+            exclude = st.tombstones if deny is None else union_sorted(st.tombstones, deny)
+            result = primary.gpu.search(xq, fetch, nprobe, exclude)
+        if result is None:
+            sels = [st.tomb_selector] if st.tomb_selector is not None else []
+            if allow is not None:
+                sels.append(batch_selector(allow))
+            if deny is not None:
+                sels.append(not_selector(deny))
+            if sels:
+                sel, keep = combine(sels)
+                call = make_params(
+                    primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep
+                )
+            else:
+                # no selector: nothing in the tree is written during the search, so reuse it
+                call = primary.params_for(nprobe, ef_search)
+            result = primary.index.search(xq, fetch, params=call.params)
+        scores, ids = result
+        if lossy and fetch > k:
+            scores, ids = self.refine(primary, xq, ids, k)
+        return scores, ids
+
+    def within(self, st: State, xq: F32, radius: float, nprobe: int) -> tuple[list[F32], list[I64]]:
+        """Per-query scores and ids within radius, best first (see Engine.range_search)."""
+        nq = xq.shape[0]
+        out_s: list[list[F32]] = [[] for _ in range(nq)]
+        out_i: list[list[I64]] = [[] for _ in range(nq)]
+        if st.primary is not None:
+            sels = [st.tomb_selector] if st.tomb_selector is not None else []
+            sel, keep = combine(sels)
+            call = make_params(st.primary.shape, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
+            try:
+                lims, dist, ids = st.primary.index.range_search(xq, radius, params=call.params)
+            except RuntimeError as exc:
+                raise InvalidParameter(
+                    f"{st.primary.plan.family} does not support range search: {exc}"
+                ) from None
+            for q in range(nq):
+                out_s[q].append(dist[lims[q] : lims[q + 1]])
+                out_i[q].append(ids[lims[q] : lims[q + 1]])
+        if len(st.delta):
+            v = st.delta.vectors
+            scores = xq @ v.T
+            if not self.higher_is_better:
+                scores = (xq * xq).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2 * scores
+            hit = scores > radius if self.higher_is_better else scores < radius
+            for q in range(nq):
+                out_s[q].append(scores[q][hit[q]])
+                out_i[q].append(st.delta.ids[hit[q]])
+        res_s: list[F32] = []
+        res_i: list[I64] = []
+        for q in range(nq):
+            s = np.concatenate(out_s[q]) if out_s[q] else np.empty(0, np.float32)
+            i = np.concatenate(out_i[q]) if out_i[q] else np.empty(0, np.int64)
+            order = np.argsort(-s if self.higher_is_better else s, kind="stable")
+            res_s.append(s[order].astype(np.float32, copy=False))
+            res_i.append(i[order].astype(np.int64, copy=False))
+        return res_s, res_i
+
+    def refine(self, primary: Primary, xq: F32, cand: I64, k: int) -> tuple[F32, I64]:
+        """Re-score candidates exactly from raw vectors and keep the best k per query."""
+        rows = primary.rows_of(cand)
+        valid = rows >= 0
+        vecs = primary.vectors[np.maximum(rows, 0)]
+        exact = exact_scores(xq, vecs, self.higher_is_better)
+        bad = worst(self.higher_is_better)
+        exact[~valid] = bad
+        key = -exact if self.higher_is_better else exact
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
+        return np.take_along_axis(exact, order, axis=1), ids
