@@ -40,9 +40,10 @@ from rpc_rig import ECHO, INDEX, NOOP_INDEX, Rig, bench_app, settings_for
 from faissq import codec, keys
 from faissq.client import JobClient
 from faissq.config import RpcSettings, Settings
-from faissq.rpc import protocol
+from faissq.rpc import protocol, resp
 from faissq.rpc.aio import AsyncSearchClient
 from faissq.rpc.client import RequestBuilder, SearchClient
+from faissq.rpc.spin import spin_until_readable
 from faissq.storage.store import DurableStore
 
 PAUSE_S = 0.0005  # (a'): about the idle gap the worker sees between sequential RPC searches
@@ -145,6 +146,7 @@ ROWS = {
     "a3": "(a'') in-process engine.search, batch 1, a bare Redis PING between calls",
     "b": "(b) bare redis-py LPUSH, then BRPOP; no-op worker",
     "b1": "(b') bare, LPUSH + BRPOP pipelined in one write",
+    "b2": "(b'') bare, pipelined, polling for the reply like (c) (with --client-spin-us)",
     "c": "(c) faissq SearchClient (script + BRPOP in one write, hiredis)",
     "c2": "(c') faissq protocol, script then BRPOP: two round trips",
     "cpy": "(c'') faissq SearchClient, pure-Python RESP parser",
@@ -220,6 +222,18 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
         if pipe.execute()[1] is None:
             raise SystemExit("the no-op worker did not answer")
 
+    def bare_poll(i: int) -> None:
+        reply, msg = bare_msg(i)
+        conn: Any = r.connection_pool.get_connection()
+        try:
+            conn.send_packed_command(resp.pack([("LPUSH", ECHO, msg), ("BRPOP", reply, 2)]))
+            conn.read_response()
+            spin_until_readable(conn, args.client_spin_us / 1e6)
+            if conn.read_response() is None:
+                raise SystemExit("the no-op worker did not answer")
+        finally:
+            r.connection_pool.release(conn)
+
     def two_trips(i: int) -> None:
         prepared = builder.prepare(q(i), k, None, {"nprobe": nprobe})
         r.execute_command(*prepared.commands[0])
@@ -231,12 +245,15 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
         "a3": lambda i: engine.search(q(i), k, nprobe=nprobe),
         "b": bare,
         "b1": bare_pipe,
+        "b2": bare_poll,
         "c": lambda i: client.search(q(i), k, nprobe=nprobe),
         "c2": two_trips,
         "cpy": lambda i: pure.search(q(i), k, nprobe=nprobe),
         "c0": lambda i: noop.search(q(i), k, nprobe=nprobe),
         "d": lambda i: celery_search.delay(codec.pack_array(q(i)), k, nprobe).get(timeout=120),
     }
+    if not args.client_spin_us:
+        del fns["b2"]
     for fn in fns.values():  # warm-up: connections, the Celery worker's engine load
         timed(fn, 30, 0)
     lat: dict[str, list[float]] = {name: [] for name in fns}
@@ -305,10 +322,13 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
           f"built by the worker in {build_s:.1f}s; transport {args.transport}; "
           f"{args.rounds} interleaved rounds x {args.per_round} searches per row; "
           f"{machine(args)}; Redis {args.redis_version}; worker rpc.spin_us {args.spin_us:g}, "
+          f"client rpc.client_spin_us {args.client_spin_us:g}, "
           f"rpc.batch_window_ms {args.batch_window_ms:g}\n")  # fmt: skip
     print("| row | p50 ms | p90 ms | p99 ms | mean ms |")
     print("|---|---:|---:|---:|---:|")
     for name, label in ROWS.items():
+        if name not in s:
+            continue
         x = s[name]
         print(f"| {label} | {x['p50']:.3f} | {x['p90']:.3f} | {x['p99']:.3f} | {x['mean']:.3f} |")
     med = {name: float(np.median(v)) for name, v in qps.items()}
@@ -440,6 +460,9 @@ def main() -> None:
     ap.add_argument("--png", default="docs/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
+    ap.add_argument("--client-spin-us", type=float, default=0.0,
+                    help="rpc.client_spin_us of the sequential and 16-caller clients; adds "
+                         "row (b''), the bare round trip polling alike")  # fmt: skip
     pin_help = (
         "pin the workers (faissq's and the baselines' no-op, echo and Celery workers) to these "
         "CPUs, the clients, Redis and the in-process rows to the others; in-process rows then "

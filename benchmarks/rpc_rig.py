@@ -35,11 +35,14 @@ CELERY_QUEUE = "bench.celery"
 NOOP_INDEX = "bench-noop"  # served by faissq's RPC loop over an engine that does nothing
 
 
-def settings_for(url: str, storage: str, *, coalesce: bool = True) -> Settings:
-    """Settings of every process of the run (coalesce: clients merge concurrent searches)."""
+def settings_for(
+    url: str, storage: str, *, coalesce: bool = True, client_spin_us: float = 0.0
+) -> Settings:
+    """Settings of every process of the run (coalesce: clients merge concurrent searches;
+    client_spin_us: lone searches poll for their reply)."""
     return Settings(redis={"url": url}, storage={"url": storage}, metrics={"enabled": False},
                     gpu={"mode": "off"}, worker={"indexes": [INDEX]},
-                    rpc={"coalesce": coalesce})  # fmt: skip
+                    rpc={"coalesce": coalesce, "client_spin_us": client_spin_us})  # fmt: skip
 
 
 def bench_app(settings: Settings) -> Any:
@@ -123,7 +126,8 @@ class Rig:
                                    persistent=False)  # fmt: skip
         self.url = self.redis.start()
         self.storage = str(tmp / "storage")
-        self.settings = settings_for(self.url, self.storage)
+        self.settings = settings_for(self.url, self.storage,
+                                     client_spin_us=args.client_spin_us)  # fmt: skip
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None,

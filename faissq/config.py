@@ -121,6 +121,12 @@ class RpcSettings(BaseModel):
         le=100_000,
         description="Busy-poll for the next request this long after a turn before sleeping.",
     )
+    client_spin_us: float = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="A lone synchronous search busy-polls for its reply this long before sleeping.",
+    )
 
 
 class MetricsSettings(BaseModel):

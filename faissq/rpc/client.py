@@ -33,6 +33,7 @@ from faissq.errors import (
 )
 from faissq.rpc import protocol, resp
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
+from faissq.rpc.spin import spin_until_readable
 
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
@@ -159,6 +160,7 @@ class SearchClient:
         self.coalescer = (
             Coalescer(self._merged, max_in_flight=rpc.max_in_flight) if rpc.coalesce else None
         )
+        self._spin_s = rpc.client_spin_us / 1e6  # lone searches poll for their reply this long
 
     def search(
         self,
@@ -188,7 +190,7 @@ class SearchClient:
             return self._once(queries, k, timeout, options)
         if merging.alone():
             try:
-                return self._once(queries, k, timeout, options)
+                return self._once(queries, k, timeout, options, self._spin_s)
             finally:
                 merging.done_alone()
         q = as_queries(queries)
@@ -197,17 +199,22 @@ class SearchClient:
         return merging.run(merging.pending(q, k, options, key, timeout_s))
 
     def _once(
-        self, queries: npt.ArrayLike, k: int, timeout: float | None, options: dict[str, Any]
+        self,
+        queries: npt.ArrayLike,
+        k: int,
+        timeout: float | None,
+        options: dict[str, Any],
+        spin_s: float = 0.0,
     ) -> SearchResponse:
-        """One request, one round trip."""
+        """One request, one round trip (a lone search polls up to spin_s for its reply)."""
         prepared = self.builder.prepare(queries, k, timeout, options)
-        return self.builder.response(self._round_trip(prepared), prepared)
+        return self.builder.response(self._round_trip(prepared, spin_s), prepared)
 
     def _merged(self, first: Pending, queries: npt.NDArray[np.float32], timeout_s: float) -> Any:
         """One round trip for a merged batch (the Coalescer's search)."""
         return self._once(queries, first.k, timeout_s, dict(first.options))
 
-    def _round_trip(self, prepared: Prepared) -> Any:
+    def _round_trip(self, prepared: Prepared, spin_s: float = 0.0) -> Any:
         """Send submit + BRPOP in one write, read both answers; the connection goes back after."""
         try:
             conn: Any = self.pool.get_connection()  # redis-py types it loosely
@@ -220,6 +227,8 @@ class SearchClient:
             except redis.ResponseError as exc:
                 conn.disconnect()  # its BRPOP is still pending on this connection
                 raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
+            if spin_s and self.coalescer is not None:
+                spin_until_readable(conn, min(spin_s, prepared.block_s), self.coalescer.quiet)
             return conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
         except redis.TimeoutError as exc:
             conn.disconnect()

@@ -235,6 +235,11 @@ class Coalescer:
         with self._lock:
             self._waiting.step_down()
 
+    def quiet(self) -> bool:
+        """No other search of this client waits or runs (read without the lock: a hint)."""
+        waiting = self._waiting
+        return not waiting.pending and waiting.leaders <= 1
+
     def run(self, p: Pending) -> SearchResponse:
         """Search p's queries, merged with whatever else waits; raise its error."""
         with self._lock:

@@ -28,6 +28,7 @@ from faissq.index.engine import Engine
 from faissq.metrics import Metrics, observe_turn
 from faissq.rpc import protocol, resp
 from faissq.rpc.batch import Outcome, search_all
+from faissq.rpc.spin import spin_until_readable
 from faissq.rpc.stats import RpcStats, Turn
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,7 @@ class RpcServer:
             conn.send_command("RPOP", self.queue, n)
         self._read_acks(conn)  # answers to the last replies, queued ahead of this pop's
         if block and self._spin_s:
-            until = time.perf_counter() + self._spin_s
-            while not conn.can_read(timeout=0) and time.perf_counter() < until:
-                pass
+            spin_until_readable(conn, self._spin_s)
         got = conn.read_response()
         if self._lmpop:
             return list(got[1]) if got else []

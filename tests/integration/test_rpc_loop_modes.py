@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from conftest import make_settings
 from rpc_support import DIM, vecs, wait_for
 
@@ -17,6 +18,7 @@ from faissq import AsyncSearchClient, SearchClient
 from faissq.config import IndexSettings
 from faissq.index.engine import Engine
 from faissq.rpc.server import RpcServer
+from faissq.rpc.spin import spin_until_readable
 
 
 def engine() -> Engine:
@@ -26,13 +28,14 @@ def engine() -> Engine:
     return eng
 
 
-@pytest.mark.parametrize("spin_us", [0.0, 2000.0])
+@pytest.mark.parametrize(("spin_us", "client_spin_us"), [(0.0, 0.0), (2000.0, 1000.0)])
 def test_the_loop_answers_exactly_with_and_without_busy_polling(
-    redis_url: str, storage_root: Path, spin_us: float
+    redis_url: str, storage_root: Path, spin_us: float, client_spin_us: float
 ) -> None:
     index = f"spin{uuid.uuid4().hex[:8]}"
     settings = make_settings(redis_url, storage_root, [index])
     settings.rpc.spin_us = spin_us
+    settings.rpc.client_spin_us = client_spin_us
     eng = engine()
     server = RpcServer(settings, index, lambda: eng).start()
     queries = vecs(40, seed=6)
@@ -62,3 +65,29 @@ def test_the_loop_answers_exactly_with_and_without_busy_polling(
         assert stats["answered"] >= len(queries) and stats["loop_errors"] == 0
     finally:
         server.stop()
+
+
+def test_polling_sees_an_answer_gives_up_at_its_budget_and_stops_when_told(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    key = f"spin:{uuid.uuid4().hex}"
+    conn: Any = r.connection_pool.get_connection()
+    try:
+        conn.send_command("BRPOP", key, 5)
+        assert not spin_until_readable(conn, 0.005)  # nothing pushed yet: the budget runs out
+        asked: list[int] = []
+
+        def no() -> bool:
+            asked.append(1)
+            return False
+
+        assert not spin_until_readable(conn, 600.0, no)  # told to stop: returns, no 10 minutes
+        assert asked == [1]
+        redis.Redis.from_url(redis_url).lpush(key, b"x")
+        assert spin_until_readable(conn, 600.0)
+        assert conn.read_response() == [key.encode(), b"x"]
+        conn.send_command("PING")
+        assert spin_until_readable(conn, 600.0)
+        assert spin_until_readable(conn, 600.0)  # an answer already buffered counts too
+        assert conn.read_response() in (b"PONG", "PONG", True)
+    finally:
+        r.connection_pool.release(conn)
