@@ -112,8 +112,10 @@ class RpcSettings(BaseModel):
         default=True,
         description="Clients merge concurrent searches with equal k and options into one request.",
     )
-    max_in_flight: int = Field(
-        default=2, ge=1, description="Round trips one merging client runs at once."
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Round trips one merging client runs at once (unset: 2 threads, 3 asyncio).",
     )
     spin_us: float = Field(
         default=0,

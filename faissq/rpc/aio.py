@@ -25,6 +25,10 @@ from faissq.rpc.client import (
 )
 from faissq.rpc.coalesce import AsyncCoalescer, Pending, merge_key, mergeable
 
+# merged round trips in flight per client when rpc.max_in_flight is unset: a waiting round trip
+# costs a task, not a thread, and a third keeps a worker with CPUs of its own busier
+ASYNC_IN_FLIGHT = 3
+
 
 class AsyncSearchClient:
     """Asyncio searches of one index; share one instance between tasks of one event loop."""
@@ -48,7 +52,9 @@ class AsyncSearchClient:
             url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
         )
         self.coalescer = (
-            AsyncCoalescer(self._merged, max_in_flight=rpc.max_in_flight) if rpc.coalesce else None
+            AsyncCoalescer(self._merged, max_in_flight=rpc.max_in_flight or ASYNC_IN_FLIGHT)
+            if rpc.coalesce
+            else None
         )
 
     async def search(

@@ -37,6 +37,9 @@ from faissq.rpc.spin import spin_until_readable
 
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
+# merged round trips in flight per client when rpc.max_in_flight is unset: threads waiting on
+# sockets hand the interpreter lock around, so more than 2 cost more than they overlap
+THREAD_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,9 @@ class SearchClient:
         )
         self._redis = redis.Redis(connection_pool=self.pool)
         self.coalescer = (
-            Coalescer(self._merged, max_in_flight=rpc.max_in_flight) if rpc.coalesce else None
+            Coalescer(self._merged, max_in_flight=rpc.max_in_flight or THREAD_IN_FLIGHT)
+            if rpc.coalesce
+            else None
         )
         self._spin_s = rpc.client_spin_us / 1e6  # lone searches poll for their reply this long
 

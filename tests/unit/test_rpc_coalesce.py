@@ -294,3 +294,17 @@ def test_cancelling_a_leading_task_still_answers_the_rest_of_its_request() -> No
     assert got.ids[0, 0] == 3 and later.ids[0, 0] == 4
     assert waiting.leaders == 0 and not waiting.pending
     assert server.calls == [1, 2, 1]
+
+
+def test_round_trips_in_flight_default_per_client_kind_and_follow_the_setting() -> None:
+    from faissq import AsyncSearchClient, SearchClient
+    from faissq.config import RpcSettings, Settings
+
+    url = "redis://127.0.0.1:1/0"  # clients connect lazily: nothing is dialled here
+    threads, tasks = SearchClient(url), AsyncSearchClient(url)
+    assert threads.coalescer is not None and tasks.coalescer is not None
+    assert threads.coalescer._waiting.max_in_flight == 2
+    assert tasks.coalescer._waiting.max_in_flight == 3
+    four = Settings(redis={"url": url}, rpc=RpcSettings(max_in_flight=4))
+    assert SearchClient(four).coalescer._waiting.max_in_flight == 4  # type: ignore[union-attr]
+    assert AsyncSearchClient(four).coalescer._waiting.max_in_flight == 4  # type: ignore[union-attr]
