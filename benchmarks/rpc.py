@@ -7,6 +7,7 @@ its snapshot for the in-process and Celery rows):
     python benchmarks/rpc.py --transport unix   # same over a unix socket
     python benchmarks/rpc.py --quick            # 20k vectors, fewer rounds
     python benchmarks/rpc.py --worker-cpus 1    # workers on CPU 1; clients and Redis on the rest
+    python benchmarks/rpc.py --worker-cpus 1 --spin-us 2000 --client-spin-us 1000  # both poll
 
 Rows: (a) engine.search batch 1; (b) bare redis-py LPUSH then BRPOP with the same request
 bytes, answered by a no-op worker with a reply of the same size; (c) faissq SearchClient;
@@ -365,7 +366,10 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
         frac = med[name] / med["inproc16"]
         print(f"- {label.split(' faissq')[0]} {med[name]:,.0f} QPS = {frac:.2f} x in-process "
               f"batch-16 vs 0.5x: {'met' if frac >= 0.5 else 'NOT met'}")  # fmt: skip
-    draw(args.png, lat, conc, machine(args))
+    title = machine(args)
+    if args.spin_us or args.client_spin_us:
+        title += f"; worker spin_us {args.spin_us:g}, client_spin_us {args.client_spin_us:g}"
+    draw(args.png, lat, conc, title)
 
 
 def machine(args: argparse.Namespace) -> str:
