@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from faissq import AsyncSearchClient, SearchClient
+from faissq.config import RpcSettings, Settings
 from faissq.errors import IndexBusy, InvalidVectors, SearchTimeout
 from faissq.rpc.client import SearchResponse
 from faissq.rpc.coalesce import AsyncCoalescer, Coalescer, Flag, Pending, ThreadFlag, merge_key
@@ -297,9 +299,6 @@ def test_cancelling_a_leading_task_still_answers_the_rest_of_its_request() -> No
 
 
 def test_round_trips_in_flight_default_per_client_kind_and_follow_the_setting() -> None:
-    from faissq import AsyncSearchClient, SearchClient
-    from faissq.config import RpcSettings, Settings
-
     url = "redis://127.0.0.1:1/0"  # clients connect lazily: nothing is dialled here
     threads, tasks = SearchClient(url), AsyncSearchClient(url)
     assert threads.coalescer is not None and tasks.coalescer is not None
