@@ -48,6 +48,7 @@ class Pending:
     done: Any  # threading/asyncio Event: set when its answer (result or error) is in
     promoted: bool = False  # this caller leads its own round trip
     taken: bool = False  # in some leader's batch
+    batch_left: list[int] | None = None  # threads: members of its batch still to leave run()
     result: SearchResponse | None = None
     error: BaseException | None = None
 
@@ -255,16 +256,38 @@ class Coalescer:
                 if self._waiting.give_up(p):
                     raise SearchTimeout("no round trip of this client was free before the deadline")
         if p.promoted:
+            batch: list[Pending] = []
             try:
                 with self._lock:
                     batch = self._waiting.take(p)
+                    left = [len(batch)]
+                    for q in batch:
+                        q.batch_left = left
                 if batch:
                     serve(batch, self.search)
             finally:
-                with self._lock:
-                    self._waiting.step_down()
-        p.done.wait()  # taken by a leader: its request is bounded by this caller's deadline too
+                if not batch:
+                    with self._lock:
+                        self._waiting.step_down()
+        try:
+            p.done.wait()  # taken by a leader: its request is bounded by this caller's deadline
+        finally:
+            self._leave(p)
         return p.answer()
+
+    def _leave(self, p: Pending) -> None:
+        """p's answer is in: the last member of a batch to leave frees its round trip.
+
+        Held until then, the round trip goes to a leader that finds the batch's members back in
+        line (they search again as soon as they wake), not to the first of them alone.
+        """
+        left = p.batch_left
+        if left is None:
+            return
+        with self._lock:
+            left[0] -= 1
+            if left[0] == 0:
+                self._waiting.step_down()
 
     def pending(self, q: npt.NDArray[np.float32], k: int, options: dict[str, Any], key: Hashable,
                 timeout_s: float) -> Pending:  # fmt: skip

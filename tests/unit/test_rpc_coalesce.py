@@ -307,3 +307,25 @@ def test_round_trips_in_flight_default_per_client_kind_and_follow_the_setting() 
     four = Settings(redis={"url": url}, rpc=RpcSettings(max_in_flight=4))
     assert SearchClient(four).coalescer._waiting.max_in_flight == 4  # type: ignore[union-attr]
     assert AsyncSearchClient(four).coalescer._waiting.max_in_flight == 4  # type: ignore[union-attr]
+
+
+def test_a_returning_batch_searches_again_as_one_request_not_one_then_the_rest() -> None:
+    # threads: the round trip of a merged request is handed on only when all its members have
+    # left, so members that search again at once share the next request; freed at once, the
+    # first of them back would lead alone with one row and the rest wait for the trip after
+    server = Server(delay_s=0.002)
+    c = Coalescer(server, max_in_flight=1)
+
+    def loop(tag: int) -> None:
+        for _ in range(30):
+            assert search(c, tag).ids.tolist() == [[tag] * 3]
+
+    threads = [threading.Thread(target=loop, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(server.calls) == 8 * 30
+    steady = server.calls[4:-4]
+    assert sum(steady) / len(steady) >= 6, server.calls
+    assert c._waiting.leaders == 0 and not c._waiting.pending
