@@ -4,10 +4,12 @@ Sixteen threads each searching one query cost sixteen submits, sixteen worker de
 replies; merged, they cost one of each and a batch-16 search. Leaders and followers: a caller
 becomes a leader when fewer than `max_in_flight` round trips of this client are running, takes
 every waiting query of its own key (itself included, oldest first, up to `max_rows` rows), sends
-them as one request and splits the reply by rows. Other callers wait; a finishing leader promotes
-the oldest waiter. A lone caller sends its search directly, so an idle client adds no wait, no
-thread handoff and no allocation. A request-specific error of a merged request (bad vectors,
-say) is retried member by member, so only the caller who sent the bad input sees it.
+them as one request and splits the reply by rows. Other callers wait; when a round trip ends, the
+oldest waiter leads the next (threads: once every member of the finished request has left, so
+the members that search again at once share it). A lone caller sends its search directly, so an
+idle client adds no wait, no thread handoff and no allocation. A request-specific error of a
+merged request (bad vectors, say) is retried member by member, so only the caller who sent the
+bad input sees it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Busy-polling a redis-py connection before a blocking read, where waking from sleep is slow.
+"""Socket readiness of a redis-py connection: a cheap check, and busy-polling before a read.
 
 On virtual machines whose idle CPUs halt at once, a process that sleeps on a socket pays tens
 of microseconds to be woken again; polling for a bounded time keeps the CPU awake instead.
@@ -11,6 +11,16 @@ import select
 import time
 from collections.abc import Callable
 from typing import Any
+
+
+def readable_now(conn: Any) -> bool:
+    """Whether conn's socket holds something to read right now (an answer, or end of file)."""
+    sock = getattr(conn, "_sock", None)
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def spin_until_readable(

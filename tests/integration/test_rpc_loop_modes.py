@@ -91,3 +91,28 @@ def test_polling_sees_an_answer_gives_up_at_its_budget_and_stops_when_told(redis
         assert conn.read_response() == b"PONG"
     finally:
         r.connection_pool.release(conn)
+
+
+def test_a_kept_connection_that_redis_closed_is_replaced_before_the_next_search(
+    redis_url: str, storage_root: Path
+) -> None:
+    index = f"kept{uuid.uuid4().hex[:8]}"
+    settings = make_settings(redis_url, storage_root, [index])
+    eng = engine()
+    server = RpcServer(settings, index, lambda: eng).start()
+    q = vecs(1, seed=7)
+    try:
+        with SearchClient(settings, index) as client:
+            wait_for(client.alive, 10, "the loop's heartbeat")
+            want = client.search(q, 5, nprobe=8).ids
+            (conn,) = client._idle  # the client keeps the connection of its last search
+            conn.send_command("CLIENT", "ID")
+            killed = conn.read_response()
+            redis.Redis.from_url(redis_url).execute_command("CLIENT", "KILL", "ID", killed)
+            got = client.search(q, 5, nprobe=8)  # no error: the dead socket is seen and replaced
+            np.testing.assert_array_equal(got.ids, want)
+            (again,) = client._idle
+            again.send_command("CLIENT", "ID")
+            assert again.read_response() != killed
+    finally:
+        server.stop()
