@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -13,11 +14,11 @@ from hypothesis import strategies as st
 from redis.connection import Connection
 
 from faissq import errors
-from faissq.config import IndexSettings
+from faissq.config import IndexSettings, RpcSettings
 from faissq.index.engine import Engine
 from faissq.rpc import protocol, resp
 from faissq.rpc.batch import search_all
-from faissq.rpc.client import as_queries, remote_error
+from faissq.rpc.client import RequestBuilder, as_queries, remote_error
 
 PREFIX = "faissq:idx:reply:"
 LIMITS = protocol.Limits(reply_prefix=PREFIX, max_bytes=1 << 20, max_k=100, max_filter_ids=50)
@@ -282,3 +283,22 @@ def test_resp_pack_writes_the_bytes_redis_py_writes() -> None:
     ]
     want = b"".join(Connection().pack_commands(commands))
     assert resp.pack(commands) == [want]
+
+
+def test_request_ids_are_unique_and_a_forked_child_draws_its_own() -> None:
+    builder = RequestBuilder("ids", RpcSettings())
+    ids = [builder.request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(0 < len(rid) <= protocol.MAX_ID_CHARS for rid in ids)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id from the builder it inherited, then out
+        os.write(write_end, builder.request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read_end, 256).decode()
+    os.close(read_end)
+    os.close(write_end)
+    assert child not in ids
+    assert child[:20] != ids[0][:20]  # a fresh random prefix, not the parent's count going on
+    assert RequestBuilder("ids", RpcSettings()).request_id()[:20] != ids[0][:20]
