@@ -252,6 +252,7 @@ class Coalescer:
         except BaseException:  # interrupted while waiting: leave nothing behind
             with self._lock:
                 self._waiting.abandon(p)
+            self._leave(p)  # taken into a batch meanwhile: count this member out of it
             raise
         if not woken:
             with self._lock:
@@ -267,6 +268,9 @@ class Coalescer:
                         q.batch_left = left
                 if batch:
                     serve(batch, self.search)
+            except BaseException:  # the leader is out; its members leave on their own
+                self._leave(p)
+                raise
             finally:
                 if not batch:
                     with self._lock:
@@ -283,10 +287,10 @@ class Coalescer:
         Held until then, the round trip goes to a leader that finds the batch's members back in
         line (they search again as soon as they wake), not to the first of them alone.
         """
-        left = p.batch_left
-        if left is None:
-            return
         with self._lock:
+            left, p.batch_left = p.batch_left, None  # once per member
+            if left is None:
+                return
             left[0] -= 1
             if left[0] == 0:
                 self._waiting.step_down()
