@@ -3,8 +3,9 @@
 The submit script (heartbeat check, queue bound, LPUSH) and the BRPOP on the reply key are sent
 together in one write; the script answers on the reply key itself when it refuses, so the BRPOP
 returns at once with `no_worker` or `busy`, and otherwise when the worker replies or the deadline
-passes. Thread-safe: each round trip holds one pooled connection; concurrent searches of one
-client with equal k and options are merged into shared requests (`faissq.rpc.coalesce`).
+passes. Thread-safe: each round trip holds one connection, taken from the pool once and kept by
+the client; concurrent searches of one client with equal k and options are merged into shared
+requests (`faissq.rpc.coalesce`).
 """
 
 from __future__ import annotations
