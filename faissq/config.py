@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +29,10 @@ class StorageSettings(BaseModel):
     )
     retention: int = Field(default=3, ge=1, description="Snapshot versions kept per index.")
     fsync: bool = Field(default=True, description="fsync log entries and snapshot files.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options as JSON (credentials, endpoint; faultfs: control).",
+    )
     incoming_ttl_s: float = Field(
         default=7 * 86_400,
         ge=0,
@@ -155,9 +159,14 @@ class WorkerSettings(BaseModel):
         default=1.0, ge=0, description="Least time between two PROGRESS updates of a job."
     )
     storage_retries: int = Field(
-        default=8, ge=0, description="Retries (exponential backoff) when storage is unavailable."
+        default=8,
+        ge=0,
+        description="In-place retries of a job while storage is unavailable (the queue waits).",
     )
-    retry_backoff_max_s: int = Field(default=120, ge=1, description="Longest retry backoff.")
+    retry_backoff_s: float = Field(
+        default=1.0, gt=0, description="Wait before the first storage retry; doubles each time."
+    )
+    retry_backoff_max_s: float = Field(default=120, gt=0, description="Longest retry wait.")
     replica: bool = Field(
         default=False,
         description="Search-only replica: consume no job queue, follow the writer's log.",

@@ -25,6 +25,7 @@ from faissq.metrics_http import HealthFn, MetricsServer, readiness, start_http
 from faissq.metrics_updates import (
     observe_job,
     observe_search,
+    observe_storage_retry,
     observe_turn,
     update_index_gauges,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "metrics_of",
     "observe_job",
     "observe_search",
+    "observe_storage_retry",
     "observe_turn",
     "readiness",
     "start_http",
@@ -96,6 +98,7 @@ class Metrics:
     # jobs (Celery signals)
     jobs_total: Counter
     job_duration_seconds: Histogram
+    storage_retries_total: Counter
 
 
 def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -212,6 +215,11 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ("task",),
             buckets=JOB_BUCKETS,
             registry=r,
+        ),
+        storage_retries_total=counter(
+            "faissq_storage_retries_total",
+            "In-place retries of jobs while storage was unavailable (the index's queue waited).",
+            ("index", "task"),
         ),
     )
 

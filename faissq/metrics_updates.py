@@ -249,3 +249,9 @@ def observe_job(
             metrics.builds_total.labels(index).inc()
         if seconds is not None and task.endswith(".save"):
             metrics.last_duration_seconds.labels(index, "save").set(seconds)
+
+
+def observe_storage_retry(metrics: Metrics | None, task: str, index: str | None) -> None:
+    """Count one in-place retry of a job that found storage unavailable."""
+    if metrics is not None:
+        metrics.storage_retries_total.labels(index or "unknown", task).inc()

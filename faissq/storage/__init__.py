@@ -8,4 +8,10 @@ recovery.py    load the newest good snapshot, replay the log after it (reads onl
 store.py       DurableStore: what the worker runtime calls (recover, append, save)
 admin.py       operator actions: ls, verify, restore
 incoming.py    the incoming/ folder of vectors by reference, swept by age after snapshots
+faults.py      faultfs://, a local folder that fails on command (fault tests and drills)
 """
+
+import fsspec
+
+# by class path: faults.py is imported only when a faultfs:// URL is opened
+fsspec.register_implementation("faultfs", "faissq.storage.faults.FaultFS", clobber=True)

@@ -41,7 +41,9 @@ class DurableStore:
         """settings: the whole configuration (storage and index sections are read);
         engine_options: extra Engine keyword arguments used at recovery (gpu, cloner)."""
         self.settings = settings
-        self.storage = Storage.from_url(settings.storage.url, fsync=settings.storage.fsync)
+        self.storage = Storage.from_url(
+            settings.storage.url, fsync=settings.storage.fsync, **settings.storage.options
+        )
         self.engine_options = engine_options or {}
         self._writers: dict[str, LogWriter] = {}
 

@@ -1,4 +1,9 @@
-"""The base class of every faissq task: delivery counting, argument checks, progress, retries."""
+"""The base class of every faissq task: delivery counting, argument checks, progress, retries.
+
+Storage trouble is retried in place: the job keeps the worker (and so its index's queue) until
+storage answers, because a re-published job would be overtaken by the jobs behind it and the
+mutations of one index must apply in the order they were enqueued.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from faissq.errors import (
     PermanentError,
     StorageUnavailable,
 )
+from faissq.metrics import metrics_of, observe_storage_retry
 from faissq.worker import delivery
 from faissq.worker.context import WorkerContext, context_of
 
@@ -24,13 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class FaissqTask(Task):  # type: ignore[misc]  # celery ships no type hints
-    """Counts deliveries (dead-letter after N), checks kwargs, retries only StorageUnavailable."""
+    """Counts deliveries (dead-letter after N), checks kwargs, retries storage trouble in place."""
 
-    autoretry_for = (StorageUnavailable,)
-    retry_backoff = 2  # first retry after about 2 s, doubling (max_retries, retry_backoff_max
-    retry_backoff_max = 120  # come from settings.worker at registration)
-    retry_jitter = True
-    max_retries = 8
     throws = (PermanentError,)  # expected failures: logged as one line, no traceback
     typing = False  # arguments are checked in __call__, so a bad call is a named error
 
@@ -52,9 +53,34 @@ class FaissqTask(Task):  # type: ignore[misc]  # celery ships no type hints
             )
         try:
             _check_signature(self, args, kwargs)
-            return super().__call__(*args, **kwargs)
+            return self._run_in_place(ctx, args, kwargs)
         finally:
             delivery.forget_delivery(ctx.redis, task_id)
+
+    def _run_in_place(self, ctx: WorkerContext, args: tuple[Any, ...], kwargs: Any) -> Any:
+        """Run the job; on StorageUnavailable wait (doubling) and run it again, never re-queue.
+
+        The job is idempotent by construction (a logged batch_id is not logged twice; a build
+        or save writes a new version), so running it again after a failed attempt is safe.
+        """
+        cfg = ctx.settings.worker
+        for attempt in range(1, cfg.storage_retries + 2):
+            try:
+                return super().__call__(*args, **kwargs)
+            except StorageUnavailable as exc:
+                if attempt > cfg.storage_retries:
+                    raise
+                wait_s = min(cfg.retry_backoff_max_s, cfg.retry_backoff_s * 2 ** (attempt - 1))
+                index = kwargs.get("index") if isinstance(kwargs.get("index"), str) else None
+                log.warning("%s %s: storage unavailable (%s); retry %d/%d in %.2fs, holding the "
+                            "queue", self.name, self.request.id, exc, attempt,
+                            cfg.storage_retries, wait_s)  # fmt: skip
+                observe_storage_retry(metrics_of(ctx.runtime), self.name, index)
+                # RETRY with the exception as its info, as Celery's own retries show it
+                self.update_state(state="RETRY", meta=exc)
+                self.send_event("task-retried", exception=repr(exc), traceback="")
+                time.sleep(wait_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def context(self) -> WorkerContext:
         """The worker's runtime and settings; only inside a faissq worker."""

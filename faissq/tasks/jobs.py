@@ -135,15 +135,9 @@ TASKS = {
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    """Register every faissq task on `app` under its stable name, with the retry settings."""
+    """Register every faissq task on `app` under its stable name (retries: FaissqTask)."""
     for name, fn in TASKS.items():
-        app.task(
-            name=name,
-            bind=True,
-            base=FaissqTask,
-            max_retries=settings.worker.storage_retries,
-            retry_backoff_max=settings.worker.retry_backoff_max_s,
-        )(fn)
+        app.task(name=name, bind=True, base=FaissqTask)(fn)
 
 
 def check_vectors(vectors: npt.NDArray[np.float32], engine: Any, metric: str) -> None:
