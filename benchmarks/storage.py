@@ -115,7 +115,7 @@ def snapshot_rows(durable: DurableStore, eng: Engine, work: Path, n: int, dim: i
     def save() -> int:
         _, rss0 = mem()
         reset_peak()
-        info = durable.save("bench", eng)
+        info = durable.save("bench", eng, durable.next_seq("bench") - 1)
         latest[:] = [Path(store.folder) / info["version"]]
         return mem()[0] - rss0
 

@@ -183,10 +183,16 @@ class Engine:
         *,
         family: str | None = None,
         progress: Progress | None = None,
+        version: int | None = None,
     ) -> dict[str, Any]:
-        """Replace the whole index with a fresh build of (ids, vectors); returns a report."""
+        """Replace the whole index with a fresh build of (ids, vectors); returns a report.
+
+        version: the version the built state carries (the service passes the build's log seq);
+        None: the current version + 1.
+        """
         progress = progress or _noop
         with self._write_lock:
+            new_version = self._next_version(version)
             t0 = time.perf_counter()
             vecs = as_vectors(vectors, self.dim, self.metric)
             id_arr = as_ids(ids, vecs.shape[0])
@@ -206,30 +212,36 @@ class Engine:
             primary = self._with_gpu(primary)
             self._family_request = family
             self._tuning = None
-            self._publish(primary, Delta(self.dim), _EMPTY)
+            self._publish(primary, Delta(self.dim), _EMPTY, new_version)
             return self._report("build", t0, primary)
 
-    def upsert(self, ids: Any, vectors: Any) -> int:
-        """Insert or replace vectors by id (into the delta; older primary copies tombstoned)."""
+    def upsert(self, ids: Any, vectors: Any, *, version: int | None = None) -> int:
+        """Insert or replace vectors by id (into the delta; older primary copies tombstoned).
+
+        version: the version of the new state (the service passes the batch's log seq).
+        """
         with self._write_lock:
+            new_version = self._next_version(version)
             st = self._state
             vecs = as_vectors(vectors, self.dim, self.metric)
             id_arr = as_ids(ids, vecs.shape[0])
             tomb = _tombstone(st, id_arr)
             delta = st.delta.without(id_arr).appended(id_arr, vecs)
-            self._state = State.make(self.dim, st.primary, delta, tomb, st.version + 1)
+            self._state = State.make(self.dim, st.primary, delta, tomb, new_version)
             return int(id_arr.size)
 
-    def delete(self, ids: Any) -> int:
+    def delete(self, ids: Any, *, version: int | None = None) -> int:
         """Delete ids (tombstone in the primary, drop from the delta); return how many were live."""
         with self._write_lock:
+            new_version = self._next_version(version)
             st = self._state
             id_arr = np.unique(as_ids(ids, unique=False))
             live = int(st.contains(id_arr).sum())
             tomb = _tombstone(st, id_arr)
             delta = st.delta.without(id_arr)
-            if live or tomb is not st.tombstones or delta is not st.delta:
-                self._state = State.make(self.dim, st.primary, delta, tomb, st.version + 1)
+            changed = live or tomb is not st.tombstones or delta is not st.delta
+            if changed or new_version != st.version:
+                self._state = State.make(self.dim, st.primary, delta, tomb, new_version)
             return live
 
     def merge(self, progress: Progress | None = None) -> dict[str, Any]:
@@ -241,7 +253,9 @@ class Engine:
             if st.primary is None:
                 if not len(st.delta):
                     raise IndexNotReady(f"index {self.name!r} is empty: nothing to merge")
-                return self.build(st.delta.vectors, st.delta.ids, progress=progress)
+                return self.build(
+                    st.delta.vectors, st.delta.ids, progress=progress, version=st.version
+                )
             if st.tombstones.size and hnsw_of(st.primary.index) is not None:
                 return self.rebuild(progress)
             primary = merge_primary(
@@ -301,9 +315,22 @@ class Engine:
         """Install a stored autotune profile (from a snapshot)."""
         self._tuning = profile
 
-    def _publish(self, primary: Primary, delta: Delta, tombstones: I64) -> None:
-        """Swap in a new state with one reference assignment."""
-        self._state = State.make(self.dim, primary, delta, tombstones, self._state.version + 1)
+    def _next_version(self, version: int | None) -> int:
+        """The version a mutation publishes: the given one (never lower), else current + 1."""
+        current = self._state.version
+        if version is None:
+            return current + 1
+        if isinstance(version, bool) or not isinstance(version, int) or version < current:
+            raise InvalidParameter(f"version {version!r} would move back from {current}")
+        return version
+
+    def _publish(
+        self, primary: Primary, delta: Delta, tombstones: I64, version: int | None = None
+    ) -> None:
+        """Swap in a new state with one reference assignment (merges keep the version: the
+        live vectors are the same)."""
+        version = self._state.version if version is None else version
+        self._state = State.make(self.dim, primary, delta, tombstones, version)
 
     def _with_gpu(self, primary: Primary) -> Primary:
         """Attach a GPU copy when configured and possible; the reason is kept either way."""
@@ -407,8 +434,9 @@ class Engine:
         *,
         gpu: GpuSettings | None = None,
         cloner: Cloner | None = None,
+        version: int = 0,
     ) -> Engine:
-        """Recreate an engine from an export (e.g. a loaded snapshot)."""
+        """Recreate an engine from an export (e.g. a loaded snapshot covering log seq `version`)."""
         eng = cls(
             exp.dim,
             settings.model_copy(update={"metric": exp.metric}),
@@ -436,7 +464,7 @@ class Engine:
             np.asarray(exp.delta_vectors, dtype=np.float32).reshape(-1, exp.dim),
         )
         tomb = np.unique(np.asarray(exp.tombstones, dtype=np.int64))
-        eng._state = State.make(exp.dim, primary, delta, tomb, 1)
+        eng._state = State.make(exp.dim, primary, delta, tomb, version)
         eng._tuning = exp.tuning
         return eng
 

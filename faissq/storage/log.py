@@ -299,6 +299,10 @@ class LogWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def advance(self, seq: int) -> None:
+        """Never hand out `seq` or below again (a build's snapshot took it)."""
+        self.last_seq = max(self.last_seq, seq)
+
     def seq_of(self, batch_id: str) -> int | None:
         """Return the seq a batch id was logged with, or None."""
         return self._batch_ids.get(batch_id)

@@ -63,7 +63,7 @@ def recover(
         out.fallbacks = len(snap.fallbacks)
         out.notes.extend(f"snapshot fallback: {f}" for f in snap.fallbacks)
         exp = EngineExport(**snap.export_fields())
-        out.engine = Engine.from_export(exp, settings, index, **options)
+        out.engine = Engine.from_export(exp, settings, index, version=snap.seq, **options)
         dim = snap.dim
     upto = ulog.truncation().upto
     if out.seq < upto:
@@ -109,7 +109,7 @@ def _apply(
             return None  # deleting from an index that holds nothing changes nothing
         engine = Engine(dim or entry.vectors.shape[1], settings, index, **options)
     if entry.op == "upsert":
-        engine.upsert(entry.ids, entry.vectors)
+        engine.upsert(entry.ids, entry.vectors, version=entry.seq)
     else:
-        engine.delete(entry.ids)
+        engine.delete(entry.ids, version=entry.seq)
     return engine

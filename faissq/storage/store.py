@@ -60,8 +60,16 @@ class DurableStore:
         """This process's writer of an index's log, opened (and locked) on first use."""
         w = self._writers.get(index)
         if w is None:
-            w = self._writers[index] = self.log(index).open_writer()
+            w = self.log(index).open_writer()
+            # a build's snapshot takes a seq that no log entry holds: never hand it out again
+            newest = max((i.seq for i in self.snapshots(index).ls()), default=0)
+            w.advance(newest)
+            self._writers[index] = w
         return w
+
+    def next_seq(self, index: str) -> int:
+        """The seq the next logged batch or build of `index` takes."""
+        return self.writer(index).last_seq + 1
 
     def recover(self, index: str, *, dim: int | None = None, strict: bool = True) -> Recovered:
         """Load the newest good snapshot and replay the log after it (reads only)."""
@@ -86,16 +94,21 @@ class DurableStore:
         """Durably log a batch before it is applied; a known batch_id returns its first seq."""
         return self.writer(index).append(op, ids, vectors, batch_id)
 
-    def save(self, index: str, engine: Engine) -> dict[str, Any]:
-        """Snapshot `engine`, which must reflect every batch logged so far; then trim the log.
+    def save(self, index: str, engine: Engine, seq: int) -> dict[str, Any]:
+        """Snapshot `engine`, which holds every logged batch up to `seq`; then trim the log.
 
-        The log keeps everything after the oldest retained snapshot, so falling back to any
-        retained version at load time can still replay to the latest acknowledged batch.
+        `seq` is what the engine applied, never merely what was logged: a batch logged but not
+        applied stays in the log after the snapshot and is replayed. A build passes `next_seq`
+        (its own version), which the writer then skips. The log keeps everything after the
+        oldest retained snapshot, so falling back to any retained version at load time can
+        still replay to the latest acknowledged batch.
         """
         w = self.writer(index)
-        seq = w.last_seq
+        if seq > w.last_seq + 1:
+            raise InvalidParameter(f"snapshot seq {seq} is beyond the log's next seq")
         store = self.snapshots(index)
         info = store.save(engine.export(), seq)
+        w.advance(seq)
         oldest = min((i.seq for i in store.ls()), default=seq)
         removed = w.truncate(oldest)
         try:

@@ -65,7 +65,11 @@ class ReadOnlyStore:
         """Refuse: only the index's writer appends to its log."""
         raise WriterConflict(f"a replica never appends to the log of {index!r}")
 
-    def save(self, index: str, engine: Engine) -> dict[str, Any]:
+    def next_seq(self, index: str) -> int:
+        """Replicas never write."""
+        raise WriterConflict(f"a search replica does not write the log of {index!r}")
+
+    def save(self, index: str, engine: Engine, seq: int) -> dict[str, Any]:
         """Refuse: only the index's writer writes snapshots."""
         raise WriterConflict(f"a replica never writes snapshots of {index!r}")
 

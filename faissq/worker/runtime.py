@@ -26,6 +26,7 @@ from faissq.worker.store import IndexStore, Op
 if TYPE_CHECKING:
     from faissq.index.engine import Engine
     from faissq.storage.log import LogEntry
+    from faissq.storage.recovery import Recovered
 
 log = logging.getLogger(__name__)
 
@@ -161,17 +162,22 @@ class IndexRuntime:
         family: str | None,
         progress: Progress | None,
     ) -> dict[str, Any]:
-        """Build a new engine, snapshot it, then swap it in: the old one serves until the swap."""
+        """Build a new engine, snapshot it, then swap it in: the old one serves until the swap.
+
+        The build takes the next log seq as its version and its snapshot covers that seq, so
+        versions keep growing and no logged batch before it is replayed on top of it.
+        """
         slot = self._writable(name)
         before = slot.state
         slot.state = IndexState.REBUILDING
         try:
+            seq = self.store.next_seq(name)
             eng = self._new_engine(name, int(vectors.shape[1]))
-            report = eng.build(vectors, ids, family=family, progress=progress)
+            report = eng.build(vectors, ids, family=family, progress=progress, version=seq)
             if progress:
                 progress("save", 0, 1)
             t0 = time.perf_counter()
-            saved = self.store.save(name, eng)
+            saved = self.store.save(name, eng, seq)
             save_s = time.perf_counter() - t0
         except BaseException:
             slot.state = before
@@ -195,7 +201,11 @@ class IndexRuntime:
         *,
         check: Callable[[Engine | None], None],
     ) -> dict[str, Any]:
-        """Log a batch (write-ahead), then apply it; a logged batch_id is not applied twice."""
+        """Log a batch (write-ahead), then apply it; a logged batch_id is not applied twice.
+
+        A batch that is logged is in the engine before any answer: when applying it fails, the
+        index recovers from storage (snapshot + log, which holds the batch) before answering.
+        """
         slot = self._writable(name)
         if op == "upsert" and vectors is None:
             raise InvalidVectors("an upsert needs vectors")
@@ -203,15 +213,15 @@ class IndexRuntime:
         t0 = time.perf_counter()
         logged = self.store.append(name, op, ids, vectors, batch_id)
         if logged.duplicate:
+            self._ensure_applied(slot, logged.seq)
             return {"seq": logged.seq, "duplicate": True, "applied": 0, **self._counts(slot)}
-        if vectors is not None:  # an upsert
-            if slot.engine is None:
-                slot.engine = self._new_engine(name, int(vectors.shape[1]))
-                slot.state = IndexState.READY
-            applied = slot.engine.upsert(ids, vectors)
-        else:
-            applied = slot.engine.delete(ids) if slot.engine is not None else 0
-        slot.seq = logged.seq
+        try:
+            applied = self._apply_batch(slot, ids, vectors, logged.seq)
+        except Exception as exc:
+            log.error("index %s: applying logged seq %d failed (%s: %s); recovering from storage",
+                      name, logged.seq, type(exc).__name__, exc)  # fmt: skip
+            self._recover_after(slot, logged.seq, f"applying seq {logged.seq} failed: {exc!r}")
+            applied = len(ids)
         return {
             "seq": logged.seq,
             "duplicate": False,
@@ -220,21 +230,56 @@ class IndexRuntime:
             **self._counts(slot),
         }
 
+    def _apply_batch(
+        self,
+        slot: IndexSlot,
+        ids: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32] | None,
+        seq: int,
+    ) -> int:
+        """Apply one logged batch to the live engine as version `seq`."""
+        if vectors is not None:  # an upsert
+            eng = slot.engine or self._new_engine(slot.name, int(vectors.shape[1]))
+            applied = eng.upsert(ids, vectors, version=seq)
+            if slot.engine is None:  # published once it holds the batch
+                slot.engine, slot.state = eng, IndexState.READY
+        else:
+            applied = slot.engine.delete(ids, version=seq) if slot.engine is not None else 0
+        slot.seq = seq
+        return int(applied)
+
+    def _ensure_applied(self, slot: IndexSlot, seq: int) -> None:
+        """Before answering for a logged seq, make sure the engine holds it."""
+        if slot.seq < seq:
+            self._recover_after(slot, seq, f"seq {seq} is logged but was not applied")
+
+    def _recover_after(self, slot: IndexSlot, seq: int, why: str) -> None:
+        """Reload snapshot + log (which hold seq) and swap in; FAILED when that fails too.
+
+        Until the reload ends the index answers nothing (LOADING): serving a state without a
+        batch that is logged, and may already be acknowledged, would be a silent loss.
+        """
+        slot.state, slot.reason = IndexState.LOADING, f"recovering: {why}"
+        try:
+            rec = self.store.recover(slot.name)
+        except BaseException as exc:
+            slot.state, slot.reason = IndexState.FAILED, f"{why}; recovery failed: {exc!r}"
+            log.error("index %s FAILED: %s", slot.name, slot.reason)
+            raise
+        if rec.seq < seq or rec.engine is None:
+            slot.state = IndexState.FAILED
+            slot.reason = f"{why}; recovery reached only seq {rec.seq}"
+            raise IndexNotReady(f"index {slot.name!r}: {slot.reason}")
+        self._install(slot, rec)
+        log.warning("index %s recovered from storage at seq %d after: %s", slot.name, rec.seq, why)
+
     def apply_logged(self, name: str, entry: LogEntry) -> None:
         """Apply an entry the writer already logged (a replica follows the log this way)."""
         slot = self.slot(name)
         if entry.seq <= slot.seq:
             return  # already in the loaded snapshot or applied before
-        if entry.op == "upsert":
-            eng = slot.engine
-            if eng is None:
-                eng = self._new_engine(name, int(entry.vectors.shape[1]))
-            eng.upsert(entry.ids, entry.vectors)
-            if slot.engine is None:  # published once it holds the batch
-                slot.engine, slot.state = eng, IndexState.READY
-        elif slot.engine is not None:
-            slot.engine.delete(entry.ids)
-        slot.seq = entry.seq
+        self._apply_batch(slot, entry.ids, entry.vectors if entry.op == "upsert" else None,
+                          entry.seq)  # fmt: skip
 
     def merge(self, name: str, progress: Progress | None) -> dict[str, Any]:
         """Fold delta and tombstones into the primary (the engine swaps its own internals)."""
@@ -265,7 +310,7 @@ class IndexRuntime:
         profile = _small(eng.autotune(target_recall=target_recall, progress=progress))
         if progress:
             progress("save", 0, 1)
-        saved = self.store.save(name, eng)
+        saved = self.store.save(name, eng, slot.seq)
         slot.version = saved.get("version") if isinstance(saved.get("version"), str) else None
         return {**profile, "snapshot": saved}
 
@@ -273,7 +318,7 @@ class IndexRuntime:
         """Snapshot the live engine; the log up to its seq becomes redundant."""
         slot = self._writable(name)
         eng = self.engine(name)
-        saved = self.store.save(name, eng)
+        saved = self.store.save(name, eng, slot.seq)
         if isinstance(saved.get("version"), str):
             slot.version = saved["version"]  # stats and status report the snapshot just written
         return {"seq": slot.seq, "version": eng.version, "snapshot": saved}
@@ -284,11 +329,8 @@ class IndexRuntime:
         rec = self.store.recover(name)
         if rec.engine is None:
             raise IndexNotReady(f"index {name!r} has no snapshot or log to reload from")
-        eng = rec.engine
-        slot.engine, slot.seq, slot.version = eng, rec.seq, rec.version
-        slot.state = IndexState.DEGRADED if rec.notes else IndexState.READY
-        slot.reason = "; ".join(rec.notes)
-        return {"seq": rec.seq, "version": rec.version, **self._counts(slot)}
+        self._install(slot, rec)
+        return {"seq": rec.seq, "snapshot_version": rec.version, **self._counts(slot)}
 
     def stats(self, name: str) -> dict[str, Any]:
         """Describe one index: state, seq, sizes and the engine's own stats."""
@@ -319,6 +361,13 @@ class IndexRuntime:
         return out
 
     # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _install(slot: IndexSlot, rec: Recovered) -> None:
+        """Publish a recovered engine: READY, or DEGRADED with the recovery's notes."""
+        slot.engine, slot.seq, slot.version = rec.engine, rec.seq, rec.version
+        slot.state = IndexState.DEGRADED if rec.notes else IndexState.READY
+        slot.reason = "; ".join(rec.notes)
 
     def _swap(self, slot: IndexSlot, eng: Engine, saved: dict[str, Any]) -> None:
         """Publish a new engine to readers with one reference assignment."""

@@ -34,8 +34,11 @@ class IndexStore(Protocol):
     ) -> Appended:
         """Durably log a batch before it is applied; a known batch_id is a no-op."""
 
-    def save(self, index: str, engine: Engine) -> dict[str, Any]:
-        """Write a snapshot of `engine` covering every logged seq so far; return its summary."""
+    def next_seq(self, index: str) -> int:
+        """The seq the next logged batch or build of `index` will take."""
+
+    def save(self, index: str, engine: Engine, seq: int) -> dict[str, Any]:
+        """Write a snapshot of `engine`, which holds every logged seq up to `seq`; its summary."""
 
     def close(self) -> None:
         """Release writer locks and handles."""

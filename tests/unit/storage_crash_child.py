@@ -43,15 +43,19 @@ def run(root: str, start: int, save_every: int, ack_path: str) -> None:
     store = DurableStore(cfg)
     engine = store.recover("default", dim=DIM).engine or Engine(DIM, cfg.index, "default")
     say("READY")
+    applied = engine.version
     for k in range(start, start + 100_000):
         ids, vecs = batch(k)
         up = store.append("default", "upsert", ids, vecs, f"b{k}")
         if not up.duplicate:
-            engine.upsert(ids, vecs)
+            engine.upsert(ids, vecs, version=up.seq)
+            applied = up.seq
         if k > 0:  # each batch also deletes the first id of the previous one
             gone = np.array([(k - 1) * B], np.int64)
-            if not store.append("default", "delete", gone, None, f"d{k}").duplicate:
-                engine.delete(gone)
+            down = store.append("default", "delete", gone, None, f"d{k}")
+            if not down.duplicate:
+                engine.delete(gone, version=down.seq)
+                applied = down.seq
         say(f"ACK {k} {up.seq}")
         if save_every and k % save_every == 0:
-            store.save("default", engine)
+            store.save("default", engine, applied)

@@ -42,7 +42,7 @@ def test_a_snapshot_sweeps_old_references_and_keeps_recent_ones(tmp_path: Path) 
     eng = Engine(8, settings.index, "default")
     eng.build(vecs, np.arange(300, dtype=np.int64))
     try:
-        report = durable.save("default", eng)
+        report = durable.save("default", eng, durable.next_seq("default") - 1)
     finally:
         durable.close()
 
@@ -80,7 +80,7 @@ def test_a_sweep_that_cannot_delete_does_not_fail_the_snapshot(tmp_path: Path) -
     eng.build(vecs, np.arange(200, dtype=np.int64))
     try:
         with read_only(root / "incoming"):
-            report = durable.save("default", eng)
+            report = durable.save("default", eng, durable.next_seq("default") - 1)
     finally:
         durable.close()
     assert report["persisted"] is True and report["incoming_removed"] == 0 and old.exists()

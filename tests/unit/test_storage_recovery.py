@@ -73,7 +73,7 @@ def test_snapshot_plus_log_replay_restores_the_engine(settings: Settings) -> Non
     durable = DurableStore(settings)
     eng = built_engine(settings)
     mutate(durable, eng, 10_000, "a")
-    summary = durable.save("default", eng)
+    summary = durable.save("default", eng, durable.next_seq("default") - 1)
     assert summary["seq"] == 2 and summary["version"] == "v00000001"
     mutate(durable, eng, 11_000, "b")
     durable.close()
@@ -87,7 +87,7 @@ def test_snapshot_plus_log_replay_restores_the_engine(settings: Settings) -> Non
 def test_recovered_raw_vectors_stay_memory_mapped(settings: Settings) -> None:
     """A restart maps the snapshot's raw store instead of copying it into memory."""
     durable = DurableStore(settings)
-    durable.save("default", built_engine(settings))
+    durable.save("default", built_engine(settings), durable.next_seq("default") - 1)
     durable.close()
     rec = DurableStore(settings).recover("default", dim=DIM)
     assert rec.engine is not None
@@ -115,9 +115,9 @@ def test_damaged_newest_snapshot_falls_back_and_replays_further(settings: Settin
     durable = DurableStore(settings)
     eng = built_engine(settings)
     mutate(durable, eng, 10_000, "a")
-    durable.save("default", eng)
+    durable.save("default", eng, durable.next_seq("default") - 1)
     mutate(durable, eng, 11_000, "b")
-    durable.save("default", eng)
+    durable.save("default", eng, durable.next_seq("default") - 1)
     mutate(durable, eng, 12_000, "c")
     durable.close()
     victim = Path(durable.snapshots("default").folder) / "v00000002" / "primary_vectors.npy"
@@ -137,9 +137,9 @@ def test_fallback_older_than_the_truncated_log_is_refused(tmp_path: Path) -> Non
     durable = DurableStore(settings)
     eng = built_engine(settings)
     mutate(durable, eng, 10_000, "a")
-    durable.save("default", eng)
+    durable.save("default", eng, durable.next_seq("default") - 1)
     mutate(durable, eng, 11_000, "b")
-    durable.save("default", eng)
+    durable.save("default", eng, durable.next_seq("default") - 1)
     durable.writer("default").truncate(4)  # as if retention had dropped v1's entries
     durable.close()
     (Path(durable.snapshots("default").folder) / "v00000002" / "index.faiss").write_bytes(b"x")
@@ -153,7 +153,7 @@ def test_save_trims_the_log_to_the_oldest_retained_snapshot(tmp_path: Path) -> N
     eng = built_engine(settings)
     for k in range(3):
         mutate(durable, eng, 10_000 + 1000 * k, f"m{k}")
-        durable.save("default", eng)
+        durable.save("default", eng, durable.next_seq("default") - 1)
     # retained versions cover seqs 4 and 6: entries after 4 stay for a fallback to v2
     assert durable.log("default").truncation().upto == 4
     assert durable.log("default").entry_seqs() == [5, 6]
@@ -181,7 +181,7 @@ def test_damaged_log_entry_strict_raises_lenient_stops(settings: Settings) -> No
 def test_settings_disagreeing_with_the_snapshot_are_refused(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
     durable = DurableStore(settings)
-    durable.save("default", built_engine(settings))
+    durable.save("default", built_engine(settings), durable.next_seq("default") - 1)
     durable.close()
     with pytest.raises(ManifestMismatch, match="dim"):
         DurableStore(settings).recover("default", dim=DIM * 2)
@@ -199,9 +199,9 @@ def test_operator_ls_verify_restore(settings: Settings) -> None:
     durable = DurableStore(settings)
     eng = built_engine(settings)
     mutate(durable, eng, 10_000, "a")
-    durable.save("default", eng)
+    durable.save("default", eng, durable.next_seq("default") - 1)
     eng2 = built_engine(settings, n=7000)  # a rebuild the operator wants to roll back
-    durable.save("default", eng2)
+    durable.save("default", eng2, durable.next_seq("default") - 1)
     durable.close()
     listed = admin.ls(settings, "default")
     assert [(i["version"], i["current"]) for i in listed] == [
