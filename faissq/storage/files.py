@@ -176,7 +176,10 @@ def verify_files(
         got = hash_file(storage, path, algorithm)
         if got.hexdigest != want[algorithm] or got.bytes != int(want["bytes"]):
             raise SnapshotCorrupt(f"{path} fails its checksum")
-        return None if parse is None else parse(storage, path)
+        parsed = None if parse is None else parse(storage, path)
+        if isinstance(parsed, np.memmap):
+            _MAPPED[os.path.abspath(str(parsed.filename))] = (storage, path, got)
+        return parsed
 
     names = sorted(expected, key=lambda n: -int(expected[n]["bytes"]))  # largest first
     workers = max(1, min(len(names), max(2, min(VERIFY_THREADS, os.cpu_count() or 2))))
@@ -188,6 +191,42 @@ def verify_files(
             for fut in futures.values():
                 fut.cancel()  # running ones finish; their results are dropped
             raise
+
+
+# files verified at load and then used memory-mapped: local path -> (storage, path, digest)
+_MAPPED: dict[str, tuple[Storage, str, FileDigest]] = {}
+
+
+def mapped_file(arr: Any) -> str | None:
+    """The file a memory-mapped array (or a view of one) reads from, None for memory."""
+    while isinstance(arr, np.ndarray):
+        if isinstance(arr, np.memmap) and arr.filename is not None:
+            return os.path.abspath(str(arr.filename))
+        arr = arr.base
+    return None
+
+
+def reverify_mapped(arrays: Any) -> int:
+    """Hash again every verified file that `arrays` read through a memory map; return how many.
+
+    A mapped page is read from storage again whenever the kernel likes, so bytes verified at
+    load are not the bytes a rebuild or a snapshot reads later: SnapshotCorrupt when they
+    changed, before anything is built or written from them.
+    """
+    seen: set[str] = set()
+    for arr in arrays:
+        name = mapped_file(arr)
+        if name is None or name in seen or name not in _MAPPED:
+            continue
+        seen.add(name)
+        storage, path, want = _MAPPED[name]
+        got = hash_file(storage, path, want.algorithm)
+        if got.hexdigest != want.hexdigest or got.bytes != want.bytes:
+            raise SnapshotCorrupt(
+                f"{path} changed on storage after it was verified and memory-mapped: its vectors "
+                "cannot be trusted (reload the index from a good snapshot version)"
+            )
+    return len(seen)
 
 
 def read_npy(storage: Storage, path: str, *, mmap: bool = True) -> npt.NDArray[Any]:

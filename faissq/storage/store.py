@@ -16,7 +16,7 @@ import numpy.typing as npt
 from faissq.config import Settings
 from faissq.errors import InvalidParameter, StorageUnavailable
 from faissq.index.engine import Engine
-from faissq.storage import incoming
+from faissq.storage import files, incoming
 from faissq.storage.fs import Storage
 from faissq.storage.log import Appended, LogWriter, Op, UpdateLog
 from faissq.storage.recovery import Recovered, recover
@@ -106,8 +106,10 @@ class DurableStore:
         w = self.writer(index)
         if seq > w.last_seq + 1:
             raise InvalidParameter(f"snapshot seq {seq} is beyond the log's next seq")
+        export = engine.export()
+        self.check_mapped(index, engine)  # never write bytes not verified since last read
         store = self.snapshots(index)
-        info = store.save(engine.export(), seq)
+        info = store.save(export, seq)
         w.advance(seq)
         oldest = min((i.seq for i in store.ls()), default=seq)
         removed = w.truncate(oldest)
@@ -126,6 +128,12 @@ class DurableStore:
             "incoming_removed": swept,
             "persisted": True,
         }
+
+    def check_mapped(self, index: str, engine: Engine) -> None:
+        """Re-verify the memory-mapped snapshot files the engine reads (rebuild, merge, save)."""
+        exp = engine.export()
+        files.reverify_mapped((exp.primary_ids, exp.primary_vectors, exp.delta_ids,
+                               exp.delta_vectors, exp.tombstones))  # fmt: skip
 
     def close(self) -> None:
         """Release every writer lock held by this process."""

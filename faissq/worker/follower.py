@@ -17,7 +17,8 @@ from typing import Protocol
 from faissq.errors import FaissqError, LogCorrupt
 from faissq.storage.log import UpdateLog
 from faissq.storage.snapshots import SnapshotStore
-from faissq.worker.runtime import IndexRuntime, IndexState
+from faissq.worker.runtime import IndexRuntime
+from faissq.worker.slots import IndexState
 
 log = logging.getLogger(__name__)
 

@@ -73,6 +73,9 @@ class ReadOnlyStore:
         """Refuse: only the index's writer writes snapshots."""
         raise WriterConflict(f"a replica never writes snapshots of {index!r}")
 
+    def check_mapped(self, index: str, engine: Engine) -> None:
+        """Replicas never rebuild nor save: nothing to check."""
+
     def close(self) -> None:
         """Nothing to release: no writer lock was taken."""
 

@@ -12,15 +12,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from faissq.config import Settings
-from faissq.errors import FaissqError, IndexNotReady, InvalidVectors, UnknownIndex, WriterConflict
+from faissq.errors import (
+    FaissqError,
+    IndexNotReady,
+    InvalidVectors,
+    SnapshotCorrupt,
+    UnknownIndex,
+    WriterConflict,
+)
+from faissq.worker.slots import SERVING, IndexSlot, IndexState, small
 from faissq.worker.store import IndexStore, Op
 
 if TYPE_CHECKING:
@@ -33,46 +39,23 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
-class IndexState(StrEnum):
-    """Lifecycle of one served index in this process."""
-
-    LOADING = "loading"  # snapshot load and log replay in progress; jobs wait for it
-    EMPTY = "empty"  # nothing built or logged yet; a build or an upsert creates the index
-    READY = "ready"  # loaded and replayed: serves searches and applies jobs
-    REBUILDING = "rebuilding"  # a build/rebuild runs on a new object; the old one keeps serving
-    DEGRADED = "degraded"  # serving, but on a fallback (GPU failed, older snapshot): see reason
-    FAILED = "failed"  # could not load; jobs fail with IndexNotReady until a reload succeeds
-
-
-SERVING = frozenset({IndexState.READY, IndexState.REBUILDING, IndexState.DEGRADED})
-
-
-@dataclass
-class IndexSlot:
-    """One served index: its engine reference, state and the last log seq applied."""
-
-    name: str
-    state: IndexState = IndexState.LOADING
-    engine: Engine | None = None
-    reason: str = ""
-    seq: int = 0
-    version: str | None = None
-    loaded_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    # replicas only, kept by the follower: the newest seq seen in the log, the seconds between
-    # the writer logging the last applied entry and its application here, snapshot reloads
-    log_seq: int = 0
-    lag_s: float = 0.0
-    reloads: int = 0
-
-
 class IndexRuntime:
     """Holds every served index of this worker process and applies jobs to them."""
 
-    def __init__(self, settings: Settings, store: IndexStore) -> None:
-        """Prepare slots for settings.worker.indexes; nothing is loaded until `load_all`."""
+    def __init__(
+        self,
+        settings: Settings,
+        store: IndexStore,
+        *,
+        engine_class: Callable[..., Engine] | None = None,
+    ) -> None:
+        """Prepare slots for settings.worker.indexes; nothing is loaded until `load_all`.
+
+        engine_class: what new engines are made with (default faissq.index.engine.Engine).
+        """
         self.settings = settings
         self.store = store
+        self._engine_class = engine_class
         self.role = "replica" if settings.worker.replica else "writer"
         self.slots = {name: IndexSlot(name) for name in settings.worker.indexes}
         self._ready = threading.Event()
@@ -184,7 +167,7 @@ class IndexRuntime:
             raise
         self._swap(slot, eng, saved)
         return {
-            **_small(report),
+            **small(report),
             "seq": slot.seq,
             "version": eng.version,
             "snapshot": saved,
@@ -293,13 +276,14 @@ class IndexRuntime:
         """Run a merge or rebuild on the live engine; searches keep using the old primary."""
         slot = self._writable(name)
         eng = self.engine(name)
+        self._check_mapped(slot, eng)
         before = slot.state
         slot.state = IndexState.REBUILDING
         try:
             report = run(eng)
         finally:
             slot.state = before
-        return {**_small(report), **self._counts(slot)}
+        return {**small(report), **self._counts(slot)}
 
     def autotune(
         self, name: str, target_recall: float | None, progress: Progress | None
@@ -307,10 +291,10 @@ class IndexRuntime:
         """Tune search parameters, then snapshot so the profile survives a restart."""
         slot = self._writable(name)
         eng = self.engine(name)
-        profile = _small(eng.autotune(target_recall=target_recall, progress=progress))
+        profile = small(eng.autotune(target_recall=target_recall, progress=progress))
         if progress:
             progress("save", 0, 1)
-        saved = self.store.save(name, eng, slot.seq)
+        saved = self._save(slot, eng)
         slot.version = saved.get("version") if isinstance(saved.get("version"), str) else None
         return {**profile, "snapshot": saved}
 
@@ -318,7 +302,7 @@ class IndexRuntime:
         """Snapshot the live engine; the log up to its seq becomes redundant."""
         slot = self._writable(name)
         eng = self.engine(name)
-        saved = self.store.save(name, eng, slot.seq)
+        saved = self._save(slot, eng)
         if isinstance(saved.get("version"), str):
             slot.version = saved["version"]  # stats and status report the snapshot just written
         return {"seq": slot.seq, "version": eng.version, "snapshot": saved}
@@ -345,7 +329,7 @@ class IndexRuntime:
         }
         out.update(self.role_status(name))
         if slot.engine is not None:
-            out["engine"] = _small(slot.engine.stats())
+            out["engine"] = small(slot.engine.stats())
             out.update(self._counts(slot))
         return out
 
@@ -361,6 +345,25 @@ class IndexRuntime:
         return out
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _save(self, slot: IndexSlot, eng: Engine) -> dict[str, Any]:
+        """Snapshot the live engine at the seq it applied (DEGRADED when its bytes changed)."""
+        try:
+            return self.store.save(slot.name, eng, slot.seq)
+        except SnapshotCorrupt as exc:
+            slot.state, slot.reason = IndexState.DEGRADED, str(exc)
+            log.error("index %s DEGRADED: %s", slot.name, exc)
+            raise
+
+    def _check_mapped(self, slot: IndexSlot, eng: Engine) -> None:
+        """Refuse to build from raw vectors that changed on storage since they were verified;
+        the index stays up, DEGRADED with the reason, until it is reloaded."""
+        try:
+            self.store.check_mapped(slot.name, eng)
+        except SnapshotCorrupt as exc:
+            slot.state, slot.reason = IndexState.DEGRADED, str(exc)
+            log.error("index %s DEGRADED: %s", slot.name, exc)
+            raise
 
     @staticmethod
     def _install(slot: IndexSlot, rec: Recovered) -> None:
@@ -382,7 +385,7 @@ class IndexRuntime:
         from faissq.index.engine import Engine
 
         gpu = self.settings.gpu if self.settings.gpu.mode != "off" else None
-        return Engine(dim, self.settings.index, name=name, gpu=gpu)
+        return (self._engine_class or Engine)(dim, self.settings.index, name=name, gpu=gpu)
 
     @staticmethod
     def _counts(slot: IndexSlot) -> dict[str, Any]:
@@ -391,25 +394,3 @@ class IndexRuntime:
         if eng is None:
             return {"ntotal": 0, "version": None}
         return {"ntotal": int(eng.ntotal), "version": eng.version}
-
-
-def _small(report: Any) -> dict[str, Any]:
-    """Keep a report JSON/msgpack friendly: numpy scalars to Python, arrays dropped."""
-    if not isinstance(report, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for k, v in report.items():
-        if isinstance(v, np.generic):
-            out[str(k)] = v.item()
-        elif isinstance(v, dict):
-            out[str(k)] = _small(v)
-        elif isinstance(v, list | tuple):
-            out[str(k)] = [_small(x) if isinstance(x, dict) else _plain(x) for x in v]
-        elif isinstance(v, str | int | float | bool) or v is None:
-            out[str(k)] = v
-    return out
-
-
-def _plain(v: Any) -> Any:
-    """A numpy scalar as its Python value; other values unchanged."""
-    return v.item() if isinstance(v, np.generic) else v

@@ -40,5 +40,8 @@ class IndexStore(Protocol):
     def save(self, index: str, engine: Engine, seq: int) -> dict[str, Any]:
         """Write a snapshot of `engine`, which holds every logged seq up to `seq`; its summary."""
 
+    def check_mapped(self, index: str, engine: Engine) -> None:
+        """SnapshotCorrupt when memory-mapped files the engine reads changed since verified."""
+
     def close(self) -> None:
         """Release writer locks and handles."""

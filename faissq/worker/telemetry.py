@@ -29,7 +29,7 @@ from faissq.metrics import (
     update_index_gauges,
 )
 from faissq.worker.context import WorkerContext
-from faissq.worker.runtime import SERVING
+from faissq.worker.slots import SERVING
 
 log = logging.getLogger(__name__)
 

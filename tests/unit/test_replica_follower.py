@@ -12,7 +12,8 @@ from faissq.errors import WriterConflict
 from faissq.storage.store import DurableStore
 from faissq.worker.follower import Follower
 from faissq.worker.replica import make_replica
-from faissq.worker.runtime import IndexRuntime, IndexState
+from faissq.worker.runtime import IndexRuntime
+from faissq.worker.slots import IndexState
 
 
 def settings(root: Path, *, replica: bool, retention: int = 3) -> Settings:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from faissq.config import Settings
-from faissq.errors import IndexNotReady, UnknownIndex
+from faissq.errors import IndexNotReady, SnapshotCorrupt, UnknownIndex
+from faissq.index.engine import Engine
 from faissq.storage.store import DurableStore
-from faissq.worker.runtime import IndexRuntime, IndexState
+from faissq.worker.runtime import IndexRuntime
+from faissq.worker.slots import IndexState
 
 
 def make(tmp_path: Path) -> IndexRuntime:
@@ -106,3 +110,85 @@ def test_a_corrupt_store_marks_the_index_failed_not_the_process(tmp_path: Path) 
     with pytest.raises(IndexNotReady):
         rt2.apply("a", "upsert", np.arange(2), vecs(2), "b2", check=no_check)
     rt2.close()
+
+
+class FailingEngine(Engine):
+    """An engine whose next `fail` applies raise MemoryError, as a delta that cannot grow does."""
+
+    fail = 0
+
+    def upsert(self, ids: Any, vectors: Any, *, version: int | None = None) -> int:
+        if FailingEngine.fail:
+            FailingEngine.fail -= 1
+            raise MemoryError("injected: the delta cannot grow")
+        return super().upsert(ids, vectors, version=version)
+
+
+def test_a_batch_logged_but_not_applied_is_never_lost(tmp_path: Path) -> None:
+    """Apply fails after the append: the index holds the batch before it answers again.
+
+    A redelivery of the batch (same batch_id) must not answer "duplicate" while the batch is
+    missing, and the next save must not mark its seq covered.
+    """
+    s = Settings(storage={"url": str(tmp_path)}, gpu={"mode": "off"}, worker={"indexes": ["a"]})
+    rt = IndexRuntime(s, DurableStore(s), engine_class=FailingEngine)
+    rt.load_all()
+    rt.apply("a", "upsert", np.arange(5), vecs(5), "b1", check=no_check)
+    FailingEngine.fail = 1
+    with contextlib.suppress(MemoryError):  # answered or failed: either way nothing may be lost
+        rt.apply("a", "upsert", np.arange(5, 10), vecs(5, 1), "b2", check=no_check)
+    again = rt.apply("a", "upsert", np.arange(5, 10), vecs(5, 1), "b2", check=no_check)
+    assert again["duplicate"] is True and again["seq"] == 2
+    assert rt.engine("a").contains(np.arange(10)).all()
+    assert rt.save("a")["snapshot"]["seq"] == 2
+    rt.close()
+    rt2 = make(tmp_path)
+    assert rt2.engine("a").contains(np.arange(10)).all() and rt2.engine("a").version == 2
+    rt2.close()
+
+
+def test_version_is_the_log_seq_across_builds_merges_and_restarts(tmp_path: Path) -> None:
+    """The version readers see never moves back: mutations take their seq, a build the next."""
+    rt = make(tmp_path)
+    for i in range(3):
+        out = rt.apply("a", "upsert", np.arange(i * 5, i * 5 + 5), vecs(5, i), f"b{i}",
+                       check=no_check)  # fmt: skip
+        assert out["version"] == out["seq"] == i + 1
+    built = rt.build("a", vecs(300, 9), np.arange(100, 400), family=None, progress=None)
+    assert built["version"] == built["seq"] == 4
+    out = rt.apply("a", "delete", np.arange(100, 110), None, "d1", check=no_check)
+    assert out["version"] == out["seq"] == 5
+    assert rt.merge("a", None)["version"] == 5  # same vectors, same version
+    assert rt.engine("a").search(vecs(1), 1).version == 5
+    rt.save("a")
+    rt.close()
+    rt2 = make(tmp_path)
+    assert rt2.engine("a").version == 5
+    out = rt2.apply("a", "upsert", np.arange(2), vecs(2), "b9", check=no_check)
+    assert out["version"] == out["seq"] == 6
+    rt2.close()
+    rt3 = make(tmp_path)  # restart from the snapshot + log after it
+    assert rt3.engine("a").version == 6
+    rt3.close()
+
+
+def test_no_snapshot_is_written_from_mapped_bytes_that_changed_on_storage(tmp_path: Path) -> None:
+    """Flip one byte of the memory-mapped raw vectors after load: rebuild and save refuse."""
+    rt = make(tmp_path)
+    rt.build("a", vecs(300, 3), np.arange(300), family="flat", progress=None)
+    rt.close()
+    rt2 = make(tmp_path)  # the raw vectors are memory-mapped from the verified snapshot
+    version = rt2.slot("a").version
+    raw = tmp_path / "a" / "snapshots" / str(version) / "primary_vectors.npy"
+    data = bytearray(raw.read_bytes())
+    data[-7] ^= 0x40  # one vector component changes; the file keeps its size
+    raw.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorrupt, match="changed on storage"):
+        rt2.rebuild("a", None, None)
+    with pytest.raises(SnapshotCorrupt, match="changed on storage"):
+        rt2.save("a")
+    assert rt2.slot("a").state is IndexState.DEGRADED
+    assert "changed on storage" in rt2.slot("a").reason
+    rt2.close()
+    current = (tmp_path / "a" / "CURRENT").read_text()
+    assert str(version) in current, "a snapshot was published from unverified bytes"

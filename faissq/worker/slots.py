@@ -1,0 +1,67 @@
+"""One served index as the runtime holds it: lifecycle state, engine reference, log position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from faissq.index.engine import Engine
+
+
+class IndexState(StrEnum):
+    """Lifecycle of one served index in this process."""
+
+    LOADING = "loading"  # snapshot load and log replay in progress; jobs wait for it
+    EMPTY = "empty"  # nothing built or logged yet; a build or an upsert creates the index
+    READY = "ready"  # loaded and replayed: serves searches and applies jobs
+    REBUILDING = "rebuilding"  # a build/rebuild runs on a new object; the old one keeps serving
+    DEGRADED = "degraded"  # serving, but on a fallback (GPU failed, older snapshot): see reason
+    FAILED = "failed"  # could not load; jobs fail with IndexNotReady until a reload succeeds
+
+
+SERVING = frozenset({IndexState.READY, IndexState.REBUILDING, IndexState.DEGRADED})
+
+
+@dataclass
+class IndexSlot:
+    """One served index: its engine reference, state and the last log seq applied."""
+
+    name: str
+    state: IndexState = IndexState.LOADING
+    engine: Engine | None = None
+    reason: str = ""
+    seq: int = 0
+    version: str | None = None
+    loaded_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    # replicas only, kept by the follower: the newest seq seen in the log, the seconds between
+    # the writer logging the last applied entry and its application here, snapshot reloads
+    log_seq: int = 0
+    lag_s: float = 0.0
+    reloads: int = 0
+
+
+def small(report: Any) -> dict[str, Any]:
+    """Keep a report JSON/msgpack friendly: numpy scalars to Python, arrays dropped."""
+    if not isinstance(report, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in report.items():
+        if isinstance(v, np.generic):
+            out[str(k)] = v.item()
+        elif isinstance(v, dict):
+            out[str(k)] = small(v)
+        elif isinstance(v, list | tuple):
+            out[str(k)] = [small(x) if isinstance(x, dict) else plain(x) for x in v]
+        elif isinstance(v, str | int | float | bool) or v is None:
+            out[str(k)] = v
+    return out
+
+
+def plain(v: Any) -> Any:
+    """A numpy scalar as its Python value; other values unchanged."""
+    return v.item() if isinstance(v, np.generic) else v
