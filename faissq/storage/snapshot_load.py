@@ -200,12 +200,12 @@ class SnapshotReader:
         """Load CURRENT, falling back to older good versions (logged); None when none exists.
 
         Without a usable CURRENT, the newest complete version that verifies is loaded and
-        `Snapshot.notes` says so; None only when no complete version exists at all.
+        `Snapshot.notes` says so; None only when neither CURRENT nor a complete version exists.
         """
         current, why = self._pointer()
         complete = [v for v in self.versions() if self._is_complete(v)]
-        if current is None and not complete:
-            return None  # never published: an empty index, not a failure
+        if not complete and why == "CURRENT missing":
+            return None  # never published (a first save may have crashed): an empty index
         # versions newer than CURRENT may be a save in flight; folders without a manifest are
         # debris of crashed saves: neither is a fallback
         older = [v for v in complete if current is None or v < current]
