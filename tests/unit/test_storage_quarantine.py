@@ -15,6 +15,7 @@ from faissq.errors import InvalidParameter, LogCorrupt
 from faissq.storage import admin
 from faissq.storage.log import entry_name
 from faissq.storage.store import DurableStore
+from faissq.worker.replica import ReadOnlyStore
 
 DIM = 8
 
@@ -84,7 +85,7 @@ def test_a_replica_stops_before_a_damaged_newest_entry_and_moves_nothing(
     settings: Settings, logged: DurableStore
 ) -> None:
     damage(entry(logged, 4))
-    rec = DurableStore(settings).recover("default", quarantine=False)
+    rec = ReadOnlyStore(DurableStore(settings)).recover("default")
     assert rec.engine is not None and (rec.seq, rec.engine.ntotal) == (3, 30)
     assert rec.quarantined == [] and "newest log entry 4 is damaged" in rec.notes[0]
     assert entry(logged, 4).exists() and not entry(logged, 4, quarantined=True).exists()
