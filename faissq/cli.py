@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from faissq import cli_jobs, cli_ops
+from faissq import cli_jobs, cli_log, cli_ops
 from faissq.config import Settings
 from faissq.errors import FaissqError
 
@@ -162,6 +162,11 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
         "ls / verify / restore the snapshots on shared storage",
         cli_ops.add_snapshot_args,
         cli_ops.run_snapshot,
+    ),
+    "log": (
+        "verify / quarantine / resolve entries of the update log on shared storage",
+        cli_log.add_log_args,
+        cli_log.run_log,
     ),
 }
 

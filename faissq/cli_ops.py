@@ -78,14 +78,15 @@ def discover_indexes(client: redis.Redis, settings: Settings) -> list[str]:
 
 
 def stored_indexes(settings: Settings) -> list[str]:
-    """Folders under the storage root that hold an index (a CURRENT pointer)."""
+    """Folders under the storage root that hold an index (a CURRENT pointer, snapshots or a log)."""
     from faissq.storage.fs import Storage
     from faissq.storage.snapshots import CURRENT
 
     storage = Storage.from_url(settings.storage.url)
     try:
         names = storage.listdir(storage.root)
-        return [n for n in names if storage.exists(storage.path(n, CURRENT))]
+        marks = (CURRENT, "snapshots", "log")  # CURRENT alone may be lost: see docs/operations.md
+        return [n for n in names if any(storage.exists(storage.path(n, m)) for m in marks)]
     except FaissqError:  # storage down: Redis still tells what runs
         return []
 

@@ -124,7 +124,7 @@ class LogCorrupt(PermanentError):
 
 
 class WriterConflict(PermanentError):
-    """Raised when a second writer tries to append to an index's update log."""
+    """Raised when a second or stale writer appends to a log or publishes an older snapshot."""
 
     code = "writer_conflict"
 

@@ -5,8 +5,8 @@ How each metric moves lives in faissq.metrics_updates; its functions are re-expo
 Nothing registers at import: `make_metrics()` builds the metrics on a fresh CollectorRegistry, so a
 process (or a test) holds as many independent sets as it likes. Base units (`_seconds`, `_bytes`),
 `_total` counters, histograms for latencies and sizes; labels are low-cardinality only (index,
-outcome, task, op, and the index's family/factory in one info series) - never request values such
-as k or nprobe, which are gauges of the last request instead.
+outcome, task, op, lifecycle state, and the index's family/factory in one info series) - never
+request values such as k or nprobe, which are gauges of the last request instead.
 
 Index gauges report the engine's actual state (`Engine.stats()`), refreshed at every scrape by the
 worker (faissq.worker.telemetry), never estimates or configuration flags. The HTTP endpoint
@@ -71,6 +71,7 @@ class Metrics:
     index_dim: Gauge
     index_version: Gauge
     index_ready: Gauge
+    index_state: Gauge
     index_imbalance: Gauge
     index_merge_due: Gauge
     index_rebuild_due: Gauge
@@ -135,6 +136,11 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "faissq_index_version", "Engine state version (grows with every applied mutation)."
         ),
         index_ready=gauge("faissq_index_ready", "1 when the index is loaded and serves searches."),
+        index_state=gauge(
+            "faissq_index_state",
+            "1 for the index's lifecycle state (loading/empty/ready/rebuilding/degraded/failed).",
+            ("index", "state"),
+        ),
         index_imbalance=gauge(
             "faissq_index_imbalance", "IVF list-size imbalance factor (1 = even; 1 for non-IVF)."
         ),

@@ -20,6 +20,8 @@ SEARCH_OK = "ok"  # the outcome of a search that was answered
 DEADLINE_DROP = "timeout"  # the outcome (wire code) of a request whose deadline had passed
 UNREADABLE = "unreadable"  # the outcome of a request dropped unanswered: no usable reply key
 DURATION_OPS = ("build", "merge", "rebuild", "save", "load")  # values of the `op` label
+# values of the `state` label: those of faissq.worker.runtime.IndexState (a test pins them)
+INDEX_STATES = ("loading", "empty", "ready", "rebuilding", "degraded", "failed")
 
 
 def _num(value: Any, default: float = 0.0) -> float:
@@ -37,6 +39,7 @@ def update_index_gauges(
     engine_stats: Mapping[str, Any] | None,
     *,
     ready: bool | None = None,
+    state: str | None = None,
     seq: int | None = None,
     log_seq: int | None = None,
     snapshot_age_s: float | None = None,
@@ -86,6 +89,9 @@ def update_index_gauges(
         m.last_duration_seconds.labels(name, "load").set(load_s)
     if ready is not None:
         m.index_ready.labels(name).set(1.0 if ready else 0.0)
+    if state is not None:  # one series per state, 1 on the current one: alerts match on the label
+        for each in INDEX_STATES:
+            m.index_state.labels(name, each).set(1.0 if each == state else 0.0)
     if seq is not None:
         m.index_seq.labels(name).set(seq)
         if log_seq is not None:

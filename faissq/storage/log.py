@@ -5,12 +5,14 @@ Layout under ``<root>/<index>/log/``::
     00000000000000000001.entry   one batch (seq 1); created exclusively, never rewritten
     TRUNCATED                    JSON {"upto": seq, "batch_ids": {...}}: a snapshot covers up to seq
     writer.lock                  advisory lock held by the single writer (local storage)
+    quarantine/                  damaged entries moved aside, each an explicit gap (quarantine.py)
 
 An entry file is ``MAGIC | u32 header length | JSON header | ids int64 | vectors float32 | digest``,
 the 32-byte digest (BLAKE3; sha256 in format-1 entries) covering every byte before it, so a torn
 or flipped byte is detected before anything from the entry is applied. Sequence numbers are
 gap-free: the writer creates ``<seq>.entry`` exclusively, so a second writer fails on its first
-append instead of interleaving.
+append instead of interleaving. The only gaps a reader accepts are quarantined seqs, which the
+writer never reuses.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors, LogCorrupt, WriterConflict
+from faissq.storage import quarantine
 from faissq.storage.fs import Storage, Writable, storage_errors
 
 log = logging.getLogger(__name__)
@@ -198,10 +201,22 @@ class UpdateLog:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LogCorrupt(f"{path} is unreadable: {exc}") from exc
 
+    def quarantined(self) -> dict[int, quarantine.Quarantined]:
+        """Return the quarantined seqs with their records (explicit gaps, never reused)."""
+        return quarantine.listing(self.storage, self.folder)
+
+    def quarantine(self, seq: int, reason: str) -> quarantine.Quarantined:
+        """Move entry `seq` aside into log/quarantine/ (never deleted); writers and operators."""
+        try:
+            batch_id: str | None = str(self.read_header(seq).get("batch_id"))
+        except (LogCorrupt, FileNotFoundError):
+            batch_id = None
+        return quarantine.move_aside(self.storage, self.folder, seq, reason, batch_id)
+
     def last_seq(self) -> int:
-        """Return the highest seq ever assigned (0 for an empty log)."""
-        seqs = self.entry_seqs()
-        return max(seqs[-1] if seqs else 0, self.truncation().upto)
+        """Return the highest seq ever assigned (0 for an empty log), quarantined ones included."""
+        seqs = self.entry_seqs() + list(self.quarantined())
+        return max(max(seqs, default=0), self.truncation().upto)
 
     def read_entry(self, seq: int) -> LogEntry:
         """Read and verify the entry holding `seq`."""
@@ -224,15 +239,19 @@ class UpdateLog:
         return _parse_header(data, path)[0]
 
     def read(self, after_seq: int = 0) -> Iterator[LogEntry]:
-        """Yield verified entries after `after_seq` in order; LogCorrupt at the first bad one."""
+        """Yield verified entries after `after_seq` in order, skipping quarantined seqs;
+        LogCorrupt at the first bad or missing one."""
         upto = self.truncation().upto
         if after_seq < upto:
             raise LogCorrupt(
                 f"log of {self.index!r} is truncated up to seq {upto}: "
                 f"entries {after_seq + 1}..{upto} are no longer available"
             )
+        skipped = set(self.quarantined())
         expected = after_seq + 1
-        for seq in (s for s in self.entry_seqs() if s > after_seq):
+        for seq in (s for s in self.entry_seqs() if s > after_seq and s not in skipped):
+            while expected in skipped:
+                expected += 1
             if seq != expected:
                 raise LogCorrupt(
                     f"log of {self.index!r} has a gap: entry {expected} is missing "
@@ -261,16 +280,26 @@ class LogWriter:
             self._batch_ids: dict[str, int] = dict(trunc.batch_ids)
             self._upto = trunc.upto
             self.last_seq = trunc.upto
+            moved = log.quarantined()
             for seq in log.entry_seqs():
                 if seq <= trunc.upto:
                     self.storage.remove(f"{log.folder}/{entry_name(seq)}")
                     continue
+                if seq in moved:
+                    continue  # a move aside interrupted by a crash: recovery finishes it
                 header = log.read_header(seq)
                 self._batch_ids[str(header.get("batch_id"))] = seq
                 self.last_seq = max(self.last_seq, seq)
+            self.forget_quarantined()
         except BaseException:
             self.close()
             raise
+
+    def forget_quarantined(self) -> None:
+        """Never reuse a quarantined seq, and let its batch id be logged again (not applied)."""
+        moved = set(self.log.quarantined())
+        self.last_seq = max(self.last_seq, max(moved, default=0))
+        self._batch_ids = {b: s for b, s in self._batch_ids.items() if s not in moved}
 
     def _take_lock(self) -> None:
         if not self.storage.is_local:

@@ -9,40 +9,61 @@ Layout under ``<root>/<index>/``::
         tuning.json                 the tuning profile (JSON null when none)
         manifest.json               written after every other file: a folder without it is debris
 
-A reader only follows CURRENT and never writes, so a crash at any point of `save` leaves the
-previous version loadable, and a read-only mount loads fine.
+A reader never writes (snapshot_load.py), so a crash at any point of `save` leaves the previous
+version loadable, and a read-only mount loads fine. Versions are published in seq order: a save
+covering fewer log entries than a stored version is refused, so a reduced index never replaces
+a fuller one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
-import re
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
-from faissq.errors import ManifestMismatch, SnapshotCorrupt, StorageUnavailable, WriterConflict
+from faissq.errors import StorageUnavailable, WriterConflict
 from faissq.storage import files
-from faissq.storage.fs import Storage
+from faissq.storage.snapshot_load import (
+    ARRAYS,
+    CURRENT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST,
+    READABLE_FORMATS,
+    TUNING_FILE,
+    Snapshot,
+    SnapshotInfo,
+    SnapshotReader,
+    check_consistent,
+    check_manifest,
+    manifest_digest,
+)
+
+__all__ = [
+    "ARRAYS",
+    "CURRENT",
+    "FORMAT_VERSION",
+    "INDEX_FILE",
+    "MANIFEST",
+    "READABLE_FORMATS",
+    "TUNING_FILE",
+    "ExportLike",
+    "Snapshot",
+    "SnapshotInfo",
+    "SnapshotStore",
+    "check_consistent",
+    "check_manifest",
+    "manifest_digest",
+    "version_name",
+]
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 2  # bump when the folder layout or manifest fields change incompatibly
-READABLE_FORMATS = (1, 2)  # 1: files recorded with sha256; 2: with BLAKE3
-CURRENT = "CURRENT"
-MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-TUNING_FILE = "tuning.json"
-ARRAYS = ("primary_ids", "primary_vectors", "delta_ids", "delta_vectors", "tombstones")
-_VERSION = re.compile(r"^v(\d{8})$")
 
 
 class ExportLike(Protocol):
@@ -79,128 +100,28 @@ class ExportLike(Protocol):
     def tuning(self) -> dict[str, Any] | None: ...
 
 
-@dataclass
-class Snapshot:
-    """A loaded, verified snapshot: the export's fields plus where they came from."""
-
-    version: str
-    seq: int
-    manifest: dict[str, Any]
-    dim: int
-    metric: str
-    plan: dict[str, Any]
-    index: Any
-    primary_ids: npt.NDArray[np.int64]
-    primary_vectors: npt.NDArray[np.float32]
-    delta_ids: npt.NDArray[np.int64]
-    delta_vectors: npt.NDArray[np.float32]
-    tombstones: npt.NDArray[np.int64]
-    tuning: dict[str, Any] | None
-    fallbacks: list[str] = field(default_factory=list)  # "version: reason" of skipped versions
-
-    def export_fields(self) -> dict[str, Any]:
-        """Return the keyword arguments of an EngineExport holding this snapshot."""
-        names = ("dim", "metric", "plan", "index", *ARRAYS, "tuning")
-        return {name: getattr(self, name) for name in names}
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """One version as an operator sees it."""
-
-    version: str
-    seq: int
-    created_at: str
-    bytes: int
-    ntotal: int
-    current: bool
-
-
 def version_name(number: int) -> str:
     """Folder name of version `number` (zero-padded so names sort by number)."""
     return f"v{number:08d}"
 
 
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """sha256 of the manifest's canonical JSON without its own digest field."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-class SnapshotStore:
+class SnapshotStore(SnapshotReader):
     """Save, list, verify, load and restore the snapshots of one index."""
-
-    def __init__(self, storage: Storage, index: str, *, retention: int = 3) -> None:
-        """Snapshots of `index` under `storage`, keeping the newest `retention` versions."""
-        self.storage = storage
-        self.index = index
-        self.retention = max(1, retention)
-        self.folder = storage.path(index, "snapshots")
-        self.current_path = storage.path(index, CURRENT)
-
-    # -- listing -----------------------------------------------------------------------------
-
-    def versions(self) -> list[str]:
-        """Return every version folder name (complete or not), oldest first."""
-        return [n for n in self.storage.listdir(self.folder) if _VERSION.match(n)]
-
-    def current_version(self) -> str | None:
-        """Return the version CURRENT points to, None when there is none (or it is unreadable)."""
-        try:
-            raw = json.loads(self.storage.read_bytes(self.current_path))
-            version = str(raw["version"])
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error(
-                "%s is unreadable (%s); falling back to the newest good version",
-                self.current_path,
-                exc,
-            )
-            return None
-        return version if _VERSION.match(version) else None
-
-    def read_manifest(self, version: str) -> dict[str, Any]:
-        """Read a version's manifest and check its own digest; SnapshotCorrupt when damaged."""
-        path = f"{self.folder}/{version}/{MANIFEST}"
-        try:
-            manifest = json.loads(self.storage.read_bytes(path))
-        except FileNotFoundError as exc:
-            raise SnapshotCorrupt(f"{path} is missing (incomplete snapshot)") from exc
-        except ValueError as exc:
-            raise SnapshotCorrupt(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != manifest_digest(
-            manifest
-        ):
-            raise SnapshotCorrupt(f"{path} fails its checksum")
-        return manifest
-
-    def ls(self) -> list[SnapshotInfo]:
-        """List complete versions, oldest first (damaged manifests are skipped, not raised)."""
-        current = self.current_version()
-        out = []
-        for version in self.versions():
-            try:
-                m = self.read_manifest(version)
-            except SnapshotCorrupt:
-                continue
-            size = sum(int(f["bytes"]) for f in m["files"].values())
-            out.append(
-                SnapshotInfo(
-                    version,
-                    int(m["seq"]),
-                    m["created_at"],
-                    size,
-                    int(m["ntotal"]),
-                    version == current,
-                )
-            )
-        return out
 
     # -- saving (writers only) -------------------------------------------------------------
 
     def save(self, export: ExportLike, seq: int) -> SnapshotInfo:
-        """Write `export` (covering log entries up to `seq`) as a new version, then flip CURRENT."""
+        """Write `export` (covering log entries up to `seq`) as a new version, then flip CURRENT.
+
+        WriterConflict when a stored version covers a later seq: publishing would replace it
+        with an index that lacks acknowledged mutations (a stale or reduced engine).
+        """
+        newest = max(self.ls(), key=lambda i: i.seq, default=None)
+        if newest is not None and seq < newest.seq:
+            raise WriterConflict(
+                f"snapshot of {self.index!r} refused: it covers seq {seq} but {newest.version} "
+                f"already covers seq {newest.seq}; the engine lacks acknowledged mutations"
+            )
         self.storage.makedirs(self.folder)
         existing = self.versions()
         number = max((int(v[1:]) for v in existing), default=0) + 1
@@ -303,106 +224,3 @@ class SnapshotStore:
         self.verify(version)
         self.storage.write_atomic(self.current_path, json.dumps({"version": version}).encode())
         log.warning("CURRENT of %r set to %s by restore", self.index, version)
-
-    # -- verifying and loading (never writes) -------------------------------------------------
-
-    def verify(self, version: str) -> dict[str, Any]:
-        """Check every file of a version against its manifest; return the manifest."""
-        manifest = self._readable_manifest(version)
-        files.verify_files(self.storage, f"{self.folder}/{version}", manifest["files"])
-        return manifest
-
-    def _readable_manifest(self, version: str) -> dict[str, Any]:
-        manifest = self.read_manifest(version)
-        if manifest.get("format") not in READABLE_FORMATS:
-            raise ManifestMismatch(
-                f"snapshot {version} has format {manifest.get('format')}, "
-                f"this faissq reads formats {READABLE_FORMATS}"
-            )
-        return manifest
-
-    def load_version(
-        self, version: str, *, dim: int | None = None, metric: str | None = None
-    ) -> Snapshot:
-        """Verify then load one version; ManifestMismatch when it disagrees with dim/metric."""
-        manifest = self._readable_manifest(version)
-        check_manifest(manifest, dim=dim, metric=metric)  # the manifest's own digest matched
-        folder = f"{self.folder}/{version}"
-        # each file is parsed as soon as its digest matches; the snapshot is used only when all do
-        opened = files.verify_files(self.storage, folder, manifest["files"], files.open_file)
-        missing = [n for n in (*(f"{a}.npy" for a in ARRAYS), TUNING_FILE) if n not in opened]
-        if missing:
-            raise SnapshotCorrupt(f"snapshot {version} has no {missing} in its manifest")
-        snap = Snapshot(
-            version=version,
-            seq=int(manifest["seq"]),
-            manifest=manifest,
-            dim=int(manifest["dim"]),
-            metric=str(manifest["metric"]),
-            plan=dict(manifest["plan"]),
-            index=opened.get(INDEX_FILE),
-            tuning=opened[TUNING_FILE],
-            **{name: opened[f"{name}.npy"] for name in ARRAYS},
-        )
-        check_consistent(snap)
-        return snap
-
-    def load(self, *, dim: int | None = None, metric: str | None = None) -> Snapshot | None:
-        """Load CURRENT, falling back to older good versions (logged); None when none exists."""
-        current = self.current_version()
-        if current is None and not self.storage.exists(self.current_path):
-            return None  # never published: an empty index, not a failure
-        # older folders without a manifest are debris of crashed saves, not fallbacks
-        older = [v for v in self.versions() if current is None or v < current]
-        candidates = ([current] if current else []) + [
-            v for v in reversed(older) if self._is_complete(v)
-        ]
-        fallbacks: list[str] = []
-        for version in candidates:
-            try:
-                snap = self.load_version(version, dim=dim, metric=metric)
-            except (SnapshotCorrupt, StorageUnavailable) as exc:
-                if isinstance(exc, StorageUnavailable) and not fallbacks:
-                    raise  # storage down, not a damaged snapshot: let the caller retry
-                log.error(
-                    "snapshot %s of %r unusable, trying the previous one: %s",
-                    version,
-                    self.index,
-                    exc,
-                )
-                fallbacks.append(f"{version}: {exc}")
-                continue
-            snap.fallbacks = fallbacks
-            return snap
-        raise SnapshotCorrupt(f"no loadable snapshot of {self.index!r}: " + "; ".join(fallbacks))
-
-
-def check_manifest(manifest: Mapping[str, Any], *, dim: int | None, metric: str | None) -> None:
-    """Refuse a snapshot whose dim or metric differs from what the settings expect."""
-    if dim is not None and int(manifest["dim"]) != dim:
-        raise ManifestMismatch(
-            f"snapshot {manifest['version']} has dim {manifest['dim']}, settings expect {dim}"
-        )
-    if metric is not None and manifest["metric"] != metric:
-        raise ManifestMismatch(
-            f"snapshot {manifest['version']} has metric {manifest['metric']!r}, "
-            f"settings expect {metric!r}"
-        )
-
-
-def check_consistent(snap: Snapshot) -> None:
-    """Cross-check loaded files against the manifest (shapes, counts, dimension)."""
-    m = snap.manifest
-    problems = []
-    if snap.index is not None and (snap.index.d != snap.dim or snap.index.ntotal != m["ntotal"]):
-        problems.append(f"index d={snap.index.d} ntotal={snap.index.ntotal}")
-    for ids, vecs, count in (
-        (snap.primary_ids, snap.primary_vectors, m["primary_count"]),
-        (snap.delta_ids, snap.delta_vectors, m["delta_count"]),
-    ):
-        if len(ids) != count or vecs.shape != (count, snap.dim):
-            problems.append(f"arrays {ids.shape} / {vecs.shape} vs count {count}")
-    if len(snap.tombstones) != m["tombstone_count"]:
-        problems.append(f"{len(snap.tombstones)} tombstones vs {m['tombstone_count']}")
-    if problems:
-        raise SnapshotCorrupt(f"snapshot {snap.version} disagrees with its manifest: {problems}")

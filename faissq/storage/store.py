@@ -71,17 +71,24 @@ class DurableStore:
         """The seq the next logged batch or build of `index` takes."""
         return self.writer(index).last_seq + 1
 
-    def recover(self, index: str, *, dim: int | None = None, strict: bool = True) -> Recovered:
-        """Load the newest good snapshot and replay the log after it (reads only)."""
-        return recover(
+    def recover(self, index: str, *, dim: int | None = None, quarantine: bool = True) -> Recovered:
+        """Load the newest good snapshot and replay the log after it.
+
+        quarantine: this is the index's writer, which moves a damaged newest log entry aside
+        (replicas pass False and only read).
+        """
+        rec = recover(
             self.storage,
             check_index_name(index),
             self.settings.index,
             dim=dim,
             retention=self.settings.storage.retention,
-            strict=strict,
+            quarantine=quarantine,
             engine_options=self.engine_options,
         )
+        if index in self._writers:  # a reload: the open writer must not reuse a moved-aside seq
+            self._writers[index].forget_quarantined()
+        return rec
 
     def append(
         self,

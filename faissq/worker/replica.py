@@ -44,7 +44,7 @@ class ReadOnlyStore:
 
     def recover(self, index: str) -> Recovered:
         """Load the newest good snapshot and replay the log after it (reads only)."""
-        return self.durable.recover(index)
+        return self.durable.recover(index, quarantine=False)
 
     def log(self, index: str) -> UpdateLog:
         """The update log of one index (read side)."""

@@ -98,6 +98,7 @@ class WorkerTelemetry:
                 name,
                 stats,
                 ready=eng is not None and slot.state in SERVING,
+                state=slot.state.value,
                 seq=slot.seq,
                 log_seq=self._log_seq(name),
                 snapshot_age_s=self._snapshot_age(name),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from faissq import SearchClient, Settings
 from faissq.client import JobClient
 from faissq.errors import FaissqError
 from faissq.rpc.client import SearchResponse
+from faissq.storage.log import entry_name
 
 FAST = {"FAISSQ_RPC__HEARTBEAT_TTL_S": "1", "FAISSQ_WORKER__REPLICA_POLL_S": "0.2"}
 VISIBLE_S = 5.0  # a job's effect must reach the replica's answers within this
@@ -191,5 +195,45 @@ def test_replica_start_leaves_the_writer_sole_owner_of_its_jobs(
     assert r.llen(f"faissq.{index_name}") == 0
     r.close()
     assert writer.alive()
+    client.close()
+    jobs.close()
+
+
+def test_a_replica_stops_before_a_damaged_newest_entry_and_follows_past_its_quarantine(
+    worker_factory: Any, replica_factory: Any, storage_root: Path, index_name: str,
+    job_settings: Settings
+) -> None:  # fmt: skip
+    """The replica never moves the entry; once the writer quarantines it, the gap is skipped."""
+    jobs = JobClient(job_settings)
+    writer = worker_factory([index_name], env=FAST).start()
+    jobs.build(index_name, vecs(300), family="flat").get(timeout=TIMEOUT)
+    jobs.upsert(index_name, np.arange(1000, 1010), vecs(10, seed=1)).get(timeout=TIMEOUT)
+    jobs.upsert(index_name, np.arange(2000, 2010), vecs(10, seed=2)).get(timeout=TIMEOUT)
+    writer.stop()
+    entry = storage_root / index_name / "log" / entry_name(2)
+    data = bytearray(entry.read_bytes())
+    data[-40] ^= 0x01
+    entry.write_bytes(bytes(data))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    replica = replica_factory([index_name])
+    metrics = {"ENABLED": "true", "HOST": "127.0.0.1", "PORT": str(port)}
+    replica.extra_env.update({f"FAISSQ_METRICS__{k}": v for k, v in metrics.items()})
+    replica.start()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+        seen = json.loads(resp.read())["indexes"][index_name]
+    assert seen["state"] == "degraded" and seen["seq"] == 1
+    assert seen["reason"].startswith("newest log entry 2 is damaged")
+    assert entry.exists()  # a replica only reads
+
+    writer.start()  # the writer moves the entry aside and takes new batches after it
+    assert (entry.parent / "quarantine" / entry_name(2)).exists() and not entry.exists()
+    new = vecs(3, seed=7)
+    up = jobs.upsert(index_name, np.arange(3000, 3003), new).get(timeout=TIMEOUT)
+    assert up["seq"] == 3
+    client = SearchClient(job_settings, index_name)
+    answered_by(client, replica.worker_id, new, 1, lambda r: top1(r) == [3000, 3001, 3002])
     client.close()
     jobs.close()

@@ -30,7 +30,7 @@ from faissq.rpc.protocol import Request
 from faissq.rpc.stats import Turn
 from faissq.worker.telemetry import code_bytes, job_outcome
 
-LABELS_ALLOWED = {"index", "outcome", "task", "op", "le"}  # le: histogram buckets
+LABELS_ALLOWED = {"index", "outcome", "task", "op", "state", "le"}  # le: histogram buckets
 
 
 def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -287,3 +287,18 @@ def test_the_operations_doc_lists_every_metric_and_no_other() -> None:
         suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
         defined.add(family.name + suffix)
     assert set(rows) == defined and len(rows) == len(defined)
+
+
+def test_index_state_is_one_series_per_state_with_1_on_the_current_one() -> None:
+    from faissq.metrics_updates import INDEX_STATES
+    from faissq.worker.runtime import IndexState
+
+    assert tuple(s.value for s in IndexState) == INDEX_STATES
+    m = make_metrics()
+    update_index_gauges(m, "i", None, ready=True, state="degraded")
+    assert {s: value(m, "faissq_index_state", index="i", state=s) for s in INDEX_STATES} == {
+        s: (1.0 if s == "degraded" else 0.0) for s in INDEX_STATES
+    }
+    update_index_gauges(m, "i", None, ready=True, state="ready")
+    assert value(m, "faissq_index_state", index="i", state="degraded") == 0
+    assert value(m, "faissq_index_state", index="i", state="ready") == 1

@@ -102,8 +102,9 @@ def test_a_corrupt_store_marks_the_index_failed_not_the_process(tmp_path: Path) 
     """Recovery errors leave the index FAILED with the reason; jobs then get IndexNotReady."""
     rt = make(tmp_path)
     rt.apply("a", "upsert", np.arange(2), vecs(2), "b1", check=no_check)
+    rt.apply("a", "upsert", np.arange(2, 4), vecs(2), "b2", check=no_check)
     rt.close()
-    (entry,) = (tmp_path / "a" / "log").glob("*.entry")
+    entry = min((tmp_path / "a" / "log").glob("*.entry"))  # damaged, with a good entry after it
     entry.write_bytes(entry.read_bytes()[:-5])
     rt2 = make(tmp_path)
     assert rt2.slot("a").state is IndexState.FAILED and "log" in rt2.slot("a").reason

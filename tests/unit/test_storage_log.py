@@ -235,3 +235,34 @@ def test_read_only_storage_refuses_appends_and_keeps_entries(tmp_path: Path) -> 
                 w.truncate(2)
         assert [e.seq for e in ulog.read(after_seq=1)] == [2]
     assert (Path(ulog.folder) / TRUNCATED).exists()
+
+
+def test_a_quarantined_seq_is_an_explicit_gap_never_reused(ulog: UpdateLog) -> None:
+    with ulog.open_writer() as w:
+        for k in range(3):
+            w.append("upsert", *batch(10 * k), f"b{k}")
+    kept = entry_path(ulog, 3).read_bytes()
+    ulog.quarantine(3, "checked by hand")
+    ulog.quarantine(3, "again")  # repeating a finished move changes nothing
+    assert ulog.entry_seqs() == [1, 2] and ulog.last_seq() == 3
+    assert (Path(ulog.folder) / "quarantine" / entry_name(3)).read_bytes() == kept
+    assert ulog.quarantined()[3].reason == "checked by hand"
+    assert ulog.quarantined()[3].batch_id == "b2"
+    with ulog.open_writer() as w:
+        assert w.seq_of("b2") is None  # its batch was not applied: it may be sent again
+        assert w.append("upsert", *batch(20), "b2").seq == 4
+    assert [e.seq for e in ulog.read()] == [1, 2, 4]
+
+
+def test_a_move_aside_interrupted_by_a_crash_is_finished_by_the_next_one(ulog: UpdateLog) -> None:
+    with ulog.open_writer() as w:
+        for k in range(3):
+            w.append("upsert", *batch(10 * k), f"b{k}")
+    kept = entry_path(ulog, 2).read_bytes()
+    ulog.quarantine(2, "damaged")
+    entry_path(ulog, 2).write_bytes(kept)  # as if the crash came before the log copy's removal
+    assert [e.seq for e in ulog.read()] == [1, 3]  # quarantined: skipped wherever it lies
+    with ulog.open_writer() as w:
+        assert w.last_seq == 3 and w.seq_of("b1") is None
+    ulog.quarantine(2, "damaged")
+    assert ulog.entry_seqs() == [1, 3]

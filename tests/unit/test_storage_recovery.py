@@ -163,7 +163,7 @@ def test_save_trims_the_log_to_the_oldest_retained_snapshot(tmp_path: Path) -> N
     durable.close()
 
 
-def test_damaged_log_entry_strict_raises_lenient_stops(settings: Settings) -> None:
+def test_damaged_log_entry_between_good_ones_stops_recovery(settings: Settings) -> None:
     durable = DurableStore(settings)
     for k in range(4):
         ids = np.arange(10 * k, 10 * k + 10, dtype=np.int64)
@@ -173,9 +173,7 @@ def test_damaged_log_entry_strict_raises_lenient_stops(settings: Settings) -> No
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(LogCorrupt, match=r"stopped after seq 2.*" + entry_name(3)):
         durable.recover("default")
-    rec = durable.recover("default", strict=False)
-    assert rec.seq == 2 and rec.engine is not None and rec.engine.ntotal == 20
-    assert any(entry_name(3) in n for n in rec.notes)
+    assert path.exists()  # an entry with good ones after it is never moved aside by itself
 
 
 def test_settings_disagreeing_with_the_snapshot_are_refused(tmp_path: Path) -> None:

@@ -191,6 +191,18 @@ def test_corrupted_current_pointer_loads_the_newest_good_version(store: Snapshot
     (Path(store.current_path)).write_bytes(b'{"version": "v0000\x00')
     snap = store.load()
     assert snap is not None and snap.version == "v00000002"
+    assert len(snap.notes) == 1 and snap.notes[0].startswith("CURRENT unreadable")
+    assert snap.notes[0].endswith("loaded the newest verified version v00000002 (seq 2)")
+
+
+def test_an_unreadable_current_without_any_complete_version_is_not_an_empty_index(
+    store: SnapshotStore,
+) -> None:
+    store.save(make_export(seed=1), seq=1)
+    (version_dir(store, "v00000001") / MANIFEST).unlink()
+    Path(store.current_path).write_text("{}")
+    with pytest.raises(SnapshotCorrupt, match="CURRENT unreadable"):
+        store.load()
 
 
 def test_no_good_version_at_all_is_snapshot_corrupt(store: SnapshotStore) -> None:
