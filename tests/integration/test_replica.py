@@ -210,7 +210,7 @@ def test_a_replica_stops_before_a_damaged_newest_entry_and_follows_past_its_quar
     jobs.upsert(index_name, np.arange(1000, 1010), vecs(10, seed=1)).get(timeout=TIMEOUT)
     jobs.upsert(index_name, np.arange(2000, 2010), vecs(10, seed=2)).get(timeout=TIMEOUT)
     writer.stop()
-    entry = storage_root / index_name / "log" / entry_name(2)
+    entry = storage_root / index_name / "log" / entry_name(3)  # seq 1 is the build
     data = bytearray(entry.read_bytes())
     data[-40] ^= 0x01
     entry.write_bytes(bytes(data))
@@ -224,15 +224,15 @@ def test_a_replica_stops_before_a_damaged_newest_entry_and_follows_past_its_quar
     replica.start()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
         seen = json.loads(resp.read())["indexes"][index_name]
-    assert seen["state"] == "degraded" and seen["seq"] == 1
-    assert seen["reason"].startswith("newest log entry 2 is damaged")
+    assert seen["state"] == "degraded" and seen["seq"] == 2
+    assert seen["reason"].startswith("newest log entry 3 is damaged")
     assert entry.exists()  # a replica only reads
 
     writer.start()  # the writer moves the entry aside and takes new batches after it
-    assert (entry.parent / "quarantine" / entry_name(2)).exists() and not entry.exists()
+    assert (entry.parent / "quarantine" / entry_name(3)).exists() and not entry.exists()
     new = vecs(3, seed=7)
     up = jobs.upsert(index_name, np.arange(3000, 3003), new).get(timeout=TIMEOUT)
-    assert up["seq"] == 3
+    assert up["seq"] == 4
     client = SearchClient(job_settings, index_name)
     answered_by(client, replica.worker_id, new, 1, lambda r: top1(r) == [3000, 3001, 3002])
     client.close()

@@ -80,7 +80,7 @@ def test_a_lost_current_serves_every_vector_degraded_until_repaired(
     worker.start()
     stats = jobs.stats(index_name).get(timeout=TIMEOUT)
     assert stats["state"] == "degraded" and stats["ntotal"] == 580
-    want = "CURRENT missing: loaded the newest verified version v00000004 (seq 3)"
+    want = "CURRENT missing: loaded the newest verified version v00000004 (seq 4)"
     assert stats["reason"] == want
     assert nearest(job_settings, index_name, base[7]) == 7  # built vectors answer
     assert nearest(job_settings, index_name, tail[3]) == 5003  # and the log's tail
@@ -88,7 +88,7 @@ def test_a_lost_current_serves_every_vector_degraded_until_repaired(
     assert want in worker.all_logs()
 
     saved = jobs.save(index_name).get(timeout=TIMEOUT)["snapshot"]
-    assert saved["version"] == "v00000005" and saved["seq"] == 4
+    assert saved["version"] == "v00000005" and saved["seq"] == 5
     assert (storage_root / index_name / "CURRENT").exists()
     reloaded = jobs.reload(index_name).get(timeout=TIMEOUT)
     assert reloaded["ntotal"] == 580
@@ -109,34 +109,37 @@ def test_a_damaged_newest_log_entry_is_quarantined_and_the_rest_served(
     jobs.build(index_name, vecs(300), np.arange(300)).get(timeout=TIMEOUT)
     first, lost = vecs(20, seed=1), vecs(20, seed=2)
     jobs.upsert(index_name, np.arange(1000, 1020), first, batch_id="a").get(timeout=TIMEOUT)
-    assert jobs.upsert(index_name, np.arange(2000, 2020), lost, batch_id="b").get(
-        timeout=TIMEOUT
-    )["seq"] == 2  # fmt: skip
+    assert (
+        jobs.upsert(index_name, np.arange(2000, 2020), lost, batch_id="b").get(timeout=TIMEOUT)[
+            "seq"
+        ]
+        == 3
+    )  # fmt: skip (seq 1 is the build)
     worker.stop()
     log_dir = storage_root / index_name / "log"
-    data = bytearray((log_dir / entry_name(2)).read_bytes())
+    data = bytearray((log_dir / entry_name(3)).read_bytes())
     data[len(data) // 2] ^= 0x40  # a flipped bit in the newest entry
-    (log_dir / entry_name(2)).write_bytes(bytes(data))
+    (log_dir / entry_name(3)).write_bytes(bytes(data))
 
     worker.start()
     stats = jobs.stats(index_name).get(timeout=TIMEOUT)
-    assert stats["state"] == "degraded" and (stats["seq"], stats["ntotal"]) == (1, 320)
-    assert stats["reason"].startswith("newest log entry 2 is damaged")
-    assert "served up to seq 1; moved to log/quarantine/" in stats["reason"]
-    assert not (log_dir / entry_name(2)).exists()
-    assert (log_dir / "quarantine" / entry_name(2)).read_bytes() == bytes(data)
+    assert stats["state"] == "degraded" and (stats["seq"], stats["ntotal"]) == (2, 320)
+    assert stats["reason"].startswith("newest log entry 3 is damaged")
+    assert "served up to seq 2; moved to log/quarantine/" in stats["reason"]
+    assert not (log_dir / entry_name(3)).exists()
+    assert (log_dir / "quarantine" / entry_name(3)).read_bytes() == bytes(data)
     assert "quarantined to" in worker.all_logs()
     assert nearest(job_settings, index_name, first[4]) == 1004
 
     # the batch is sent again under its id: applied under a new seq, never the quarantined one
     again = jobs.upsert(index_name, np.arange(2000, 2020), lost, batch_id="b").get(timeout=TIMEOUT)
-    assert (again["seq"], again["duplicate"], again["ntotal"]) == (3, False, 340)
+    assert (again["seq"], again["duplicate"], again["ntotal"]) == (4, False, 340)
     assert nearest(job_settings, index_name, lost[5]) == 2005
     report = admin.log_verify(job_settings, index_name)
-    assert [q["seq"] for q in report["quarantined"]] == [2] and report["problems"] == 1
+    assert [q["seq"] for q in report["quarantined"]] == [3] and report["problems"] == 1
 
-    admin.log_resolve(job_settings, index_name, 2, "b re-sent as seq 3")
+    admin.log_resolve(job_settings, index_name, 3, "b re-sent as seq 4")
     jobs.reload(index_name).get(timeout=TIMEOUT)
     stats = jobs.stats(index_name).get(timeout=TIMEOUT)
-    assert (stats["state"], stats["seq"], stats["ntotal"]) == ("ready", 3, 340)
+    assert (stats["state"], stats["seq"], stats["ntotal"]) == ("ready", 4, 340)
     jobs.close()
