@@ -125,3 +125,25 @@ def test_worker_command_takes_a_replica_flag() -> None:
     args = build_parser().parse_args(["worker", "--index", "a", "--replica"])
     assert args.replica is True and args.index == ["a"]
     assert build_parser().parse_args(["worker"]).replica is False
+
+
+def test_a_replica_answers_with_the_writers_version_through_builds_and_merges(
+    tmp_path: Path,
+) -> None:
+    """Versions are log seqs: the same on writer and replica at the same point, never back."""
+    w = writer(tmp_path)
+    rep, follower = replica(tmp_path)
+    seen = []
+    upsert(w, np.arange(10), 0, "b1")
+    follower.poll_once("a")
+    seen.append((w.engine("a").version, rep.engine("a").version))
+    w.build("a", vecs(200, 3), np.arange(100, 300), family="flat", progress=None)
+    follower.poll_once("a")
+    seen.append((w.engine("a").version, rep.engine("a").version))
+    upsert(w, np.arange(400, 410), 1, "b2")
+    w.merge("a", None)
+    w.save("a")
+    follower.poll_once("a")
+    seen.append((w.engine("a").version, rep.engine("a").version))
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+    w.close()
