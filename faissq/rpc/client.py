@@ -39,6 +39,9 @@ from faissq.rpc import protocol, resp
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
 from faissq.rpc.spin import readable_now, spin_until_readable
 
+# redis-py before 5.3 requires a command name to check a connection out of a pool; later ones
+# deprecate it
+POOL_ARGS: tuple[str, ...] = ("EVAL",) if redis.VERSION < (5, 3) else ()
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
 # merged round trips in flight per client when rpc.max_in_flight is unset: with 16 threads a
@@ -119,11 +122,27 @@ class RequestBuilder:
         if not got:
             raise SearchTimeout(f"no reply within {prepared.block_s}s")
         reply = protocol.decode_reply(bytes(got[1]))
-        if reply.id and reply.id != prepared.request_id:
+        if reply.id != prepared.request_id:  # never hand a caller an answer to someone else
             raise RemoteSearchError(f"reply {reply.id!r} answers another request", "mismatch")
         if not reply.ok or reply.scores is None or reply.ids is None:
             raise remote_error(reply.code, reply.message)
         return SearchResponse(reply.scores, reply.ids, reply.version, reply.worker, reply.timings)
+
+
+def brpop_answer(got: Any, prepared: Prepared) -> bool:
+    """Whether a read answer is this round trip's BRPOP answer: nil, or [its reply key, bytes].
+
+    Anything else means the connection is out of step with its commands: it must be dropped.
+    """
+    if got is None:
+        return True
+    return (
+        isinstance(got, list | tuple)
+        and len(got) == 2
+        and isinstance(got[0], bytes)
+        and got[0] == prepared.reply.encode()
+        and isinstance(got[1], bytes)
+    )
 
 
 def as_queries(queries: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -250,7 +269,11 @@ class SearchClient:
                 raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
             if spin_s and self.coalescer is not None:
                 spin_until_readable(conn, min(spin_s, prepared.block_s), self.coalescer.quiet)
-            got = conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
+            if not conn.can_read(timeout=prepared.block_s + READ_GRACE_S):  # Redis stalled
+                raise SearchTimeout(f"Redis did not answer within {prepared.block_s}s")
+            got = conn.read_response()
+            if not brpop_answer(got, prepared):
+                raise RpcError(f"Redis answered out of step: {type(got).__name__}")
             clean = True
             return got
         except redis.TimeoutError as exc:
@@ -275,7 +298,7 @@ class SearchClient:
                 conn.disconnect()  # the next send reconnects
             return conn
         try:
-            return self.pool.get_connection()  # connected and checked
+            return self.pool.get_connection(*POOL_ARGS)  # connected and checked
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RpcError(f"Redis unreachable: {exc}") from exc
 

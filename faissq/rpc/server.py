@@ -77,6 +77,11 @@ class RpcServer:
             max_bytes=max(settings.worker.inline_max_bytes, MIN_REQUEST_BYTES),
             max_k=settings.index.max_k,
             max_filter_ids=self.cfg.max_allow_ids,
+            max_nprobe=self.cfg.max_nprobe,
+            max_ef_search=self.cfg.max_ef_search,
+            max_k_factor=self.cfg.max_k_factor,
+            max_candidates=self.cfg.max_candidates,
+            default_k_factor=settings.index.k_factor,
         )
         self.stats = RpcStats()
         self.metrics: Metrics | None = None  # metrics hook: set by RpcService when enabled
@@ -224,6 +229,10 @@ class RpcServer:
                 replies.append((bad.reply, self._error(bad.request_id, bad.error.code,
                                                        str(bad.error), turn)))  # fmt: skip
                 continue
+            except Exception:  # decode_request promises its two outcomes; a bug costs one message
+                turn.dropped += 1
+                log.exception("rpc %s: dropped a request its decoder failed on", self.index)
+                continue
             if req.deadline <= now:
                 turn.expired += 1
                 late = f"deadline passed {now - req.deadline:.3f}s before the search could run"
@@ -247,7 +256,8 @@ class RpcServer:
             eng = self.engine()
         except FaissqError as exc:
             return [Outcome(req, error=(exc.code, str(exc))) for req in live]
-        outcomes = search_all(eng, live, turn.batch_sizes)
+        outcomes = search_all(eng, live, turn.batch_sizes, self.limits.max_candidates,
+                              self.limits.default_k_factor)  # fmt: skip
         turn.batches = len(turn.batch_sizes)
         return outcomes
 
