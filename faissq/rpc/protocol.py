@@ -172,8 +172,9 @@ def decode_request(raw: bytes, limits: Limits) -> Request:
         raise BadRequest(reply, rid, too_large)
     try:
         msg = codec.loads(raw)
-    except PermanentError as exc:
-        raise Unreadable(str(exc)) from None
+    except PermanentError as exc:  # answered when its reply key can still be read
+        reply, rid = _peek(raw, limits)
+        raise BadRequest(reply, rid, exc) from None
     if not isinstance(msg, dict):
         raise Unreadable(f"request must be a map, got {type(msg).__name__}")
     reply = _reply_key(msg.get("reply"), limits)
@@ -206,7 +207,7 @@ def _request_id(rid: Any) -> str:
 
 
 def _peek(raw: bytes, limits: Limits) -> tuple[str, str]:
-    """The reply key and id of an oversized request, read without decoding its arrays.
+    """The reply key and id of an oversized or undecodable request, its arrays left unread.
 
     The map's entries are walked in order; values other than "reply" and "id" are skipped, not
     built. Unreadable when the message is no map or has no usable reply key among its first
@@ -225,7 +226,7 @@ def _peek(raw: bytes, limits: Limits) -> tuple[str, str]:
             else:
                 unpacker.skip()
     except Exception as exc:  # msgpack raises several unrelated types on malformed input
-        raise Unreadable(f"oversized message is not a readable map: {exc}") from None
+        raise Unreadable(f"message is not a readable map: {exc}") from None
     return _reply_key(found.get("reply"), limits), _request_id(found.get("id"))
 
 
