@@ -16,7 +16,6 @@ from faissq.errors import RemoteSearchError, RpcError, SearchTimeout
 from faissq.rpc import resp
 from faissq.rpc.client import (
     CONNECT_TIMEOUT_S,
-    POOL_ARGS,
     READ_GRACE_S,
     Prepared,
     RequestBuilder,
@@ -115,7 +114,7 @@ class AsyncSearchClient:
         later search can read an answer meant for this one.
         """
         try:
-            conn: Any = await self.pool.get_connection(*POOL_ARGS)  # type: ignore[no-untyped-call]
+            conn: Any = await self.pool.get_connection()  # type: ignore[no-untyped-call]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RpcError(f"Redis unreachable: {exc}") from exc
         clean = False

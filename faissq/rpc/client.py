@@ -39,9 +39,6 @@ from faissq.rpc import protocol, resp
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
 from faissq.rpc.spin import readable_now, spin_until_readable
 
-# redis-py before 5.3 requires a command name to check a connection out of a pool; later ones
-# deprecate it
-POOL_ARGS: tuple[str, ...] = ("EVAL",) if redis.VERSION < (5, 3) else ()
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
 # merged round trips in flight per client when rpc.max_in_flight is unset: with 16 threads a
@@ -298,7 +295,7 @@ class SearchClient:
                 conn.disconnect()  # the next send reconnects
             return conn
         try:
-            return self.pool.get_connection(*POOL_ARGS)  # connected and checked
+            return self.pool.get_connection()  # connected and checked
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RpcError(f"Redis unreachable: {exc}") from exc
 
