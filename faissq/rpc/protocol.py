@@ -66,8 +66,7 @@ return redis.call('LPUSH', KEYS[1], ARGV[1])
 
 @dataclass(frozen=True)
 class Limits:
-    """What a worker accepts: message size, k, filter list length, reply key namespace, and the
-    caps that bound one request's search work before anything is allocated for it."""
+    """What a worker accepts: reply key namespace, message size, k, filter length, work caps."""
 
     reply_prefix: str
     max_bytes: int
@@ -162,10 +161,8 @@ def encode_request(
 
 
 def decode_request(raw: bytes, limits: Limits) -> Request:
-    """Decode and check a request: Unreadable without a reply key, else BadRequest or Request.
-
-    Nothing else escapes: whatever a message holds, it costs only its own answer.
-    """
+    """Decode and check a request: Unreadable without a reply key, else BadRequest or Request
+    (nothing else escapes: whatever a message holds, it costs only its own answer)."""
     if len(raw) > limits.max_bytes:
         reply, rid = _peek(raw, limits)
         too_large = PayloadTooLarge(f"message holds {len(raw)} bytes, cap {limits.max_bytes}")
