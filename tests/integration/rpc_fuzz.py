@@ -185,7 +185,8 @@ class Fuzzer:
         name = self.pick(["nprobe", "ef_search", "k_factor"])
         cap = {"nprobe": 2048, "ef_search": 4096, "k_factor": 32}[name]
         return self.case(
-            "invalid_parameter", **{name: self.pick([*HUGE_INTS, cap + 1, 2000, *ODD_VALUES[1:]])}
+            "invalid_parameter",
+            **{name: self.pick([*HUGE_INTS, cap + 1, 2 * cap, *ODD_VALUES[1:]])},
         )
 
     def too_much_work(self) -> Case:
