@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
 
 from faissq import keys
 from faissq.config import Settings
@@ -120,19 +121,21 @@ class RpcServer:
 
     def run(self) -> None:
         """The loop: one turn at a time until `stop()`; every failure is caught and counted."""
-        backoff = BACKOFF_S[0]
+        backoff = ExponentialBackoff(cap=BACKOFF_S[1], base=BACKOFF_S[0])
+        failures = 0
         log.info("rpc %s: serving %s as %s", self.index, self.queue, self.worker_id)
         while not self._stop.is_set():
             try:
                 self._turn()
-                backoff = BACKOFF_S[0]
+                failures = 0
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                wait = backoff.compute(failures)
+                failures += 1
                 self.stats.fault(f"{type(exc).__name__}: {exc}", reconnect=True)
                 log.warning("rpc %s: redis unavailable (%s); retry in %.2fs", self.index, exc,
-                            backoff)  # fmt: skip
+                            wait)  # fmt: skip
                 self._reset()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_S[1])
+                self._stop.wait(wait)
             except Exception as exc:
                 self.stats.fault(f"{type(exc).__name__}: {exc}", reconnect=False)
                 log.exception("rpc %s: loop turn failed; going on", self.index)
