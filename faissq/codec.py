@@ -19,6 +19,9 @@ from faissq.errors import InvalidParameter, PayloadTooLarge, PermanentError
 WIRE_DTYPES = frozenset({"<f4", "<f8", "<f2", "<i8", "<i4", "<u8", "<u4", "|u1", "|b1"})
 
 MAX_NDIM = 4  # vectors are 2-D, ids 1-D; anything deeper is a malformed message
+# elements of an array, zero-length axes counted as one: numpy refuses shapes whose byte size
+# overflows its index type even when the array is empty ([2**62, 0]), so they never reach it
+MAX_ELEMENTS = 1 << 48
 ITEMSIZE = {d: np.dtype(d).itemsize for d in WIRE_DTYPES}
 
 
@@ -65,7 +68,10 @@ def unpack_array(
         raise PayloadTooLarge(f"{field} holds {max(expected, len(data))} bytes, cap {max_bytes}")
     if len(data) != expected:
         raise error(f"{field}.data has {len(data)} bytes, shape {list(shape_t)} needs {expected}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape_t)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape_t)
+    except ValueError as exc:  # a shape numpy cannot hold: the frame is malformed
+        raise error(f"{field}.shape {list(shape_t)} cannot be built: {exc}") from None
 
 
 def check_shape(
@@ -83,6 +89,8 @@ def check_shape(
             raise error(f"{field}.shape must hold non-negative integers, got {shape!r}")
     if ndim is not None and len(shape) != ndim:
         raise error(f"{field} must be {ndim}-D, got shape {list(shape)}")
+    if math.prod(max(int(s), 1) for s in shape) > MAX_ELEMENTS:
+        raise error(f"{field}.shape {list(shape)} exceeds {MAX_ELEMENTS} elements")
     return tuple(map(int, shape))
 
 

@@ -112,6 +112,21 @@ class RpcSettings(BaseModel):
     reply_ttl_s: int = Field(default=30, ge=1, description="Reply key lifetime.")
     timeout_s: float = Field(default=2.0, gt=0, description="Client default search timeout.")
     max_allow_ids: int = Field(default=100_000, ge=0, description="Largest allow/deny list.")
+    max_nprobe: int = Field(
+        default=2048, ge=1, description="Largest nprobe a request may ask for (FAISS GPU's limit)."
+    )
+    max_ef_search: int = Field(
+        default=4096, ge=1, description="Largest efSearch a request may ask for."
+    )
+    max_k_factor: int = Field(
+        default=32, ge=1, description="Largest k_factor a request may ask for."
+    )
+    max_candidates: int = Field(
+        default=1 << 18,
+        ge=1,
+        description="Largest rows x k x k_factor of one request (k_factor: asked, else the "
+        "index's): bounds the candidates one search holds, about 4 x dim + 16 bytes each.",
+    )
     coalesce: bool = Field(
         default=True,
         description="Clients merge concurrent searches with equal k and options into one request.",

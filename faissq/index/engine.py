@@ -152,11 +152,15 @@ class Engine:
         xq = as_vectors(queries, self.dim, self.metric)
         allow = None if allow_ids is None else np.unique(as_ids(allow_ids, unique=False))
         deny = None if deny_ids is None else np.unique(as_ids(deny_ids, unique=False))
-        if nprobe is None and ef_search is None and k_factor is None:
+        if nprobe is None or ef_search is None or k_factor is None:
+            # each parameter not given falls back on its own: naming one leaves the others tuned
             chosen = tuning.pick(self._tuning, target) if self._tuning else {}
-            nprobe = chosen.get("nprobe") or self.cfg.default_nprobe
-            ef_search = chosen.get("ef_search") or self.cfg.default_ef_search
-            k_factor = chosen.get("k_factor")
+            if nprobe is None:
+                nprobe = chosen.get("nprobe") or self.cfg.default_nprobe
+            if ef_search is None:
+                ef_search = chosen.get("ef_search") or self.cfg.default_ef_search
+            if k_factor is None:
+                k_factor = chosen.get("k_factor")
         scores, ids = self._reader.top_k(st, xq, k, nprobe, ef_search, k_factor, allow, deny)
         return SearchResult(scores, ids, st.version)
 

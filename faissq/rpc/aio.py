@@ -21,6 +21,7 @@ from faissq.rpc.client import (
     RequestBuilder,
     SearchResponse,
     as_queries,
+    brpop_answer,
     rpc_of,
 )
 from faissq.rpc.coalesce import AsyncCoalescer, Pending, merge_key, mergeable
@@ -106,26 +107,37 @@ class AsyncSearchClient:
         return await self._once(queries, first.k, timeout_s, dict(first.options))
 
     async def _round_trip(self, prepared: Prepared) -> Any:
-        """Send submit + BRPOP in one write and read both answers."""
+        """Send submit + BRPOP in one write and read both answers.
+
+        A connection goes back to the pool only when both answers were read and the second is
+        this request's: after a timeout, a cancellation or any surprise it is closed, so no
+        later search can read an answer meant for this one.
+        """
         try:
             conn: Any = await self.pool.get_connection()  # type: ignore[no-untyped-call]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RpcError(f"Redis unreachable: {exc}") from exc
+        clean = False
         try:
             await conn.send_packed_command(resp.pack(prepared.commands))
             try:
                 await conn.read_response()
             except redis.ResponseError as exc:
-                await conn.disconnect()
                 raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
-            return await conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
+            got = await conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
+            if got is None:  # redis.asyncio's timeout: the BRPOP's answer is still to come
+                raise SearchTimeout(f"Redis did not answer within {prepared.block_s}s")
+            if not brpop_answer(got, prepared):
+                raise RpcError(f"Redis answered out of step: {type(got).__name__}")
+            clean = True
+            return got
         except redis.TimeoutError as exc:
-            await conn.disconnect()
             raise SearchTimeout(f"Redis did not answer within {prepared.block_s}s: {exc}") from exc
         except redis.ConnectionError as exc:
-            await conn.disconnect()
             raise RpcError(f"Redis unreachable: {exc}") from exc
         finally:
+            if not clean:
+                await conn.disconnect()
             await self.pool.release(conn)
 
     async def alive(self) -> bool:

@@ -35,11 +35,17 @@ INTERNAL = "internal"  # wire code of an unexpected engine failure (a bug, not b
 
 
 def search_all(
-    engine: Engine, requests: Sequence[Request], calls: list[int] | None = None
+    engine: Engine,
+    requests: Sequence[Request],
+    calls: list[int] | None = None,
+    max_candidates: int | None = None,
+    default_k_factor: int = 1,
 ) -> list[Outcome]:
     """Answer every request, batching compatible ones; one bad request never fails another.
 
-    calls, when given, receives the number of requests of each engine.search call made.
+    calls, when given, receives the number of requests of each engine.search call made;
+    max_candidates, when given, bounds rows x k x k_factor of one batched call (k_factor: the
+    group's, else default_k_factor), as the protocol bounds it for one request.
     """
     calls = calls if calls is not None else []
     if len(requests) == 1 and requests[0].queries.shape[1] == engine.dim:
@@ -57,10 +63,29 @@ def search_all(
         else:
             groups.setdefault(req.params(), []).append(req)
     for group in groups.values():
-        out.extend(
-            _group(engine, group, calls) if len(group) > 1 else [_one(engine, group[0], calls)]
-        )
+        for part in _split(group, max_candidates, default_k_factor):
+            out.extend(
+                _group(engine, part, calls) if len(part) > 1 else [_one(engine, part[0], calls)]
+            )
     return out
+
+
+def _split(group: list[Request], max_candidates: int | None, k_factor: int) -> list[list[Request]]:
+    """The group in runs whose rows x k x k_factor stay within max_candidates (None: whole)."""
+    if max_candidates is None or len(group) == 1:
+        return [group]
+    first = group[0]
+    per_row = first.k * (first.k_factor or k_factor)
+    parts: list[list[Request]] = [[]]
+    rows = 0
+    for req in group:
+        n = req.queries.shape[0]
+        if parts[-1] and (rows + n) * per_row > max_candidates:
+            parts.append([])
+            rows = 0
+        parts[-1].append(req)
+        rows += n
+    return parts
 
 
 def _group(engine: Engine, group: list[Request], calls: list[int]) -> list[Outcome]:

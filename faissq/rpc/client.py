@@ -10,6 +10,7 @@ requests (`faissq.rpc.coalesce`).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import redis
+from redis.connection import Connection
 
 from faissq import keys
 from faissq.config import RpcSettings, Settings
@@ -39,6 +41,7 @@ from faissq.rpc import protocol, resp
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
 from faissq.rpc.spin import readable_now, spin_until_readable
 
+READ_TAKES_TIMEOUT = "timeout" in inspect.signature(Connection.read_response).parameters
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
 # merged round trips in flight per client when rpc.max_in_flight is unset: with 16 threads a
@@ -119,11 +122,40 @@ class RequestBuilder:
         if not got:
             raise SearchTimeout(f"no reply within {prepared.block_s}s")
         reply = protocol.decode_reply(bytes(got[1]))
-        if reply.id and reply.id != prepared.request_id:
+        if reply.id != prepared.request_id:  # never hand a caller an answer to someone else
             raise RemoteSearchError(f"reply {reply.id!r} answers another request", "mismatch")
         if not reply.ok or reply.scores is None or reply.ids is None:
             raise remote_error(reply.code, reply.message)
         return SearchResponse(reply.scores, reply.ids, reply.version, reply.worker, reply.timings)
+
+
+def read_within(conn: Any, timeout_s: float) -> Any:
+    """Read one answer, or raise SearchTimeout after timeout_s (the connection must be dropped).
+
+    redis-py 8 takes the timeout in read_response; earlier ones have none, and their
+    can_read(timeout) waits in one recv (redis-py 8's can_read adds two polls per read).
+    """
+    if READ_TAKES_TIMEOUT:
+        return conn.read_response(timeout=timeout_s)
+    if not conn.can_read(timeout=timeout_s):
+        raise SearchTimeout(f"Redis did not answer within {timeout_s:.3f}s")
+    return conn.read_response()
+
+
+def brpop_answer(got: Any, prepared: Prepared) -> bool:
+    """Whether a read answer is this round trip's BRPOP answer: nil, or [its reply key, bytes].
+
+    Anything else means the connection is out of step with its commands: it must be dropped.
+    """
+    if got is None:
+        return True
+    return (
+        isinstance(got, list | tuple)
+        and len(got) == 2
+        and isinstance(got[0], bytes)
+        and got[0] == prepared.reply.encode()
+        and isinstance(got[1], bytes)
+    )
 
 
 def as_queries(queries: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -250,7 +282,9 @@ class SearchClient:
                 raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
             if spin_s and self.coalescer is not None:
                 spin_until_readable(conn, min(spin_s, prepared.block_s), self.coalescer.quiet)
-            got = conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
+            got = read_within(conn, prepared.block_s + READ_GRACE_S)
+            if not brpop_answer(got, prepared):
+                raise RpcError(f"Redis answered out of step: {type(got).__name__}")
             clean = True
             return got
         except redis.TimeoutError as exc:

@@ -6,10 +6,12 @@ by a worker or by the submit script (no worker alive, queue full). Never pickle.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
@@ -23,6 +25,8 @@ from faissq.errors import (
     PermanentError,
 )
 
+log = logging.getLogger(__name__)
+
 VERSION = 1  # the "v" field of every request and reply; bumped on any incompatible change
 
 REQUIRED = frozenset({"v", "id", "reply", "deadline", "k", "queries"})
@@ -31,6 +35,7 @@ OPTIONAL = frozenset(
 )
 MAX_ID_CHARS = 128  # request ids are opaque strings; a uuid4 hex is 32
 MAX_REPLY_KEY_CHARS = 512
+PEEK_ENTRIES = 32  # map entries read from an oversized request while looking for its reply key
 
 ALLOWED = REQUIRED | OPTIONAL
 
@@ -61,12 +66,17 @@ return redis.call('LPUSH', KEYS[1], ARGV[1])
 
 @dataclass(frozen=True)
 class Limits:
-    """What a worker accepts: message size, k, filter list length, reply key namespace."""
+    """What a worker accepts: reply key namespace, message size, k, filter length, work caps."""
 
     reply_prefix: str
     max_bytes: int
     max_k: int
     max_filter_ids: int
+    max_nprobe: int = 2048
+    max_ef_search: int = 4096
+    max_k_factor: int = 32
+    max_candidates: int = 1 << 18  # rows x k x k_factor of one request
+    default_k_factor: int = 4  # the index's k_factor: what a request that names none refines
 
 
 @dataclass
@@ -151,14 +161,33 @@ def encode_request(
 
 
 def decode_request(raw: bytes, limits: Limits) -> Request:
-    """Decode and check a request: Unreadable without a reply key, else BadRequest or Request."""
+    """Decode and check a request: Unreadable without a reply key, else BadRequest or Request
+    (nothing else escapes: whatever a message holds, it costs only its own answer)."""
+    if len(raw) > limits.max_bytes:
+        reply, rid = _peek(raw, limits)
+        too_large = PayloadTooLarge(f"message holds {len(raw)} bytes, cap {limits.max_bytes}")
+        raise BadRequest(reply, rid, too_large)
     try:
-        msg = codec.loads(raw, max_bytes=limits.max_bytes)
-    except PermanentError as exc:
-        raise Unreadable(str(exc)) from None
+        msg = codec.loads(raw)
+    except PermanentError as exc:  # answered when its reply key can still be read
+        reply, rid = _peek(raw, limits)
+        raise BadRequest(reply, rid, exc) from None
     if not isinstance(msg, dict):
         raise Unreadable(f"request must be a map, got {type(msg).__name__}")
-    reply = msg.get("reply")
+    reply = _reply_key(msg.get("reply"), limits)
+    rid = _request_id(msg.get("id"))
+    try:
+        return _check_request(msg, rid, reply, limits)
+    except FaissqError as exc:
+        raise BadRequest(reply, rid, exc) from None
+    except Exception as exc:  # untrusted input met an unforeseen path: still this message's fault
+        log.warning("malformed request %r not caught by its checks", rid, exc_info=True)
+        bad = InvalidParameter(f"malformed request: {type(exc).__name__}: {exc}")
+        raise BadRequest(reply, rid, bad) from None
+
+
+def _reply_key(reply: Any, limits: Limits) -> str:
+    """The request's reply key when it is one of this index's, else Unreadable."""
     if (
         not isinstance(reply, str)
         or not reply.startswith(limits.reply_prefix)
@@ -166,12 +195,36 @@ def decode_request(raw: bytes, limits: Limits) -> Request:
         or len(reply) == len(limits.reply_prefix)
     ):
         raise Unreadable(f"reply must be a key under {limits.reply_prefix!r}, got {reply!r:.80}")
-    rid = msg.get("id")
-    rid = rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else ""
+    return reply
+
+
+def _request_id(rid: Any) -> str:
+    """The request id when it is a usable one, else "" (the reply then carries no id)."""
+    return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else ""
+
+
+def _peek(raw: bytes, limits: Limits) -> tuple[str, str]:
+    """The reply key and id of an oversized or undecodable request, its arrays left unread.
+
+    The map's entries are walked in order; values other than "reply" and "id" are skipped, not
+    built. Unreadable when the message is no map or has no usable reply key among its first
+    PEEK_ENTRIES entries.
+    """
+    found: dict[str, Any] = {}
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(raw))
+    unpacker.feed(raw)
     try:
-        return _check_request(msg, rid, reply, limits)
-    except FaissqError as exc:
-        raise BadRequest(reply, rid, exc) from None
+        for _ in range(min(unpacker.read_map_header(), PEEK_ENTRIES)):
+            name = unpacker.unpack()
+            if name in ("reply", "id") and name not in found:
+                found[name] = unpacker.unpack()
+                if len(found) == 2:
+                    break
+            else:
+                unpacker.skip()
+    except Exception as exc:  # msgpack raises several unrelated types on malformed input
+        raise Unreadable(f"message is not a readable map: {exc}") from None
+    return _reply_key(found.get("reply"), limits), _request_id(found.get("id"))
 
 
 def _check_request(msg: dict[str, Any], rid: str, reply: str, limits: Limits) -> Request:
@@ -198,11 +251,13 @@ def _check_request(msg: dict[str, Any], rid: str, reply: str, limits: Limits) ->
         max_bytes=limits.max_bytes,
         error=InvalidVectors,
     )
-    if queries.shape[0] == 0 or queries.shape[1] == 0:
+    rows = queries.shape[0]
+    if rows == 0 or queries.shape[1] == 0:
         raise InvalidVectors(f"queries must hold at least one row and column, got {queries.shape}")
     # NaN and Inf are the engine's check (as_vectors, invalid_vectors): not scanned twice here
     req = Request(id=rid, reply=reply, deadline=deadline, k=k, queries=queries)
     if len(msg) == len(REQUIRED):  # no optional field: nothing more to read
+        _check_work(rows, k, limits.default_k_factor, limits)
         return req
     recall = msg.get("target_recall")
     if recall is not None:
@@ -212,9 +267,10 @@ def _check_request(msg: dict[str, Any], rid: str, reply: str, limits: Limits) ->
         req.target_recall = recall
     sent = msg.get("sent")
     req.sent = None if sent is None else _number("sent", sent)
-    req.nprobe = _positive("nprobe", msg.get("nprobe"))
-    req.ef_search = _positive("ef_search", msg.get("ef_search"))
-    req.k_factor = _positive("k_factor", msg.get("k_factor"))
+    req.nprobe = _capped("nprobe", msg.get("nprobe"), limits.max_nprobe)
+    req.ef_search = _capped("ef_search", msg.get("ef_search"), limits.max_ef_search)
+    req.k_factor = _capped("k_factor", msg.get("k_factor"), limits.max_k_factor)
+    _check_work(rows, k, req.k_factor or limits.default_k_factor, limits)
     req.allow_ids = _ids("allow_ids", msg.get("allow_ids"), limits.max_filter_ids)
     req.deny_ids = _ids("deny_ids", msg.get("deny_ids"), limits.max_filter_ids)
     return req
@@ -236,12 +292,22 @@ def _int(name: str, value: Any) -> int | None:
     return value
 
 
-def _positive(name: str, value: Any) -> int | None:
-    """An optional integer field that must be > 0."""
+def _capped(name: str, value: Any, cap: int) -> int | None:
+    """An optional integer field in [1, cap]."""
     out = _int(name, value)
-    if out is not None and out <= 0:
-        raise InvalidParameter(f"{name} must be > 0, got {out}")
+    if out is not None and not 1 <= out <= cap:
+        raise InvalidParameter(f"{name} must be in [1, {cap}], got {out}")
     return out
+
+
+def _check_work(rows: int, k: int, k_factor: int, limits: Limits) -> None:
+    """PayloadTooLarge when rows x k x k_factor (the candidates one search holds) is over cap."""
+    candidates = rows * k * k_factor
+    if candidates > limits.max_candidates:
+        raise PayloadTooLarge(
+            f"{rows} rows x k {k} x k_factor {k_factor} = {candidates} candidates, "
+            f"cap {limits.max_candidates}"
+        )
 
 
 def _ids(name: str, value: Any, cap: int) -> npt.NDArray[np.int64] | None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
 
 from faissq import keys
 from faissq.config import Settings
@@ -77,6 +78,11 @@ class RpcServer:
             max_bytes=max(settings.worker.inline_max_bytes, MIN_REQUEST_BYTES),
             max_k=settings.index.max_k,
             max_filter_ids=self.cfg.max_allow_ids,
+            max_nprobe=self.cfg.max_nprobe,
+            max_ef_search=self.cfg.max_ef_search,
+            max_k_factor=self.cfg.max_k_factor,
+            max_candidates=self.cfg.max_candidates,
+            default_k_factor=settings.index.k_factor,
         )
         self.stats = RpcStats()
         self.metrics: Metrics | None = None  # metrics hook: set by RpcService when enabled
@@ -115,19 +121,21 @@ class RpcServer:
 
     def run(self) -> None:
         """The loop: one turn at a time until `stop()`; every failure is caught and counted."""
-        backoff = BACKOFF_S[0]
+        backoff = ExponentialBackoff(cap=BACKOFF_S[1], base=BACKOFF_S[0])
+        failures = 0
         log.info("rpc %s: serving %s as %s", self.index, self.queue, self.worker_id)
         while not self._stop.is_set():
             try:
                 self._turn()
-                backoff = BACKOFF_S[0]
+                failures = 0
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                wait = backoff.compute(failures)
+                failures += 1
                 self.stats.fault(f"{type(exc).__name__}: {exc}", reconnect=True)
                 log.warning("rpc %s: redis unavailable (%s); retry in %.2fs", self.index, exc,
-                            backoff)  # fmt: skip
+                            wait)  # fmt: skip
                 self._reset()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_S[1])
+                self._stop.wait(wait)
             except Exception as exc:
                 self.stats.fault(f"{type(exc).__name__}: {exc}", reconnect=False)
                 log.exception("rpc %s: loop turn failed; going on", self.index)
@@ -224,6 +232,10 @@ class RpcServer:
                 replies.append((bad.reply, self._error(bad.request_id, bad.error.code,
                                                        str(bad.error), turn)))  # fmt: skip
                 continue
+            except Exception:  # decode_request promises its two outcomes; a bug costs one message
+                turn.dropped += 1
+                log.exception("rpc %s: dropped a request its decoder failed on", self.index)
+                continue
             if req.deadline <= now:
                 turn.expired += 1
                 late = f"deadline passed {now - req.deadline:.3f}s before the search could run"
@@ -247,7 +259,8 @@ class RpcServer:
             eng = self.engine()
         except FaissqError as exc:
             return [Outcome(req, error=(exc.code, str(exc))) for req in live]
-        outcomes = search_all(eng, live, turn.batch_sizes)
+        outcomes = search_all(eng, live, turn.batch_sizes, self.limits.max_candidates,
+                              self.limits.default_k_factor)  # fmt: skip
         turn.batches = len(turn.batch_sizes)
         return outcomes
 
