@@ -27,8 +27,9 @@ from faissq.index.builder import (
     merge_primary,
     metric_type,
 )
+from faissq.index.calibrate import Calibration, sample_calibrator
 from faissq.index.delta import Delta
-from faissq.index.gpu import GpuCopy, clone_to_gpu, probe
+from faissq.index.gpu import GpuCopy, clone_to_gpu, device_budget, probe
 from faissq.index.memory import host_budget, index_bytes, raw_store_bytes
 from faissq.index.params import hnsw_of
 from faissq.index.policy import Plan, choose_plan
@@ -54,6 +55,7 @@ class SearchResult:
     scores: F32
     ids: I64
     version: int
+    target_met: bool | None = None  # target_recall given: whether the calibrated curve reaches it
 
 
 @dataclass(frozen=True)
@@ -152,13 +154,16 @@ class Engine:
         xq = as_vectors(queries, self.dim, self.metric)
         allow = None if allow_ids is None else np.unique(as_ids(allow_ids, unique=False))
         deny = None if deny_ids is None else np.unique(as_ids(deny_ids, unique=False))
+        met = None
         if nprobe is None and ef_search is None and k_factor is None:
             chosen = tuning.pick(self._tuning, target) if self._tuning else {}
             nprobe = chosen.get("nprobe") or self.cfg.default_nprobe
             ef_search = chosen.get("ef_search") or self.cfg.default_ef_search
             k_factor = chosen.get("k_factor")
+            if target is not None and chosen:
+                met = tuning.meets(chosen, target)
         scores, ids = self._reader.top_k(st, xq, k, nprobe, ef_search, k_factor, allow, deny)
-        return SearchResult(scores, ids, st.version)
+        return SearchResult(scores, ids, st.version, met)
 
     def range_search(
         self, queries: Any, radius: float, *, nprobe: int | None = None
@@ -188,22 +193,13 @@ class Engine:
         progress = progress or _noop
         with self._write_lock:
             t0 = time.perf_counter()
-            vecs = as_vectors(vectors, self.dim, self.metric)
-            id_arr = as_ids(ids, vecs.shape[0])
+            arr = np.asarray(vectors)
+            # shape, dtype and dimension up front; every row is checked as it streams in
+            as_vectors(arr[:1] if arr.ndim == 2 else arr, self.dim, self.metric)
+            id_arr = as_ids(ids, arr.shape[0])
             if id_arr.size == 0:
                 raise EmptyBuild(f"build of index {self.name!r} got no vectors")
-            plan = choose_plan(int(id_arr.size), self.dim, self.cfg, host_budget(self.cfg), family)
-            order = np.argsort(id_arr, kind="stable")
-            id_arr, vecs = id_arr[order], vecs[order]
-            primary = build_primary(
-                id_arr,
-                vecs,
-                plan,
-                seed=self.cfg.seed,
-                ef_construction=self.cfg.ef_construction,
-                progress=progress,
-            )
-            primary = self._with_gpu(primary)
+            primary = self._build(id_arr, arr, family, progress, self._prepare)
             self._family_request = family
             self._tuning = None
             self._publish(primary, Delta(self.dim), _EMPTY)
@@ -244,8 +240,9 @@ class Engine:
                 return self.build(st.delta.vectors, st.delta.ids, progress=progress)
             if st.tombstones.size and hnsw_of(st.primary.index) is not None:
                 return self.rebuild(progress)
+            delta = st.delta
             primary = merge_primary(
-                st.primary, st.tombstones, st.delta.ids, st.delta.vectors, progress
+                st.primary, st.tombstones, delta.ids, delta.vectors, progress, self.cfg.raw_dir
             )
             primary = self._with_gpu(primary)
             self._publish(primary, Delta(self.dim), _EMPTY)
@@ -263,17 +260,7 @@ class Engine:
             if ids.size == 0:
                 raise IndexNotReady(f"index {self.name!r} is empty: nothing to rebuild")
             request = family if family is not None else self._family_request
-            plan = choose_plan(int(ids.size), self.dim, self.cfg, host_budget(self.cfg), request)
-            order = np.argsort(ids, kind="stable")
-            primary = build_primary(
-                ids[order],
-                vecs[order],
-                plan,
-                seed=self.cfg.seed,
-                ef_construction=self.cfg.ef_construction,
-                progress=progress,
-            )
-            primary = self._with_gpu(primary)
+            primary = self._build(ids, vecs, request, progress, np.ascontiguousarray)
             self._tuning = None
             self._publish(primary, Delta(self.dim), _EMPTY)
             return self._report("rebuild", t0, primary)
@@ -300,6 +287,41 @@ class Engine:
     def set_tuning(self, profile: dict[str, Any] | None) -> None:
         """Install a stored autotune profile (from a snapshot)."""
         self._tuning = profile
+
+    def _prepare(self, rows: Any) -> F32:
+        """Check one chunk of build input (normalised under cosine; no copy when ready)."""
+        return as_vectors(rows, self.dim, self.metric, copy=False)
+
+    def _build(
+        self, ids: I64, vectors: Any, family: str | None, progress: Progress, prepare: Any
+    ) -> Primary:
+        """Plan (calibrating when auto must choose) and stream a fresh primary."""
+        plan = choose_plan(
+            int(ids.size),
+            self.dim,
+            self.cfg,
+            host_budget(self.cfg),
+            family,
+            calibrator=sample_calibrator(vectors, self.cfg, prepare, progress),
+            gpu_budget=self._device_budget(),
+        )
+        primary = build_primary(
+            ids,
+            vectors,
+            plan,
+            seed=self.cfg.seed,
+            ef_construction=self.cfg.ef_construction,
+            progress=progress,
+            prepare=prepare,
+            raw_dir=self.cfg.raw_dir,
+        )
+        return self._with_gpu(primary)
+
+    def _device_budget(self) -> int | None:
+        """GPU bytes an index may take when it will be cloned there, else None."""
+        if self._cloner is not None or self._gpu_cfg is None:
+            return None
+        return device_budget(self._gpu_cfg, _probe_once())
 
     def _publish(self, primary: Primary, delta: Delta, tombstones: I64) -> None:
         """Swap in a new state with one reference assignment."""
@@ -328,6 +350,8 @@ class Engine:
             "reason": plan.reason,
             "ntotal": self.ntotal,
             "estimate_bytes": plan.estimate_bytes,
+            "raw_bytes": plan.raw_bytes,
+            "calibration": plan.calibration,
             "seconds": round(seconds, 4),
             "version": self.version,
             "device": primary.gpu_reason,
@@ -348,7 +372,10 @@ class Engine:
                 rebuild_due = True
                 reasons.append(f"IVF imbalance {imb:.2f} > {self.cfg.imbalance_rebuild}")
             if (self._family_request or self.cfg.family) == "auto":
-                fam = choose_plan(st.ntotal, self.dim, self.cfg, 1 << 62).family
+                cal = Calibration.from_dict(st.primary.plan.calibration)
+                fam = choose_plan(
+                    st.ntotal, self.dim, self.cfg, host_budget(self.cfg), calibrator=lambda: cal
+                ).family
                 if fam != st.primary.plan.family:
                     rebuild_due = True
                     reasons.append(f"{st.ntotal} vectors now call for {fam}")
