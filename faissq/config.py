@@ -60,6 +60,9 @@ class IndexSettings(BaseModel):
         ge=0,
         description="auto: vectors the build-time calibration measures on (0: none, IVF-Flat).",
     )
+    add_chunk: int = Field(
+        default=65_536, ge=1, description="Rows per streamed build step (progress granularity)."
+    )
     raw_dir: str | None = Field(
         default=None,
         description="Folder of the memory-mapped raw vectors (unlinked files). None: temp folder.",

@@ -103,10 +103,10 @@ def _rows(vectors: Any, order: I64 | None, start: int, stop: int) -> Any:
     return vectors[start:stop] if order is None else vectors[order[start:stop]]
 
 
-def _chunks(n: int) -> Iterator[tuple[int, int]]:
-    """(start, stop) of each ADD_CHUNK-sized chunk of n rows."""
-    for start in range(0, n, ADD_CHUNK):
-        yield start, min(n, start + ADD_CHUNK)
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each chunk of n rows."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
 
 
 def build_primary(
@@ -119,6 +119,7 @@ def build_primary(
     progress: Progress,
     prepare: Prepare = np.ascontiguousarray,
     raw_dir: str | None = None,
+    chunk: int = ADD_CHUNK,
 ) -> Primary:
     """Train on a sample and add everything, chunk by chunk; the raw store is sorted by id.
 
@@ -132,7 +133,7 @@ def build_primary(
     ids_s = np.ascontiguousarray(ids if order is None else ids[order])
     store = RawStore(plan.dim, raw_dir)
     progress("store", 0, n)
-    for start, stop in _chunks(n):
+    for start, stop in _chunks(n, chunk):
         store.write(prepare(_rows(vectors, order, start, stop)))
         progress("store", stop, n)
     raw = store.finish()
@@ -147,7 +148,7 @@ def build_primary(
         progress("train", int(sample.shape[0]), int(sample.shape[0]))
         del sample
     progress("add", 0, n)
-    for start, stop in _chunks(n):
+    for start, stop in _chunks(n, chunk):
         # from the caller's rows, not the mapped store: reading the mapping back would make
         # every page of the raw store resident in this process during the build
         index.add_with_ids(prepare(_rows(vectors, order, start, stop)), ids_s[start:stop])
@@ -178,7 +179,7 @@ def merge_primary(
     ids = np.concatenate([primary.ids[kept], delta_ids])
     order = np.argsort(ids, kind="stable")
     store = RawStore(primary.plan.dim, raw_dir)
-    for start, stop in _chunks(int(ids.size)):
+    for start, stop in _chunks(int(ids.size), ADD_CHUNK):
         rows = order[start:stop]
         old = rows < kept.size
         chunk = np.empty((rows.size, primary.plan.dim), dtype=np.float32)

@@ -314,6 +314,7 @@ class Engine:
             progress=progress,
             prepare=prepare,
             raw_dir=self.cfg.raw_dir,
+            chunk=self.cfg.add_chunk,
         )
         return self._with_gpu(primary)
 
