@@ -56,7 +56,7 @@ class IndexSettings(BaseModel):
         description="auto: HNSW over IVF-Flat only when calibrated this many times faster.",
     )
     calibration_sample: int = Field(
-        default=10_000,
+        default=5_000,
         ge=0,
         description="auto: vectors the build-time calibration measures on (0: none, IVF-Flat).",
     )

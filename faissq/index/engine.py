@@ -18,19 +18,18 @@ import numpy as np
 
 from faissq.config import GpuSettings, IndexSettings
 from faissq.errors import EmptyBuild, IndexNotReady, InvalidParameter
-from faissq.index import tuning
+from faissq.index import tuning, upkeep
 from faissq.index.builder import (
     Progress,
     _noop,
     build_primary,
-    imbalance,
     merge_primary,
     metric_type,
 )
-from faissq.index.calibrate import Calibration, sample_calibrator
+from faissq.index.calibrate import sample_calibrator
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy, clone_to_gpu, device_budget, probe
-from faissq.index.memory import host_budget, index_bytes, raw_store_bytes
+from faissq.index.memory import host_budget, index_bytes
 from faissq.index.params import hnsw_of
 from faissq.index.policy import Plan, choose_plan
 from faissq.index.reader import Reader
@@ -359,54 +358,18 @@ class Engine:
         }
 
     # ------------------------------------------------------------ maintenance
+    @property
+    def family_request(self) -> str:
+        """The family the last build asked for (the settings' family when it named none)."""
+        return self._family_request or self.cfg.family
+
     def maintenance(self) -> dict[str, Any]:
         """Whether a merge or a rebuild is due, and why."""
-        st = self._state
-        reasons: list[str] = []
-        merge_due = len(st.delta) >= self.cfg.merge_delta_max
-        if merge_due:
-            reasons.append(f"delta {len(st.delta)} >= merge_delta_max {self.cfg.merge_delta_max}")
-        rebuild_due = False
-        if st.primary is not None:
-            imb = imbalance(st.primary.index)
-            if imb > self.cfg.imbalance_rebuild:
-                rebuild_due = True
-                reasons.append(f"IVF imbalance {imb:.2f} > {self.cfg.imbalance_rebuild}")
-            if (self._family_request or self.cfg.family) == "auto":
-                cal = Calibration.from_dict(st.primary.plan.calibration)
-                fam = choose_plan(
-                    st.ntotal, self.dim, self.cfg, host_budget(self.cfg), calibrator=lambda: cal
-                ).family
-                if fam != st.primary.plan.family:
-                    rebuild_due = True
-                    reasons.append(f"{st.ntotal} vectors now call for {fam}")
-        return {"merge_due": merge_due, "rebuild_due": rebuild_due, "reasons": reasons}
+        return upkeep.maintenance(self)
 
     def stats(self) -> dict[str, Any]:
         """Actual state, for the stats task, metrics and status."""
-        st = self._state
-        p = st.primary
-        plan = p.plan if p is not None else None
-        return {
-            "name": self.name,
-            "dim": self.dim,
-            "metric": self.metric,
-            "family": plan.family if plan else None,
-            "factory": plan.factory if plan else None,
-            "ntotal": st.ntotal,
-            "primary": int(p.ids.size) if p is not None else 0,
-            "delta": len(st.delta),
-            "tombstones": int(st.tombstones.size),
-            "version": st.version,
-            "imbalance": imbalance(p.index) if p is not None else 1.0,
-            "device": p.gpu_reason if p is not None else "CPU",
-            "gpu": p is not None and p.gpu is not None,
-            "gpu_failures": p.gpu.failures if p is not None and p.gpu is not None else 0,
-            "raw_bytes": raw_store_bytes(int(p.ids.size), self.dim) if p is not None else 0,
-            "delta_bytes": st.delta.nbytes,
-            "tuning": None if self._tuning is None else self._tuning.get("chosen"),
-            **self.maintenance(),
-        }
+        return upkeep.stats(self)
 
     # ---------------------------------------------------------------- export
     def export(self) -> EngineExport:
