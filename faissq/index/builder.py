@@ -83,7 +83,8 @@ class RawStore:
 
     def write(self, rows: F32) -> None:
         """Append rows (float32, dim columns)."""
-        self._fh.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+        arr = np.ascontiguousarray(rows, dtype=np.float32)
+        self._fh.write(arr.data.cast("B"))  # the array's own buffer: no chunk copy
         self.rows += int(rows.shape[0])
 
     def finish(self) -> F32:

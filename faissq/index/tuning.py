@@ -37,11 +37,23 @@ def pick(profile: dict[str, Any] | None, target: float | None) -> dict[str, Any]
         return {}
     if target is None:
         return dict(profile["chosen"])
-    rows = profile["table"]
-    ok = [r for r in rows if r.get("recall_lo", r["recall"]) >= target]
-    if ok:
-        return dict(min(ok, key=lambda r: r["ms_per_query"]))
-    return dict(max(rows, key=lambda r: r["recall"]))
+    return dict(choose(profile["table"], target))
+
+
+def choose(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """The cheapest row meeting target: the first in sweep order per k_factor, then the fastest.
+
+    Within one k_factor a larger nprobe / efSearch never costs less, so the smallest one that
+    meets the target wins even when a busy host timed a larger one faster; the best-recall row
+    when none meets it.
+    """
+    first: dict[int, dict[str, Any]] = {}
+    for r in rows:  # table rows are in sweep order: cheapest setting first
+        if meets(r, target):
+            first.setdefault(int(r.get("k_factor", 1)), r)
+    if first:
+        return min(first.values(), key=lambda r: r["ms_per_query"])
+    return max(rows, key=lambda r: r["recall"])
 
 
 def meets(row: dict[str, Any], target: float) -> bool:
@@ -221,14 +233,11 @@ def autotune(
             done.add(kf)
         progress("autotune", i + 1, len(grid))
     # the choice must meet the target with confidence, not by sampling luck
-    ok = [r for r in table if r["recall_lo"] >= target]
-    chosen = (
-        min(ok, key=lambda r: r["ms_per_query"]) if ok else max(table, key=lambda r: r["recall"])
-    )
+    chosen = choose(table, target)
     return {
         "k": k,
         "target_recall": target,
-        "met": bool(ok),
+        "met": meets(chosen, target),
         "max_recall_lo": max(r["recall_lo"] for r in table),
         "param": param,
         "num_queries": int(queries.shape[0]),
