@@ -148,3 +148,16 @@ def test_nprobe_reaches_an_ivf_kept_under_a_cpu_pre_transform() -> None:
     cpu = Engine(32, cfg)
     cpu.build(xb, np.arange(6_000))
     assert np.array_equal(wide, cpu.search(xq, 10, nprobe=32, k_factor=1).ids)
+
+
+@pytest.mark.gpu
+def test_real_gpu_opq_clone_honours_nprobe() -> None:
+    if not probe().available:
+        pytest.skip("no GPU on this machine")
+    cfg = IndexSettings(family="ivf_pq", opq=True, pq_bytes=8, refine=False)
+    eng = Engine(32, cfg, gpu=GpuSettings(mode="on"))
+    eng.build(data(20_000, 32), np.arange(20_000))
+    xq = data(50, 32, seed=5)
+    assert eng.stats()["gpu"]
+    narrow = eng.search(xq, 10, nprobe=1, k_factor=1).ids
+    assert not np.array_equal(narrow, eng.search(xq, 10, nprobe=32, k_factor=1).ids)
