@@ -250,10 +250,12 @@ def _table(rows: list[tuple[str, int, dict[str, Any]]]) -> None:
             line += f", build+autotune {build:.2f}× raw IVF-Flat train+add (<= 2)"
         met = a["recall"] >= TARGET and p50 <= 1.3
         print(line + f" -> {'met' if met else 'NOT met'}")
+        print(f"    auto setting: {a['chosen']}; build peak MiB auto {a['peak_mib']:.0f}, "
+              f"raw IVF-Flat {ivf['peak_mib']:.0f}, raw HNSW32 {hn['peak_mib']:.0f}")  # fmt: skip
         print(f"    reason: {a['reason']}")
 
 
-def _plot(curves: dict[tuple[str, int], Any]) -> None:
+def _plot(curves: dict[tuple[str, int], Any], path: Path) -> None:
     """Recall-latency curves, one panel per row."""
     import matplotlib
 
@@ -274,8 +276,8 @@ def _plot(curves: dict[tuple[str, int], Any]) -> None:
     axes[0][0].set_ylabel("single-query p50, ms")
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=80)
-    print(f"plot: {PLOT}")
+    fig.savefig(path, dpi=80)
+    print(f"plot: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="build threads")
     p.add_argument("--search-threads", type=int, default=1, help="OpenMP threads when searching")
+    p.add_argument("--plot", default=str(PLOT), help="where the recall-latency PNG goes")
     p.add_argument("--quick", action="store_true", help="5k synthetic and 5k text only")
     args = p.parse_args(argv)
     if args.quick:
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
           f"build threads {args.threads}, search threads {args.search_threads}, "
           f"queries {args.queries}, k {K}")  # fmt: skip
     _table(rows)
-    _plot(curves)
+    _plot(curves, Path(args.plot))
 
 
 if __name__ == "__main__":

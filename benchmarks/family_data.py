@@ -21,6 +21,8 @@ import numpy as np
 from faissq.datasets import clustered, queries_like
 
 CACHE = Path(__file__).resolve().parent / ".data"
+CHUNK = 2_000  # sentences embedded and cached at a time: an interrupted run keeps its work
+MAX_TEXTS = 200_000  # sentences are drawn from one seeded stream of this length
 TEMPLATES = (
     "{name} works as {job} at {company} in {city}.",
     "{company} announced a plan to {bs} across {country}.",
@@ -70,27 +72,23 @@ def embed(texts: list[str]) -> np.ndarray:
 
 
 def text_embeddings(n: int, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(stored, queries) MiniLM embeddings; the largest cached set is sliced for smaller n."""
+    """(stored, queries) MiniLM embeddings, embedded CHUNK sentences at a time and cached."""
     CACHE.mkdir(exist_ok=True)
-    have = sorted(
-        (int(p.stem.split("-")[1]), p)
-        for p in CACHE.glob(f"minilm-*-s{seed}.npy")
-        if int(p.stem.split("-")[1]) >= n
-    )
-    if have:
-        xb = np.load(have[0][1], mmap_mode="r")[:n]
-    else:
-        t0 = time.perf_counter()
-        xb = embed(sentences(n, seed))
-        np.save(CACHE / f"minilm-{n}-s{seed}.npy", xb)
-        print(f"embedded {n} sentences in {time.perf_counter() - t0:.0f} s", flush=True)
     qpath = CACHE / f"minilm-queries-{nq}-s{seed}.npy"
-    if qpath.exists():
-        xq = np.load(qpath)
-    else:
-        xq = embed(sentences(nq, seed + 1_000_003))
-        np.save(qpath, xq)
-    return np.ascontiguousarray(xb), xq
+    if not qpath.exists():
+        np.save(qpath, embed(sentences(nq, seed + 1_000_003)))
+    xq = np.load(qpath)
+    texts: list[str] = []
+    parts = []
+    for i in range(-(-n // CHUNK)):
+        path = CACHE / f"minilm-c{i}-s{seed}.npy"
+        if not path.exists():
+            texts = texts or sentences(MAX_TEXTS, seed)
+            t0 = time.perf_counter()
+            np.save(path, embed(texts[i * CHUNK : (i + 1) * CHUNK]))
+            print(f"embedded chunk {i} in {time.perf_counter() - t0:.0f} s", flush=True)
+        parts.append(np.load(path))
+    return np.ascontiguousarray(np.concatenate(parts)[:n]), xq
 
 
 def synthetic(n: int, dim: int, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
