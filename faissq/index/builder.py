@@ -149,7 +149,11 @@ def build_primary(
         progress("train", int(sample.shape[0]), int(sample.shape[0]))
         del sample
     progress("add", 0, n)
-    for start, stop in _chunks(n, chunk):
+    # IVF lists grow one by one: chunks cost nothing. Flat and HNSW keep one array per index
+    # that every append reallocates, holding two copies at once (build peak 1.6x raw FAISS on
+    # HNSW, docs/benchmarks.md): they are added in one call, sized once
+    step = chunk if ivf_of(index) is not None else max(n, 1)
+    for start, stop in _chunks(n, step):
         # from the caller's rows, not the mapped store: reading the mapping back would make
         # every page of the raw store resident in this process during the build
         index.add_with_ids(prepare(_rows(vectors, order, start, stop)), ids_s[start:stop])

@@ -22,7 +22,7 @@ from faissq.index.validate import F32, I64
 
 K = 10
 NUM_QUERIES = 200
-TIMED_QUERIES = 60  # single-query searches timed per family (median): the p50 the service sees
+TIMED_QUERIES = NUM_QUERIES  # single-query searches timed per family (median)
 KMEANS_ITERATIONS = 10  # a rough quantizer is enough to find the probe fraction
 EF_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -79,23 +79,26 @@ def _recall(found: I64, truth: I64) -> float:
     return hits / truth.size
 
 
-def _single_query_ms(index: Any, queries: F32) -> float:
-    """Median wall time of one-query searches (the latency a lone request sees).
+def _single_query_ms(indexes: list[Any], queries: F32) -> list[float]:
+    """Median wall time of one-query searches per index, interleaved (the p50 a lone request sees).
 
-    One OpenMP thread (this thread only): a single query runs on one thread anyway, and the
-    barrier of a wider team costs a scheduler slice whenever the host is busy.
+    Interleaving spreads a busy host's noise over all of them alike. One OpenMP thread (this
+    thread only): a single query runs on one thread anyway, and the barrier of a wider team
+    costs a scheduler slice whenever the host is busy.
     """
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
+    times: list[list[float]] = [[] for _ in indexes]
     try:
-        times = []
         for i in range(min(TIMED_QUERIES, queries.shape[0])):
-            t0 = time.perf_counter()
-            index.search(queries[i : i + 1], K)
-            times.append(time.perf_counter() - t0)
+            for j in range(len(indexes)):
+                which = (i + j) % len(indexes)
+                t0 = time.perf_counter()
+                indexes[which].search(queries[i : i + 1], K)
+                times[which].append(time.perf_counter() - t0)
     finally:
         faiss.omp_set_num_threads(threads)
-    return statistics.median(times) * 1000
+    return [statistics.median(t) * 1000 for t in times]
 
 
 def calibrate(sample: F32, cfg: IndexSettings, nlist: int, seed: int) -> Calibration:
@@ -109,10 +112,8 @@ def calibrate(sample: F32, cfg: IndexSettings, nlist: int, seed: int) -> Calibra
     flat = faiss.IndexFlat(dim, metric)
     flat.add(sample)
     truth = flat.search(queries, K)[1]
-    flat_ms = _single_query_ms(flat, queries)
     tiny = faiss.IndexFlat(dim, metric)
     tiny.add(sample[:1])
-    overhead_ms = _single_query_ms(tiny, queries)
 
     quantizer = faiss.IndexFlat(dim, metric)
     ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
@@ -129,7 +130,6 @@ def calibrate(sample: F32, cfg: IndexSettings, nlist: int, seed: int) -> Calibra
             nprobe, ivf_recall = p, got
             break
     ivf.nprobe = nprobe
-    ivf_ms = _single_query_ms(ivf, queries)
 
     hnsw = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, metric)
     hnsw.hnsw.efConstruction = cfg.ef_construction
@@ -142,7 +142,7 @@ def calibrate(sample: F32, cfg: IndexSettings, nlist: int, seed: int) -> Calibra
         if got >= cfg.target_recall:
             break
     hnsw.hnsw.efSearch = ef
-    hnsw_ms = _single_query_ms(hnsw, queries)
+    overhead_ms, flat_ms, ivf_ms, hnsw_ms = _single_query_ms([tiny, flat, ivf, hnsw], queries)
     return Calibration(
         sample=n,
         target=cfg.target_recall,
@@ -165,8 +165,9 @@ def estimate_ms(cal: Calibration, family: str, n: int, nlist: int) -> float:
     The call overhead stays; the rest scales with the distances computed. Flat scans
     everything: linear in n. IVF-Flat keeps the probed fraction of lists found on the sample
     (a conservative guess: finer lists usually need a smaller fraction) and pays nlist coarse
-    distances. HNSW walks O(log n) hops, and the efSearch a recall needs grows with n too:
-    (log n / log sample)**2.
+    distances. HNSW's cost at a fixed recall grows as about (n / sample)**0.5: more than its
+    O(log n) hops, since the efSearch a recall needs grows too (on clustered data, 5k -> 100k
+    vectors: x4.9 at recall 0.95; docs/benchmarks.md).
     """
     s = max(cal.sample, 2)
     o = min(cal.overhead_ms, cal.flat_ms, cal.ivf_ms, cal.hnsw_ms)
@@ -178,7 +179,7 @@ def estimate_ms(cal: Calibration, family: str, n: int, nlist: int) -> float:
     if family == "hnsw":
         if cal.hnsw_recall < cal.target:
             return math.inf  # never reached the target, even on the sample
-        return o + (cal.hnsw_ms - o) * (math.log(max(n, 2)) / math.log(s)) ** 2
+        return o + (cal.hnsw_ms - o) * math.sqrt(n / s)
     raise ValueError(f"no latency model for {family!r}")
 
 
