@@ -283,7 +283,7 @@ def _plot(curves: dict[tuple[str, int], Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--synthetic", default="20000,50000,100000", help="sizes, comma-separated")
-    p.add_argument("--text", default="10000,20000,40000", help="sizes of the text data set")
+    p.add_argument("--text", default="5000,10000,20000", help="sizes of the text data set")
     p.add_argument("--dim", type=int, default=384, help="synthetic dimension (MiniLM's 384)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="build threads")
