@@ -46,8 +46,10 @@ def test_auto_below_flat_max_is_flat_without_calibration() -> None:
 
 
 def test_auto_is_flat_while_exact_search_is_fast_enough() -> None:
-    plan = choose_plan(20_000, 64, IndexSettings(), BIG, calibrator=_cal(0.05, 0.05, flat_ms=0.1))
-    assert plan.family == "flat" and "flat 0.200 ms" in plan.reason
+    fast = choose_plan(20_000, 64, IndexSettings(), BIG, calibrator=_cal(0.05, 0.05, flat_ms=0.05))
+    assert fast.family == "flat" and "flat 0.100 ms" in fast.reason
+    slow = choose_plan(20_000, 64, IndexSettings(), BIG, calibrator=_cal(0.05, 0.05, flat_ms=0.3))
+    assert slow.family != "flat"  # 0.6 ms: over flat_max_ms and slower than the others
 
 
 def test_auto_picks_ivf_flat_when_lists_separate_the_data() -> None:
