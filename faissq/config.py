@@ -48,8 +48,31 @@ class IndexSettings(BaseModel):
         default="auto",
         description="auto, flat, ivf_flat, ivf_pq, ivf_pq_refine, hnsw, or a FAISS factory string.",
     )
-    flat_max: int = Field(default=5_000, ge=1, description="auto: Flat below this many vectors.")
-    ivf_flat_max: int = Field(default=50_000, ge=1, description="auto: IVF-Flat below this many.")
+    flat_max: int = Field(
+        default=5_000, ge=1, description="auto: Flat without calibration below this many vectors."
+    )
+    flat_max_ms: float = Field(
+        default=0.2,
+        ge=0,
+        description="auto: Flat while exact search costs at most this per query (~an RPC trip).",
+    )
+    hnsw_min_speedup: float = Field(
+        default=1.3,
+        gt=0,
+        description="auto: HNSW over IVF-Flat only when calibrated this many times faster.",
+    )
+    calibration_sample: int = Field(
+        default=5_000,
+        ge=0,
+        description="auto: vectors the build-time calibration measures on (0: none, IVF-Flat).",
+    )
+    add_chunk: int = Field(
+        default=65_536, ge=1, description="Rows per streamed build step (progress granularity)."
+    )
+    raw_dir: str | None = Field(
+        default=None,
+        description="Folder of the memory-mapped raw vectors (unlinked files). None: temp folder.",
+    )
     nlist_factor: float = Field(default=4.0, gt=0, description="nlist = factor x sqrt(N).")
     min_points_per_centroid: int = Field(
         default=39, ge=1, description="Never more centroids than train_size / this (FAISS: 39)."
@@ -60,8 +83,12 @@ class IndexSettings(BaseModel):
     pq_bytes: int | None = Field(
         default=None, description="PQ bytes per vector (sub-quantizers). None: dim / 4."
     )
-    opq: bool = Field(default=True, description="auto/ivf_pq: add an OPQ rotation when dim allows.")
-    refine: bool = Field(default=True, description="auto: exact refine of IVF-PQ from raw vectors.")
+    opq: bool = Field(
+        default=True, description="ivf_pq(_refine): add an OPQ rotation when dim allows (not auto)."
+    )
+    refine: bool = Field(
+        default=True, description="auto: a compressed choice refines exactly from raw vectors."
+    )
     k_factor: int = Field(default=4, ge=1, description="Refine k x k_factor candidates.")
     hnsw_m: int = Field(default=32, ge=4, description="HNSW graph degree.")
     ef_construction: int = Field(default=40, ge=1, description="HNSW efConstruction.")

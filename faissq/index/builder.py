@@ -1,8 +1,13 @@
-"""Build a primary index from raw vectors, and merge a delta into a copy of one."""
+"""Build a primary index from raw vectors, and merge a delta into a copy of one.
+
+Builds stream: validation, the raw store (written to disk and memory-mapped) and the adds go
+chunk by chunk, so a build holds the index, a bounded training sample and one chunk at a time.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +21,7 @@ from faissq.index.state import Primary, in_sorted
 from faissq.index.validate import F32, I64
 
 Progress = Callable[[str, int, int], None]
+Prepare = Callable[[Any], F32]  # raw rows -> checked float32 rows (normalised under cosine)
 ADD_CHUNK = 65_536  # rows per add call: progress granularity without slowing FAISS down
 
 
@@ -41,7 +47,7 @@ def new_index(plan: Plan, ef_construction: int) -> Any:
     return index
 
 
-def train_sample(vectors: F32, size: int, seed: int) -> F32:
+def train_sample(vectors: Any, size: int, seed: int) -> Any:
     """A seeded random sample of rows for training (the whole set when it is small)."""
     n = vectors.shape[0]
     if size <= 0 or size >= n:
@@ -61,27 +67,98 @@ def add_chunked(index: Any, ids: I64, vectors: F32, progress: Progress, phase: s
         progress(phase, stop, n)
 
 
+class RawStore:
+    """Writes the raw vectors to an unlinked file and maps it read-only: disk, not memory.
+
+    The file has no name once opened, so nothing is left behind by a crash, and the mapping
+    keeps it alive for as long as the Primary that holds it.
+    """
+
+    def __init__(self, dim: int, raw_dir: str | None) -> None:
+        """Open the unlinked file in raw_dir (None: the system temp folder)."""
+        self.dim = dim
+        self.rows = 0
+        # closed by finish(): the file outlives this call, as long as the mapping
+        self._fh = tempfile.TemporaryFile(dir=raw_dir, prefix="faissq-raw-")  # noqa: SIM115
+
+    def write(self, rows: F32) -> None:
+        """Append rows (float32, dim columns)."""
+        arr = np.ascontiguousarray(rows, dtype=np.float32)
+        self._fh.write(arr.data.cast("B"))  # the array's own buffer: no chunk copy
+        self.rows += int(rows.shape[0])
+
+    def finish(self) -> F32:
+        """The rows written, memory-mapped read-only (the file closes; the mapping stays)."""
+        self._fh.flush()
+        try:
+            if self.rows == 0:
+                return np.empty((0, self.dim), dtype=np.float32)
+            mapped = np.memmap(self._fh, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
+            return mapped
+        finally:
+            self._fh.close()
+
+
+def _rows(vectors: Any, order: I64 | None, start: int, stop: int) -> Any:
+    """Rows start..stop of the id-sorted order (a chunk-sized copy at most)."""
+    return vectors[start:stop] if order is None else vectors[order[start:stop]]
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each chunk of n rows."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
 def build_primary(
-    ids: I64, vectors: F32, plan: Plan, *, seed: int, ef_construction: int, progress: Progress
+    ids: I64,
+    vectors: Any,
+    plan: Plan,
+    *,
+    seed: int,
+    ef_construction: int,
+    progress: Progress,
+    prepare: Prepare = np.ascontiguousarray,
+    raw_dir: str | None = None,
+    chunk: int = ADD_CHUNK,
 ) -> Primary:
-    """Train on a sample and add everything; ids/vectors are stored sorted by id."""
-    if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+    """Train on a sample and add everything, chunk by chunk; the raw store is sorted by id.
+
+    prepare checks and normalises each chunk of vectors (the caller's array is never copied
+    whole); the raw store is written before training, so bad input fails before any k-means.
+    """
+    n = int(ids.size)
+    order = None
+    if n > 1 and not bool(np.all(ids[1:] > ids[:-1])):
         order = np.argsort(ids, kind="stable")
-        ids, vectors = ids[order], vectors[order]
-    # already sorted (what the engine passes): no second copy of the whole corpus
-    ids_s = np.ascontiguousarray(ids)
-    vecs_s = np.ascontiguousarray(vectors)
+    ids_s = np.ascontiguousarray(ids if order is None else ids[order])
+    store = RawStore(plan.dim, raw_dir)
+    progress("store", 0, n)
+    for start, stop in _chunks(n, chunk):
+        store.write(prepare(_rows(vectors, order, start, stop)))
+        progress("store", stop, n)
+    raw = store.finish()
     index = new_index(plan, ef_construction)
     if not index.is_trained:
-        sample = train_sample(vectors, plan.train_size, seed)
+        sample = prepare(train_sample(vectors, plan.train_size, seed))
         progress("train", 0, int(sample.shape[0]))
         ivf = ivf_of(index)
         if ivf is not None:
             ivf.cp.seed = seed
         index.train(sample)
         progress("train", int(sample.shape[0]), int(sample.shape[0]))
-    add_chunked(index, ids_s, vecs_s, progress, "add")
-    return Primary(index=index, ids=ids_s, vectors=vecs_s, plan=plan)
+        del sample
+    progress("add", 0, n)
+    # IVF lists grow one by one: chunks cost nothing. Flat and HNSW keep one array per index
+    # that every append reallocates, holding two copies at once (build peak 1.6x raw FAISS on
+    # HNSW, docs/benchmarks.md): they are added in one call, sized once
+    step = chunk if ivf_of(index) is not None else max(n, 1)
+    for start, stop in _chunks(n, step):
+        # from the caller's rows, not the mapped store: reading the mapping back would make
+        # every page of the raw store resident in this process during the build
+        index.add_with_ids(prepare(_rows(vectors, order, start, stop)), ids_s[start:stop])
+        progress("add", stop, n)
+    return Primary(index=index, ids=ids_s, vectors=raw, plan=plan)
 
 
 def merge_primary(
@@ -90,6 +167,7 @@ def merge_primary(
     delta_ids: I64,
     delta_vectors: F32,
     progress: Progress,
+    raw_dir: str | None = None,
 ) -> Primary:
     """Copy the primary, drop tombstones, add the delta, reusing the trained quantizer."""
     if tombstones.size and hnsw_of(primary.index) is not None:
@@ -102,16 +180,20 @@ def merge_primary(
         del keep
         progress("remove", int(tombstones.size), int(tombstones.size))
     add_chunked(index, delta_ids, delta_vectors, progress, "add")
-    keep_rows = ~in_sorted(tombstones, primary.ids)
-    ids = np.concatenate([primary.ids[keep_rows], delta_ids])
-    vecs = np.concatenate([primary.vectors[keep_rows], delta_vectors])
+    kept = np.flatnonzero(~in_sorted(tombstones, primary.ids))
+    ids = np.concatenate([primary.ids[kept], delta_ids])
     order = np.argsort(ids, kind="stable")
+    store = RawStore(primary.plan.dim, raw_dir)
+    for start, stop in _chunks(int(ids.size), ADD_CHUNK):
+        rows = order[start:stop]
+        old = rows < kept.size
+        chunk = np.empty((rows.size, primary.plan.dim), dtype=np.float32)
+        chunk[old] = primary.vectors[kept[rows[old]]]
+        chunk[~old] = delta_vectors[rows[~old] - kept.size]
+        store.write(chunk)
     plan = replace(primary.plan, ntotal=int(ids.size))
     return Primary(
-        index=index,
-        ids=np.ascontiguousarray(ids[order]),
-        vectors=np.ascontiguousarray(vecs[order]),
-        plan=plan,
+        index=index, ids=np.ascontiguousarray(ids[order]), vectors=store.finish(), plan=plan
     )
 
 

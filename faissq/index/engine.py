@@ -18,18 +18,18 @@ import numpy as np
 
 from faissq.config import GpuSettings, IndexSettings
 from faissq.errors import EmptyBuild, IndexNotReady, InvalidParameter
-from faissq.index import tuning
+from faissq.index import tuning, upkeep
 from faissq.index.builder import (
     Progress,
     _noop,
     build_primary,
-    imbalance,
     merge_primary,
     metric_type,
 )
+from faissq.index.calibrate import sample_calibrator
 from faissq.index.delta import Delta
-from faissq.index.gpu import GpuCopy, clone_to_gpu, probe
-from faissq.index.memory import host_budget, index_bytes, raw_store_bytes
+from faissq.index.gpu import GpuCopy, clone_to_gpu, device_budget, probe
+from faissq.index.memory import host_budget, index_bytes
 from faissq.index.params import hnsw_of
 from faissq.index.policy import Plan, choose_plan
 from faissq.index.reader import Reader
@@ -54,6 +54,7 @@ class SearchResult:
     scores: F32
     ids: I64
     version: int
+    target_met: bool | None = None  # target_recall given: whether the calibrated curve reaches it
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class Engine:
         xq = as_vectors(queries, self.dim, self.metric)
         allow = None if allow_ids is None else np.unique(as_ids(allow_ids, unique=False))
         deny = None if deny_ids is None else np.unique(as_ids(deny_ids, unique=False))
+        met = None
         if nprobe is None or ef_search is None or k_factor is None:
             # each parameter not given falls back on its own: naming one leaves the others tuned
             chosen = tuning.pick(self._tuning, target) if self._tuning else {}
@@ -161,8 +163,10 @@ class Engine:
                 ef_search = chosen.get("ef_search") or self.cfg.default_ef_search
             if k_factor is None:
                 k_factor = chosen.get("k_factor")
+            if target is not None and chosen:
+                met = tuning.meets(chosen, target)
         scores, ids = self._reader.top_k(st, xq, k, nprobe, ef_search, k_factor, allow, deny)
-        return SearchResult(scores, ids, st.version)
+        return SearchResult(scores, ids, st.version, met)
 
     def range_search(
         self, queries: Any, radius: float, *, nprobe: int | None = None
@@ -198,22 +202,13 @@ class Engine:
         with self._write_lock:
             new_version = self._next_version(version)
             t0 = time.perf_counter()
-            vecs = as_vectors(vectors, self.dim, self.metric)
-            id_arr = as_ids(ids, vecs.shape[0])
+            arr = np.asarray(vectors)
+            # shape, dtype and dimension up front; every row is checked as it streams in
+            as_vectors(arr[:1] if arr.ndim == 2 else arr, self.dim, self.metric)
+            id_arr = as_ids(ids, arr.shape[0])
             if id_arr.size == 0:
                 raise EmptyBuild(f"build of index {self.name!r} got no vectors")
-            plan = choose_plan(int(id_arr.size), self.dim, self.cfg, host_budget(self.cfg), family)
-            order = np.argsort(id_arr, kind="stable")
-            id_arr, vecs = id_arr[order], vecs[order]
-            primary = build_primary(
-                id_arr,
-                vecs,
-                plan,
-                seed=self.cfg.seed,
-                ef_construction=self.cfg.ef_construction,
-                progress=progress,
-            )
-            primary = self._with_gpu(primary)
+            primary = self._build(id_arr, arr, family, progress, self._prepare)
             self._family_request = family
             self._tuning = None
             self._publish(primary, Delta(self.dim), _EMPTY, new_version)
@@ -262,8 +257,9 @@ class Engine:
                 )
             if st.tombstones.size and hnsw_of(st.primary.index) is not None:
                 return self.rebuild(progress)
+            delta = st.delta
             primary = merge_primary(
-                st.primary, st.tombstones, st.delta.ids, st.delta.vectors, progress
+                st.primary, st.tombstones, delta.ids, delta.vectors, progress, self.cfg.raw_dir
             )
             primary = self._with_gpu(primary)
             self._publish(primary, Delta(self.dim), _EMPTY)
@@ -281,17 +277,7 @@ class Engine:
             if ids.size == 0:
                 raise IndexNotReady(f"index {self.name!r} is empty: nothing to rebuild")
             request = family if family is not None else self._family_request
-            plan = choose_plan(int(ids.size), self.dim, self.cfg, host_budget(self.cfg), request)
-            order = np.argsort(ids, kind="stable")
-            primary = build_primary(
-                ids[order],
-                vecs[order],
-                plan,
-                seed=self.cfg.seed,
-                ef_construction=self.cfg.ef_construction,
-                progress=progress,
-            )
-            primary = self._with_gpu(primary)
+            primary = self._build(ids, vecs, request, progress, np.ascontiguousarray)
             self._tuning = None
             self._publish(primary, Delta(self.dim), _EMPTY)
             return self._report("rebuild", t0, primary)
@@ -336,6 +322,42 @@ class Engine:
         version = self._state.version if version is None else version
         self._state = State.make(self.dim, primary, delta, tombstones, version)
 
+    def _prepare(self, rows: Any) -> F32:
+        """Check one chunk of build input (normalised under cosine; no copy when ready)."""
+        return as_vectors(rows, self.dim, self.metric, copy=False)
+
+    def _build(
+        self, ids: I64, vectors: Any, family: str | None, progress: Progress, prepare: Any
+    ) -> Primary:
+        """Plan (calibrating when auto must choose) and stream a fresh primary."""
+        plan = choose_plan(
+            int(ids.size),
+            self.dim,
+            self.cfg,
+            host_budget(self.cfg),
+            family,
+            calibrator=sample_calibrator(vectors, self.cfg, prepare, progress),
+            gpu_budget=self._device_budget(),
+        )
+        primary = build_primary(
+            ids,
+            vectors,
+            plan,
+            seed=self.cfg.seed,
+            ef_construction=self.cfg.ef_construction,
+            progress=progress,
+            prepare=prepare,
+            raw_dir=self.cfg.raw_dir,
+            chunk=self.cfg.add_chunk,
+        )
+        return self._with_gpu(primary)
+
+    def _device_budget(self) -> int | None:
+        """GPU bytes an index may take when it will be cloned there, else None."""
+        if self._cloner is not None or self._gpu_cfg is None:
+            return None
+        return device_budget(self._gpu_cfg, _probe_once())
+
     def _with_gpu(self, primary: Primary) -> Primary:
         """Attach a GPU copy when configured and possible; the reason is kept either way."""
         if self._cloner is not None:
@@ -359,57 +381,26 @@ class Engine:
             "reason": plan.reason,
             "ntotal": self.ntotal,
             "estimate_bytes": plan.estimate_bytes,
+            "raw_bytes": plan.raw_bytes,
+            "calibration": plan.calibration,
             "seconds": round(seconds, 4),
             "version": self.version,
             "device": primary.gpu_reason,
         }
 
     # ------------------------------------------------------------ maintenance
+    @property
+    def family_request(self) -> str:
+        """The family the last build asked for (the settings' family when it named none)."""
+        return self._family_request or self.cfg.family
+
     def maintenance(self) -> dict[str, Any]:
         """Whether a merge or a rebuild is due, and why."""
-        st = self._state
-        reasons: list[str] = []
-        merge_due = len(st.delta) >= self.cfg.merge_delta_max
-        if merge_due:
-            reasons.append(f"delta {len(st.delta)} >= merge_delta_max {self.cfg.merge_delta_max}")
-        rebuild_due = False
-        if st.primary is not None:
-            imb = imbalance(st.primary.index)
-            if imb > self.cfg.imbalance_rebuild:
-                rebuild_due = True
-                reasons.append(f"IVF imbalance {imb:.2f} > {self.cfg.imbalance_rebuild}")
-            if (self._family_request or self.cfg.family) == "auto":
-                fam = choose_plan(st.ntotal, self.dim, self.cfg, 1 << 62).family
-                if fam != st.primary.plan.family:
-                    rebuild_due = True
-                    reasons.append(f"{st.ntotal} vectors now call for {fam}")
-        return {"merge_due": merge_due, "rebuild_due": rebuild_due, "reasons": reasons}
+        return upkeep.maintenance(self)
 
     def stats(self) -> dict[str, Any]:
         """Actual state, for the stats task, metrics and status."""
-        st = self._state
-        p = st.primary
-        plan = p.plan if p is not None else None
-        return {
-            "name": self.name,
-            "dim": self.dim,
-            "metric": self.metric,
-            "family": plan.family if plan else None,
-            "factory": plan.factory if plan else None,
-            "ntotal": st.ntotal,
-            "primary": int(p.ids.size) if p is not None else 0,
-            "delta": len(st.delta),
-            "tombstones": int(st.tombstones.size),
-            "version": st.version,
-            "imbalance": imbalance(p.index) if p is not None else 1.0,
-            "device": p.gpu_reason if p is not None else "CPU",
-            "gpu": p is not None and p.gpu is not None,
-            "gpu_failures": p.gpu.failures if p is not None and p.gpu is not None else 0,
-            "raw_bytes": raw_store_bytes(int(p.ids.size), self.dim) if p is not None else 0,
-            "delta_bytes": st.delta.nbytes,
-            "tuning": None if self._tuning is None else self._tuning.get("chosen"),
-            **self.maintenance(),
-        }
+        return upkeep.stats(self)
 
     # ---------------------------------------------------------------- export
     def export(self) -> EngineExport:

@@ -58,6 +58,19 @@ class GpuCopy:
         self._lock = threading.Lock()
         self.failures = 0
         self.last_error = ""
+        self._layers, self._ivf = _nprobe_path(device_index)
+
+    def _params(self, nprobe: int) -> tuple[Any, list[Any]]:
+        """SearchParametersIVF wrapped once per pre-transform the clone kept on the CPU."""
+        p = faiss.SearchParametersIVF()
+        p.nprobe = nprobe
+        keep = [p]
+        for _ in range(self._layers):
+            outer = faiss.SearchParametersPreTransform()
+            outer.index_params = p
+            keep.append(outer)
+            p = outer
+        return p, keep
 
     def search(
         self, queries: F32, k: int, nprobe: int | None, exclude: I64
@@ -68,9 +81,8 @@ class GpuCopy:
             return None
         try:
             with self._lock:
-                if nprobe is not None and hasattr(self.index, "nprobe"):
-                    params = faiss.SearchParametersIVF()
-                    params.nprobe = nprobe
+                if nprobe is not None and self._ivf:
+                    params, _keep = self._params(nprobe)
                     scores, ids = self.index.search(queries, fetch, params=params)
                 else:
                     scores, ids = self.index.search(queries, fetch)
@@ -87,6 +99,20 @@ class GpuCopy:
                 ids = np.take_along_axis(ids, order, axis=1)
                 scores = np.take_along_axis(scores, order, axis=1)
         return scores[:, :k], ids[:, :k]
+
+
+def _nprobe_path(index: Any) -> tuple[int, bool]:
+    """(pre-transform layers, whether an IVF index lies under them) of a device clone.
+
+    index_cpu_to_gpu keeps an IndexPreTransform (OPQ) on the CPU and moves only the IVF inside,
+    so nprobe must travel down through SearchParametersPreTransform as on the CPU path.
+    """
+    layers = 0
+    idx = index
+    while isinstance(idx, faiss.IndexPreTransform):
+        layers += 1
+        idx = faiss.downcast_index(idx.index)
+    return layers, isinstance(idx, faiss.Index) and hasattr(idx, "nprobe")
 
 
 def gpu_free_bytes(device: int) -> int | None:
@@ -107,6 +133,16 @@ def gpu_free_bytes(device: int) -> int | None:
         return int(out.strip().splitlines()[0]) << 20
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
+
+
+def device_budget(cfg: GpuSettings, found: GpuProbe, free_bytes: int | None = None) -> int | None:
+    """Bytes an index may take on the configured GPU; None when it will not go to one."""
+    if cfg.mode == "off" or not found.available:
+        return None
+    free = free_bytes if free_bytes is not None else gpu_free_bytes(cfg.device)
+    if free is None:
+        return None
+    return max(0, int(free * cfg.memory_fraction) - cfg.temp_memory_bytes)
 
 
 def clone_to_gpu(

@@ -1,8 +1,14 @@
-"""Choose the index family and its shape (nlist, PQ bytes, OPQ) from the corpus size and memory."""
+"""Choose the index family and its shape (nlist, PQ bytes, OPQ) from memory, recall and cost.
+
+auto: among Flat, IVF-Flat and HNSW whose index fits the memory budget (the GPU's when the index
+goes there), the one a build-time calibration (calibrate.py) finds fastest at the target recall;
+compressed IVF-PQ only when none fits. Raw vectors always live on disk, memory-mapped.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -10,7 +16,8 @@ import faiss
 
 from faissq.config import IndexSettings
 from faissq.errors import MemoryBudgetExceeded, UnknownFamily
-from faissq.index.memory import estimate_bytes, format_bytes
+from faissq.index.calibrate import Calibration, estimate_ms
+from faissq.index.memory import estimate_bytes, format_bytes, raw_store_bytes
 
 FAMILIES = ("flat", "ivf_flat", "ivf_pq", "ivf_pq_refine", "hnsw")
 # smaller-footprint fallbacks tried, in order, when a family is over the memory budget
@@ -39,7 +46,9 @@ class Plan:
     refine: bool = False
     hnsw_m: int = 0
     reason: str = ""
-    estimate_bytes: int = 0
+    estimate_bytes: int = 0  # resident: the index and the ids of the raw store
+    raw_bytes: int = 0  # raw vectors + ids, memory-mapped from disk
+    calibration: dict[str, Any] | None = None  # calibrate.Calibration.to_dict() when auto
 
     @property
     def is_ivf(self) -> bool:
@@ -104,7 +113,12 @@ def _plan_family(family: str, n: int, dim: int, cfg: IndexSettings, reason: str)
         )
     else:
         raise UnknownFamily(f"unknown index family {family!r}; known: {', '.join(FAMILIES)}")
-    return replace(plan, reason=reason, estimate_bytes=estimate_bytes(plan))
+    return replace(
+        plan,
+        reason=reason,
+        estimate_bytes=estimate_bytes(plan),
+        raw_bytes=raw_store_bytes(n, dim),
+    )
 
 
 def _plan_factory(factory: str, n: int, dim: int, cfg: IndexSettings) -> Plan:
@@ -135,7 +149,11 @@ def _plan_factory(factory: str, n: int, dim: int, cfg: IndexSettings) -> Plan:
         nlist=nlist,
         reason="explicit factory string",
     )
-    return replace(plan, estimate_bytes=estimate_bytes(plan, code_size=int(probe.sa_code_size())))
+    return replace(
+        plan,
+        estimate_bytes=estimate_bytes(plan, code_size=int(probe.sa_code_size())),
+        raw_bytes=raw_store_bytes(n, dim),
+    )
 
 
 def _metric_type(metric: str) -> int:
@@ -143,25 +161,101 @@ def _metric_type(metric: str) -> int:
     return int(faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
 
 
-def _auto_family(n: int, cfg: IndexSettings) -> tuple[str, str]:
-    """Return (family, reason) from the corpus-size tiers."""
-    if n < cfg.flat_max:
-        return "flat", f"{n} vectors < flat_max {cfg.flat_max}: exact search is cheap"
-    if n < cfg.ivf_flat_max:
-        return "ivf_flat", f"{n} vectors < ivf_flat_max {cfg.ivf_flat_max}: IVF-Flat"
+Calibrator = Callable[[], Calibration | None]
+UNCOMPRESSED = ("flat", "ivf_flat", "hnsw")
+
+
+def _fmt_ms(ms: float) -> str:
+    """Milliseconds for a reason string."""
+    return "unreachable" if math.isinf(ms) else f"{ms:.3f} ms"
+
+
+def _compressed(n: int, dim: int, cfg: IndexSettings, room: int, why: str) -> Plan:
+    """IVF-PQ (refined from the memory-mapped raw vectors when cfg.refine), without OPQ.
+
+    OPQ's rotation training is most of an IVF-PQ build's time; auto leaves it out, an explicit
+    family (with index.opq) or a factory string can still ask for it.
+    """
     fam = "ivf_pq_refine" if cfg.refine else "ivf_pq"
-    return fam, f"{n} vectors >= ivf_flat_max {cfg.ivf_flat_max}: compressed IVF-PQ"
+    plan = _plan_family(fam, n, dim, cfg.model_copy(update={"opq": False}), "")
+    need = format_bytes(plan.estimate_bytes)
+    if plan.estimate_bytes > room:
+        raise MemoryBudgetExceeded(
+            f"{n} x {dim} vectors do not fit the memory budget of {format_bytes(room)}: "
+            f"{why}; even {fam} needs {need}"
+        )
+    return replace(plan, reason=f"{why}: {fam} needs {need} (raw vectors on disk)")
+
+
+def _auto_plan(
+    n: int, dim: int, cfg: IndexSettings, room: int, where: str, gpu: bool, calibrator: Calibrator
+) -> Plan:
+    """The auto choice: the fastest uncompressed family that fits room, else IVF-PQ."""
+    plans = {f: _plan_family(f, n, dim, cfg, "") for f in UNCOMPRESSED}
+    fits = {f: p for f, p in plans.items() if p.estimate_bytes <= room}
+    if gpu:
+        fits.pop("hnsw", None)  # index_cpu_to_gpu has no HNSW: it would search on the CPU
+    sizes = ", ".join(f"{f} {format_bytes(p.estimate_bytes)}" for f, p in plans.items())
+    budget = f"{where} budget {format_bytes(room)} ({sizes})"
+    if not fits:
+        return _compressed(n, dim, cfg, room, f"no uncompressed index fits the {budget}")
+    if "flat" in fits and n < cfg.flat_max:
+        return replace(fits["flat"], reason=f"{n} vectors < flat_max {cfg.flat_max}; {budget}")
+    cal = calibrator() if len(fits) > 1 else None
+    if cal is None:
+        name = "ivf_flat" if "ivf_flat" in fits else next(iter(fits))
+        return replace(fits[name], reason=f"{name}: fits the {budget}; not calibrated")
+    est = {f: estimate_ms(cal, f, n, p.nlist) for f, p in fits.items()}
+    approx = {f: ms for f, ms in est.items() if f != "flat"}
+    best = min(approx, key=lambda f: approx[f]) if approx else "flat"
+    if "flat" in est and (not approx or est["flat"] <= max(cfg.flat_max_ms, approx[best])):
+        name = "flat"
+    elif "hnsw" in approx and "ivf_flat" in approx:
+        # HNSW builds several times slower than IVF-Flat: it must search clearly faster
+        gain = approx["ivf_flat"] / approx["hnsw"]
+        name = "hnsw" if gain >= cfg.hnsw_min_speedup else "ivf_flat"
+    else:
+        name = best
+    measured = (
+        f"calibrated on {cal.sample} of {n} vectors in {cal.seconds:.1f} s for "
+        f"recall@10 >= {cal.target}: flat {cal.flat_ms:.3f} ms, ivf_flat {cal.ivf_ms:.3f} ms "
+        f"(nprobe {cal.ivf_nprobe}/{cal.ivf_nlist}, recall {cal.ivf_recall}), hnsw "
+        f"{cal.hnsw_ms:.3f} ms (efSearch {cal.hnsw_ef}, recall {cal.hnsw_recall})"
+    )
+    scaled = ", ".join(f"{f} {_fmt_ms(ms)}" for f, ms in est.items())
+    reason = (
+        f"{name}: {measured}; at {n} vectors ~{scaled} per query "
+        f"(flat_max_ms {cfg.flat_max_ms}, hnsw_min_speedup {cfg.hnsw_min_speedup}); {budget}"
+    )
+    return replace(fits[name], reason=reason, calibration=cal.to_dict())
+
+
+def _no_calibration() -> Calibration | None:
+    """Calibrator used when the caller has no data at hand (the choice falls back to IVF-Flat)."""
+    return None
 
 
 def choose_plan(
-    n: int, dim: int, cfg: IndexSettings, budget_bytes: int, family: str | None = None
+    n: int,
+    dim: int,
+    cfg: IndexSettings,
+    budget_bytes: int,
+    family: str | None = None,
+    *,
+    calibrator: Calibrator = _no_calibration,
+    gpu_budget: int | None = None,
 ) -> Plan:
-    """Return the Plan for n vectors, stepping down to smaller families when over budget."""
+    """Return the Plan for n vectors, stepping down to smaller families when over budget.
+
+    calibrator: runs the build-time calibration (only called when auto has a real choice);
+    gpu_budget: device bytes when the index will be cloned to a GPU (auto fits it there too).
+    """
     wanted = (family or cfg.family).strip()
     if wanted == "auto":
-        name, reason = _auto_family(n, cfg)
-        plan = _plan_family(name, n, dim, cfg, reason)
-    elif wanted in FAMILIES:
+        room = budget_bytes if gpu_budget is None else min(budget_bytes, gpu_budget)
+        where = "host" if gpu_budget is None or budget_bytes <= gpu_budget else "GPU"
+        return _auto_plan(n, dim, cfg, room, where, gpu_budget is not None, calibrator)
+    if wanted in FAMILIES:
         plan = _plan_family(wanted, n, dim, cfg, f"family {wanted!r} asked for")
     else:
         plan = _plan_factory(wanted, n, dim, cfg)

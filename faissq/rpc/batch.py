@@ -29,6 +29,7 @@ class Outcome:
     error: tuple[str, str] | None = None  # (stable code, message)
     search_s: float = 0.0
     batch: int = 1
+    target_met: bool | None = None  # the engine's SearchResult.target_met
 
 
 INTERNAL = "internal"  # wire code of an unexpected engine failure (a bug, not bad input)
@@ -110,6 +111,7 @@ def _group(engine: Engine, group: list[Request], calls: list[int]) -> list[Outco
                 version=res.version,
                 search_s=took,
                 batch=len(group),
+                target_met=res.target_met,
             )
         )
         row += n
@@ -135,6 +137,7 @@ def _one(engine: Engine, req: Request, calls: list[int]) -> Outcome:
         ids=res.ids,
         version=res.version,
         search_s=time.perf_counter() - t0,
+        target_met=res.target_met,
     )
 
 

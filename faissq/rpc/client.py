@@ -58,6 +58,7 @@ class SearchResponse:
     version: int | None
     worker: str
     timings: dict[str, float] = field(default_factory=dict)
+    target_met: bool | None = None  # target_recall given: whether autotune's curve reaches it
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ class RequestBuilder:
             raise RemoteSearchError(f"reply {reply.id!r} answers another request", "mismatch")
         if not reply.ok or reply.scores is None or reply.ids is None:
             raise remote_error(reply.code, reply.message)
-        return SearchResponse(reply.scores, reply.ids, reply.version, reply.worker, reply.timings)
+        return SearchResponse(reply.scores, reply.ids, reply.version, reply.worker, reply.timings,
+                              reply.target_met)  # fmt: skip
 
 
 def read_within(conn: Any, timeout_s: float) -> Any:

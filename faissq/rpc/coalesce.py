@@ -79,7 +79,12 @@ def deliver(batch: list[Pending], res: SearchResponse) -> None:
     for p in batch:
         n = len(p.queries)
         p.result = response(
-            res.scores[row : row + n], res.ids[row : row + n], res.version, res.worker, timings
+            res.scores[row : row + n],
+            res.ids[row : row + n],
+            res.version,
+            res.worker,
+            timings,
+            res.target_met,
         )
         row += n
 

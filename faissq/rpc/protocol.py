@@ -112,6 +112,7 @@ class Reply:
     version: int | None = None
     worker: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    target_met: bool | None = None  # only when the request gave target_recall
     code: str = ""
     message: str = ""
 
@@ -334,20 +335,22 @@ def encode_result(
     version: int,
     worker: str,
     timings: dict[str, float],
+    target_met: bool | None = None,
 ) -> bytes:
-    """Encode a successful reply."""
-    return codec.dumps(
-        {
-            "v": VERSION,
-            "id": request_id,
-            "ok": True,
-            "scores": codec.pack_array(scores),
-            "ids": codec.pack_array(ids),
-            "version": int(version),
-            "worker": worker,
-            "timings": timings,
-        }
-    )
+    """Encode a successful reply (target_met: whether a requested target_recall is reachable)."""
+    msg = {
+        "v": VERSION,
+        "id": request_id,
+        "ok": True,
+        "scores": codec.pack_array(scores),
+        "ids": codec.pack_array(ids),
+        "version": int(version),
+        "worker": worker,
+        "timings": timings,
+    }
+    if target_met is not None:
+        msg["target_met"] = target_met
+    return codec.dumps(msg)
 
 
 def encode_error(request_id: str, code: str, message: str, worker: str = "") -> bytes:
@@ -387,6 +390,7 @@ def decode_reply(raw: bytes) -> Reply:
         raise InvalidParameter(f"reply scores {scores.shape} and ids {ids.shape} differ")
     version = msg.get("version")
     timings = msg.get("timings")
+    met = msg.get("target_met")
     return Reply(
         id=str(rid),
         ok=True,
@@ -395,4 +399,5 @@ def decode_reply(raw: bytes) -> Reply:
         version=version if isinstance(version, int) else None,
         worker=str(worker),
         timings=timings if isinstance(timings, dict) else {},
+        target_met=met if isinstance(met, bool) else None,
     )

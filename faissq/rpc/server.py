@@ -278,7 +278,7 @@ class RpcServer:
         turn.answered += 1
         turn.latencies_s.append(server_s)
         return protocol.encode_result(req.id, out.scores, out.ids, out.version, self.worker_id,
-                                      timings)  # fmt: skip
+                                      timings, out.target_met)  # fmt: skip
 
     def _error(self, request_id: str, code: str, message: str, turn: Turn) -> bytes:
         """An error reply, counted by code."""

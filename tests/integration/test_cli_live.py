@@ -56,7 +56,8 @@ def test_jobs_search_status_and_snapshots_through_the_cli(
     rng = np.random.default_rng(7)
     xb = save(tmp_path / "xb.npy", rng.standard_normal((N, DIM)).astype(np.float32))
 
-    out = ok(env, "build", "--index", index_name, xb)
+    # an explicit family: auto would calibrate and may well pick Flat for 30k x 32
+    out = ok(env, "build", "--index", index_name, xb, "--family", "ivf_flat")
     assert BAR.search(out), out
     assert field(out, "family") == "ivf_flat" and field(out, "ntotal") == str(N)
     assert field(out, "factory").startswith("IVF") and field(out, "reason")

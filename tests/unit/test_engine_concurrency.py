@@ -17,7 +17,7 @@ def test_readers_always_see_a_committed_state() -> None:
     # ids encode their generation: id = gen * 10_000 + slot; every committed state holds
     # exactly one generation per slot, so a reader must never see two generations of a slot
     slots = 400
-    eng = Engine(DIM, IndexSettings(family="ivf_flat", flat_max=10, ivf_flat_max=10**6))
+    eng = Engine(DIM, IndexSettings(family="ivf_flat", flat_max=10))
     base = data(slots, DIM, seed=1)
     eng.build(base, np.arange(slots, dtype=np.int64))
     xq = data(16, DIM, seed=2)

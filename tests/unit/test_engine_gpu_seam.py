@@ -125,3 +125,39 @@ def test_real_gpu_clone_matches_cpu() -> None:
     cpu.build(xb, np.arange(20_000))
     a, b = eng.search(xb[:50], 10, nprobe=16), cpu.search(xb[:50], 10, nprobe=16)
     assert eng.stats()["gpu"] and recall(a.ids, b.ids) > 0.99
+
+
+def test_nprobe_reaches_an_ivf_kept_under_a_cpu_pre_transform() -> None:
+    """index_cpu_to_gpu keeps OPQ's IndexPreTransform on the CPU: nprobe must pass through it."""
+    clones: list[Any] = []
+
+    def cloner(index: Any) -> tuple[GpuCopy | None, str]:
+        # the shape of a real device clone: a pre-transform over an IVF whose own nprobe is 1
+        clones.append(faiss.clone_index(index))
+        return GpuCopy(clones[-1], 2048), "test device"
+
+    cfg = IndexSettings(family="ivf_pq", opq=True, pq_bytes=8, refine=False)
+    eng = Engine(32, cfg, cloner=cloner)
+    xb = data(6_000, 32)
+    eng.build(xb, np.arange(6_000))
+    assert isinstance(clones[-1], faiss.IndexPreTransform)
+    xq = data(50, 32, seed=5)
+    narrow = eng.search(xq, 10, nprobe=1, k_factor=1).ids
+    wide = eng.search(xq, 10, nprobe=32, k_factor=1).ids
+    assert not np.array_equal(narrow, wide)
+    cpu = Engine(32, cfg)
+    cpu.build(xb, np.arange(6_000))
+    assert np.array_equal(wide, cpu.search(xq, 10, nprobe=32, k_factor=1).ids)
+
+
+@pytest.mark.gpu
+def test_real_gpu_opq_clone_honours_nprobe() -> None:
+    if not probe().available:
+        pytest.skip("no GPU on this machine")
+    cfg = IndexSettings(family="ivf_pq", opq=True, pq_bytes=8, refine=False)
+    eng = Engine(32, cfg, gpu=GpuSettings(mode="on"))
+    eng.build(data(20_000, 32), np.arange(20_000))
+    xq = data(50, 32, seed=5)
+    assert eng.stats()["gpu"]
+    narrow = eng.search(xq, 10, nprobe=1, k_factor=1).ids
+    assert not np.array_equal(narrow, eng.search(xq, 10, nprobe=32, k_factor=1).ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from engine_support import data
 
 from faissq.config import IndexSettings
 from faissq.errors import MemoryBudgetExceeded, UnknownFamily
+from faissq.index.calibrate import Calibration
 from faissq.index.engine import Engine
 from faissq.index.memory import host_budget
 from faissq.index.policy import choose_plan, nlist_for
@@ -16,25 +19,91 @@ from faissq.index.policy import choose_plan, nlist_for
 BIG = 1 << 50
 
 
-@pytest.mark.parametrize(
-    ("n", "family"),
-    [
-        (10, "flat"),
-        (4_999, "flat"),
-        (5_000, "ivf_flat"),
-        (49_999, "ivf_flat"),
-        (50_000, "ivf_pq_refine"),
-    ],
-)
-def test_auto_tiers_on_total_corpus_size(n: int, family: str) -> None:
-    assert choose_plan(n, 128, IndexSettings(), BIG).family == family
+def _cal(ivf_ms: float, hnsw_ms: float, *, flat_ms: float = 5.0, hnsw_recall: float = 0.97) -> Any:
+    """A calibrator returning fixed sample figures (10k-vector sample, target 0.95)."""
+    cal = Calibration(
+        sample=10_000,
+        target=0.95,
+        overhead_ms=0.0,
+        flat_ms=flat_ms,
+        ivf_nlist=256,
+        ivf_nprobe=8,
+        ivf_recall=0.96,
+        ivf_ms=ivf_ms,
+        hnsw_ef=64,
+        hnsw_recall=hnsw_recall,
+        hnsw_ms=hnsw_ms,
+        seconds=1.0,
+    )
+    return lambda: cal
 
 
-def test_auto_without_refine_and_opq_when_dimension_allows() -> None:
-    plan = choose_plan(1_000_000, 128, IndexSettings(refine=False), BIG)
-    assert plan.family == "ivf_pq" and plan.opq and plan.factory.startswith("OPQ32,IVF")
-    odd = choose_plan(1_000_000, 100, IndexSettings(pq_bytes=30), BIG)
+def test_auto_below_flat_max_is_flat_without_calibration() -> None:
+    def never() -> Calibration:
+        raise AssertionError("calibrated a corpus below flat_max")
+
+    assert choose_plan(4_999, 128, IndexSettings(), BIG, calibrator=never).family == "flat"
+
+
+def test_auto_is_flat_while_exact_search_is_fast_enough() -> None:
+    fast = choose_plan(20_000, 64, IndexSettings(), BIG, calibrator=_cal(0.05, 0.05, flat_ms=0.05))
+    assert fast.family == "flat" and "flat 0.100 ms" in fast.reason
+    slow = choose_plan(20_000, 64, IndexSettings(), BIG, calibrator=_cal(0.05, 0.05, flat_ms=0.3))
+    assert slow.family != "flat"  # 0.6 ms: over flat_max_ms and slower than the others
+
+
+def test_auto_picks_ivf_flat_when_lists_separate_the_data() -> None:
+    plan = choose_plan(100_000, 384, IndexSettings(), BIG, calibrator=_cal(0.05, 0.3))
+    assert plan.family == "ivf_flat" and plan.calibration is not None
+    assert "calibrated on 10000 of 100000 vectors" in plan.reason and "budget" in plan.reason
+
+
+def test_auto_picks_hnsw_when_ivf_must_scan_much_more() -> None:
+    plan = choose_plan(100_000, 384, IndexSettings(), BIG, calibrator=_cal(2.0, 0.3))
+    assert plan.family == "hnsw" and plan.factory == "IDMap,HNSW32,Flat"
+    # a graph that never reached the target on the sample is never chosen
+    plan = choose_plan(
+        100_000, 384, IndexSettings(), BIG, calibrator=_cal(2.0, 0.3, hnsw_recall=0.9)
+    )
+    assert plan.family == "ivf_flat"
+
+
+def test_auto_keeps_hnsw_off_a_gpu_and_fits_the_device_budget() -> None:
+    cfg = IndexSettings()
+    plan = choose_plan(100_000, 384, cfg, BIG, calibrator=_cal(2.0, 0.3), gpu_budget=BIG)
+    assert plan.family == "ivf_flat"
+    ivf = choose_plan(100_000, 384, cfg, BIG, family="ivf_flat")
+    small = choose_plan(100_000, 384, cfg, BIG, calibrator=_cal(2.0, 0.3),
+                        gpu_budget=ivf.estimate_bytes // 2)  # fmt: skip
+    assert small.family == "ivf_pq_refine" and "GPU budget" in small.reason
+
+
+def test_auto_compresses_only_when_nothing_uncompressed_fits() -> None:
+    cfg = IndexSettings()
+    ivf = choose_plan(1_000_000, 128, cfg, BIG, family="ivf_flat")
+    plan = choose_plan(1_000_000, 128, cfg, ivf.estimate_bytes // 2, calibrator=_cal(0.1, 0.2))
+    assert plan.family == "ivf_pq_refine" and not plan.opq and "raw vectors on disk" in plan.reason
+    assert plan.estimate_bytes <= ivf.estimate_bytes // 2 < plan.raw_bytes
+    with pytest.raises(MemoryBudgetExceeded, match="even ivf_pq_refine needs"):
+        choose_plan(1_000_000, 128, cfg, 1 << 20, calibrator=_cal(0.1, 0.2))
+
+
+def test_auto_without_refine_and_explicit_ivf_pq_keeps_opq() -> None:
+    small = choose_plan(1_000_000, 128, IndexSettings(refine=False), 1 << 28)
+    assert small.family == "ivf_pq" and not small.opq
+    plan = choose_plan(1_000_000, 128, IndexSettings(family="ivf_pq"), BIG)
+    assert plan.opq and plan.factory.startswith("OPQ32,IVF")
+    odd = choose_plan(1_000_000, 100, IndexSettings(family="ivf_pq", pq_bytes=30), BIG)
     assert 100 % odd.pq_m == 0  # PQ sub-quantizers must divide the dimension
+
+
+def test_auto_build_reports_its_calibration() -> None:
+    eng = Engine(32, IndexSettings(flat_max=1_000, calibration_sample=3_000))
+    report = eng.build(data(8_000), np.arange(8_000))
+    cal = report["calibration"]
+    assert cal["sample"] == 3_000 and cal["seconds"] > 0
+    assert report["family"] in ("flat", "ivf_flat", "hnsw")
+    assert "calibrated on 3000 of 8000" in report["reason"]
 
 
 @pytest.mark.parametrize("n", [5_000, 20_000, 1_000_000, 10_000_000])
@@ -73,10 +142,11 @@ def test_unknown_family_is_an_error_not_flat(bad: str) -> None:
 
 
 def _footprint(eng: Engine) -> int:
-    """Real bytes: the serialized index + precomputed tables FAISS keeps + the raw store."""
+    """Resident bytes: the serialized index + precomputed tables + the raw store's ids."""
     p = eng.state.primary
     assert p is not None
-    real = faiss.serialize_index(p.index).nbytes + p.ids.nbytes + p.vectors.nbytes
+    assert isinstance(p.vectors, np.memmap)  # raw vectors live on disk
+    real = faiss.serialize_index(p.index).nbytes + p.ids.nbytes
     try:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(p.index))
     except RuntimeError:

@@ -81,3 +81,31 @@ def test_ivf_pq_refine_recovers_recall_from_raw_vectors() -> None:
     qn = xq / np.linalg.norm(xq, axis=1, keepdims=True)
     exact_top = np.einsum("qd,qkd->qk", qn, xn[res.ids])
     assert np.allclose(res.scores, exact_top, atol=1e-5)  # refined scores are exact
+
+
+def test_autotune_calibrates_past_its_target_for_higher_request_targets(
+    corpus: tuple[np.ndarray, ...],
+) -> None:
+    xb, ids, xq, truth = corpus
+    eng = Engine(DIM, IndexSettings(family="hnsw", hnsw_m=16))
+    eng.build(xb, ids)
+    profile = eng.autotune(target_recall=0.9)
+    res = eng.search(xq, 10, target_recall=0.99)
+    assert recall(res.ids, truth) >= 0.98
+    assert profile["max_recall_lo"] >= 0.99  # the curve goes on past the target it was given
+    assert res.target_met is True
+    assert eng.search(xq, 10, target_recall=0.9).target_met is True
+    assert eng.search(xq, 10).target_met is None  # no target asked: no flag
+
+
+def test_a_target_above_the_reachable_maximum_is_flagged_not_met() -> None:
+    n, dim = 8_000, 32
+    xb = clustered(n, dim, clusters=89, spread=1.2, seed=3)
+    eng = Engine(dim, IndexSettings(family="ivf_pq", pq_bytes=2, opq=False))
+    eng.build(xb, np.arange(n))
+    profile = eng.autotune(target_recall=0.999, num_queries=200)
+    assert not profile["met"] and profile["max_recall_lo"] < 0.999
+    best = max(r["recall"] for r in profile["table"])
+    assert profile["chosen"]["recall"] == best
+    res = eng.search(xb[:5], 10, target_recall=0.999)
+    assert res.target_met is False and res.ids.shape == (5, 10)

@@ -1,0 +1,76 @@
+"""The raw store: streamed to an unlinked file and memory-mapped; builds never copy ready input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from engine_support import data
+
+from faissq.config import IndexSettings
+from faissq.errors import InvalidVectors
+from faissq.index.engine import Engine
+from faissq.index.validate import as_vectors
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_build_streams_the_raw_store_to_an_unlinked_mapped_file(tmp_path: Path) -> None:
+    xb = data(3_500, 16)
+    ids = np.random.default_rng(0).permutation(3_500).astype(np.int64) * 5
+    cfg = IndexSettings(family="ivf_flat", raw_dir=str(tmp_path), add_chunk=1_000)
+    eng = Engine(16, cfg)
+    phases: list[tuple[str, int, int]] = []
+    eng.build(xb, ids, progress=lambda p, d, t: phases.append((p, d, t)))
+    p = eng.state.primary
+    assert p is not None and isinstance(p.vectors, np.memmap)
+    assert list(tmp_path.iterdir()) == []  # nothing named on disk: a crash leaves nothing
+    order = np.argsort(ids)
+    assert np.array_equal(p.ids, ids[order])
+    np.testing.assert_allclose(p.vectors, _unit(xb[order]), rtol=1e-6, atol=1e-6)
+    adds = [d for ph, d, _ in phases if ph == "add"]
+    assert adds == [0, 1_000, 2_000, 3_000, 3_500]
+    assert eng.search(xb[:3], 1).ids[:, 0].tolist() == ids[:3].tolist()
+
+
+def test_merge_rewrites_the_mapped_store_in_id_order(tmp_path: Path) -> None:
+    xb = data(2_000, 16)
+    eng = Engine(16, IndexSettings(family="ivf_flat", raw_dir=str(tmp_path)))
+    eng.build(xb, np.arange(2_000) * 2)
+    new = data(10, 16, seed=8)
+    eng.upsert(np.arange(10) * 2 + 1, new)
+    eng.delete([0, 2])
+    eng.merge()
+    p = eng.state.primary
+    assert p is not None and isinstance(p.vectors, np.memmap)
+    assert p.ids.size == 2_008 and bool(np.all(np.diff(p.ids) > 0))
+    row = int(np.searchsorted(p.ids, 5))  # id 5: the third upserted vector
+    np.testing.assert_allclose(p.vectors[row], _unit(new[2:3])[0], rtol=1e-6)
+    row = int(np.searchsorted(p.ids, 8))  # id 8: stored row 4
+    np.testing.assert_allclose(p.vectors[row], _unit(xb[4:5])[0], rtol=1e-6)
+
+
+def test_a_bad_row_in_a_late_chunk_fails_the_build_before_training() -> None:
+    xb = data(2_000, 16)
+    xb[1_700, 3] = np.nan
+    eng = Engine(16, IndexSettings(family="ivf_flat", add_chunk=500))
+    phases: list[str] = []
+    with pytest.raises(InvalidVectors, match="NaN"):
+        eng.build(xb, np.arange(2_000), progress=lambda p, d, t: phases.append(p))
+    assert "store" in phases and "train" not in phases and eng.state.primary is None
+
+
+def test_ready_input_is_used_as_it_is_and_anything_else_copied() -> None:
+    ready = np.ascontiguousarray(_unit(data(100, 8)), dtype=np.float32)
+    assert as_vectors(ready, 8, "cosine", copy=False) is ready
+    assert as_vectors(ready, 8, "cosine") is not ready
+    raw = data(100, 8)
+    out = as_vectors(raw, 8, "cosine", copy=False)
+    assert out is not raw and np.allclose(np.linalg.norm(out, axis=1), 1)
+    assert as_vectors(raw, 8, "l2", copy=False) is raw
+    raw[0, 0] = np.inf
+    with pytest.raises(InvalidVectors):
+        as_vectors(raw, 8, "l2", copy=False)
