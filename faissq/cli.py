@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from faissq import cli_jobs, cli_log, cli_ops
+from faissq import cli_acl, cli_jobs, cli_log, cli_ops
 from faissq.config import Settings
 from faissq.errors import FaissqError
 
@@ -163,6 +163,7 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
         cli_ops.add_snapshot_args,
         cli_ops.run_snapshot,
     ),
+    "acl": ("print the Redis ACL user of a role (least privilege)", *cli_acl.ACL_COMMAND),
     "log": (
         "verify / quarantine / resolve entries of the update log on shared storage",
         cli_log.add_log_args,

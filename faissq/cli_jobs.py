@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from faissq import codec, keys
 from faissq.config import Settings
-from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors
+from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors, permission_denied
 
 if TYPE_CHECKING:
     import redis
@@ -184,12 +184,16 @@ def run_job(
 def warn_if_no_worker(settings: Settings, index: str) -> None:
     """Say on stderr when no worker beats for the index: the job would wait in its queue."""
     import redis
+    from kombu.utils.url import maybe_sanitize_url
 
     client = redis_client(settings)
     try:
         alive = bool(heartbeats(client, index))
+    except redis.exceptions.NoPermissionError as exc:
+        raise permission_denied(str(exc), "producer") from exc
     except (redis.RedisError, OSError) as exc:
-        raise InvalidParameter(f"cannot reach Redis at {settings.redis.url}: {exc}") from exc
+        url = maybe_sanitize_url(settings.redis.url)  # never print the password
+        raise InvalidParameter(f"cannot reach Redis at {url}: {exc}") from exc
     finally:
         client.close()
     if not alive:

@@ -12,7 +12,7 @@ import numpy as np
 from faissq import keys
 from faissq.cli_jobs import as_vectors, heartbeats, load_npy, redis_client, require_redis
 from faissq.config import Settings
-from faissq.errors import FaissqError, NoWorkerAlive
+from faissq.errors import FaissqError, NoWorkerAlive, PermissionDenied
 
 if TYPE_CHECKING:
     import redis
@@ -61,7 +61,9 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({"indexes": report}, indent=2, default=str))
     else:
-        print(f"redis {settings.redis.url}  storage {settings.storage.url}")
+        from kombu.utils.url import maybe_sanitize_url  # the password never reaches a terminal
+
+        print(f"redis {maybe_sanitize_url(settings.redis.url)}  storage {settings.storage.url}")
         for entry in report:
             print_status(entry)
     return 0 if report and all(e["ready"] for e in report) else 1
@@ -138,7 +140,10 @@ def worker_stats(settings: Settings, index: str, timeout_s: float) -> tuple[dict
 
     jobs = JobClient(settings)
     try:
-        result = jobs.stats(index)
+        try:
+            result = jobs.stats(index)
+        except PermissionDenied as exc:  # a read-only (monitor) user: the rest still shows
+            return {}, f"{exc.code}: {exc}"
         try:
             return dict(result.get(timeout=timeout_s)), ""
         except CeleryTimeout:

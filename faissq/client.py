@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 
 from faissq import codec, keys
 from faissq.config import Settings
-from faissq.errors import StorageUnavailable
+from faissq.errors import StorageUnavailable, permission_denied, refused
 from faissq.storage import incoming
 from faissq.worker.app import make_celery_app
 
@@ -61,12 +61,18 @@ class JobClient:
     def send(self, task: str, index: str, **kwargs: Any) -> AsyncResult:
         """Send one job by name to the index's queue (None-valued kwargs are left out)."""
         body = {"index": index, **{k: v for k, v in kwargs.items() if v is not None}}
-        return self.app.send_task(
-            task,
-            kwargs=body,
-            queue=keys.task_queue(index),
-            kwargsrepr=repr(_summary(body)),  # events and Flower show sizes, not raw bytes
-        )
+        try:
+            return self.app.send_task(
+                task,
+                kwargs=body,
+                queue=keys.task_queue(index),
+                kwargsrepr=repr(_summary(body)),  # events and Flower show sizes, not raw bytes
+            )
+        except Exception as exc:  # kombu wraps Redis errors in its own OperationalError
+            message = refused(exc)
+            if message is None:
+                raise
+            raise permission_denied(message, "producer") from exc
 
     def vectors_kwargs(self, vectors: npt.ArrayLike, by_reference: bool | None) -> dict[str, Any]:
         """Inline below the cap (or when asked), else a .npy reference on shared storage."""

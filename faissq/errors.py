@@ -18,7 +18,8 @@
     │   ├── WriterConflict
     │   ├── IndexNotReady
     │   ├── JobTimeLimitExceeded
-    │   └── DeadLettered
+    │   ├── DeadLettered
+    │   └── PermissionDenied
     ├── RetryableError              transient: retry with backoff
     │   └── StorageUnavailable
     └── RpcError                    raised by SearchClient
@@ -145,6 +146,31 @@ class DeadLettered(PermanentError):
     """Raised when a job was delivered more times than allowed (it kept crashing the worker)."""
 
     code = "dead_lettered"
+
+
+class PermissionDenied(PermanentError):
+    """Raised when Redis refuses a command to this client's ACL user; the message names it."""
+
+    code = "permission_denied"
+
+
+def refused(exc: BaseException | None) -> str | None:
+    """The NOPERM message in a Redis error or its causes (kombu wraps them), else None."""
+    seen = 0
+    while exc is not None and seen < 8:  # a cause chain is short; a cycle must not hang us
+        if type(exc).__name__ == "NoPermissionError" or str(exc).startswith("NOPERM"):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def permission_denied(message: str, role: str) -> PermissionDenied:
+    """The typed error for a Redis NOPERM reply, naming what was refused and the role it needs."""
+    return PermissionDenied(
+        f"Redis ACL refused this {role} client: {message} (its user lacks this permission; "
+        f"the {role} role's rules: `faissq acl --role {role}`)"
+    )
 
 
 class RetryableError(FaissqError):

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from faissq import keys
 from faissq.config import Settings
-from faissq.errors import RemoteSearchError, RpcError, SearchTimeout
+from faissq.errors import RemoteSearchError, RpcError, SearchTimeout, permission_denied
 from faissq.rpc import resp
 from faissq.rpc.client import (
     CONNECT_TIMEOUT_S,
@@ -122,6 +122,8 @@ class AsyncSearchClient:
             await conn.send_packed_command(resp.pack(prepared.commands))
             try:
                 await conn.read_response()
+            except redis.exceptions.NoPermissionError as exc:
+                raise permission_denied(str(exc), "searcher") from exc
             except redis.ResponseError as exc:
                 raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
             got = await conn.read_response(timeout=prepared.block_s + READ_GRACE_S)
@@ -143,7 +145,10 @@ class AsyncSearchClient:
     async def alive(self) -> bool:
         """Whether some worker's heartbeat says the index is served."""
         client = aioredis.Redis(connection_pool=self.pool)
-        return bool(await client.exists(keys.alive_key(self.index)))
+        try:
+            return bool(await client.exists(keys.alive_key(self.index)))
+        except redis.exceptions.NoPermissionError as exc:
+            raise permission_denied(str(exc), "searcher") from exc
 
     async def close(self) -> None:
         """Close the pool's connections."""

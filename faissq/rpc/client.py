@@ -36,6 +36,7 @@ from faissq.errors import (
     RpcError,
     SearchTimeout,
     error_for_code,
+    permission_denied,
 )
 from faissq.rpc import protocol, resp
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
@@ -280,7 +281,11 @@ class SearchClient:
             conn.send_packed_command(resp.pack(prepared.commands))
             try:
                 conn.read_response()  # the script's answer: the reply key tells the rest
-            except redis.ResponseError as exc:  # its BRPOP is still pending: dropped below
+            except (
+                redis.exceptions.NoPermissionError
+            ) as exc:  # its BRPOP is still pending: dropped below
+                raise permission_denied(str(exc), "searcher") from exc
+            except redis.ResponseError as exc:
                 raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
             if spin_s and self.coalescer is not None:
                 spin_until_readable(conn, min(spin_s, prepared.block_s), self.coalescer.quiet)
@@ -317,12 +322,19 @@ class SearchClient:
 
     def alive(self) -> bool:
         """Whether some worker's heartbeat says the index is served."""
-        return bool(self._redis.exists(keys.alive_key(self.index)))
+        try:
+            return bool(self._redis.exists(keys.alive_key(self.index)))
+        except redis.exceptions.NoPermissionError as exc:
+            raise permission_denied(str(exc), "searcher") from exc
 
     def workers(self) -> list[dict[str, Any]]:
         """The heartbeat of every worker serving the index (who, limits, engine, counters)."""
-        found = list(self._redis.scan_iter(match=keys.heartbeat_pattern(self.index), count=100))
-        values = self._redis.mget(found) if found else []
+        pattern = keys.heartbeat_pattern(self.index)
+        try:
+            found = list(self._redis.scan_iter(match=pattern, count=100))
+            values = self._redis.mget(found) if found else []
+        except redis.exceptions.NoPermissionError as exc:
+            raise permission_denied(str(exc), "searcher") from exc
         return [json.loads(v) for v in values if v]
 
     def close(self) -> None:

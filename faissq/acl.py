@@ -1,0 +1,216 @@
+"""Redis ACL roles (searcher, producer, worker, monitor) built from `faissq.keys`, so they match.
+
+Each role is the least a party needs on a Redis 7 server: the commands it sends and the keys and
+pub/sub channels it touches. Keys named by `faissq.keys` come from its functions; Celery's and
+kombu's own names (its binding sets, the ``unacked`` hash, result keys, event and control
+channels) are listed here once, with why each is needed. Scripts run with the caller's rights,
+so every command the search submit script calls is granted to the searcher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from faissq import keys
+from faissq.errors import InvalidParameter
+
+ALL = "*"  # the index argument that grants a role on every index
+INDEX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # no glob or ACL syntax inside a key pattern
+
+# kombu's Redis transport (kombu/transport/redis.py), shared by every queue on the server
+# one set per exchange (which queues it routes to), their deadlines and permanent members
+KOMBU_BINDINGS = "_kombu.binding*"
+UNACKED = ("unacked", "unacked_index", "unacked_mutex")  # delivered, not yet acked jobs
+RESULT_KEYS = "celery-task-meta-*"  # the Redis result backend: one key (and channel) per task
+PIDBOX_QUEUES = "*.celery.pidbox"  # a node's control inbox; *.reply.celery.pidbox: the replies
+EVENT_QUEUES = "celeryev.*"  # a consumer's own fanout queue of events (gossip, monitors)
+# kombu's fanout exchanges are pub/sub channels /<db>.<exchange>/<routing key>; it consumes
+# them with PSUBSCRIBE, whose pattern Redis checks literally, so those patterns are exact here
+EVENT_CHANNELS = "/{db}.celeryev/*"  # task and worker events; also Flower's PSUBSCRIBE
+GOSSIP_CHANNELS = "/{db}.celeryev/worker.*"  # a worker's PSUBSCRIBE to other workers' events
+PIDBOX_CHANNEL = "/{db}.celery.pidbox"  # control broadcasts (revoke, ping, shutdown, ...)
+
+# every client may check its connection; redis-py's CLIENT SETINFO handshake is left refused
+# (redis-py ignores its failure, and Redis before 7.2 would reject the rule as unknown)
+CONNECTION = ("+ping", "+echo")
+
+
+class Role(StrEnum):
+    """A party that talks to the faissq Redis, each with its own ACL user."""
+
+    searcher = "searcher"
+    """SearchClient / AsyncSearchClient / `faissq search`: the RPC of given indexes only."""
+    producer = "producer"
+    """JobClient and the job commands of the CLI: enqueue jobs and read their results."""
+    worker = "worker"
+    """The writer (Celery worker + search loops) and search-only replicas."""
+    monitor = "monitor"
+    """`faissq status` and Flower's task list: reads keys, listens to events, changes nothing."""
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The parts of one ACL user: commands, key patterns (~ any, %R~ read-only), channels,
+    and selectors (Redis 7): further command and key sets, each allowed only together."""
+
+    commands: tuple[str, ...]
+    keys: tuple[str, ...]
+    channels: tuple[str, ...] = ()
+    selectors: tuple[tuple[str, ...], ...] = ()
+
+    def rules(self, db: int = 0) -> list[str]:
+        """The ACL rules in order, starting from nothing; db: the Redis database Celery uses."""
+        head = ["resetkeys", "resetchannels", "-@all"]
+        channels = [f"&{c.format(db=db)}" for c in self.channels]
+        selectors = ["(" + " ".join(rules) + ")" for rules in self.selectors]
+        return head + list(self.commands) + list(self.keys) + channels + selectors
+
+
+def check_index(index: str) -> str:
+    """Return the index name, or raise InvalidParameter when it cannot go into a key pattern."""
+    if index != ALL and not INDEX_NAME.fullmatch(index):
+        raise InvalidParameter(f"index {index!r}: use letters, digits, '_', '.', '-' or '*'")
+    return index
+
+
+def searcher(index: str) -> RuleSet:
+    """Submit script on the request list, the alive key, its reply keys, BRPOP; heartbeats read."""
+    index = check_index(index)
+    rpc, replies = keys.rpc_queue(index), f"{keys.reply_prefix(index)}*"
+    return RuleSet(
+        # Redis checks the keys an EVAL declares for read and write, so the script's three
+        # keys are granted here with nothing that writes; the selectors below grant the
+        # writes the script makes, each on its own key
+        commands=(*CONNECTION, "+eval", "+evalsha", "+get", "+exists"),
+        keys=(f"~{rpc}", f"~{keys.alive_key(index)}", f"~{replies}"),
+        selectors=(
+            ("+lpush", "+llen", f"~{rpc}"),  # the request, below the bound
+            ("+lpush", "+expire", "+brpop", f"~{replies}"),  # busy/no worker answers; the wait
+            ("+scan", "+mget", f"%R~{keys.heartbeat_pattern(index)}"),  # workers()
+        ),
+    )
+
+
+def producer(index: str) -> RuleSet:
+    """Celery's send_task onto the index queues and the result backend's reads; nothing else."""
+    index = check_index(index)
+    return RuleSet(
+        commands=(
+            *CONNECTION,
+            "+lpush",
+            "+llen",
+            "+sadd",
+            "+smembers",
+            "+multi",
+            "+exec",
+            "+publish",
+            "+get",
+            "+mget",
+            "+scan",
+            "+subscribe",
+            "+unsubscribe",
+            "+psubscribe",
+            "+punsubscribe",
+        ),
+        keys=(
+            f"~{keys.task_queue(index)}",  # LPUSH, LLEN (queue declare): it can never pop a job
+            f"~{KOMBU_BINDINGS}",  # kombu declares the queue's binding before it publishes
+            f"%R~{RESULT_KEYS}",  # AsyncResult.get
+            f"%R~{keys.heartbeat_pattern(index)}",  # the CLI warns when no worker beats
+        ),
+        channels=(RESULT_KEYS, EVENT_CHANNELS),  # result notifications; the task-sent event
+    )
+
+
+def worker(index: str) -> RuleSet:
+    """The Celery worker, its search loops and replicas: their queues, kombu's and Celery's keys."""
+    index = check_index(index)
+    queue = keys.task_queue(index)
+    return RuleSet(
+        # kombu, Celery and redis-py locks use lists, hashes, sorted sets, sets, strings,
+        # transactions, scripts and pub/sub; nothing that administers the server
+        commands=(
+            *CONNECTION,
+            "+@read",
+            "+@write",
+            "+@list",
+            "+@hash",
+            "+@sortedset",
+            "+@set",
+            "+@string",
+            "+@keyspace",
+            "+@transaction",
+            "+@scripting",
+            "+@pubsub",
+            "+@connection",
+            "-@admin",
+            "-@dangerous",
+            "+info",
+            "+time",
+        ),
+        keys=(
+            f"~{keys.PREFIX}:{index}:*",  # request list, replies, alive, heartbeats, dead letters
+            f"~{queue}",  # its job queue
+            f"~{keys.inflight_list(queue)}",  # the at-least-once fetch
+            f"~{keys.delivery_key('*')}",  # delivery counters (by task id)
+            f"~{KOMBU_BINDINGS}",
+            *(f"~{k}" for k in UNACKED),
+            f"~{RESULT_KEYS}",
+            f"~{PIDBOX_QUEUES}",
+            f"~{EVENT_QUEUES}",
+        ),
+        channels=(RESULT_KEYS, EVENT_CHANNELS, GOSSIP_CHANNELS, PIDBOX_CHANNEL),
+    )
+
+
+def monitor(index: str) -> RuleSet:
+    """Read-only: heartbeats, queue depths, results; listens to events; no control, no jobs."""
+    check_index(index)
+    return RuleSet(
+        commands=(
+            *CONNECTION,
+            "+@read",
+            "-@dangerous",
+            "+subscribe",
+            "+psubscribe",
+            "+unsubscribe",
+            "+punsubscribe",
+        ),
+        keys=("%R~*",),
+        channels=(EVENT_CHANNELS, RESULT_KEYS),
+    )
+
+
+BUILDERS = {
+    Role.searcher: searcher,
+    Role.producer: producer,
+    Role.worker: worker,
+    Role.monitor: monitor,
+}
+
+
+def rules(role: Role | str, index: str = ALL, db: int = 0) -> list[str]:
+    """The ACL rules of a role on one index (or every index with "*") and Redis database."""
+    if not 0 <= db < 1 << 16:
+        raise InvalidParameter(f"db must be a Redis database number, got {db}")
+    return BUILDERS[Role(role)](index).rules(db)
+
+
+def password_hash(password: str) -> str:
+    """The ``#<sha256>`` ACL form of a password, so no clear text is printed or stored."""
+    if not password:
+        raise InvalidParameter("an empty password is not accepted")
+    return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+def setuser(user: str, role: Role | str, index: str, password: str, db: int = 0) -> list[str]:
+    """The ACL SETUSER arguments of one user: reset, enabled, password, the role's rules."""
+    return [user, "reset", "on", password_hash(password), *rules(role, index, db)]
+
+
+def aclfile_line(user: str, role: Role | str, index: str, password: str, db: int = 0) -> str:
+    """One ``user ...`` line of a Redis aclfile."""
+    return "user " + " ".join(setuser(user, role, index, password, db))

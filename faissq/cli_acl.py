@@ -1,0 +1,54 @@
+"""`faissq acl`: print the Redis ACL user of one role, as an ACL SETUSER command or aclfile line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+
+from faissq import acl
+from faissq.config import Settings
+from faissq.errors import InvalidParameter
+
+
+def add_acl_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq acl`."""
+    p.add_argument("--role", required=True, choices=[r.value for r in acl.Role])
+    p.add_argument(
+        "--index",
+        default=acl.ALL,
+        help="index the role is limited to ('*', the default: every index)",
+    )
+    p.add_argument("--user", help="ACL user name (default: faissq-<role>)")
+    p.add_argument(
+        "--password-env",
+        default="FAISSQ_ACL_PASSWORD",
+        metavar="VAR",
+        help="environment variable holding the user's password; only its sha256 is printed "
+        "(default FAISSQ_ACL_PASSWORD)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["setuser", "aclfile"],
+        default="setuser",
+        help="an ACL SETUSER command for redis-cli (default) or a line of a Redis aclfile",
+    )
+
+
+def run_acl(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the user's definition; the password comes from the environment, never argv."""
+    user = args.user or f"faissq-{args.role}"
+    if not acl.INDEX_NAME.fullmatch(user):
+        raise InvalidParameter(f"user {user!r}: use letters, digits, '_', '.', '-'")
+    password = os.environ.get(args.password_env, "")
+    if not password:
+        raise InvalidParameter(f"set the user's password in ${args.password_env}")
+    if args.format == "aclfile":
+        print(acl.aclfile_line(user, args.role, args.index, password))
+    else:
+        words = ["ACL", "SETUSER", *acl.setuser(user, args.role, args.index, password)]
+        print(" ".join(shlex.quote(w) for w in words))
+    return 0
+
+
+ACL_COMMAND = (add_acl_args, run_acl)  # the arguments and runner registered in faissq.cli

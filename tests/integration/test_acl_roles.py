@@ -1,0 +1,250 @@
+"""Least privilege on a real redis-server with ACLs: each role does its whole job and no more.
+
+One server, one user per role created from `faissq acl`'s rules, a real writer started as the
+worker user. Each refusal is asserted on the exact command, and ACL LOG shows that a role's
+clients sent nothing their role refuses while doing their job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from conftest import REPO, WorkerProcess, make_settings
+
+from faissq import acl, keys
+from faissq.client import JobClient
+from faissq.embedded_redis import EmbeddedRedis
+from faissq.errors import PermissionDenied
+from faissq.rpc.aio import AsyncSearchClient
+from faissq.rpc.client import SearchClient
+
+TIMEOUT = 60
+INDEX = f"products{uuid.uuid4().hex[:6]}"
+OTHER = f"other{uuid.uuid4().hex[:6]}"
+DIM = 8
+
+
+class AclServer:
+    """A redis-server whose default user is off; an admin user and one user per role."""
+
+    def __init__(self, server: EmbeddedRedis) -> None:
+        """Create the users on the started server."""
+        self.server = server
+        base = server.url
+        admin = redis.Redis.from_url(base)
+        admin.execute_command("ACL", "SETUSER", "admin", "on", ">admin-pw", "~*", "&*", "+@all")
+        for role in acl.Role:
+            admin.execute_command("ACL", "SETUSER", *acl.setuser(role, role, INDEX, f"{role}-pw"))
+        admin.execute_command("ACL", "SETUSER", "default", "off")
+        admin.close()
+        self.admin = redis.Redis.from_url(self.url("admin"))
+
+    def url(self, user: str) -> str:
+        """The redis:// URL of one user (its password is <user>-pw)."""
+        return self.server.url.replace("redis://", f"redis://{user}:{user}-pw@", 1)
+
+    def client(self, user: str) -> redis.Redis:
+        """A plain redis-py client logged in as one user."""
+        return redis.Redis.from_url(self.url(user))
+
+    def refusals(self, user: str) -> list[tuple[str, str]]:
+        """(reason, object) of every ACL LOG entry of one user."""
+        return [(e["reason"], e["object"]) for e in self.admin.acl_log(count=500)
+                if e["username"] == user]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
+    """A dedicated redis-server with ACL users, for this module only."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("acl-redis"), unix_socket=False,
+                           persistent=False)  # fmt: skip
+    server.start()
+    try:
+        yield AclServer(server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared storage of the module's writer."""
+    return tmp_path_factory.mktemp("acl-storage")
+
+
+@pytest.fixture(scope="module")
+def writer(
+    acl_server: AclServer, storage: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """`faissq worker` logged in as the worker user, with a built index."""
+    w = WorkerProcess(acl_server.url("worker"), storage, [INDEX], tmp_path_factory.mktemp("w"))
+    w.start()
+    jobs = JobClient(make_settings(acl_server.url("producer"), storage, [INDEX]))
+    try:
+        jobs.build(INDEX, vectors(200)).get(timeout=TIMEOUT)
+    finally:
+        jobs.close()
+    yield w
+    w.stop(timeout_s=10)
+    w.app.close()
+    assert acl_server.refusals("worker") == [], w.all_logs()[-3000:]
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
+    """n random float32 vectors of the test dimension."""
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def refused(call: Any, *args: Any) -> str:
+    """Run a raw Redis call that must be refused by ACL; return Redis's message."""
+    with pytest.raises(redis.exceptions.NoPermissionError) as info:
+        call(*args)
+    return str(info.value)
+
+
+def cli(
+    acl_server: AclServer, user: str, storage: Path, *argv: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `faissq ...` logged in as one user."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAISSQ_")}
+    env.update({"FAISSQ_REDIS__URL": acl_server.url(user), "FAISSQ_STORAGE__URL": str(storage),
+                "FAISSQ_METRICS__ENABLED": "false", "PYTHONPATH": str(REPO)})  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "faissq", *argv], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+
+
+# -- searcher --------------------------------------------------------------------------------
+
+
+def test_searcher_searches_and_reads_heartbeats_and_nothing_else(
+    acl_server: AclServer, writer: WorkerProcess
+) -> None:
+    acl_server.admin.acl_log_reset()
+    with SearchClient(acl_server.url("searcher"), INDEX) as client:
+        res = client.search(vectors(3, seed=1), 4, timeout=TIMEOUT)
+        assert res.ids.shape == (3, 4) and (res.ids >= 0).all()
+        assert client.alive()
+        assert [w["worker"] for w in client.workers()]
+
+    async def search_async() -> Any:
+        async with AsyncSearchClient(acl_server.url("searcher"), INDEX) as aclient:
+            return await aclient.search(vectors(2, seed=2), 3, timeout=TIMEOUT)
+
+    assert asyncio.run(search_async()).ids.shape == (2, 3)
+    assert acl_server.refusals("searcher") == []
+
+
+def test_searcher_cannot_touch_another_index_jobs_or_the_server(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path
+) -> None:
+    r = acl_server.client("searcher")
+    other_reply = keys.reply_key(OTHER, "x" * 32)
+    acl_server.admin.lpush(other_reply, b"secret")
+    assert "keys" in refused(r.brpop, [other_reply], 1)
+    assert "keys" in refused(r.get, other_reply)
+    assert "keys" in refused(r.lpush, keys.task_queue(INDEX), b"{}")  # a Celery queue
+    assert "keys" in refused(r.lpush, keys.rpc_queue(OTHER), b"{}")
+    assert "'rpop'" in refused(r.rpop, keys.rpc_queue(INDEX))  # only workers take requests
+    refused(r.expire, keys.alive_key(INDEX), 1)  # cannot make the index look dead
+    assert "'flushall'" in refused(r.flushall)
+    assert "'keys'" in refused(r.keys, "*")
+    assert "'config|get'" in refused(r.config_get, "*")
+    assert acl_server.admin.lrange(other_reply, 0, -1) == [b"secret"]
+    # through faissq's own clients, a refusal is a typed error naming what was refused
+    with (
+        SearchClient(acl_server.url("searcher"), OTHER) as other,
+        pytest.raises(PermissionDenied, match=r"searcher client: .*no permissions"),
+    ):
+        other.search(vectors(1), 1, timeout=5)
+    jobs = JobClient(make_settings(acl_server.url("searcher"), storage, [INDEX]))
+    try:
+        with pytest.raises(PermissionDenied, match="producer"):
+            jobs.build(INDEX, vectors(10))
+    finally:
+        jobs.close()
+    assert acl_server.admin.llen(keys.task_queue(INDEX)) == 0  # nothing was enqueued
+    r.close()
+
+
+def test_cli_search_works_and_a_refused_job_is_one_line(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path
+) -> None:
+    ok = cli(acl_server, "searcher", storage, "search", "--index", INDEX, "--random", "-k", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert f"index {INDEX} version" in ok.stdout
+    denied = cli(acl_server, "searcher", storage, "save", "--index", INDEX)
+    assert denied.returncode == 1
+    assert "faissq: permission_denied:" in denied.stderr
+    assert "Traceback" not in denied.stderr
+
+
+# -- producer --------------------------------------------------------------------------------
+
+
+def test_producer_runs_jobs_and_reads_their_results(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path
+) -> None:
+    acl_server.admin.acl_log_reset()
+    jobs = JobClient(make_settings(acl_server.url("producer"), storage, [INDEX]))
+    try:
+        ids = np.arange(1000, 1010, dtype=np.int64)
+        jobs.upsert(INDEX, ids, vectors(10, seed=3)).get(timeout=TIMEOUT)
+        stats = jobs.stats(INDEX).get(timeout=TIMEOUT)
+        assert stats["ntotal"] == 210
+        jobs.delete(INDEX, ids[:5]).get(timeout=TIMEOUT)
+    finally:
+        jobs.close()
+    assert acl_server.refusals("producer") == []
+
+
+def test_producer_cannot_search_take_jobs_or_clear_dead_letters(
+    acl_server: AclServer, writer: WorkerProcess
+) -> None:
+    r = acl_server.client("producer")
+    acl_server.admin.lpush(keys.dead_letter_list(INDEX), b'{"task": "x"}')
+    assert "keys" in refused(r.lpush, keys.rpc_queue(INDEX), b"{}")
+    assert "'del'" in refused(r.delete, keys.dead_letter_list(INDEX))
+    assert "rpop" in refused(r.rpop, keys.task_queue(INDEX))  # only the writer takes jobs
+    assert "keys" in refused(r.lpush, keys.task_queue(OTHER), b"{}")
+    assert "flushall" in refused(r.flushall)
+    assert acl_server.admin.llen(keys.dead_letter_list(INDEX)) == 1
+    with (
+        SearchClient(acl_server.url("producer"), INDEX) as client,
+        pytest.raises(PermissionDenied, match="'eval' command"),
+    ):
+        client.search(vectors(1), 1, timeout=5)
+    acl_server.admin.delete(keys.dead_letter_list(INDEX))
+    r.close()
+
+
+# -- monitor ---------------------------------------------------------------------------------
+
+
+def test_monitor_reads_status_and_changes_nothing(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path
+) -> None:
+    out = cli(acl_server, "monitor", storage, "status", "--index", INDEX, "--json")
+    assert out.returncode == 0, out.stderr
+    assert f'"index": "{INDEX}"' in out.stdout and '"alive": true' in out.stdout
+    assert "permission_denied" in out.stdout  # the stats job is a producer's; it is named
+    text = cli(acl_server, "monitor", storage, "status", "--index", INDEX)
+    assert text.returncode == 0 and f"index {INDEX}" in text.stdout, text.stderr
+    assert "monitor-pw" not in text.stdout + text.stderr
+    r = acl_server.client("monitor")
+    assert r.llen(keys.task_queue(INDEX)) == 0
+    assert "lpush" in refused(r.lpush, keys.task_queue(INDEX), b"{}")
+    assert "del" in refused(r.delete, keys.dead_letter_list(INDEX))
+    assert "set" in refused(r.set, keys.alive_key(INDEX), 1)
+    assert "publish" in refused(r.publish, "/0.celery.pidbox", b"{}")  # no control commands
+    assert "flushall" in refused(r.flushall)
+    assert "keys" in refused(r.keys, "*")
+    r.close()
