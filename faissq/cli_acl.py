@@ -19,6 +19,9 @@ def add_acl_args(p: argparse.ArgumentParser) -> None:
         default=acl.ALL,
         help="index the role is limited to ('*', the default: every index)",
     )
+    p.add_argument(
+        "--db", type=int, default=0, help="Redis database of FAISSQ_REDIS__URL (default 0)"
+    )
     p.add_argument("--user", help="ACL user name (default: faissq-<role>)")
     p.add_argument(
         "--password-env",
@@ -44,9 +47,9 @@ def run_acl(args: argparse.Namespace, settings: Settings) -> int:
     if not password:
         raise InvalidParameter(f"set the user's password in ${args.password_env}")
     if args.format == "aclfile":
-        print(acl.aclfile_line(user, args.role, args.index, password))
+        print(acl.aclfile_line(user, args.role, args.index, password, args.db))
     else:
-        words = ["ACL", "SETUSER", *acl.setuser(user, args.role, args.index, password)]
+        words = ["ACL", "SETUSER", *acl.setuser(user, args.role, args.index, password, args.db)]
         print(" ".join(shlex.quote(w) for w in words))
     return 0
 

@@ -145,3 +145,15 @@ def test_dockerfile_installs_exactly_what_pyproject_declares() -> None:
             assert match, f"the Dockerfile installs {target!r}, not the project"
             assert set(filter(None, (match.group(1) or "").split(","))) <= set(extras)
     assert "ARG VARIANT" in text and "COPY pyproject.toml" in text
+
+
+def test_every_party_logs_in_as_its_role_with_a_password_from_the_environment() -> None:
+    services = compose()["services"]
+    assert "/acl/users.acl" in services["redis"]["command"]
+    script = services["redis-acl"]["command"][-1]
+    assert 'echo "user default off"' in script and "faissq acl --role" in script
+    for name, user in (("worker", "worker"), ("worker-replica", "worker"), ("flower", "flower")):
+        url = services[name]["environment"]["FAISSQ_REDIS__URL"]
+        assert url.startswith(f"redis://faissq-{user}:${{FAISSQ_{user.upper()}_REDIS_PASSWORD"), url
+    # a URL with a literal password (anything but a ${...} reference) must never be committed
+    assert not re.search(r"redis://[\w-]*:(?!\$\{)[^@\s]+@", COMPOSE.read_text())
