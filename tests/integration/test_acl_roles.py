@@ -169,6 +169,13 @@ def test_searcher_cannot_touch_another_index_jobs_or_the_server(
         pytest.raises(PermissionDenied, match=r"searcher client: .*no permissions"),
     ):
         other.search(vectors(1), 1, timeout=5)
+
+    async def search_other() -> None:
+        async with AsyncSearchClient(acl_server.url("searcher"), OTHER) as aclient:
+            await aclient.search(vectors(1), 1, timeout=5)
+
+    with pytest.raises(PermissionDenied, match=r"searcher client: .*no permissions"):
+        asyncio.run(search_other())
     jobs = JobClient(make_settings(acl_server.url("searcher"), storage, [INDEX]))
     try:
         with pytest.raises(PermissionDenied, match="producer"):
