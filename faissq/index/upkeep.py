@@ -12,6 +12,7 @@ from faissq.index.policy import choose_plan
 
 if TYPE_CHECKING:
     from faissq.index.engine import Engine
+    from faissq.index.state import Primary
 
 
 def maintenance(eng: Engine) -> dict[str, Any]:
@@ -68,4 +69,22 @@ def stats(eng: Engine) -> dict[str, Any]:
         "delta_bytes": st.delta.nbytes,
         "tuning": None if tuning is None else tuning.get("chosen"),
         **maintenance(eng),
+    }
+
+
+def report(eng: Engine, op: str, seconds: float, primary: Primary) -> dict[str, Any]:
+    """The small dict a build, merge or rebuild returns."""
+    plan = primary.plan
+    return {
+        "op": op,
+        "family": plan.family,
+        "factory": plan.factory,
+        "reason": plan.reason,
+        "ntotal": eng.ntotal,
+        "estimate_bytes": plan.estimate_bytes,
+        "raw_bytes": plan.raw_bytes,
+        "calibration": plan.calibration,
+        "seconds": round(seconds, 4),
+        "version": eng.version,
+        "device": primary.gpu_reason,
     }
