@@ -114,8 +114,11 @@ class WriterLifecycle(bootsteps.StartStopStep):  # type: ignore[misc]  # celery 
                 ) from exc
             return True
 
-        cfg = self.settings.worker
-        return wait_out_storage(take, cfg, f"locking index {index}", shutting_down) is not None
+        def note(reason: str) -> None:
+            ctx.runtime.slot(index).reason = reason  # /readyz shows why it is still loading
+
+        cfg, what = self.settings.worker, f"locking index {index}"
+        return wait_out_storage(take, cfg, what, shutting_down, note) is not None
 
     def on_shutdown(self, sender: Any = None, **_: Any) -> None:
         """Stop the search loops, then release the writer locks; keep the exit status."""
