@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq import codec, keys
-from faissq.config import Settings
+from faissq.config import Settings, masked_url
 from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors
 
 if TYPE_CHECKING:
@@ -189,7 +189,8 @@ def warn_if_no_worker(settings: Settings, index: str) -> None:
     try:
         alive = bool(heartbeats(client, index))
     except (redis.RedisError, OSError) as exc:
-        raise InvalidParameter(f"cannot reach Redis at {settings.redis.url}: {exc}") from exc
+        url = masked_url(settings.redis.url)
+        raise InvalidParameter(f"cannot reach Redis at {url}: {exc}") from exc
     finally:
         client.close()
     if not alive:

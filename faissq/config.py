@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Metric = Literal["cosine", "l2"]
+
+
+def masked_url(url: str | None) -> str:
+    """The URL with its password (and a user's name with it) replaced by ``***``, for messages.
+
+    Every URL faissq prints or logs goes through here: a Redis or storage URL can carry a
+    password, and error messages end up in terminals, CI logs and log aggregators.
+    """
+    if not url:
+        return str(url)
+    try:
+        parts = urlsplit(url)
+        secret = parts.password
+    except ValueError:  # an unparsable URL: show its scheme only
+        return url.split(":", 1)[0] + "://***" if "://" in url else "***"
+    if secret is None and "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" if secret is not None else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class RedisSettings(BaseModel):
