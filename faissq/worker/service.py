@@ -20,6 +20,7 @@ from faissq.storage.store import DurableStore
 from faissq.tasks.jobs import register_tasks
 from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.context import WorkerContext, attach_context, context_of
+from faissq.worker.maintenance import Maintenance
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.store import IndexStore
 from faissq.worker.telemetry import start_telemetry
@@ -40,15 +41,19 @@ def make_worker_app(settings: Settings) -> Celery:
     use_inflight_fetch(app, redis_url(settings))
     register_tasks(app, settings)
     rpc = RpcService(settings)  # search loops, one per index, from the moment indexes are loaded
+    maintenance = Maintenance(app, settings)  # queues merges and saves when due, once loaded
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
-        start_runtime(app, settings).runtime.on_ready(rpc.start)
+        runtime = start_runtime(app, settings).runtime
+        runtime.on_ready(rpc.start)
+        runtime.on_ready(maintenance.start)
 
     def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
+        maintenance.stop()
         rpc.stop()
         ctx = context_of(app)
         if ctx is not None:
