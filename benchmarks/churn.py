@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--batch", type=int, default=500, help="ids per upsert or delete")
     ap.add_argument("--delete-every", type=int, default=4, help="one batch in this many deletes")
-    ap.add_argument("--merge-delta-max", type=int, default=50_000, help="merge past this delta")
+    ap.add_argument("--merge-delta-max", type=int, default=IndexSettings().merge_delta_max,
+                    help="merge past this delta (default: the setting's)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=60.0, help="churn duration")
     ap.add_argument("--family", default="ivf_flat")
     args = ap.parse_args()

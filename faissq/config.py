@@ -76,7 +76,9 @@ class IndexSettings(BaseModel):
     )
     target_recall: float = Field(default=0.95, gt=0, le=1, description="Autotune target.")
     merge_delta_max: int = Field(
-        default=50_000, ge=1, description="Delta size that makes a merge due."
+        default=5_000,
+        ge=1,
+        description="Delta size that makes a merge due (the worker then merges on its own).",
     )
     imbalance_rebuild: float = Field(
         default=3.0, gt=1, description="IVF imbalance factor above which a rebuild is due."
