@@ -233,7 +233,7 @@ class Maintenance:
         out: dict[str, Any] = {"index": index, "merged": None, "saved": None}
         try:
             eng = runtime.engine(index)
-            backlog = LogBacklog(runtime.store) if self._backlog is None else self._backlog
+            backlog = LogBacklog(runtime.store)  # not the checking thread's: no shared cache
             todo = due(eng.stats(), backlog.measure(index, runtime.slot(index).seq), self.settings)
             if "merge" in todo:
                 out["merged"] = runtime.merge(index, progress)
