@@ -403,6 +403,7 @@ class Engine:
             "gpu_failures": p.gpu.failures if p is not None and p.gpu is not None else 0,
             "raw_bytes": raw_store_bytes(int(p.ids.size), self.dim) if p is not None else 0,
             "delta_bytes": st.delta.nbytes,
+            "delta_dead": st.delta.dead,
             "tuning": None if self._tuning is None else self._tuning.get("chosen"),
             **self.maintenance(),
         }

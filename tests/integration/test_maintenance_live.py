@@ -163,3 +163,27 @@ def test_maintenance_off_leaves_the_delta_alone(
     stats = jobs.stats(index_name).get(timeout=TIMEOUT)
     assert stats["maintenance"] == {**stats["maintenance"], "merges": 0, "enqueued": 0}
     assert stats["engine"]["delta"] == 0
+
+
+def test_upsert_churn_in_a_worker_keeps_dead_delta_rows_bounded(
+    worker_factory: Any, index_name: str, job_settings: Settings
+) -> None:
+    """Replacing the same ids again and again: the delta holds them once, plus at most a
+    quarter of its rows dead (replaced rows are marked, then compacted), never every copy."""
+    env = {"FAISSQ_MAINTENANCE__ENABLED": "false", "FAISSQ_INDEX__MERGE_DELTA_MAX": "100000"}
+    worker_factory([index_name], env=env).start()
+    jobs = JobClient(job_settings)
+    jobs.build(index_name, vecs(300), np.arange(300), family="flat").get(timeout=TIMEOUT)
+    ids = np.arange(1000, 1400)
+    results = [jobs.upsert(index_name, ids, vecs(400, seed=s)) for s in range(25)]
+    results.append(jobs.delete(index_name, ids[:100]))
+    for r in results:
+        r.get(timeout=TIMEOUT)
+    eng = jobs.stats(index_name).get(timeout=TIMEOUT)["engine"]
+    assert eng["delta"] == 300 and eng["ntotal"] == 600
+    rows = eng["delta"] + eng["delta_dead"]
+    assert eng["delta_dead"] <= 0.25 * rows
+    assert eng["delta_bytes"] == rows * (8 + 4 * DIM)
+    with SearchClient(job_settings, index=index_name) as search:
+        got = search.search(vecs(400, seed=24)[100:105], k=1)
+    np.testing.assert_array_equal(np.asarray(got.ids)[:, 0], ids[100:105])
