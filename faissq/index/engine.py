@@ -201,7 +201,7 @@ class Engine:
             id_arr = as_ids(ids, vecs.shape[0])
             tomb = _tombstone(st, id_arr)
             delta = st.delta.without(id_arr).appended(id_arr, vecs)
-            self._state = State.make(self.dim, st.primary, delta, tomb, new_version)
+            self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st)
             return int(id_arr.size)
 
     def delete(self, ids: Any, *, version: int | None = None) -> int:
@@ -215,7 +215,7 @@ class Engine:
             delta = st.delta.without(id_arr)
             changed = live or tomb is not st.tombstones or delta is not st.delta
             if changed or new_version != st.version:
-                self._state = State.make(self.dim, st.primary, delta, tomb, new_version)
+                self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st)
             return live
 
     def merge(self, progress: Progress | None = None) -> dict[str, Any]:

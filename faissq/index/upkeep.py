@@ -67,6 +67,7 @@ def stats(eng: Engine) -> dict[str, Any]:
         "gpu_failures": p.gpu.failures if p is not None and p.gpu is not None else 0,
         "raw_bytes": raw_store_bytes(int(p.ids.size), eng.dim) if p is not None else 0,
         "delta_bytes": st.delta.nbytes,
+        "delta_dead": st.delta.dead,
         "tuning": None if tuning is None else tuning.get("chosen"),
         **maintenance(eng),
     }

@@ -20,6 +20,7 @@ TASK_NAMES = (
     "faissq.save",
     "faissq.reload",
     "faissq.autotune",
+    "faissq.maintain",
     "faissq.stats",
 )
 

@@ -27,6 +27,7 @@ from faissq.tasks.jobs import register_tasks
 from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.context import WorkerContext, attach_context
+from faissq.worker.maintenance import Maintenance
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.store import IndexStore
 from faissq.worker.telemetry import start_telemetry
@@ -46,7 +47,12 @@ def make_worker_app(settings: Settings) -> Celery:
     app = make_celery_app(settings)
     use_inflight_fetch(app, redis_url(settings))
     register_tasks(app, settings)
-    app.steps["worker"].add(type("FaissqWriter", (WriterLifecycle,), {"settings": settings}))
+    # queues merges and saves when due; built before loading (its heap settings apply to it)
+    maintenance = Maintenance(app, settings)
+    step = type(
+        "FaissqWriter", (WriterLifecycle,), {"settings": settings, "maintenance": maintenance}
+    )
+    app.steps["worker"].add(step)
     return app
 
 
@@ -72,6 +78,7 @@ class WriterLifecycle(bootsteps.StartStopStep):  # type: ignore[misc]  # celery 
     """
 
     settings: Settings  # set by make_worker_app on a subclass per app
+    maintenance: Maintenance  # likewise
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         """Nothing starts here: Celery builds its steps before it starts any."""
@@ -99,6 +106,7 @@ class WriterLifecycle(bootsteps.StartStopStep):  # type: ignore[misc]  # celery 
                             index, n)  # fmt: skip
         self.rpc = RpcService(self.settings)  # 4. serve: one search loop per index
         self.rpc.start(ctx.runtime)
+        self.maintenance.start(ctx.runtime)  # 5. maintain: merges and saves when due
 
     def lock(self, ctx: WorkerContext, index: str) -> bool:
         """Take the index's writer lock, waiting out storage; False when asked to stop first."""
@@ -126,6 +134,7 @@ class WriterLifecycle(bootsteps.StartStopStep):  # type: ignore[misc]  # celery 
             return
         signals.worker_shutdown.disconnect(self.on_shutdown)
         _EXIT_CODES[sender.app] = int(getattr(sender, "exitcode", 0) or 0)
+        self.maintenance.stop()
         if self.rpc is not None:
             self.rpc.stop()
         if self.ctx is not None:
