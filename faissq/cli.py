@@ -83,7 +83,7 @@ def worker_argv(indexes: Sequence[str], hostname: str, loglevel: str, mingle: bo
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Start an index worker (and an embedded Redis when no URL is configured)."""
-    from faissq.worker.service import make_worker_app
+    from faissq.worker.service import exit_code, make_worker_app
 
     if args.index:
         settings = settings.model_copy(
@@ -100,7 +100,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     with redis_for(settings) as settings:
         app = make_worker_app(settings)
         app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle))
-    return 0
+    return exit_code(app)
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:

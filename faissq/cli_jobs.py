@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq import codec, keys
-from faissq.config import Settings
+from faissq.config import Settings, masked_url
 from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors, permission_denied
 
 if TYPE_CHECKING:
@@ -184,7 +184,6 @@ def run_job(
 def warn_if_no_worker(settings: Settings, index: str) -> None:
     """Say on stderr when no worker beats for the index: the job would wait in its queue."""
     import redis
-    from kombu.utils.url import maybe_sanitize_url
 
     client = redis_client(settings)
     try:
@@ -192,7 +191,7 @@ def warn_if_no_worker(settings: Settings, index: str) -> None:
     except redis.exceptions.NoPermissionError as exc:
         raise permission_denied(str(exc), "producer") from exc
     except (redis.RedisError, OSError) as exc:
-        url = maybe_sanitize_url(settings.redis.url)  # never print the password
+        url = masked_url(settings.redis.url)
         raise InvalidParameter(f"cannot reach Redis at {url}: {exc}") from exc
     finally:
         client.close()

@@ -11,7 +11,7 @@ import numpy as np
 
 from faissq import keys
 from faissq.cli_jobs import as_vectors, heartbeats, load_npy, redis_client, require_redis
-from faissq.config import Settings
+from faissq.config import Settings, masked_url
 from faissq.errors import FaissqError, NoWorkerAlive, PermissionDenied
 
 if TYPE_CHECKING:
@@ -55,15 +55,13 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
         indexes = args.index or discover_indexes(client, settings)
         report = [index_status(client, settings, i, args.stats_timeout) for i in indexes]
     except (redis.RedisError, OSError) as exc:
-        raise FaissqError(f"cannot reach Redis at {settings.redis.url}: {exc}") from exc
+        raise FaissqError(f"cannot reach Redis at {masked_url(settings.redis.url)}: {exc}") from exc
     finally:
         client.close()
     if args.json:
         print(json.dumps({"indexes": report}, indent=2, default=str))
     else:
-        from kombu.utils.url import maybe_sanitize_url  # the password never reaches a terminal
-
-        print(f"redis {maybe_sanitize_url(settings.redis.url)}  storage {settings.storage.url}")
+        print(f"redis {masked_url(settings.redis.url)}  storage {masked_url(settings.storage.url)}")
         for entry in report:
             print_status(entry)
     return 0 if report and all(e["ready"] for e in report) else 1
@@ -304,14 +302,14 @@ def run_snapshot(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{r['version']:<10} {r['seq']:>8} {r['ntotal']:>10} {r['bytes']:>12}  "
                   f"{r['created_at']}{mark}")  # fmt: skip
         if not rows:
-            print(f"(no snapshot of {args.index!r} under {settings.storage.url})")
+            print(f"(no snapshot of {args.index!r} under {masked_url(settings.storage.url)})")
         return 0
     if args.action == "verify":
         report = admin.verify(settings, args.index, args.version)
         for version, verdict in report.items():
             print(f"{version:<10} {verdict}")
         if not report:
-            print(f"(no snapshot of {args.index!r} under {settings.storage.url})")
+            print(f"(no snapshot of {args.index!r} under {masked_url(settings.storage.url)})")
         return 0 if all(v == "ok" for v in report.values()) else 1
     done = admin.restore(settings, args.index, args.version)
     print(f"{args.index}: CURRENT {done['previous']} -> {done['current']} (seq {done['seq']})")

@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Metric = Literal["cosine", "l2"]
+
+
+def masked_url(url: str | None) -> str:
+    """The URL with its password (and a user's name with it) replaced by ``***``, for messages.
+
+    Every URL faissq prints or logs goes through here: a Redis or storage URL can carry a
+    password, and error messages end up in terminals, CI logs and log aggregators.
+    """
+    if not url:
+        return str(url)
+    try:
+        parts = urlsplit(url)
+        secret = parts.password
+    except ValueError:  # an unparsable URL: show its scheme only
+        return url.split(":", 1)[0] + "://***" if "://" in url else "***"
+    if secret is None and "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" if secret is not None else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class RedisSettings(BaseModel):
@@ -103,7 +125,9 @@ class IndexSettings(BaseModel):
     )
     target_recall: float = Field(default=0.95, gt=0, le=1, description="Autotune target.")
     merge_delta_max: int = Field(
-        default=50_000, ge=1, description="Delta size that makes a merge due."
+        default=5_000,
+        ge=1,
+        description="Delta size that makes a merge due (the worker then merges on its own).",
     )
     imbalance_rebuild: float = Field(
         default=3.0, gt=1, description="IVF imbalance factor above which a rebuild is due."
@@ -218,6 +242,38 @@ class WorkerSettings(BaseModel):
     )
 
 
+class MaintenanceSettings(BaseModel):
+    """Background merges and saves of an index writer, queued as jobs on the index's queue."""
+
+    enabled: bool = Field(
+        default=True, description="Queue a faissq.maintain job when a merge or a save is due."
+    )
+    interval_s: float = Field(
+        default=1.0, gt=0, description="How often the writer checks whether something is due."
+    )
+    save_log_bytes: int = Field(
+        default=256 << 20,
+        ge=0,
+        description="Save when the log a restart would replay passes this size (0: never).",
+    )
+    save_log_age_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="Save when the oldest entry a restart would replay is this old (0: never).",
+    )
+    pending_ttl_s: float = Field(
+        default=3600.0, gt=0, description="A queued maintain job unfinished this long is re-sent."
+    )
+    retry_after_s: float = Field(
+        default=60.0, ge=0, description="Wait after a failed maintain job before queueing again."
+    )
+    mmap_threshold_bytes: int = Field(
+        default=128 << 10,
+        ge=0,
+        description="glibc: blocks this large are mmapped, so freeing returns them (0: adaptive).",
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration, read from FAISSQ_* variables (e.g. FAISSQ_INDEX__METRIC=l2)."""
 
@@ -232,3 +288,4 @@ class Settings(BaseSettings):
     rpc: RpcSettings = Field(default_factory=RpcSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)

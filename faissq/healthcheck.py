@@ -1,49 +1,58 @@
-"""Container healthcheck: exit 0 when this host's worker heartbeats for every served index.
+"""Container healthcheck: exit 0 when this container's worker has loaded every served index.
 
-`python -m faissq.healthcheck` is what docker-compose runs inside the worker container. The RPC
-loop of each served index refreshes `faissq:<index>:hb:<host>:<pid>:<id>` every
-rpc.heartbeat_ttl_s / 3 once the index is loaded, so a key for this host means the process is up,
-its indexes are loaded and its search loops turn. It reads the same FAISSQ_* settings as the
-worker; nothing else.
+`python -m faissq.healthcheck` is what docker-compose runs inside a worker container. It asks
+the worker's own readiness endpoint (`/readyz` on the metrics port, on this host), so a worker
+whose indexes are still loading, or failed to load, is unhealthy even while its process runs.
+An index that is loaded but has nothing built yet (`empty`) counts as healthy: a new
+deployment waits for its first build, not for an operator. It reads the same FAISSQ_* settings
+as the worker and touches nothing but that endpoint (no Redis).
 """
 
 from __future__ import annotations
 
-import socket
+import json
 import sys
+import urllib.error
+import urllib.request
 
-import redis
-
-from faissq import keys
 from faissq.config import Settings
 
-
-def missing_heartbeats(client: redis.Redis, indexes: list[str], host: str) -> list[str]:
-    """The served indexes with no live heartbeat key from a worker on `host`."""
-    missing = []
-    for index in indexes:
-        pattern = keys.heartbeat_key(index, f"{host}:*")  # worker ids are host:pid:random
-        if next(iter(client.scan_iter(match=pattern, count=1000)), None) is None:
-            missing.append(index)
-    return missing
+LOADED = frozenset({"empty", "ready", "rebuilding", "degraded"})  # states of a loaded index
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
-def check(settings: Settings, host: str | None = None) -> tuple[bool, str]:
-    """Whether this host's worker is healthy, and a one-line reason."""
-    if not settings.redis.url:
-        return False, "FAISSQ_REDIS__URL is unset: the healthcheck needs the worker's Redis"
-    host = host or socket.gethostname()
-    timeout = settings.redis.socket_timeout_s
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=timeout)
+def readyz_url(settings: Settings) -> str:
+    """The worker's /readyz on this host, as its metrics settings place it."""
+    host = settings.metrics.host
+    host = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.metrics.port}/readyz"
+
+
+def check(settings: Settings) -> tuple[bool, str]:
+    """Whether this host's worker has loaded every served index, and a one-line reason."""
+    if not settings.metrics.enabled or settings.metrics.port == 0:
+        return False, (
+            "readiness is served on the metrics port: set FAISSQ_METRICS__ENABLED=true and a "
+            "fixed FAISSQ_METRICS__PORT for the healthcheck"
+        )
+    url = readyz_url(settings)
     try:
-        missing = missing_heartbeats(client, settings.worker.indexes, host)
-    except (redis.RedisError, OSError) as exc:
-        return False, f"redis unreachable: {exc}"
-    finally:
-        client.close()
-    if missing:
-        return False, f"no heartbeat from {host} for: {', '.join(missing)}"
-    return True, f"{host} serves {', '.join(settings.worker.indexes)}"
+        with urllib.request.urlopen(url, timeout=settings.redis.socket_timeout_s) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as err:  # 503 while not every index serves searches
+        body = err.read()
+    except (urllib.error.URLError, OSError) as exc:
+        return False, f"no answer from {url}: {exc}"
+    try:
+        indexes = json.loads(body)["indexes"]
+        states = {name: str(indexes[name]["state"]) for name in settings.worker.indexes}
+    except (ValueError, KeyError, TypeError) as exc:
+        return False, f"{url} answered without the served indexes' states ({exc!r})"
+    waiting = [f"{name} {state}" for name, state in states.items() if state not in LOADED]
+    if waiting:
+        return False, "not loaded: " + ", ".join(waiting)
+    return True, "loaded: " + ", ".join(f"{name} {state}" for name, state in states.items())
 
 
 def main() -> int:

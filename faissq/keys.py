@@ -53,3 +53,8 @@ def inflight_list(queue: str) -> str:
 def dead_letter_list(index: str) -> str:
     """Redis list of jobs that crashed the worker too often (JSON records)."""
     return f"{PREFIX}:{index}:dead"
+
+
+def maintain_pending(index: str) -> str:
+    """Key holding the id of the queued faissq.maintain job of an index (one pending at most)."""
+    return f"{PREFIX}:{index}:maintain"

@@ -100,6 +100,9 @@ class Metrics:
     jobs_total: Counter
     job_duration_seconds: Histogram
     storage_retries_total: Counter
+    # background maintenance (faissq.worker.maintenance)
+    maintenance_total: Counter
+    log_unsaved_bytes: Gauge
 
 
 def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -226,6 +229,15 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "faissq_storage_retries_total",
             "In-place retries of jobs while storage was unavailable (the index's queue waited).",
             ("index", "task"),
+        ),
+        maintenance_total=counter(
+            "faissq_maintenance_total",
+            "Merges and saves run by the background maintenance, by action (merge, save).",
+            ("index", "action"),
+        ),
+        log_unsaved_bytes=gauge(
+            "faissq_log_unsaved_bytes",
+            "Bytes of update-log entries newer than the CURRENT snapshot (replayed on restart).",
         ),
     )
 

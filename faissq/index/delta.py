@@ -1,6 +1,18 @@
-"""The delta: recent upserts held as immutable numpy views, searched exactly by brute force."""
+"""The delta: recent upserts held as immutable views over shared row buffers, searched exactly.
+
+Rows are only ever appended to a buffer. A delete or a replacing upsert marks the old row dead in
+the new Delta (a sorted array of row numbers) instead of copying the live rows, so it costs
+O(batch + dead) and no vector is moved; once dead rows pass DEAD_FRACTION of the rows, the live
+ones are compacted into a fresh buffer (each copied row paid for by at least a third of a delete).
+Buffers are anonymous memory maps: pages are resident only once written, and a buffer no state
+uses any more goes back to the kernel at once, where glibc would keep a freed heap block
+(benchmarks/churn.py).
+"""
 
 from __future__ import annotations
+
+import mmap
+from typing import Any
 
 import faiss
 import numpy as np
@@ -8,81 +20,154 @@ import numpy.typing as npt
 
 from faissq.index.validate import F32, I64
 
+DEAD_FRACTION = 0.25  # compact when more than this share of a delta's rows are dead
+MIN_CAPACITY = 1024  # rows of the smallest buffer
+_NO_ROWS: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)
+_NO_IDS: I64 = np.empty(0, dtype=np.int64)
+
+
+def _mapped(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A zero-filled array in its own private anonymous mapping (unmapped when unreferenced)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mm, dtype=dtype).reshape(shape)  # the array keeps `mm` alive
+
 
 class _Buffer:
     """Growable row storage shared by successive Deltas; rows past `used` are invisible to all."""
 
     def __init__(self, dim: int, capacity: int) -> None:
-        self.ids: I64 = np.empty(capacity, dtype=np.int64)
-        self.vectors: F32 = np.empty((capacity, dim), dtype=np.float32)
+        self.ids: I64 = _mapped((capacity,), np.int64)
+        self.vectors: F32 = _mapped((capacity, dim), np.float32)
         self.used = 0
 
 
 class Delta:
     """An immutable set of (id, vector) rows; every change returns a new Delta."""
 
-    __slots__ = ("_buf", "_order", "dim", "ids", "vectors")
+    __slots__ = ("_buf", "_dead", "_keys", "_live", "_n", "_rows", "dim")
 
-    def __init__(self, dim: int, buf: _Buffer | None = None, n: int = 0) -> None:
+    def __init__(self, dim: int) -> None:
+        """An empty delta of dimension `dim`."""
         self.dim = dim
-        self._buf = buf if buf is not None else _Buffer(dim, 0)
-        self.ids: I64 = self._buf.ids[:n]
-        self.vectors: F32 = self._buf.vectors[:n]
-        # sorted view of ids for vectorised membership and row lookup
-        self._order: npt.NDArray[np.intp] = np.argsort(self.ids, kind="stable")
+        self._buf = _Buffer(dim, 0)
+        self._n = 0  # rows visible to this delta, dead ones included
+        self._dead: npt.NDArray[np.intp] = _NO_ROWS  # sorted rows deleted or replaced
+        self._keys: I64 = _NO_IDS  # sorted live ids ...
+        self._rows: npt.NDArray[np.intp] = _NO_ROWS  # ... and the row holding each
+        self._live: tuple[I64, F32] | None = None  # live ids/vectors in row order, made on use
+
+    @classmethod
+    def _make(
+        cls,
+        buf: _Buffer,
+        n: int,
+        dead: npt.NDArray[np.intp],
+        keys: I64,
+        rows: npt.NDArray[np.intp],
+    ) -> Delta:
+        out = cls.__new__(cls)
+        out.dim = buf.vectors.shape[1]
+        out._buf, out._n, out._dead, out._keys, out._rows = buf, n, dead, keys, rows
+        out._live = None
+        return out
 
     def __len__(self) -> int:
-        return int(self.ids.shape[0])
+        """Live rows."""
+        return int(self._keys.size)
+
+    @property
+    def dead(self) -> int:
+        """Rows deleted or replaced but still held until the next compaction or merge."""
+        return int(self._dead.size)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the visible rows."""
-        return int(self.ids.nbytes + self.vectors.nbytes)
+        """Bytes held by the rows this delta sees, dead ones included."""
+        return self._n * (8 + 4 * self.dim)
+
+    @property
+    def ids(self) -> I64:
+        """Live ids in insertion order (a view when no row is dead, else a copy made once)."""
+        return self._live_rows()[0]
+
+    @property
+    def vectors(self) -> F32:
+        """Live vectors, aligned with `ids`."""
+        return self._live_rows()[1]
+
+    def _live_rows(self) -> tuple[I64, F32]:
+        if self._live is None:
+            buf, n = self._buf, self._n
+            if not self._dead.size:
+                self._live = (buf.ids[:n], buf.vectors[:n])
+            else:
+                order = np.sort(self._rows)
+                self._live = (buf.ids[order], buf.vectors[order])
+        return self._live
 
     def rows_of(self, ids: I64) -> npt.NDArray[np.intp]:
         """Row of each id in this delta, -1 where absent (vectorised)."""
-        if len(self) == 0 or ids.size == 0:
+        keys = self._keys
+        if keys.size == 0 or ids.size == 0:
             return np.full(ids.shape, -1, dtype=np.intp)
-        sorted_ids = self.ids[self._order]
-        pos = np.searchsorted(sorted_ids, ids)
-        pos_c = np.minimum(pos, len(self) - 1)
-        found = sorted_ids[pos_c] == ids
-        return np.where(found, self._order[pos_c], -1)
+        pos = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
+        return np.where(keys[pos] == ids, self._rows[pos], -1)
 
     def contains(self, ids: I64) -> npt.NDArray[np.bool_]:
-        """Whether each id is a row of this delta."""
+        """Whether each id is a live row of this delta."""
         return self.rows_of(ids) >= 0
 
     def appended(self, ids: I64, vectors: F32) -> Delta:
-        """Return a Delta with these rows added (ids must not be present already)."""
-        n, b = len(self), int(ids.shape[0])
-        buf = self._buf
+        """Return a Delta with these rows added (ids must not be live already)."""
+        n, b = self._n, int(ids.shape[0])
+        if b == 0:
+            return self
+        buf, keys, rows = self._buf, self._keys, self._rows
         # append in place only when no newer Delta wrote past our rows
         if buf.used != n or n + b > buf.ids.shape[0]:
-            grown = _Buffer(self.dim, max(1024, 2 * (n + b)))
-            grown.ids[:n] = self.ids
-            grown.vectors[:n] = self.vectors
-            grown.used = n
-            buf = grown
+            buf, keys, rows = self._compacted(extra=b)
+            n = buf.used
         buf.ids[n : n + b] = ids
         buf.vectors[n : n + b] = vectors
         buf.used = n + b
-        return Delta(self.dim, buf, n + b)
+        order = np.argsort(ids, kind="stable")
+        new_keys = np.ascontiguousarray(ids[order], dtype=np.int64)
+        pos = np.searchsorted(keys, new_keys)
+        keys = np.insert(keys, pos, new_keys)
+        rows = np.insert(rows, pos, (n + order).astype(np.intp))
+        dead = self._dead if buf is self._buf else _NO_ROWS
+        return Delta._make(buf, n + b, dead, keys, rows)
 
     def without(self, ids: I64) -> Delta:
-        """Return a Delta with these ids removed (a compacted copy; unchanged if none present)."""
-        rows = self.rows_of(ids)
-        rows = rows[rows >= 0]
-        if rows.size == 0:
+        """Return a Delta with these ids removed: their rows are marked dead, not copied."""
+        keys = self._keys
+        if keys.size == 0 or ids.size == 0:
             return self
-        keep = np.ones(len(self), dtype=bool)
-        keep[rows] = False
-        n = int(keep.sum())
-        buf = _Buffer(self.dim, max(1024, 2 * n))
-        buf.ids[:n] = self.ids[keep]
-        buf.vectors[:n] = self.vectors[keep]
-        buf.used = n
-        return Delta(self.dim, buf, n)
+        pos = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
+        hit = np.unique(pos[keys[pos] == ids])
+        if hit.size == 0:
+            return self
+        dead = np.union1d(self._dead, self._rows[hit]).astype(np.intp, copy=False)
+        keys, rows = np.delete(keys, hit), np.delete(self._rows, hit)
+        out = Delta._make(self._buf, self._n, dead, keys, rows)
+        if dead.size > DEAD_FRACTION * self._n:
+            buf, keys2, rows2 = out._compacted(extra=0)
+            return Delta._make(buf, buf.used, _NO_ROWS, keys2, rows2)
+        return out
+
+    def _compacted(self, extra: int) -> tuple[_Buffer, I64, npt.NDArray[np.intp]]:
+        """The live rows copied, in order, into a fresh buffer with room for `extra` more."""
+        live = len(self)
+        buf = _Buffer(self.dim, max(MIN_CAPACITY, 2 * (live + extra)))
+        order = np.sort(self._rows)
+        np.take(self._buf.ids, order, out=buf.ids[:live])
+        np.take(self._buf.vectors, order, axis=0, out=buf.vectors[:live])
+        buf.used = live
+        # the new row of each sorted key is the rank of its old row among the live rows
+        return buf, self._keys, np.searchsorted(order, self._rows).astype(np.intp)
 
     def search(
         self,
@@ -92,15 +177,61 @@ class Delta:
         allow: I64 | None = None,
         deny: I64 | None = None,
     ) -> tuple[F32, I64]:
-        """Exact top-k over the rows that pass the allow/deny filters; -1 pads missing slots."""
-        ids, vectors = self.ids, self.vectors
-        if len(self) and (allow is not None or deny is not None):
-            mask = np.ones(len(self), dtype=bool)
-            if allow is not None:
-                mask &= np.isin(ids, allow)
-            if deny is not None:
-                mask &= ~np.isin(ids, deny)
-            ids, vectors = ids[mask], vectors[mask]
-        scores, rows = faiss.knn(queries, vectors, k, metric=metric_type)
-        out = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1)
-        return scores.astype(np.float32, copy=False), out.astype(np.int64, copy=False)
+        """Exact top-k over the live rows that pass the allow/deny filters; -1 pads."""
+        if allow is not None or deny is not None:
+            ids, vectors = self.ids, self.vectors
+            if len(self):
+                mask = np.ones(len(self), dtype=bool)
+                if allow is not None:
+                    mask &= np.isin(ids, allow)
+                if deny is not None:
+                    mask &= ~np.isin(ids, deny)
+                ids, vectors = ids[mask], vectors[mask]
+            return _knn(queries, ids, vectors, k, metric_type)
+        ids, vectors = self._buf.ids[: self._n], self._buf.vectors[: self._n]
+        if not self._dead.size:
+            return _knn(queries, ids, vectors, k, metric_type)
+        return self._search_past_dead(queries, ids, vectors, k, metric_type)
+
+    def _search_past_dead(
+        self, queries: F32, ids: I64, vectors: F32, k: int, metric_type: int
+    ) -> tuple[F32, I64]:
+        """Top-k over every row, fetching enough extra to drop dead ones and still have k.
+
+        Exact: whenever a query keeps fewer than min(k, live) live rows of its top `fetch`,
+        the search is repeated with a larger `fetch` (up to every row).
+        """
+        n, dead = self._n, self._dead
+        want = min(k, len(self))
+        fetch = min(n, k + int(np.ceil(2.0 * k * dead.size / n)) + 8)
+        while True:
+            scores, rows = faiss.knn(queries, vectors, fetch, metric=metric_type)
+            pos = np.minimum(np.searchsorted(dead, rows), dead.size - 1)
+            ok = (rows >= 0) & (dead[pos] != rows)
+            if fetch >= n or bool((ok.sum(axis=1) >= want).all()):
+                break
+            fetch = min(n, 4 * fetch)
+        first = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+        ok = np.take_along_axis(ok, first, axis=1)
+        rows = np.take_along_axis(rows, first, axis=1)
+        scores = np.take_along_axis(scores, first, axis=1)
+        pad = _pad(metric_type)
+        out_s = np.full((queries.shape[0], k), pad, dtype=np.float32)
+        out_i = np.full((queries.shape[0], k), -1, dtype=np.int64)
+        take = rows.shape[1]
+        out_s[:, :take] = np.where(ok, scores, pad)
+        out_i[:, :take] = np.where(ok, ids[np.maximum(rows, 0)], -1)
+        return out_s, out_i
+
+
+def _knn(queries: F32, ids: I64, vectors: F32, k: int, metric_type: int) -> tuple[F32, I64]:
+    """Exact top-k of queries over (ids, vectors); -1 pads missing slots."""
+    scores, rows = faiss.knn(queries, vectors, k, metric=metric_type)
+    out = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1)
+    return scores.astype(np.float32, copy=False), out.astype(np.int64, copy=False)
+
+
+def _pad(metric_type: int) -> np.float32:
+    """The score FAISS leaves in an empty slot for this metric."""
+    big = np.finfo(np.float32).max
+    return np.float32(-big if metric_type == faiss.METRIC_INNER_PRODUCT else big)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import faiss
 import numpy as np
 
 from faissq.config import GpuSettings, IndexSettings
@@ -28,10 +27,11 @@ from faissq.index.builder import (
 )
 from faissq.index.calibrate import sample_calibrator
 from faissq.index.delta import Delta
-from faissq.index.gpu import GpuCopy, clone_to_gpu, device_budget, probe
+from faissq.index.export import EngineExport, export_state, restore_parts
+from faissq.index.gpu import GpuCopy, clone_to_gpu, device_budget, probe_once
 from faissq.index.memory import host_budget, index_bytes
 from faissq.index.params import hnsw_of
-from faissq.index.policy import Plan, choose_plan
+from faissq.index.policy import choose_plan
 from faissq.index.reader import Reader
 from faissq.index.state import Primary, State, union_sorted
 from faissq.index.validate import (
@@ -55,22 +55,6 @@ class SearchResult:
     ids: I64
     version: int
     target_met: bool | None = None  # target_recall given: whether the calibrated curve reaches it
-
-
-@dataclass(frozen=True)
-class EngineExport:
-    """A consistent, read-only view of the engine for snapshots."""
-
-    dim: int
-    metric: str
-    plan: dict[str, Any]
-    index: Any
-    primary_ids: I64
-    primary_vectors: F32
-    delta_ids: I64
-    delta_vectors: F32
-    tombstones: I64
-    tuning: dict[str, Any] | None
 
 
 class Engine:
@@ -153,18 +137,9 @@ class Engine:
         xq = as_vectors(queries, self.dim, self.metric)
         allow = None if allow_ids is None else np.unique(as_ids(allow_ids, unique=False))
         deny = None if deny_ids is None else np.unique(as_ids(deny_ids, unique=False))
-        met = None
-        if nprobe is None or ef_search is None or k_factor is None:
-            # each parameter not given falls back on its own: naming one leaves the others tuned
-            chosen = tuning.pick(self._tuning, target) if self._tuning else {}
-            if nprobe is None:
-                nprobe = chosen.get("nprobe") or self.cfg.default_nprobe
-            if ef_search is None:
-                ef_search = chosen.get("ef_search") or self.cfg.default_ef_search
-            if k_factor is None:
-                k_factor = chosen.get("k_factor")
-            if target is not None and chosen:
-                met = tuning.meets(chosen, target)
+        nprobe, ef_search, k_factor, met = tuning.fill(
+            self._tuning, target, nprobe, ef_search, k_factor, self.cfg
+        )
         scores, ids = self._reader.top_k(st, xq, k, nprobe, ef_search, k_factor, allow, deny)
         return SearchResult(scores, ids, st.version, met)
 
@@ -226,7 +201,7 @@ class Engine:
             id_arr = as_ids(ids, vecs.shape[0])
             tomb = _tombstone(st, id_arr)
             delta = st.delta.without(id_arr).appended(id_arr, vecs)
-            self._state = State.make(self.dim, st.primary, delta, tomb, new_version)
+            self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st)
             return int(id_arr.size)
 
     def delete(self, ids: Any, *, version: int | None = None) -> int:
@@ -240,7 +215,7 @@ class Engine:
             delta = st.delta.without(id_arr)
             changed = live or tomb is not st.tombstones or delta is not st.delta
             if changed or new_version != st.version:
-                self._state = State.make(self.dim, st.primary, delta, tomb, new_version)
+                self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st)
             return live
 
     def merge(self, progress: Progress | None = None) -> dict[str, Any]:
@@ -356,7 +331,7 @@ class Engine:
         """GPU bytes an index may take when it will be cloned there, else None."""
         if self._cloner is not None or self._gpu_cfg is None:
             return None
-        return device_budget(self._gpu_cfg, _probe_once())
+        return device_budget(self._gpu_cfg, probe_once())
 
     def _with_gpu(self, primary: Primary) -> Primary:
         """Attach a GPU copy when configured and possible; the reason is kept either way."""
@@ -366,27 +341,13 @@ class Engine:
             return primary
         else:
             need = index_bytes(primary.plan)
-            copy, reason = clone_to_gpu(primary.index, self._gpu_cfg, _probe_once(), need)
+            copy, reason = clone_to_gpu(primary.index, self._gpu_cfg, probe_once(), need)
         return replace(primary, gpu=copy, gpu_reason=reason)
 
     def _report(self, op: str, t0: float, primary: Primary) -> dict[str, Any]:
         """The small dict a build/merge/rebuild returns."""
-        seconds = time.perf_counter() - t0
-        self.last_durations[op] = seconds
-        plan = primary.plan
-        return {
-            "op": op,
-            "family": plan.family,
-            "factory": plan.factory,
-            "reason": plan.reason,
-            "ntotal": self.ntotal,
-            "estimate_bytes": plan.estimate_bytes,
-            "raw_bytes": plan.raw_bytes,
-            "calibration": plan.calibration,
-            "seconds": round(seconds, 4),
-            "version": self.version,
-            "device": primary.gpu_reason,
-        }
+        self.last_durations[op] = seconds = time.perf_counter() - t0
+        return upkeep.report(self, op, seconds, primary)
 
     # ------------------------------------------------------------ maintenance
     @property
@@ -405,20 +366,7 @@ class Engine:
     # ---------------------------------------------------------------- export
     def export(self) -> EngineExport:
         """A consistent view of the current state for snapshots (arrays are not copied)."""
-        st = self._state
-        p = st.primary
-        return EngineExport(
-            dim=self.dim,
-            metric=self.metric,
-            plan=p.plan.to_dict() if p is not None else {},
-            index=p.index if p is not None else None,
-            primary_ids=p.ids if p is not None else _EMPTY,
-            primary_vectors=p.vectors if p is not None else np.empty((0, self.dim), np.float32),
-            delta_ids=st.delta.ids,
-            delta_vectors=st.delta.vectors,
-            tombstones=st.tombstones,
-            tuning=self._tuning,
-        )
+        return export_state(self._state, self.metric, self._tuning)
 
     @classmethod
     def from_export(
@@ -432,47 +380,16 @@ class Engine:
         version: int = 0,
     ) -> Engine:
         """Recreate an engine from an export (e.g. a loaded snapshot covering log seq `version`)."""
-        eng = cls(
-            exp.dim,
-            settings.model_copy(update={"metric": exp.metric}),
-            name,
-            gpu=gpu,
-            cloner=cloner,
-        )
-        primary = None
-        if exp.index is not None:
-            ids, vecs = exp.primary_ids, exp.primary_vectors
-            if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
-                order = np.argsort(ids, kind="stable")
-                ids, vecs = ids[order], vecs[order]
-            # sorted arrays (what export() writes) are used as given: a memory-mapped .npy
-            # stays mapped, so a restart does not copy the raw store
-            primary = Primary(
-                index=exp.index,
-                ids=np.asarray(ids, dtype=np.int64),
-                vectors=np.asarray(vecs, dtype=np.float32),
-                plan=Plan.from_dict(exp.plan),
-            )
-            primary = eng._with_gpu(primary)
-        delta = Delta(exp.dim).appended(
-            np.asarray(exp.delta_ids, dtype=np.int64),
-            np.asarray(exp.delta_vectors, dtype=np.float32).reshape(-1, exp.dim),
-        )
-        tomb = np.unique(np.asarray(exp.tombstones, dtype=np.int64))
+        eng = cls(exp.dim, settings.model_copy(update={"metric": exp.metric}), name, gpu=gpu,
+                  cloner=cloner)  # fmt: skip
+        primary, delta, tomb = restore_parts(exp)
+        primary = eng._with_gpu(primary) if primary is not None else None
         eng._state = State.make(exp.dim, primary, delta, tomb, version)
         eng._tuning = exp.tuning
         return eng
 
 
 _EMPTY: I64 = np.empty(0, dtype=np.int64)
-_PROBE: list[Any] = []
-
-
-def _probe_once() -> Any:
-    """Probe the GPU once per process (the answer does not change while it runs)."""
-    if not _PROBE:
-        _PROBE.append(probe())
-    return _PROBE[0]
 
 
 def _tombstone(st: State, ids: I64) -> I64:
@@ -481,8 +398,3 @@ def _tombstone(st: State, ids: I64) -> I64:
         return st.tombstones
     in_primary = st.primary.rows_of(ids) >= 0
     return union_sorted(st.tombstones, ids[in_primary]) if in_primary.any() else st.tombstones
-
-
-def faiss_version() -> str:
-    """The faiss library version this engine runs on."""
-    return str(faiss.__version__)

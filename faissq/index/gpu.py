@@ -32,6 +32,16 @@ class GpuProbe:
         return self.num_gpus > 0
 
 
+_PROBE: list[GpuProbe] = []
+
+
+def probe_once() -> GpuProbe:
+    """Probe the GPU once per process (the answer does not change while it runs)."""
+    if not _PROBE:
+        _PROBE.append(probe())
+    return _PROBE[0]
+
+
 def probe() -> GpuProbe:
     """Look for faiss GPU symbols and devices, and for cuVS support in this faiss build."""
     if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "index_cpu_to_gpu"):

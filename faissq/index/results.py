@@ -26,7 +26,7 @@ def merge_topk(parts: list[tuple[F32, I64]], k: int, higher_is_better: bool) -> 
     order = np.argsort(key, axis=1, kind="stable")
     ids = np.take_along_axis(ids, order, axis=1)
     scores = np.take_along_axis(scores, order, axis=1)
-    if width > 1:
+    if width > 1 and _has_repeats(ids):
         rows = np.repeat(np.arange(nq), width)
         pos = np.tile(np.arange(width), nq)
         flat = ids.ravel()
@@ -50,6 +50,13 @@ def merge_topk(parts: list[tuple[F32, I64]], k: int, higher_is_better: bool) -> 
     out_scores[:, :take] = scores[:, :take]
     out_scores[out_ids < 0] = pad
     return out_scores, out_ids
+
+
+def _has_repeats(ids: I64) -> bool:
+    """Whether some row holds an id (not -1) twice: one sort, so the common case skips the
+    de-duplication (primary and delta rarely share an id: an upsert tombstones the old copy)."""
+    srt = np.sort(ids, axis=1)
+    return bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any())
 
 
 def exact_scores(queries: F32, vectors: F32, higher_is_better: bool) -> F32:

@@ -76,10 +76,24 @@ class State:
 
     @classmethod
     def make(
-        cls, dim: int, primary: Primary | None, delta: Delta, tombstones: I64, version: int
+        cls,
+        dim: int,
+        primary: Primary | None,
+        delta: Delta,
+        tombstones: I64,
+        version: int,
+        *,
+        before: State | None = None,
     ) -> State:
-        """Build a State, precomputing the tombstone selector once for all its searches."""
-        sel = not_selector(tombstones) if tombstones.size else None
+        """Build a State, precomputing the tombstone selector once for all its searches.
+
+        before: the state this one follows; its selector is reused when the tombstones are the
+        same array (a FAISS id set per state would churn the C++ heap on every upsert).
+        """
+        if before is not None and before.tombstones is tombstones:
+            sel = before.tomb_selector
+        else:
+            sel = not_selector(tombstones) if tombstones.size else None
         return cls(dim, primary, delta, tombstones, version, sel)
 
     @property

@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from faissq.config import IndexSettings
 from faissq.errors import IndexNotReady
 from faissq.index.params import hnsw_of, ivf_of
 from faissq.index.state import State, in_sorted
@@ -54,6 +55,28 @@ def choose(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
     if first:
         return min(first.values(), key=lambda r: r["ms_per_query"])
     return max(rows, key=lambda r: r["recall"])
+
+
+def fill(
+    profile: dict[str, Any] | None,
+    target: float | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    k_factor: int | None,
+    cfg: IndexSettings,
+) -> tuple[int, int, int | None, bool | None]:
+    """Each search parameter not given, on its own: the tuned row's value, else the default.
+
+    Returns (nprobe, ef_search, k_factor, target_met); target_met is None without a target.
+    """
+    chosen = pick(profile, target) if profile else {}
+    met = meets(chosen, target) if target is not None and chosen else None
+    return (
+        nprobe if nprobe is not None else chosen.get("nprobe") or cfg.default_nprobe,
+        ef_search if ef_search is not None else chosen.get("ef_search") or cfg.default_ef_search,
+        k_factor if k_factor is not None else chosen.get("k_factor"),
+        met,
+    )
 
 
 def meets(row: dict[str, Any], target: float) -> bool:

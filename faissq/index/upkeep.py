@@ -12,6 +12,7 @@ from faissq.index.policy import choose_plan
 
 if TYPE_CHECKING:
     from faissq.index.engine import Engine
+    from faissq.index.state import Primary
 
 
 def maintenance(eng: Engine) -> dict[str, Any]:
@@ -66,6 +67,25 @@ def stats(eng: Engine) -> dict[str, Any]:
         "gpu_failures": p.gpu.failures if p is not None and p.gpu is not None else 0,
         "raw_bytes": raw_store_bytes(int(p.ids.size), eng.dim) if p is not None else 0,
         "delta_bytes": st.delta.nbytes,
+        "delta_dead": st.delta.dead,
         "tuning": None if tuning is None else tuning.get("chosen"),
         **maintenance(eng),
+    }
+
+
+def report(eng: Engine, op: str, seconds: float, primary: Primary) -> dict[str, Any]:
+    """The small dict a build, merge or rebuild returns."""
+    plan = primary.plan
+    return {
+        "op": op,
+        "family": plan.family,
+        "factory": plan.factory,
+        "reason": plan.reason,
+        "ntotal": eng.ntotal,
+        "estimate_bytes": plan.estimate_bytes,
+        "raw_bytes": plan.raw_bytes,
+        "calibration": plan.calibration,
+        "seconds": round(seconds, 4),
+        "version": eng.version,
+        "device": primary.gpu_reason,
     }

@@ -17,7 +17,8 @@ from typing import Any
 
 from faissq.config import IndexSettings
 from faissq.errors import LogCorrupt, SnapshotCorrupt, StorageUnavailable
-from faissq.index.engine import Engine, EngineExport
+from faissq.index.engine import Engine
+from faissq.index.export import EngineExport
 from faissq.storage.fs import Storage
 from faissq.storage.log import LogEntry, UpdateLog
 from faissq.storage.snapshot_load import SnapshotReader

@@ -67,6 +67,10 @@ class DurableStore:
             self._writers[index] = w
         return w
 
+    def lock(self, index: str) -> None:
+        """Take the index's writer lock now (a writer's start), not at its first append."""
+        self.writer(index)
+
     def next_seq(self, index: str) -> int:
         """The seq the next logged batch or build of `index` takes."""
         return self.writer(index).last_seq + 1

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from celery import Task
+from kombu.exceptions import OperationalError
 
 from faissq.errors import (
     DeadLettered,
@@ -78,7 +79,7 @@ class FaissqTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 observe_storage_retry(metrics_of(ctx.runtime), self.name, index)
                 # RETRY with the exception as its info, as Celery's own retries show it
                 self.update_state(state="RETRY", meta=exc)
-                self.send_event("task-retried", exception=repr(exc), traceback="")
+                send_event(self, "task-retried", exception=repr(exc), traceback="")
                 time.sleep(wait_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -121,12 +122,20 @@ class JobProgress:
                 meta = {"phase": str(phase), "done": int(done), "total": int(total)}
                 self.task.update_state(state="PROGRESS", meta=meta)  # AsyncResult.info
                 # Flower shows a custom event's type as the state and its `result` field
-                self.task.send_event("task-progress", result=json.dumps(meta), **meta)
+                send_event(self.task, "task-progress", result=json.dumps(meta), **meta)
 
     def check(self) -> None:
         """Raise JobTimeLimitExceeded when the deadline passed (for steps without progress)."""
         if time.monotonic() > self.deadline:
             raise JobTimeLimitExceeded("job passed its time limit")
+
+
+def send_event(task: Task, type_: str, **fields: Any) -> None:
+    """Send a monitoring event if the broker answers: a job never fails for want of one."""
+    try:
+        task.send_event(type_, **fields)
+    except (OperationalError, OSError) as exc:  # Redis down: the result itself waits for it
+        log.warning("%s %s: event %s not sent: %s", task.name, task.request.id, type_, exc)
 
 
 def _check_signature(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

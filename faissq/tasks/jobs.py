@@ -13,9 +13,10 @@ import numpy.typing as npt
 from celery import Celery
 
 from faissq.config import Settings
-from faissq.errors import DimensionMismatch, InvalidVectors
+from faissq.errors import DimensionMismatch, InvalidParameter, InvalidVectors
 from faissq.tasks import payload
 from faissq.tasks.base import FaissqTask
+from faissq.worker.maintenance import Maintenance, maintenance_of
 
 
 def build(
@@ -116,9 +117,20 @@ def autotune(
     return ctx.runtime.autotune(index, target, self.progress(limit))
 
 
+def maintain(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, Any]:
+    """Merge and/or save, whichever is due now (the worker's background maintenance sends it)."""
+    ctx = self.context()
+    limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
+    return maintenance_for(self).run(index, self.request.id, self.progress(limit))
+
+
 def stats(self: FaissqTask, index: str) -> dict[str, Any]:
-    """Describe the index: state, log seq, sizes, family and the engine's counters."""
-    return self.context().runtime.stats(index)
+    """Describe the index: state, log seq, sizes, family, the engine's and maintenance counters."""
+    out = self.context().runtime.stats(index)
+    maint = maintenance_of(self.app)
+    if maint is not None:
+        out["maintenance"] = maint.stats(index)
+    return out
 
 
 TASKS = {
@@ -130,8 +142,17 @@ TASKS = {
     "faissq.save": save,
     "faissq.reload": reload,
     "faissq.autotune": autotune,
+    "faissq.maintain": maintain,
     "faissq.stats": stats,
 }
+
+
+def maintenance_for(task: FaissqTask) -> Maintenance:
+    """The worker's maintenance (a faissq index worker always has one)."""
+    maint = maintenance_of(task.app)
+    if maint is None:
+        raise InvalidParameter("faissq.maintain runs inside a faissq index worker only")
+    return maint
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:

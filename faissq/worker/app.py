@@ -20,6 +20,7 @@ TASK_NAMES = (
     "faissq.save",
     "faissq.reload",
     "faissq.autotune",
+    "faissq.maintain",
     "faissq.stats",
 )
 
@@ -94,6 +95,10 @@ def make_celery_app(
         task_create_missing_queues=True,
         task_routes=(route_by_index,),
         result_expires=7 * 24 * 3600,
+        # a job that ran across a Redis restart keeps its result: storing it waits for Redis
+        # (connection errors only), polling at least every second so it lands soon after
+        result_backend_always_retry=True,
+        result_backend_max_sleep_between_retries_ms=1000,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,

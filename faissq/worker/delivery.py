@@ -1,7 +1,9 @@
 """Delivery counting: a job that keeps crashing the worker is dead-lettered instead of looping.
 
 acks_late + reject_on_worker_lost redeliver a job whose worker died; a counter per task id that
-only a finished run clears tells a redelivery apart from a first delivery.
+only a finished run clears tells a redelivery apart from a first delivery. The counter's
+commands wait for Redis through a restart (`WAIT_FOR_REDIS`), as the job's result does: a job
+that did its work must not fail because Redis was away when it ended.
 """
 
 from __future__ import annotations
@@ -11,24 +13,36 @@ import time
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from faissq import keys
 
 COUNTER_TTL_S = 7 * 24 * 3600  # a job not seen again for a week is forgotten
+# retry connection errors until Redis answers, at most 1 s apart (as Celery's result store)
+WAIT_FOR_REDIS = Retry(ExponentialBackoff(cap=1.0, base=0.01), retries=-1)
 
 
 def count_delivery(client: redis.Redis, task_id: str) -> int:
     """Count one more delivery of a task and return the total so far."""
-    pipe = client.pipeline()
-    pipe.incr(keys.delivery_key(task_id))
-    pipe.expire(keys.delivery_key(task_id), COUNTER_TTL_S)
-    n, _ = pipe.execute()
-    return int(n)
+
+    def count() -> int:
+        pipe = client.pipeline()
+        pipe.incr(keys.delivery_key(task_id))
+        pipe.expire(keys.delivery_key(task_id), COUNTER_TTL_S)
+        n, _ = pipe.execute()
+        return int(n)
+
+    return int(WAIT_FOR_REDIS.call_with_retry(count, _ignore))
 
 
 def forget_delivery(client: redis.Redis, task_id: str) -> None:
     """Clear the counter once a run finished (success, failure or retry scheduled)."""
-    client.delete(keys.delivery_key(task_id))
+    WAIT_FOR_REDIS.call_with_retry(lambda: client.delete(keys.delivery_key(task_id)), _ignore)
+
+
+def _ignore(error: Exception) -> None:
+    """Nothing to undo between two tries of a counter command."""
 
 
 def dead_letter(

@@ -65,6 +65,10 @@ class ReadOnlyStore:
         """Refuse: only the index's writer appends to its log."""
         raise WriterConflict(f"a replica never appends to the log of {index!r}")
 
+    def lock(self, index: str) -> None:
+        """Refuse: a replica never becomes the writer."""
+        raise WriterConflict(f"a search replica does not write the log of {index!r}")
+
     def next_seq(self, index: str) -> int:
         """Replicas never write."""
         raise WriterConflict(f"a search replica does not write the log of {index!r}")

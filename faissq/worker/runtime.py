@@ -26,7 +26,8 @@ from faissq.errors import (
     UnknownIndex,
     WriterConflict,
 )
-from faissq.worker.slots import SERVING, IndexSlot, IndexState, small
+from faissq.worker.backoff import wait_out_storage
+from faissq.worker.slots import SERVING, IndexSlot, IndexState, counts, small
 from faissq.worker.store import IndexStore, Op
 
 if TYPE_CHECKING:
@@ -63,24 +64,32 @@ class IndexRuntime:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def load_all(self) -> None:
-        """Load every served index (snapshot + log replay), then mark the runtime ready."""
+    def load_all(self, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Load every served index (snapshot + log replay), then mark the runtime ready; storage
+        trouble is waited out, LOADING, until it passes or `stopping()` (then never ready)."""
         for slot in self.slots.values():
-            self._load(slot)
+            if not self._load(slot, stopping):
+                return
         self._ready.set()
         for hook in self._ready_hooks:
             hook(self)
 
-    def _load(self, slot: IndexSlot) -> None:
-        """Recover one index; a failure leaves it FAILED with the reason, never kills the worker."""
+    def _load(self, slot: IndexSlot, stopping: Callable[[], bool] = lambda: False) -> bool:
+        """Recover one index; a permanent failure leaves it FAILED with the reason, never kills
+        the worker. False when the worker began to stop while storage was unavailable."""
         slot.state = IndexState.LOADING
         t0 = time.perf_counter()
         try:
-            rec = self.store.recover(slot.name)
+            rec = wait_out_storage(lambda: self.store.recover(slot.name), self.settings.worker,
+                                   f"loading index {slot.name}", stopping,
+                                   lambda why: setattr(slot, "reason", why))  # fmt: skip
         except FaissqError as exc:
             slot.state, slot.reason = IndexState.FAILED, f"{exc.code}: {exc}"
             log.error("index %s failed to load: %s", slot.name, slot.reason)
-            return
+            return True
+        if rec is None:
+            return False
+        slot.reason = ""
         slot.engine = rec.engine
         slot.seq, slot.version, slot.notes = rec.seq, rec.version, list(rec.notes)
         slot.loaded_s = time.perf_counter() - t0
@@ -89,6 +98,7 @@ class IndexRuntime:
             slot.state, slot.reason = IndexState.DEGRADED, "; ".join(rec.notes)
         log.info("index %s %s at seq %d in %.3fs", slot.name, slot.state.value, slot.seq,
                  slot.loaded_s)  # fmt: skip
+        return True
 
     def on_ready(self, hook: Callable[[IndexRuntime], None]) -> None:
         """Run `hook(runtime)` once every index is loaded (the RPC loop starts here)."""
@@ -197,7 +207,7 @@ class IndexRuntime:
         logged = self.store.append(name, op, ids, vectors, batch_id)
         if logged.duplicate:
             self._ensure_applied(slot, logged.seq)
-            return {"seq": logged.seq, "duplicate": True, "applied": 0, **self._counts(slot)}
+            return {"seq": logged.seq, "duplicate": True, "applied": 0, **counts(slot)}
         try:
             applied = self._apply_batch(slot, ids, vectors, logged.seq)
         except Exception as exc:
@@ -210,7 +220,7 @@ class IndexRuntime:
             "duplicate": False,
             "applied": int(applied),
             "seconds": round(time.perf_counter() - t0, 6),
-            **self._counts(slot),
+            **counts(slot),
         }
 
     def _apply_batch(
@@ -283,7 +293,7 @@ class IndexRuntime:
             report = run(eng)
         finally:
             slot.state = before
-        return {**small(report), **self._counts(slot)}
+        return {**small(report), **counts(slot)}
 
     def autotune(
         self, name: str, target_recall: float | None, progress: Progress | None
@@ -314,7 +324,7 @@ class IndexRuntime:
         if rec.engine is None:
             raise IndexNotReady(f"index {name!r} has no snapshot or log to reload from")
         self._install(slot, rec)
-        return {"seq": rec.seq, "snapshot_version": rec.version, **self._counts(slot)}
+        return {"seq": rec.seq, "snapshot_version": rec.version, **counts(slot)}
 
     def stats(self, name: str) -> dict[str, Any]:
         """Describe one index: state, seq, sizes and the engine's own stats."""
@@ -330,7 +340,7 @@ class IndexRuntime:
         out.update(self.role_status(name))
         if slot.engine is not None:
             out["engine"] = small(slot.engine.stats())
-            out.update(self._counts(slot))
+            out.update(counts(slot))
         return out
 
     def role_status(self, name: str) -> dict[str, Any]:
@@ -386,11 +396,3 @@ class IndexRuntime:
 
         gpu = self.settings.gpu if self.settings.gpu.mode != "off" else None
         return (self._engine_class or Engine)(dim, self.settings.index, name=name, gpu=gpu)
-
-    @staticmethod
-    def _counts(slot: IndexSlot) -> dict[str, Any]:
-        """The small numbers every job result carries."""
-        eng = slot.engine
-        if eng is None:
-            return {"ntotal": 0, "version": None}
-        return {"ntotal": int(eng.ntotal), "version": eng.version}

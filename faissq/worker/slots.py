@@ -65,3 +65,11 @@ def small(report: Any) -> dict[str, Any]:
 def plain(v: Any) -> Any:
     """A numpy scalar as its Python value; other values unchanged."""
     return v.item() if isinstance(v, np.generic) else v
+
+
+def counts(slot: IndexSlot) -> dict[str, Any]:
+    """The small numbers every job result carries."""
+    eng = slot.engine
+    if eng is None:
+        return {"ntotal": 0, "version": None}
+    return {"ntotal": int(eng.ntotal), "version": eng.version}

@@ -21,6 +21,9 @@ Op = Literal["upsert", "delete"]
 class IndexStore(Protocol):
     """Durable state of the served indexes; the runtime's only way to storage."""
 
+    def lock(self, index: str) -> None:
+        """Become the index's single writer; WriterConflict while another process is."""
+
     def recover(self, index: str) -> Recovered:
         """Load the newest good snapshot and replay the log after it."""
 

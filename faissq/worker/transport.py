@@ -1,10 +1,12 @@
 """kombu's Redis transport with an at-least-once fetch: a job is never only in a dying process.
 
 kombu takes a job with BRPOP and records it in its ``unacked`` hash a moment later; a worker
-killed in between (SIGKILL, OOM) loses that job. Here a worker consuming one queue fetches with
-BLMOVE into an in-flight list (`keys.inflight_list`) instead, and drops the copy there once kombu
-has recorded the job as unacked. A starting writer requeues what it finds in the list
-(`restore_inflight`). Workers that consume several queues fall back to BRPOP.
+killed in between (SIGKILL, OOM) loses that job. Here the worker fetches with BLMOVE into an
+in-flight list (`keys.inflight_list`) instead, and drops the copy there once kombu has recorded
+the job as unacked. A starting writer requeues what it finds in the list (`restore_inflight`).
+BLMOVE has one source: a worker consuming several queues blocks on each in turn for at most
+`MULTI_QUEUE_WAIT_S`. Every Redis URL faissq accepts fetches this way (TLS included); kombu's
+own fetch is never used by an index worker.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ from time import monotonic
 from typing import Any
 
 import redis
+from celery import Celery
 from kombu.transport import redis as kredis
 from kombu.utils import json as kombu_json
 
 from faissq import keys
+from faissq.config import masked_url
+from faissq.errors import InvalidParameter
+
+# With several queues, how long one BLMOVE blocks on one of them (Redis takes fractions): a job
+# in another queue waits at most this much per other queue; an idle worker sends 10 BLMOVE/s.
+MULTI_QUEUE_WAIT_S = 0.1
 
 # kombu's Redis classes are untyped; subclass them through Any
 _RedisChannel: Any = kredis.Channel
@@ -30,17 +39,23 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     """A Redis channel whose single-queue fetch moves the job to an in-flight list atomically."""
 
     _inflight_from: str | None = None  # the queue key of the outstanding BLMOVE, if any
+    _turn = 0  # which of several consumed queues the next BLMOVE waits on
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        """Issue BLMOVE queue -> in-flight when exactly one key is consumed, else BRPOP."""
+        """Issue BLMOVE queue -> in-flight, on one consumed queue after the other."""
         sources = [self._q_for_pri(q, p) for p in self.priority_steps for q in self.active_queues]
-        if len(sources) != 1 or self.global_keyprefix:
+        if not sources or self.global_keyprefix:  # faissq sets no key prefix
             self._inflight_from = None
             super()._brpop_start(timeout)
             return
         if timeout is None:
             timeout = self.brpop_timeout
-        source = sources[0]
+        if len(sources) > 1:
+            self._turn += 1
+            source = sources[self._turn % len(sources)]
+            timeout = MULTI_QUEUE_WAIT_S
+        else:
+            source = sources[0]
         self._inflight_from = source
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
@@ -69,6 +84,23 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             self._inflight_from = None
             self._in_poll = None
             self._flush_brpop_reauth()
+
+
+def use_inflight_fetch(app: Celery, url: str) -> None:
+    """Make `app`'s workers fetch through this module; refuse a URL it cannot serve.
+
+    redis:// and rediss:// (kombu reads the TLS options from the URL's query) use `Transport`,
+    unix:// `SocketTransport`; any other scheme could lose a job to a kill and is refused.
+    """
+    if url.startswith(("redis://", "rediss://")):
+        app.conf.broker_transport = "faissq.worker.transport:Transport"
+    elif url.startswith("unix://"):
+        app.conf.broker_url = "socket://" + url[len("unix://") :]
+        app.conf.broker_transport = "faissq.worker.transport:SocketTransport"
+    else:
+        raise InvalidParameter(
+            f"an index worker needs a redis://, rediss:// or unix:// URL, not {masked_url(url)}"
+        )
 
 
 class Transport(_RedisTransport):  # type: ignore[misc]

@@ -117,7 +117,9 @@ def test_metrics_of_a_live_worker_match_the_index_state(
     assert sample(m, "faissq_search_last_k", **ix) == 4
     info = [k for k in m if k[0] == "faissq_index_info" and ("index", index_name) in k[1]]
     assert len(info) == 1 and ("family", stats["engine"]["family"]) in info[0][1]
-    assert check(job_settings) == (True, f"{socket.gethostname()} serves {index_name}")
+    local = job_settings.model_copy(update={"metrics": job_settings.metrics.model_copy(
+        update={"enabled": True, "port": port, "host": "127.0.0.1"})})  # fmt: skip
+    assert check(local) == (True, f"loaded: {index_name} ready")
     jobs.close()
     assert worker.stop() == 0
-    assert check(job_settings)[0] is False  # the stopped loop removed its heartbeat
+    assert check(local)[0] is False  # nothing answers on the stopped worker's port

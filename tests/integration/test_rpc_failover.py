@@ -12,6 +12,7 @@ import pytest
 import redis
 from conftest import WorkerProcess, make_settings
 from rpc_support import TIMEOUT, rpc_stats, vecs, wait_for
+from test_replica import replica_factory  # noqa: F401 - a fixture
 
 from faissq import IndexBusy, NoWorkerAlive, SearchClient, SearchTimeout, Settings
 from faissq.client import JobClient
@@ -29,11 +30,15 @@ def build(settings: Settings, index: str, n: int = 2000) -> None:
 
 
 def test_replicas_share_the_queue_and_one_survives_the_other(
-    worker_factory: Any, index_name: str, job_settings: Settings
+    worker_factory: Any,
+    replica_factory: Any,  # noqa: F811 - the fixture imported above
+    index_name: str,
+    job_settings: Settings,
 ) -> None:
     first = worker_factory([index_name], env=FAST_BEAT).start()
     build(job_settings, index_name)
-    second = worker_factory([index_name], env=FAST_BEAT).start()  # loads the snapshot
+    second = replica_factory([index_name]).start()  # loads the snapshot (a second writer
+    # of the index would refuse to start)
     client = SearchClient(job_settings, index_name)
     wait_for(lambda: len(client.workers()) == 2, 5, "two heartbeats")
     q = vecs(1, seed=4)

@@ -181,8 +181,10 @@ def test_storage_unavailable_is_retried_with_backoff_until_it_clears(
     """A write that storage refuses is retried (state RETRY), then applied once it clears."""
     worker = worker_factory([index_name]).start()
     client = JobClient(job_settings)
-    blocker = storage_root / index_name  # a file where the index folder must go
-    blocker.write_bytes(b"")
+    log_dir = storage_root / index_name / "log"  # made at start, with the writer lock
+    aside = storage_root / f"{index_name}-log-aside"
+    log_dir.rename(aside)
+    log_dir.write_bytes(b"")  # a file where the log folder must be
     job = client.upsert(index_name, [1, 2], vecs(2), by_reference=False)
     deadline = time.monotonic() + TIMEOUT
     while True:  # state and info from one read: the retry may start between two reads
@@ -192,7 +194,8 @@ def test_storage_unavailable_is_retried_with_backoff_until_it_clears(
         assert time.monotonic() < deadline and meta["status"] not in READY, meta["status"]
         time.sleep(0.01)
     assert type(meta["result"]).__name__ == "StorageUnavailable"
-    blocker.unlink()
+    log_dir.unlink()
+    aside.rename(log_dir)
     out = job.get(timeout=TIMEOUT)
     assert out["applied"] == 2 and out["seq"] == 1
     assert worker.alive()

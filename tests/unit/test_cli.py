@@ -47,3 +47,18 @@ def test_a_configured_url_is_used_as_is() -> None:
     settings = Settings(redis={"url": "redis://example:6379/0"})
     with redis_for(settings) as running:
         assert running is settings
+
+
+def test_urls_are_printed_without_their_passwords() -> None:
+    """masked_url: the password (and only it) becomes ***; URLs without one are unchanged."""
+    from faissq.config import masked_url
+
+    assert masked_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert masked_url("rediss://faissq:s3cret@h:6380/0?ssl_cert_reqs=required") == (
+        "rediss://faissq:***@h:6380/0?ssl_cert_reqs=required"
+    )
+    assert masked_url("redis://tok3n@h/0") == "redis://***@h/0"  # a lone token is a secret
+    assert masked_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert masked_url("unix:///run/redis.sock?db=0") == "unix:///run/redis.sock?db=0"
+    assert masked_url("s3://key:secret@bucket/x") == "s3://key:***@bucket/x"
+    assert masked_url(None) == "None"

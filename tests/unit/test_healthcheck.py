@@ -1,35 +1,66 @@
-"""The container healthcheck: this host's heartbeat key for every served index, on a real Redis."""
+"""The container healthcheck: the worker's own /readyz says every served index is loaded."""
 
 from __future__ import annotations
 
-import redis
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-from faissq import keys
+import pytest
+
 from faissq.config import Settings
-from faissq.healthcheck import check
+from faissq.healthcheck import check, readyz_url
 
 
-def settings(url: str, indexes: list[str]) -> Settings:
-    """Settings of a worker serving `indexes` on the Redis at `url`."""
-    return Settings(redis={"url": url, "socket_timeout_s": 1.0}, worker={"indexes": indexes})
+@pytest.fixture
+def readyz() -> Iterator[tuple[int, dict[str, Any]]]:
+    """A /readyz answering whatever the test puts in `answer` (status, per-index health)."""
+    answer: dict[str, Any] = {"status": 503, "indexes": {}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"ready": False, "indexes": answer["indexes"]}).encode()
+            self.send_response(answer["status"] if self.path == "/readyz" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield int(server.server_address[1]), answer
+    server.shutdown()
+    server.server_close()
 
 
-def test_healthy_only_when_this_host_beats_for_every_served_index(
-    redis_url: str, redis_client: redis.Redis, index_name: str
+def settings(port: int, indexes: list[str]) -> Settings:
+    """Settings of a worker serving `indexes` with its metrics port at `port`."""
+    return Settings(metrics={"port": port}, worker={"indexes": indexes},
+                    redis={"socket_timeout_s": 2.0})  # fmt: skip
+
+
+def test_healthy_only_when_every_served_index_is_loaded(
+    readyz: tuple[int, dict[str, Any]],
 ) -> None:
-    other = f"{index_name}-b"
-    cfg = settings(redis_url, [index_name, other])
-    none = f"no heartbeat from box-1 for: {index_name}, {other}"
-    assert check(cfg, host="box-1") == (False, none)
-    redis_client.set(keys.heartbeat_key(index_name, "box-1:42:abc"), "{}", px=5000)
-    redis_client.set(keys.heartbeat_key(other, "box-2:7:def"), "{}", px=5000)
-    ok, reason = check(cfg, host="box-1")
-    assert not ok and reason.endswith(f"for: {other}")  # another host's beat does not count
-    redis_client.set(keys.heartbeat_key(other, "box-1:42:abc"), "{}", px=5000)
-    assert check(cfg, host="box-1")[0]
+    port, answer = readyz
+    cfg = settings(port, ["a", "b"])
+    answer["indexes"] = {"a": {"state": "loading"}, "b": {"state": "empty"}}
+    assert check(cfg) == (False, "not loaded: a loading")
+    answer["indexes"] = {"a": {"state": "failed"}, "b": {"state": "ready"}}
+    assert check(cfg) == (False, "not loaded: a failed")
+    answer["status"] = 200
+    answer["indexes"] = {"a": {"state": "degraded"}, "b": {"state": "empty"}}
+    assert check(cfg) == (True, "loaded: a degraded, b empty")
+    answer["indexes"] = {"a": {"state": "ready"}}  # an answer without a served index
+    assert check(cfg)[0] is False
 
 
-def test_unreachable_or_unset_redis_is_unhealthy() -> None:
-    ok, reason = check(settings("redis://127.0.0.1:1/0", ["x"]), host="h")
-    assert not ok and reason.startswith("redis unreachable")
-    assert check(Settings(redis={"url": None}), host="h")[0] is False
+def test_no_endpoint_is_unhealthy_and_wildcard_binds_are_asked_on_loopback() -> None:
+    ok, reason = check(settings(1, ["x"]))
+    assert not ok and reason.startswith("no answer from http://127.0.0.1:1/readyz")
+    assert check(Settings(metrics={"enabled": False}))[0] is False
+    assert check(Settings(metrics={"port": 0}))[0] is False
+    assert readyz_url(Settings(metrics={"host": "::1", "port": 9})) == "http://[::1]:9/readyz"
