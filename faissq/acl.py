@@ -195,10 +195,11 @@ def flower(index: str) -> RuleSet:
     authentication.
     """
     base = monitor(index)
-    listener = (*BINDING_WRITES, "+srem", "+del", f"~{EVENT_BINDINGS}", f"~{EVENT_QUEUES}",
+    # +set: kombu marks an expiring reply binding with SET on a _kombu.* key
+    listener = (*BINDING_WRITES, "+srem", "+del", "+set", f"~{EVENT_BINDINGS}", f"~{EVENT_QUEUES}",
                 f"~{BINDING_DEADLINES}")  # fmt: skip
     control = ("+publish", f"&{PIDBOX_CHANNEL}")
-    replies = (*BINDING_WRITES, "+brpop", "+lpop", "+rpop", "+del", f"~{PIDBOX_QUEUES}",
+    replies = (*BINDING_WRITES, "+brpop", "+lpop", "+rpop", "+del", "+set", f"~{PIDBOX_QUEUES}",
                f"~{PIDBOX_BINDINGS}", f"~{BINDING_DEADLINES}")  # fmt: skip
     return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies))
 
