@@ -201,7 +201,8 @@ def flower(index: str) -> RuleSet:
     control = ("+publish", f"&{PIDBOX_CHANNEL}")
     replies = (*BINDING_WRITES, "+brpop", "+lpop", "+rpop", "+del", "+set", f"~{PIDBOX_QUEUES}",
                f"~{PIDBOX_BINDINGS}", f"~{BINDING_DEADLINES}")  # fmt: skip
-    return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies))
+    marks = ("+set", "~_kombu*")  # kombu's own bookkeeping keys, seen SET during inspect calls
+    return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies, marks))
 
 
 BUILDERS = {
