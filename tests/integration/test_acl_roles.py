@@ -326,10 +326,12 @@ def test_flower_lists_jobs_as_the_flower_user(
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.1)
         assert get_json(f"{base}/api/tasks")[done.id]["name"] == "faissq.stats"
-        # Flower's worker-inspect calls (not its task list) are sometimes refused a kombu
-        # bookkeeping write under load; anything else refused is a bug of the role
+        # Flower's worker-inspect calls and kombu's unacked-restore at channel close (not its
+        # task list) are sometimes refused kombu bookkeeping writes under load: harmless for a
+        # monitor that takes no jobs; anything else refused is a bug of the role
+        kombu_own = ("set", "evalsha", "unacked_mutex")
         unexpected = [r for r in acl_server.refusals("flower")
-                      if not (r[1].startswith("_kombu") or r[1] in ("set", "evalsha"))]  # fmt: skip
+                      if not (r[1].startswith("_kombu") or r[1] in kombu_own)]  # fmt: skip
         assert unexpected == [], log_path.read_text()[-3000:]
     finally:
         proc.terminate()
