@@ -12,8 +12,12 @@ fail: operations to break, from ``write`` (creating files; a write call raises a
 ``rename`` (mv and link), ``read``, ``remove``, ``makedirs``; errno: the error's name (default
 EIO); times: stop failing after this many injected failures (default: never stop).
 
-Every injected failure appends one line to ``<control>.hits``, so a test waits for the n-th
-failure (an event) instead of a delay.
+A hang (storage that stops answering, e.g. a stuck NFS mount) is ``{"stall": ["rename"],
+"match": "CURRENT"}``: an operation of a listed kind on a path containing ``match`` blocks until
+the control file no longer asks for it, so a test can kill the worker at exactly that step.
+
+Every injected failure appends one line to ``<control>.hits`` and every hang one line to
+``<control>.stalls``, so a test waits for the n-th fault (an event) instead of a delay.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -29,18 +34,27 @@ PROTOCOL = "faultfs"
 OPS = frozenset({"write", "fsync", "rename", "read", "remove", "makedirs"})
 
 
-def hits(control: str) -> int:
-    """How many failures have been injected under `control` so far."""
+def _lines(path: str) -> int:
     try:
-        with open(control + ".hits", "rb") as fh:
+        with open(path, "rb") as fh:
             return fh.read().count(b"\n")
     except FileNotFoundError:
         return 0
 
 
+def hits(control: str) -> int:
+    """How many failures have been injected under `control` so far."""
+    return _lines(control + ".hits")
+
+
+def stalls(control: str) -> int:
+    """How many operations have started hanging under `control` so far."""
+    return _lines(control + ".stalls")
+
+
 def set_faults(control: str, fail: list[str] | None = None, **options: Any) -> None:
-    """Write the control file atomically (an empty `fail` clears every fault)."""
-    unknown = set(fail or ()) - OPS
+    """Write the control file atomically (an empty `fail` and no `stall` clear every fault)."""
+    unknown = (set(fail or ()) | set(options.get("stall", ()))) - OPS
     if unknown:
         raise ValueError(f"unknown fault operations {sorted(unknown)}; known: {sorted(OPS)}")
     tmp = f"{control}.tmp-{os.getpid()}"
@@ -91,44 +105,59 @@ class FaultFS(LocalFileSystem):  # type: ignore[misc]  # fsspec ships no type hi
                 fh.write(f"{op}\n".encode())
         return OSError(code, f"{os.strerror(code)} (injected on {op})")
 
-    def _check(self, op: str) -> None:
+    def _check(self, op: str, path: Any = "") -> None:
+        self._stall(op, str(path))
         exc = self._error(op)
         if exc is not None:
             raise exc
 
+    def _stalled(self, op: str, path: str) -> bool:
+        plan = self._plan()
+        return op in plan.get("stall", ()) and str(plan.get("match", "")) in path
+
+    def _stall(self, op: str, path: str) -> None:
+        """Hang while the control file asks `op` on `path` to hang (an unanswering mount)."""
+        if not (self.control and self._stalled(op, path)):
+            return
+        with open(self.control + ".stalls", "ab") as fh:
+            fh.write(f"{op} {path}\n".encode())
+        while self._stalled(op, path):
+            time.sleep(0.01)
+
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
         writing = any(c in mode for c in "wxa")
         if not writing:
-            self._check("read")
+            self._check("read", path)
             return super()._open(path, mode, *args, **kwargs)
+        self._stall("write", str(path))
         plan = self._plan()
         if "write" in plan.get("fail", ()) and plan.get("truncate_after") is None:
             self._check("write")  # the whole file is refused (read-only, quota)
         return _FaultyFile(self, super()._open(path, mode, *args, **kwargs))
 
     def cat_file(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        self._check("read")
+        self._check("read", path)
         return super().cat_file(path, *args, **kwargs)
 
     def mv(self, path1: str, path2: str, *args: Any, **kwargs: Any) -> None:
-        self._check("rename")
+        self._check("rename", path2)
         super().mv(path1, path2, *args, **kwargs)
 
     def link(self, src: str, dst: str, **kwargs: Any) -> None:
-        self._check("rename")
+        self._check("rename", dst)
         super().link(src, dst, **kwargs)
 
     def rm_file(self, path: str) -> None:
-        self._check("remove")
+        self._check("remove", path)
         super().rm_file(path)
 
     def rm(self, path: Any, *args: Any, **kwargs: Any) -> None:
-        self._check("remove")
+        self._check("remove", path)
         super().rm(path, *args, **kwargs)
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         if not self.exists(path):
-            self._check("makedirs")
+            self._check("makedirs", path)
         super().makedirs(path, exist_ok=exist_ok)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ from celery.result import AsyncResult
 from faissq import keys
 from faissq.client import JobClient
 from faissq.config import Settings
+from faissq.storage import faults
+from faissq.storage.snapshot_load import MANIFEST
 from faissq.storage.store import DurableStore
 
 DIM = 8
@@ -114,36 +117,70 @@ def test_kill9_during_a_stream_of_upserts_loses_and_doubles_nothing(
     client.close()
 
 
+# where a save is held (a hung storage call) and killed: (operation, path fragment)
+SAVE_STEPS = [
+    ("write", "primary_vectors.npy"),  # inside the snapshot's data files
+    ("rename", MANIFEST),  # publishing the version's manifest
+    ("rename", "CURRENT"),  # the CURRENT flip
+    ("remove", MANIFEST),  # retention deleting an old version
+    ("write", "TRUNCATED"),  # the log truncation marker
+    ("remove", ".entry"),  # deleting truncated log entries
+]
+
+
 def test_kill9_during_saves_loses_and_doubles_nothing(
-    worker_factory: Any, index_name: str, job_settings: Settings, redis_client: redis.Redis
+    worker_factory: Any,
+    index_name: str,
+    job_settings: Settings,
+    redis_client: redis.Redis,
+    storage_root: Path,
+    tmp_path: Path,
 ) -> None:
     """Rounds of: upserts, then a save killed while it runs; every acknowledged vector stays.
 
-    Kills land inside the snapshot write, the CURRENT flip, retention and log truncation; the
-    next start recovers from whatever the dead save left and the redelivered save completes.
+    The save is held at one step of SAVE_STEPS through faultfs (a hung storage call) and the
+    worker is killed there: inside the snapshot write, the manifest, the CURRENT flip,
+    retention and log truncation. The next start recovers from whatever the dead save left and
+    the redelivered save completes.
     """
     rng = np.random.default_rng(11)
-    worker = worker_factory([index_name]).start()
+    control = str(tmp_path / "faults.json")
+    env = {
+        "FAISSQ_STORAGE__URL": f"faultfs://{storage_root}",
+        "FAISSQ_STORAGE__OPTIONS": json.dumps({"control": control}),
+    }
+    worker = worker_factory([index_name], env=env).start()
     client = JobClient(job_settings)
     upserts: list[AsyncResult] = []
-    next_id = kills = 0
+    next_id = kills = rounds = 0
+    killed_at: list[tuple[str, str]] = []
     while kills < KILLS:
-        assert len(upserts) < 40 * KILLS, "could not kill the worker during a save often enough"
+        rounds += 1
+        assert rounds <= 2 * KILLS, f"saves were held at too few steps: {killed_at}"
+        step = SAVE_STEPS[kills % len(SAVE_STEPS)]
+        faults.set_faults(control, stall=[step[0]], match=step[1])
+        held = faults.stalls(control)
         for _ in range(2):
             ids = np.arange(next_id, next_id + 512, dtype=np.int64)
             next_id += 512
             vectors = rng.standard_normal((512, DIM)).astype(np.float32)
             upserts.append(client.upsert(index_name, ids, vectors, by_reference=False))
         save = client.save(index_name)
-        if not kill_while_running(worker, redis_client, [save.id]):
-            continue
+        saved_or_held = lambda h=held, s=save: faults.stalls(control) > h or s.ready()  # noqa: E731
+        wait_for(saved_or_held, TIMEOUT, "the save to be held or done")
+        if faults.stalls(control) == held:
+            continue  # this save had nothing to do at that step (no old version to delete)
+        worker.kill()
+        faults.set_faults(control, [])
         kills += 1
+        killed_at.append(step)
         acknowledged = sum(1 for r in upserts if r.ready())
         worker.start()
         stats = client.stats(index_name).get(timeout=TIMEOUT)
         assert stats["seq"] >= acknowledged
         save.get(timeout=TIMEOUT)  # redelivered after the kill, then completed
 
+    assert set(killed_at) == set(SAVE_STEPS)
     results = [r.get(timeout=TIMEOUT) for r in upserts]
     assert all(r["applied"] == 512 or r["duplicate"] for r in results)
     stats = client.stats(index_name).get(timeout=TIMEOUT)
