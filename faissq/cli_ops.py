@@ -196,6 +196,7 @@ def print_status(entry: dict[str, Any]) -> None:
             print(f"  family      {eng.get('family')} ({eng.get('factory')}), {eng.get('metric')}")
             kind, device = ("GPU" if eng.get("gpu") else "CPU"), str(eng.get("device"))
             print(f"  device      {kind}" + ("" if device == kind else f" ({device})"))
+        print_recall(stats.get("recall_live"))
     q = entry["queues"]
     print(f"  queues      rpc {q['rpc']}, jobs {q['jobs']}, in flight {q['in_flight']}, "
           f"dead letters {q['dead_letters']}")  # fmt: skip
@@ -204,6 +205,22 @@ def print_status(entry: dict[str, Any]) -> None:
         print(f"  snapshot    unreadable: {snap['error']}")
     else:
         print(f"  snapshot    {snap['current'] or 'none'} (CURRENT; {snap['versions']} stored)")
+
+
+def print_recall(live: dict[str, Any] | None) -> None:
+    """Live recall lines: measured recall per setting on sampled searches (docs/operations.md)."""
+    if not live:
+        return
+    print(f"  recall      live, {live['sampled']} sampled (rate {live['sample_rate']:g}), "
+          f"{live['evaluated']} checked, {live['backlog']} waiting")  # fmt: skip
+    for param, row in (live.get("params") or {}).items():
+        print(f"    {param}: {row['recall']:.4f} (lower bound {row['recall_lo']:.4f}, "
+              f"{row['samples']} queries)")  # fmt: skip
+    drift = live.get("drift") or {}
+    if drift:
+        advised = ", rebuild advised" if drift.get("advised") else ""
+        ratio, imbalance = drift.get("ratio"), drift.get("imbalance")
+        print(f"  drift       ratio {ratio}, imbalance {imbalance}{advised}")
 
 
 # -- search ------------------------------------------------------------------------------------

@@ -92,8 +92,12 @@ class JobClient:
         family: str | None = None,
         time_limit_s: float | None = None,
         by_reference: bool | None = None,
+        force: bool | None = None,
     ) -> AsyncResult:
-        """Replace the index with a fresh build (ids default to 0..n-1)."""
+        """Replace the index with a fresh build (ids default to 0..n-1).
+
+        force: swap it in even when the recall gate refuses it.
+        """
         return self.send(
             "faissq.build",
             index,
@@ -101,6 +105,7 @@ class JobClient:
             ids=_ids(ids) if ids is not None else None,
             family=family,
             time_limit_s=time_limit_s,
+            force=force,
         )
 
     def upsert(
@@ -130,10 +135,19 @@ class JobClient:
         return self.send("faissq.merge", index, time_limit_s=time_limit_s)
 
     def rebuild(
-        self, index: str, *, family: str | None = None, time_limit_s: float | None = None
+        self,
+        index: str,
+        *,
+        family: str | None = None,
+        time_limit_s: float | None = None,
+        force: bool | None = None,
     ) -> AsyncResult:
-        """Retrain the primary from the raw vectors (optionally into another family)."""
-        return self.send("faissq.rebuild", index, family=family, time_limit_s=time_limit_s)
+        """Retrain the primary from the raw vectors (optionally into another family).
+
+        force: swap it in even when the recall gate refuses it.
+        """
+        return self.send("faissq.rebuild", index, family=family, time_limit_s=time_limit_s,
+                         force=force)  # fmt: skip
 
     def save(self, index: str) -> AsyncResult:
         """Snapshot the index to shared storage."""

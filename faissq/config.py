@@ -274,6 +274,50 @@ class MaintenanceSettings(BaseModel):
     )
 
 
+class RecallSettings(BaseModel):
+    """Live recall: sampled searches checked by exact search; autotune and the publish gate."""
+
+    sample_rate: float = Field(
+        default=0.01, ge=0, le=1, description="Fraction of served query vectors sampled (0: off)."
+    )
+    ring_size: int = Field(
+        default=2_000, ge=1, description="Sampled queries kept per index, newest (bounds memory)."
+    )
+    cpu_fraction: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="Share of one core the background exact search may use, on average.",
+    )
+    nice: int = Field(
+        default=19, ge=0, le=19, description="Nice value of the exact-search thread (19: lowest)."
+    )
+    max_params: int = Field(
+        default=16, ge=1, description="Parameter settings reported per index; the rest: other."
+    )
+    min_queries: int = Field(
+        default=200,
+        ge=2,
+        description="Sampled queries needed before autotune and the publish gate use them.",
+    )
+    gate: bool = Field(
+        default=True,
+        description="Swap in a build or rebuild only when its recall on sampled queries holds.",
+    )
+    gate_margin: float = Field(
+        default=0.01, ge=0, le=1, description="Recall a new build may lose against the serving one."
+    )
+    drift_ratio: float = Field(
+        default=1.25,
+        gt=1,
+        description="IVF: new vectors' mean centroid distance over training's that advises a "
+        "rebuild.",
+    )
+    drift_rebuild: bool = Field(
+        default=False, description="Maintenance rebuilds an IVF index when drift advises it."
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration, read from FAISSQ_* variables (e.g. FAISSQ_INDEX__METRIC=l2)."""
 
@@ -289,3 +333,4 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
+    recall: RecallSettings = Field(default_factory=RecallSettings)

@@ -43,3 +43,24 @@ def queries_like(
     labels = q_rng.choice(clusters, size=nq, p=weights / weights.sum())
     out = q_rng.standard_normal((nq, dim), dtype=np.float32) * np.float32(spread)
     return out + centres[labels]
+
+
+def queries_between(
+    n: int,
+    dim: int,
+    *,
+    clusters: int,
+    spread: float = 1.0,
+    seed: int = 0,
+    nq: int = 1000,
+    query_seed: int = 7,
+) -> npt.NDArray[np.float32]:
+    """Unseen queries halfway between two of clustered(n, dim, ...)'s centres, as real queries
+    often fall between topics: autotune's synthetic queries (stored vectors moved off their
+    point) make such traffic look easier than it is."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)  # clustered()'s first draw
+    q_rng = np.random.default_rng(query_seed)
+    a, b = q_rng.integers(0, clusters, nq), q_rng.integers(0, clusters, nq)
+    noise = q_rng.standard_normal((nq, dim), dtype=np.float32) * np.float32(spread)
+    return np.ascontiguousarray((centres[a] + centres[b]) / 2 + noise, dtype=np.float32)

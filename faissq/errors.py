@@ -19,7 +19,8 @@
     │   ├── IndexNotReady
     │   ├── JobTimeLimitExceeded
     │   ├── DeadLettered
-    │   └── PermissionDenied
+    │   ├── PermissionDenied
+    │   └── RecallRegression
     ├── RetryableError              transient: retry with backoff
     │   └── StorageUnavailable
     └── RpcError                    raised by SearchClient
@@ -152,6 +153,23 @@ class PermissionDenied(PermanentError):
     """Raised when Redis refuses a command to this client's ACL user; the message names it."""
 
     code = "permission_denied"
+
+
+class RecallRegression(PermanentError):
+    """Raised when a new build recalls worse on sampled queries than the index serving now.
+
+    `report` holds both recalls, their lower bounds, the settings and the sample size; the
+    serving index stays in place.
+    """
+
+    code = "recall_regression"
+
+    def __init__(self, message: str, report: dict[str, object] | None = None) -> None:
+        super().__init__(message, report or {})
+        self.report: dict[str, object] = report or {}
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def refused(exc: BaseException | None) -> str | None:

@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from faissq.metrics_http import HealthFn, MetricsServer, readiness, start_http
+from faissq.metrics_recall import RecallMetrics, make_recall_metrics
 from faissq.metrics_updates import (
     observe_job,
     observe_search,
@@ -103,6 +104,8 @@ class Metrics:
     # background maintenance (faissq.worker.maintenance)
     maintenance_total: Counter
     log_unsaved_bytes: Gauge
+    # live recall of sampled searches, IVF drift (faissq.metrics_recall)
+    recall: RecallMetrics
 
 
 def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -239,6 +242,7 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "faissq_log_unsaved_bytes",
             "Bytes of update-log entries newer than the CURRENT snapshot (replayed on restart).",
         ),
+        recall=make_recall_metrics(r),
     )
 
 

@@ -18,13 +18,7 @@ import numpy as np
 from faissq.config import GpuSettings, IndexSettings
 from faissq.errors import EmptyBuild, IndexNotReady, InvalidParameter
 from faissq.index import tuning, upkeep
-from faissq.index.builder import (
-    Progress,
-    _noop,
-    build_primary,
-    merge_primary,
-    metric_type,
-)
+from faissq.index.builder import Progress, _noop, build_primary, merge_primary, metric_type
 from faissq.index.calibrate import sample_calibrator
 from faissq.index.delta import Delta
 from faissq.index.export import EngineExport, export_state, restore_parts
@@ -265,13 +259,17 @@ class Engine:
         queries: Any = None,
         num_queries: int = 1000,
         progress: Progress | None = None,
+        source: str | None = None,
     ) -> dict[str, Any]:
-        """Sweep search parameters against exact ground truth; keep and return the profile."""
+        """Sweep search parameters against exact ground truth; keep and return the profile.
+
+        source: what the queries are, recorded in the profile (default: synthetic or given).
+        """
         target = check_recall(target_recall) or self.cfg.target_recall
         with self._write_lock:
             xq = None if queries is None else as_vectors(queries, self.dim, self.metric)
             profile = tuning.autotune(
-                self, target, k, xq, num_queries, self.cfg.seed, progress or _noop
+                self, target, k, xq, num_queries, self.cfg.seed, progress or _noop, source
             )
             self._tuning = profile
             return profile

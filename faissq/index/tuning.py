@@ -222,8 +222,13 @@ def autotune(
     num_queries: int,
     seed: int,
     progress: Progress,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Measure recall@k and latency over the grid; choose the fastest setting meeting target."""
+    """Measure recall@k and latency over the grid; choose the fastest setting meeting target.
+
+    source names the queries in the profile: "synthetic" (stored vectors moved off their
+    point, made here when queries is None), "live" (sampled real searches) or "given".
+    """
     st = engine.state
     if st.ntotal <= 0:
         raise IndexNotReady(f"index {engine.name!r} is empty: nothing to tune")
@@ -265,6 +270,7 @@ def autotune(
         "param": param,
         "num_queries": int(queries.shape[0]),
         "held_out": held_out,
+        "source": source or ("synthetic" if held_out else "given"),
         "ntotal": int(st.ntotal),
         "version": engine.version,
         "chosen": chosen,

@@ -86,6 +86,7 @@ class RpcServer:
         )
         self.stats = RpcStats()
         self.metrics: Metrics | None = None  # metrics hook: set by RpcService when enabled
+        self.sampler: Any = None  # live-recall hook (worker.recall_live.IndexSampler)
         self._beat_every = self.cfg.heartbeat_ttl_s / 3
         self._block_s = min(MAX_BLOCK_S, self._beat_every)
         self._stop = threading.Event()
@@ -242,11 +243,13 @@ class RpcServer:
                 replies.append((req.reply, self._error(req.id, "timeout", late, turn)))
                 continue
             live.append(req)
-        if live:
-            for out in self._search(live, turn):
-                replies.append((out.request.reply, self._encode(out, t0, now, turn)))
+        outcomes = self._search(live, turn) if live else []
+        for out in outcomes:
+            replies.append((out.request.reply, self._encode(out, t0, now, turn)))
         if replies:
             self._send(r, replies)
+        if self.sampler is not None and outcomes:  # after the replies left: off the answer path
+            self.sampler.offer(outcomes)
         turn.seconds = time.perf_counter() - t0
         self.stats.record(turn)
         if self.metrics is not None:  # metrics hook

@@ -10,6 +10,7 @@ from faissq.config import Settings
 from faissq.index.engine import Engine
 from faissq.metrics import metrics_of
 from faissq.rpc.server import RpcServer, new_worker_id
+from faissq.worker.recall_live import LiveRecall, attach_recall
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,12 @@ class RpcService:
         self.settings = settings
         self.worker_id = new_worker_id()
         self.servers: list[RpcServer] = []
+        self.recall: LiveRecall | None = None
 
     def start(self, runtime: EngineSource) -> None:
-        """Start one loop per served index (the runtime's on_ready hook)."""
+        """Start one loop per served index (the runtime's on_ready hook), and live recall."""
+        self.recall = LiveRecall(self.settings.recall, runtime.engine, self.settings.worker.indexes)
+        attach_recall(runtime, self.recall)
         for index in self.settings.worker.indexes:
             engine = functools.partial(runtime.engine, index)
             describe = functools.partial(runtime.role_status, index)
@@ -44,7 +48,9 @@ class RpcService:
                 self.settings, index, engine, worker_id=self.worker_id, describe=describe
             )
             server.metrics = metrics_of(runtime)  # metrics hook (faissq/metrics.py)
+            server.sampler = self.recall.samplers[index]
             self.servers.append(server.start())
+        self.recall.start()
         log.info("rpc: serving %s as %s", ", ".join(self.settings.worker.indexes), self.worker_id)
 
     def stop(self) -> None:
@@ -52,3 +58,5 @@ class RpcService:
         servers, self.servers = self.servers, []
         for server in servers:
             server.stop()
+        if self.recall is not None:
+            self.recall.stop()

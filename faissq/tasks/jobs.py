@@ -28,20 +28,26 @@ def build(
     ids_ref: Any = None,
     family: Any = None,
     time_limit_s: Any = None,
+    force: Any = None,
 ) -> dict[str, Any]:
-    """Build the index from scratch (ids default to 0..n-1), snapshot it, then swap it in."""
+    """Build the index from scratch (ids default to 0..n-1), snapshot it, then swap it in.
+
+    force: swap it in even when the recall gate refuses it (logged).
+    """
     ctx = self.context()
     ctx.runtime.slot(index)
     cfg = ctx.settings
     limit = payload.time_limit_arg(time_limit_s, cfg.worker.job_time_limit_s)
     family = payload.optional_str("family", family)
+    forced = payload.flag_arg("force", force)
     vecs = payload.vectors_arg(vectors, vectors_ref, root=cfg.storage.url,
                                inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
     if ids is None and ids_ref is None:
         id_arr = np.arange(len(vecs), dtype=np.int64)
     else:
         id_arr = payload.ids_arg(ids, ids_ref, root=cfg.storage.url, n=len(vecs))
-    return ctx.runtime.build(index, vecs, id_arr, family=family, progress=self.progress(limit))
+    return ctx.runtime.build(index, vecs, id_arr, family=family, progress=self.progress(limit),
+                             force=forced)  # fmt: skip
 
 
 def upsert(
@@ -86,13 +92,17 @@ def merge(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, A
 
 
 def rebuild(
-    self: FaissqTask, index: str, family: Any = None, time_limit_s: Any = None
+    self: FaissqTask, index: str, family: Any = None, time_limit_s: Any = None, force: Any = None
 ) -> dict[str, Any]:
-    """Retrain and rebuild the primary from the raw vectors (after drift or imbalance)."""
+    """Retrain and rebuild the primary from the raw vectors (after drift or imbalance).
+
+    force: swap it in even when the recall gate refuses it (logged).
+    """
     ctx = self.context()
     limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
     family = payload.optional_str("family", family)
-    return ctx.runtime.rebuild(index, family, self.progress(limit))
+    forced = payload.flag_arg("force", force)
+    return ctx.runtime.rebuild(index, family, self.progress(limit), forced)
 
 
 def save(self: FaissqTask, index: str) -> dict[str, Any]:

@@ -96,6 +96,15 @@ def optional_str(name: str, value: Any) -> str | None:
     return value
 
 
+def flag_arg(name: str, value: Any) -> bool:
+    """Return an optional boolean parameter (None: false)."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidParameter(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def time_limit_arg(value: Any, default_s: float) -> float:
     """Return a job's time limit in seconds (the settings' when None)."""
     if value is None:

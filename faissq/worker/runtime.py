@@ -26,6 +26,7 @@ from faissq.errors import (
     UnknownIndex,
     WriterConflict,
 )
+from faissq.worker import publish
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.slots import SERVING, IndexSlot, IndexState, counts, small
 from faissq.worker.store import IndexStore, Op
@@ -154,8 +155,9 @@ class IndexRuntime:
         *,
         family: str | None,
         progress: Progress | None,
+        force: bool = False,
     ) -> dict[str, Any]:
-        """Build a new engine, snapshot it, then swap it in: the old one serves until the swap.
+        """Build, gate on recall (publish.check), snapshot, swap in; the old one serves till then.
 
         The build takes the next log seq as its version and its snapshot covers that seq, so
         versions keep growing and no logged batch before it is replayed on top of it.
@@ -167,6 +169,7 @@ class IndexRuntime:
             seq = self.store.next_seq(name)
             eng = self._new_engine(name, int(vectors.shape[1]))
             report = eng.build(vectors, ids, family=family, progress=progress, version=seq)
+            report["recall_gate"] = publish.check(self, name, slot.engine, eng, force, progress)
             if progress:
                 progress("save", 0, 1)
             t0 = time.perf_counter()
@@ -176,13 +179,8 @@ class IndexRuntime:
             slot.state = before
             raise
         self._swap(slot, eng, saved)
-        return {
-            **small(report),
-            "seq": slot.seq,
-            "version": eng.version,
-            "snapshot": saved,
-            "save_seconds": round(save_s, 6),
-        }
+        return {**small(report), "seq": slot.seq, "version": eng.version, "snapshot": saved,
+                "save_seconds": round(save_s, 6)}  # fmt: skip
 
     def apply(
         self,
@@ -278,8 +276,12 @@ class IndexRuntime:
         """Fold delta and tombstones into the primary (the engine swaps its own internals)."""
         return self._maintain(name, lambda eng: eng.merge(progress=progress))
 
-    def rebuild(self, name: str, family: str | None, progress: Progress | None) -> dict[str, Any]:
-        """Retrain the primary from the raw vectors, optionally in another family."""
+    def rebuild(
+        self, name: str, family: str | None, progress: Progress | None, force: bool = False
+    ) -> dict[str, Any]:
+        """Retrain from the raw vectors (another family when given); gated: publish.rebuild."""
+        if self.settings.recall.gate and publish.enough(self, name):
+            return publish.rebuild(self, name, family, force, progress)
         return self._maintain(name, lambda eng: eng.rebuild(progress=progress, family=family))
 
     def _maintain(self, name: str, run: Callable[[Engine], Any]) -> dict[str, Any]:
@@ -298,10 +300,10 @@ class IndexRuntime:
     def autotune(
         self, name: str, target_recall: float | None, progress: Progress | None
     ) -> dict[str, Any]:
-        """Tune search parameters, then snapshot so the profile survives a restart."""
+        """Tune search parameters (publish.autotune), then snapshot: the profile survives."""
         slot = self._writable(name)
         eng = self.engine(name)
-        profile = small(eng.autotune(target_recall=target_recall, progress=progress))
+        profile = small(publish.autotune(self, name, eng, target_recall, progress))
         if progress:
             progress("save", 0, 1)
         saved = self._save(slot, eng)
@@ -329,17 +331,13 @@ class IndexRuntime:
     def stats(self, name: str) -> dict[str, Any]:
         """Describe one index: state, seq, sizes and the engine's own stats."""
         slot = self.slot(name)
-        out: dict[str, Any] = {
-            "index": name,
-            "state": slot.state.value,
-            "reason": slot.reason,
-            "seq": slot.seq,
-            "snapshot_version": slot.version,
-            "load_seconds": round(slot.loaded_s, 6),
-        }
+        out: dict[str, Any] = {"index": name, "state": slot.state.value, "reason": slot.reason,
+                               "seq": slot.seq, "snapshot_version": slot.version,
+                               "load_seconds": round(slot.loaded_s, 6)}  # fmt: skip
         out.update(self.role_status(name))
         if slot.engine is not None:
             out["engine"] = small(slot.engine.stats())
+            out["recall_live"] = small(publish.summary(self, name))
             out.update(counts(slot))
         return out
 

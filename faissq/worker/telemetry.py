@@ -28,7 +28,9 @@ from faissq.metrics import (
     observe_job,
     update_index_gauges,
 )
+from faissq.metrics_recall import update_recall_gauges
 from faissq.worker.context import WorkerContext
+from faissq.worker.recall_live import recall_of
 from faissq.worker.slots import SERVING
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,9 @@ class WorkerTelemetry:
                 load_s=slot.loaded_s if slot.loaded_s > 0 else None,
             )
             self._queue_depth(name)
+            live = recall_of(runtime)
+            if live is not None and name in live.samplers:
+                update_recall_gauges(self.metrics.recall, name, live.samplers[name].summary())
 
     def _log_seq(self, index: str) -> int | None:
         """Highest seq in the index's update log on shared storage (None when unreadable)."""

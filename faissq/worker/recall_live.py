@@ -1,0 +1,282 @@
+"""Live recall: sample the searches a worker serves; check them by exact search in the background.
+
+The RPC loop hands each turn's answered outcomes to `IndexSampler.offer`, which keeps a
+`recall.sample_rate` fraction of the query vectors (a geometric skip: O(1) per request) in a ring
+of at most `recall.ring_size`, with their k, the setting they ran with and the ids served. One
+thread (`LiveRecall`) computes their exact top-k from the raw vectors at nice `recall.nice`, on
+one OpenMP thread, and sleeps after each batch so that its CPU time stays within
+`recall.cpu_fraction` of one core: searches are never delayed by it beyond that share. Filtered
+searches (allow/deny ids) are not sampled.
+
+The ring's queries are also what autotune and the publish gate measure on (faissq.worker.publish).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from faissq.config import RecallSettings
+from faissq.errors import FaissqError
+from faissq.index import recall_gate, tuning
+from faissq.index.engine import Engine
+from faissq.index.validate import F32, I64
+
+log = logging.getLogger(__name__)
+
+BATCH = 16  # queries per pass over the vectors: one read of the raw store serves them all
+IDLE_S = 1.0  # longest wait for new samples (bounds how late stop() is seen)
+
+
+@dataclass
+class Sample:
+    """One sampled query vector, how it was searched and, once checked, its recall."""
+
+    query: F32  # (dim,) as the client sent it (exact top-k ranks alike unnormalised under IP)
+    k: int
+    setting: recall_gate.Setting
+    label: str
+    version: int  # the state version that answered
+    found: I64  # (k,) the ids served
+    recall: float | None = None
+
+
+class IndexSampler:
+    """The sampled queries of one index and their checks."""
+
+    def __init__(
+        self, index: str, engine: Callable[[], Engine], cfg: RecallSettings, wake: threading.Event
+    ) -> None:
+        """engine: returns the engine serving now (raises IndexNotReady while there is none)."""
+        self.index = index
+        self.engine = engine
+        self.cfg = cfg
+        self._wake = wake
+        self._ring: deque[Sample] = deque(maxlen=cfg.ring_size)
+        self._lock = threading.Lock()
+        self._rand = random.Random()
+        self._skip = self._gap()
+        self.sampled = 0
+        self.evaluated = 0
+        self.cpu_seconds = 0.0
+        self.drift: dict[str, Any] | None = None
+
+    def _gap(self) -> int:
+        """Rows to pass over before the next sample: geometric, mean 1 / sample_rate."""
+        rate = self.cfg.sample_rate
+        if rate >= 1.0:
+            return 0
+        if rate <= 0.0:
+            return 1 << 62
+        return int(math.log(1.0 - self._rand.random()) / math.log(1.0 - rate))
+
+    def offer(self, outcomes: Iterable[Any]) -> None:
+        """Keep the sampled rows of a turn's answered outcomes (the RPC thread; cheap)."""
+        for out in outcomes:
+            ids, req = out.ids, out.request
+            if ids is None or req.allow_ids is not None or req.deny_ids is not None:
+                continue
+            row, n = self._skip, int(ids.shape[0])
+            while row < n:
+                self._take(out, row)
+                row += 1 + self._gap()
+            self._skip = row - n
+
+    def _take(self, out: Any, row: int) -> None:
+        """Record one row of an outcome as a sample."""
+        req = out.request
+        try:
+            eng = self.engine()
+            setting = recall_gate.resolve(eng, req.nprobe, req.ef_search, req.k_factor,
+                                          req.target_recall)  # fmt: skip
+        except FaissqError:
+            return
+        query = np.array(req.queries[row], dtype=np.float32)
+        sample = Sample(query, int(req.k), setting, recall_gate.label(int(req.k), setting),
+                        int(out.version), np.array(out.ids[row], dtype=np.int64))  # fmt: skip
+        with self._lock:
+            self._ring.append(sample)
+            self.sampled += 1
+        self._wake.set()
+
+    def pending(self) -> list[Sample]:
+        """Unchecked samples, oldest first, at most one batch."""
+        with self._lock:
+            return [s for s in self._ring if s.recall is None][:BATCH]
+
+    def check(self) -> int:
+        """Check one batch of samples by exact search; how many were checked."""
+        todo = self.pending()
+        if not todo:
+            return 0
+        try:
+            eng = self.engine()
+        except FaissqError:
+            return 0
+        st = eng.state
+        queries = np.ascontiguousarray(np.stack([s.query for s in todo]))
+        truth = recall_gate.exact_top(eng, st, queries, max(s.k for s in todo))
+        for i, s in enumerate(todo):
+            found = s.found
+            if s.version != st.version:  # the state changed since: search it as it is now
+                found = eng.search(s.query[None], s.k, **s.setting).ids[0]
+            got = recall_gate.recall_rows(found[None], truth[i : i + 1], np.array([s.k]))
+            s.recall = float(got[0])
+        with self._lock:
+            self.evaluated += len(todo)
+        return len(todo)
+
+    def queries(self) -> tuple[F32, npt.NDArray[np.int64]]:
+        """Every sampled query in the ring (checked or not) and its k, oldest first."""
+        with self._lock:
+            items = list(self._ring)
+        if not items:
+            return np.empty((0, 0), dtype=np.float32), np.empty(0, dtype=np.int64)
+        return (np.ascontiguousarray(np.stack([s.query for s in items])),
+                np.array([s.k for s in items], dtype=np.int64))  # fmt: skip
+
+    def checked(self) -> list[Sample]:
+        """The checked samples in the ring, oldest first."""
+        with self._lock:
+            return [s for s in self._ring if s.recall is not None]
+
+    def summary(self) -> dict[str, Any]:
+        """Recall per setting over the checked samples of the ring, counters and backlog."""
+        with self._lock:
+            items = list(self._ring)
+            sampled, evaluated, cpu = self.sampled, self.evaluated, self.cpu_seconds
+        by: dict[str, list[float]] = {}
+        for s in items:
+            if s.recall is not None:
+                by.setdefault(s.label, []).append(s.recall)
+        ranked = sorted(by, key=lambda lb: -len(by[lb]))
+        cap = self.cfg.max_params
+        keep = cap if len(ranked) <= cap else cap - 1  # the last series is "other"
+        params: dict[str, list[float]] = {lb: by[lb] for lb in ranked[:keep]}
+        rest = [r for lb in ranked[keep:] for r in by[lb]]
+        if rest:
+            params["other"] = rest
+        done = sum(len(v) for v in by.values())
+        return {
+            "sample_rate": self.cfg.sample_rate,
+            "sampled": sampled,
+            "evaluated": evaluated,
+            "cpu_seconds": round(cpu, 6),
+            "ring": len(items),
+            "backlog": len(items) - done,
+            "params": {lb: _row(v) for lb, v in params.items()},
+            "drift": self.drift,
+        }
+
+
+def _row(recalls: list[float]) -> dict[str, Any]:
+    """Mean, lower bound and count of per-query recalls."""
+    per = np.asarray(recalls)
+    return {"recall": round(float(per.mean()), 4), "recall_lo": round(tuning.lower_bound(per), 4),
+            "samples": int(per.size)}  # fmt: skip
+
+
+class LiveRecall:
+    """The samplers of a worker's indexes and the one low-priority thread that checks them."""
+
+    def __init__(self, cfg: RecallSettings, engines: Callable[[str], Engine], indexes: list[str]):
+        """engines: the runtime's `engine(name)`; indexes: the served ones."""
+        self.cfg = cfg
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._done = threading.Condition()
+        self.samplers = {
+            name: IndexSampler(name, _bind(engines, name), cfg, self._wake) for name in indexes
+        }
+        self.extra: list[Callable[[], float]] = []  # more budgeted work (drift), CPU seconds each
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LiveRecall:
+        """Start the checking thread (nothing to do when sampling is off)."""
+        if self.cfg.sample_rate > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="faissq-recall", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread; samples are dropped with the process."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def wait_checked(self, index: str, n: int, timeout_s: float) -> bool:
+        """Block until index has n checked samples in its ring (tests, benchmarks)."""
+        sampler = self.samplers[index]
+        with self._done:
+            return self._done.wait_for(lambda: len(sampler.checked()) >= n, timeout_s)
+
+    def _run(self) -> None:
+        """Check batches while there are samples; sleep to keep within the CPU share."""
+        _lower_priority(self.cfg.nice)
+        while not self._stop.is_set():
+            did = 0
+            for sampler in self.samplers.values():
+                t0 = time.thread_time()
+                try:
+                    n = sampler.check()
+                except Exception:  # a bug here must never reach the search path
+                    log.exception("recall %s: checking samples failed", sampler.index)
+                    n = 0
+                spent = time.thread_time() - t0
+                with sampler._lock:
+                    sampler.cpu_seconds += spent
+                did += n
+                self._budget(spent)
+            if did:
+                with self._done:
+                    self._done.notify_all()
+                continue
+            self._wake.wait(IDLE_S)
+            self._wake.clear()
+
+    def _budget(self, spent: float) -> None:
+        """Sleep so that `spent` CPU seconds are at most cpu_fraction of the time passed."""
+        if spent > 0:
+            self._stop.wait(spent * (1.0 / self.cfg.cpu_fraction - 1.0))
+
+
+def _bind(engines: Callable[[str], Engine], name: str) -> Callable[[], Engine]:
+    return lambda: engines(name)
+
+
+def _lower_priority(nice: int) -> None:
+    """This thread only: lowest CPU priority and one OpenMP thread for its FAISS calls."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # per thread in libgomp: the search threads keep theirs
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except (OSError, AttributeError) as exc:
+        log.debug("recall: priority unchanged: %s", exc)
+
+
+_BY_RUNTIME: weakref.WeakKeyDictionary[Any, LiveRecall] = weakref.WeakKeyDictionary()
+
+
+def attach_recall(runtime: Any, live: LiveRecall) -> None:
+    """Make `live` the live recall of `runtime` (the worker's IndexRuntime)."""
+    _BY_RUNTIME[runtime] = live
+
+
+def recall_of(runtime: Any) -> LiveRecall | None:
+    """The live recall attached to runtime (None: the RPC loops have not started)."""
+    return _BY_RUNTIME.get(runtime)
