@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from faissq.errors import InvalidParameter
+from faissq.index import drift
 from faissq.index.params import batch_selector, hnsw_of, ivf_of
 from faissq.index.policy import Plan
 from faissq.index.state import Primary, in_sorted
@@ -158,6 +159,8 @@ def build_primary(
         # every page of the raw store resident in this process during the build
         index.add_with_ids(prepare(_rows(vectors, order, start, stop)), ids_s[start:stop])
         progress("add", stop, n)
+    # the drift baseline: how far the vectors the index was built with lie from its centroids
+    plan = replace(plan, centroid_dist=drift.baseline(index, raw, seed))
     return Primary(index=index, ids=ids_s, vectors=raw, plan=plan)
 
 

@@ -49,6 +49,7 @@ class Plan:
     estimate_bytes: int = 0  # resident: the index and the ids of the raw store
     raw_bytes: int = 0  # raw vectors + ids, memory-mapped from disk
     calibration: dict[str, Any] | None = None  # calibrate.Calibration.to_dict() when auto
+    centroid_dist: float = 0.0  # IVF: build vectors' mean distance to their centroid (drift.py)
 
     @property
     def is_ivf(self) -> bool:

@@ -1,4 +1,5 @@
-"""Background maintenance of an index writer: merge a grown delta, snapshot a grown log.
+"""Background maintenance of an index writer: merge a grown delta, snapshot a grown log, and
+(with `recall.drift_rebuild`) rebuild an IVF index whose new vectors drifted from its centroids.
 
 A thread looks at every served index each `maintenance.interval_s`. When a merge is due (the
 delta passed `index.merge_delta_max`) or a save is due (the log entries a restart would replay
@@ -32,6 +33,7 @@ from faissq.config import Settings
 from faissq.errors import FaissqError, InvalidParameter
 from faissq.index.heap import mmap_large_blocks, release_freed
 from faissq.metrics import metrics_of
+from faissq.worker import publish
 from faissq.worker.context import context_of
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.slots import SERVING
@@ -112,11 +114,16 @@ class LogBacklog:
         return self._snapshot_seq[key]
 
 
-def due(engine_stats: dict[str, Any], backlog: Backlog, settings: Settings) -> list[str]:
-    """What is due now for one index: "merge" and/or "save"."""
+def due(
+    engine_stats: dict[str, Any], backlog: Backlog, settings: Settings, drifted: bool = False
+) -> list[str]:
+    """What is due now for one index: "rebuild" (drifted: IVF drift advises it and
+    recall.drift_rebuild is on), else "merge"; and/or "save"."""
     cfg = settings.maintenance
     out = []
-    if engine_stats.get("merge_due"):
+    if drifted:
+        out.append("rebuild")  # folds the delta in too: no merge before it
+    elif engine_stats.get("merge_due"):
         out.append("merge")
     by_size = cfg.save_log_bytes > 0 and backlog.bytes >= cfg.save_log_bytes
     by_age = cfg.save_log_age_s > 0 and backlog.age_s >= cfg.save_log_age_s
@@ -187,7 +194,7 @@ class Maintenance:
             rec = self.records.setdefault(name, Record())
             rec.backlog = self._measure(name, slot.seq)
             self._gauge(name, rec.backlog)
-            if not due(eng.stats(), rec.backlog, self.settings):
+            if not due(eng.stats(), rec.backlog, self.settings, publish.drift_due(runtime, name)):
                 continue
             waited = time.monotonic() - rec.failed_at
             if rec.failed_at and waited < self.settings.maintenance.retry_after_s:
@@ -230,11 +237,16 @@ class Maintenance:
         """Merge and/or save, whichever is due now; clears this job's pending mark."""
         runtime = self._runtime or _runtime_of(self.app)
         rec = self.records.setdefault(index, Record())
-        out: dict[str, Any] = {"index": index, "merged": None, "saved": None}
+        out: dict[str, Any] = {"index": index, "rebuilt": None, "merged": None, "saved": None}
         try:
             eng = runtime.engine(index)
             backlog = LogBacklog(runtime.store)  # not the checking thread's: no shared cache
-            todo = due(eng.stats(), backlog.measure(index, runtime.slot(index).seq), self.settings)
+            todo = due(eng.stats(), backlog.measure(index, runtime.slot(index).seq), self.settings,
+                       publish.drift_due(runtime, index))  # fmt: skip
+            if "rebuild" in todo:  # gated on recall like any rebuild; asked again after a measure
+                publish.drift_measured_again(runtime, index)
+                out["rebuilt"] = runtime.rebuild(index, None, progress)
+                self._count(index, "rebuild")
             if "merge" in todo:
                 out["merged"] = runtime.merge(index, progress)
                 rec.merges += 1

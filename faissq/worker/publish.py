@@ -127,6 +127,28 @@ def rebuild(
     return {**small(report), **counts(slot)}
 
 
+def note_added(runtime: IndexRuntime, name: str, vectors: F32) -> None:
+    """Keep a few rows of an upserted batch for the drift measure (recall_live)."""
+    live = recall_of(runtime)
+    if live is not None and name in live.samplers:
+        live.samplers[name].note_added(vectors)
+
+
+def drift_due(runtime: IndexRuntime, name: str) -> bool:
+    """Whether maintenance should rebuild: drift advises it and recall.drift_rebuild is on."""
+    live = recall_of(runtime)
+    if not runtime.settings.recall.drift_rebuild or live is None or name not in live.samplers:
+        return False
+    return bool((live.samplers[name].drift or {}).get("advised"))
+
+
+def drift_measured_again(runtime: IndexRuntime, name: str) -> None:
+    """Forget the drift advice after a rebuild: the next measure is against the new centroids."""
+    live = recall_of(runtime)
+    if live is not None and name in live.samplers:
+        live.samplers[name].drift, live.samplers[name].next_drift = None, 0.0
+
+
 def summary(runtime: IndexRuntime, name: str) -> dict[str, Any] | None:
     """The index's live-recall summary (None before the search loops started)."""
     live = recall_of(runtime)

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from faissq.config import RecallSettings
 from faissq.errors import FaissqError
-from faissq.index import recall_gate, tuning
+from faissq.index import drift, recall_gate, tuning
 from faissq.index.engine import Engine
 from faissq.index.validate import F32, I64
 
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 16  # queries per pass over the vectors: one read of the raw store serves them all
 IDLE_S = 1.0  # longest wait for new samples (bounds how late stop() is seen)
+ADDED_ROWS = 2_048  # newly added vectors kept per index for the drift measure
+ADDED_PER_BATCH = 64  # of which at most this many from one upsert batch
+DRIFT_EVERY_S = 10.0  # how often drift is measured (a pass over the added rows and centroids)
 
 
 @dataclass
@@ -72,6 +75,8 @@ class IndexSampler:
         self.evaluated = 0
         self.cpu_seconds = 0.0
         self.drift: dict[str, Any] | None = None
+        self._added: deque[F32] = deque(maxlen=ADDED_ROWS)
+        self.next_drift = 0.0  # monotonic time of the next drift measure
 
     def _gap(self) -> int:
         """Rows to pass over before the next sample: geometric, mean 1 / sample_rate."""
@@ -110,6 +115,32 @@ class IndexSampler:
             self._ring.append(sample)
             self.sampled += 1
         self._wake.set()
+
+    def note_added(self, vectors: F32) -> None:
+        """Keep a few rows of an upserted batch for the drift measure (the writer's thread)."""
+        n = int(vectors.shape[0])
+        rows = self._rand.sample(range(n), min(n, ADDED_PER_BATCH))
+        with self._lock:
+            self._added.extend(np.array(vectors[r], dtype=np.float32) for r in rows)
+
+    def check_drift(self) -> None:
+        """Measure IVF drift of the kept added rows against the serving primary's training."""
+        self.next_drift = time.monotonic() + DRIFT_EVERY_S
+        try:
+            eng = self.engine()
+        except FaissqError:
+            return
+        primary = eng.state.primary
+        with self._lock:
+            rows = list(self._added)
+        if primary is None or not primary.plan.is_ivf:
+            self.drift = None
+            return
+        added = np.stack(rows) if rows else np.empty((0, eng.dim), dtype=np.float32)
+        if eng.metric == "cosine" and rows:
+            added /= np.maximum(np.linalg.norm(added, axis=1, keepdims=True), 1e-12)
+        self.drift = drift.measure(primary, added, self.cfg.drift_ratio,
+                                   eng.cfg.imbalance_rebuild) or None  # fmt: skip
 
     def pending(self) -> list[Sample]:
         """Unchecked samples, oldest first, at most one batch."""
@@ -200,7 +231,6 @@ class LiveRecall:
         self.samplers = {
             name: IndexSampler(name, _bind(engines, name), cfg, self._wake) for name in indexes
         }
-        self.extra: list[Callable[[], float]] = []  # more budgeted work (drift), CPU seconds each
         self._thread: threading.Thread | None = None
 
     def start(self) -> LiveRecall:
@@ -231,6 +261,8 @@ class LiveRecall:
             for sampler in self.samplers.values():
                 t0 = time.thread_time()
                 try:
+                    if time.monotonic() >= sampler.next_drift:
+                        sampler.check_drift()
                     n = sampler.check()
                 except Exception:  # a bug here must never reach the search path
                     log.exception("recall %s: checking samples failed", sampler.index)

@@ -213,6 +213,8 @@ class IndexRuntime:
                       name, logged.seq, type(exc).__name__, exc)  # fmt: skip
             self._recover_after(slot, logged.seq, f"applying seq {logged.seq} failed: {exc!r}")
             applied = len(ids)
+        if vectors is not None:  # a few rows for the IVF drift measure
+            publish.note_added(self, name, vectors)
         return {
             "seq": logged.seq,
             "duplicate": False,
