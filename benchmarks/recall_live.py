@@ -114,7 +114,7 @@ def main() -> None:
         server_proc.start()
         settings = Settings(redis={"url": server_proc.url}, metrics={"enabled": False},
                             worker={"indexes": [INDEX]})  # fmt: skip
-        r = redis.Redis.from_url(server_proc.url)
+        r = redis.Redis.from_url(server_proc.url, socket_timeout=None)  # a drain may take long
         server = RpcServer(settings, INDEX, lambda: eng).start()
         try:
             one_round(r, server, eng, queries, 2_000, None)  # warm-up
