@@ -42,14 +42,17 @@ class Round:
     """One drained request list."""
 
     qps: float
+    cpu_us: float  # this process's CPU time per search while draining (loop + check thread)
     sampled: int = 0
     checked: int = 0
     check_cpu_s: float = 0.0
     wall_s: float = 0.0
 
 
-def drain(r: redis.Redis, server: RpcServer, queries: np.ndarray, requests: int) -> float:
-    """Searches per second the loop answers from a full request list."""
+def drain(
+    r: redis.Redis, server: RpcServer, queries: np.ndarray, requests: int
+) -> tuple[float, float]:
+    """Searches per second the loop answers from a full request list, and CPU us per search."""
     msgs, last = [], ""
     for i in range(requests):
         rid = uuid.uuid4().hex
@@ -57,14 +60,15 @@ def drain(r: redis.Redis, server: RpcServer, queries: np.ndarray, requests: int)
         q = queries[i % len(queries)][None]
         msgs.append(protocol.encode_request(rid, last, time.time() + 600, 10, q))
     pipe = r.pipeline(transaction=False)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for start in range(0, requests, 1000):
         for msg in msgs[start : start + 1000]:
             pipe.lpush(keys.rpc_queue(INDEX), msg)
         pipe.execute()
     if r.brpop([last], timeout=600) is None:
         raise SystemExit("the loop did not drain its request list")
-    return requests / (time.perf_counter() - t0)
+    cpu = time.process_time() - cpu0
+    return requests / (time.perf_counter() - t0), cpu * 1e6 / requests
 
 
 def one_round(
@@ -77,14 +81,14 @@ def one_round(
         live = LiveRecall(recall, lambda name: eng, [INDEX]).start()
         server.sampler = live.samplers[INDEX]
     t0 = time.perf_counter()
-    qps = drain(r, server, queries, requests)
+    qps, cpu_us = drain(r, server, queries, requests)
     wall = time.perf_counter() - t0
     server.sampler = None
     if live is None:
-        return Round(qps, wall_s=wall)
+        return Round(qps, cpu_us, wall_s=wall)
     live.stop()
     s = live.samplers[INDEX].summary()
-    return Round(qps, s["sampled"], s["evaluated"], s["cpu_seconds"], wall)
+    return Round(qps, cpu_us, s["sampled"], s["evaluated"], s["cpu_seconds"], wall)
 
 
 def main() -> None:
@@ -92,8 +96,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--n", type=int, default=100_000, help="stored vectors")
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--requests", type=int, default=20_000, help="single-query searches a round")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration")
+    ap.add_argument("--requests", type=int, default=5_000, help="single-query searches a round")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds per configuration")
     args = ap.parse_args()
     clusters = max(8, int(np.sqrt(args.n)))
     xb = clustered(args.n, args.dim, clusters=clusters, seed=1)
@@ -135,22 +139,25 @@ def report(args: argparse.Namespace, built: float, results: dict[str, list[Round
           f"{args.requests} single-query searches per round, {args.rounds} rounds each, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}\n")  # fmt: skip
     base = statistics.median(x.qps for x in results["off"])
-    print(f"| {'configuration':<26} | {'QPS (median)':>12} | {'rounds':<23} | {'cost':>6} | "
-          f"{'sampled':>7} | {'checked':>7} | {'check CPU':>9} |")  # fmt: skip
-    print(f"|{'-' * 28}|{'-' * 14}|{'-' * 25}|{'-' * 8}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
+    head = ("configuration".ljust(26), "QPS (median)", "QPS range".ljust(11), "  cost",
+            "CPU us/search", "sampled", "checked", "check CPU")  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    print(f"|{'-' * 28}|{'-' * 14}|{'-' * 13}|{'-' * 8}|{'-' * 15}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
     for name, rounds in results.items():
         qps = statistics.median(x.qps for x in rounds)
-        each = " ".join(f"{x.qps:.0f}" for x in rounds)
+        cpu_us = statistics.median(x.cpu_us for x in rounds)
+        each = f"{min(x.qps for x in rounds):.0f}-{max(x.qps for x in rounds):.0f}"
         sampled = sum(x.sampled for x in rounds)
         checked = sum(x.checked for x in rounds)
         wall = sum(x.wall_s for x in rounds)
         share = f"{100 * sum(x.check_cpu_s for x in rounds) / wall:.1f}%" if sampled else "-"
         cost = f"{100 * (1 - qps / base):+.1f}%" if name != "off" else "-"
-        print(f"| {name:<26} | {qps:>12.0f} | {each:<23} | {cost:>6} | {sampled:>7} | "
-              f"{checked:>7} | {share:>9} |")  # fmt: skip
+        print(f"| {name:<26} | {qps:>12.0f} | {each:<11} | {cost:>6} | {cpu_us:>13.1f} | "
+              f"{sampled:>7} | {checked:>7} | {share:>9} |")  # fmt: skip
     print(
-        "\ncost: throughput lost against off; check CPU: the check thread's CPU time over the "
-        "rounds' wall time (bounded by recall.cpu_fraction of one core)"
+        "\ncost: median throughput lost against off; CPU us/search: this process's CPU time per "
+        "search (the loop, the check thread, the pushes), median round; check CPU: the check "
+        "thread's CPU time over the rounds' wall time (at most recall.cpu_fraction of a core)"
     )
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from faissq.client import JobClient
 
 ID_LIST = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*,?\s*$")
+FORCE_HELP = "publish even when the recall gate refuses it (docs/operations.md 5.1)"
 Send = Callable[["Sender"], "AsyncResult"]
 
 
@@ -244,6 +245,9 @@ def _remove_refs(settings: Settings, refs: list[str]) -> None:
 def print_report(report: dict[str, Any], fields: tuple[str, ...] = ()) -> None:
     """The result's named fields first, one per line, then every other scalar field."""
     names = list(fields) + [k for k in report if k not in fields]
+    gate = report.get("recall_gate")
+    if isinstance(gate, dict):  # a build or rebuild: how it fared on sampled queries
+        print(f"  {'recall gate':<14} {gate.get('reason')}")
     for name in names:
         value = report.get(name)
         if name not in report or isinstance(value, dict | list):
@@ -275,6 +279,7 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
         help="auto, flat, ivf_flat, ivf_pq, ivf_pq_refine, hnsw or a FAISS factory string "
         "(default: FAISSQ_INDEX__FAMILY of the worker)",
     )
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def run_build(args: argparse.Namespace, settings: Settings) -> int:
@@ -286,7 +291,7 @@ def run_build(args: argparse.Namespace, settings: Settings) -> int:
     def send(s: Sender) -> AsyncResult:
         id_kwargs = {} if ids is None else s.ids(ids)
         return s.jobs.send("faissq.build", args.index, **s.vectors(vectors), **id_kwargs,
-                           family=args.family)  # fmt: skip
+                           family=args.family, force=args.force or None)  # fmt: skip
 
     print(f"build {args.index}: {vectors.shape[0]} x {vectors.shape[1]} vectors from {args.file}")
     fields = ("family", "factory", "reason", "ntotal", "seconds", "save_seconds", "version")
@@ -349,13 +354,14 @@ def add_rebuild_args(p: argparse.ArgumentParser) -> None:
         help="retrain into this family (default: the one the last build asked for, else "
         "FAISSQ_INDEX__FAMILY of the worker)",
     )
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def run_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     """Retrain the primary from the raw vectors."""
-    return run_job(
-        args, settings, lambda s: s.jobs.rebuild(args.index, family=args.family), print_report
-    )
+    force = args.force or None
+    return run_job(args, settings, lambda s: s.jobs.rebuild(args.index, family=args.family,
+                                                            force=force), print_report)  # fmt: skip
 
 
 def run_save(args: argparse.Namespace, settings: Settings) -> int:

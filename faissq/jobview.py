@@ -88,6 +88,9 @@ def print_profile(profile: dict[str, Any], out: TextIO | None = None) -> None:
     met = "" if profile.get("met", True) else "  (not met: highest-recall row chosen)"
     print(f"  autotune   target recall@{profile.get('k')} >= {profile.get('target_recall')}{met}",
           file=out)  # fmt: skip
+    if profile.get("source"):
+        print(f"  queries    {profile.get('num_queries')} {profile['source']} (docs/operations.md "
+              "5.1)", file=out)  # fmt: skip
     for row in table:
         params = ", ".join(
             f"{key}={row[key]}" for key in ("nprobe", "ef_search", "k_factor") if key in row

@@ -178,11 +178,6 @@ class IndexSampler:
         return (np.ascontiguousarray(np.stack([s.query for s in items])),
                 np.array([s.k for s in items], dtype=np.int64))  # fmt: skip
 
-    def checked(self) -> list[Sample]:
-        """The checked samples in the ring, oldest first."""
-        with self._lock:
-            return [s for s in self._ring if s.recall is not None]
-
     def summary(self) -> dict[str, Any]:
         """Recall per setting over the checked samples of the ring, counters and backlog."""
         with self._lock:
@@ -227,15 +222,14 @@ class LiveRecall:
         self.cfg = cfg
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._done = threading.Condition()
         self.samplers = {
             name: IndexSampler(name, _bind(engines, name), cfg, self._wake) for name in indexes
         }
         self._thread: threading.Thread | None = None
 
     def start(self) -> LiveRecall:
-        """Start the checking thread (nothing to do when sampling is off)."""
-        if self.cfg.sample_rate > 0 and self._thread is None:
+        """Start the checking thread (it measures IVF drift even when sampling is off)."""
+        if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="faissq-recall", daemon=True)
             self._thread.start()
         return self
@@ -246,12 +240,6 @@ class LiveRecall:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
-
-    def wait_checked(self, index: str, n: int, timeout_s: float) -> bool:
-        """Block until index has n checked samples in its ring (tests, benchmarks)."""
-        sampler = self.samplers[index]
-        with self._done:
-            return self._done.wait_for(lambda: len(sampler.checked()) >= n, timeout_s)
 
     def _run(self) -> None:
         """Check batches while there are samples; sleep to keep within the CPU share."""
@@ -273,8 +261,6 @@ class LiveRecall:
                 did += n
                 self._budget(spent)
             if did:
-                with self._done:
-                    self._done.notify_all()
                 continue
             self._wake.wait(IDLE_S)
             self._wake.clear()
@@ -286,6 +272,7 @@ class LiveRecall:
 
 
 def _bind(engines: Callable[[str], Engine], name: str) -> Callable[[], Engine]:
+    """engines(name) as a thunk: the engine serving that index at each call."""
     return lambda: engines(name)
 
 

@@ -8,6 +8,8 @@ is what live recall must show and what autotune on sampled queries must correct.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -131,6 +133,11 @@ def test_live_recall_shows_what_synthetic_calibration_overstates(live: Live) -> 
     assert samples[("faissq_recall_sampled_total", (("index", live.index),))] == SERVED
     stats = live.jobs.stats(live.index).get(timeout=TIMEOUT)
     assert stats["recall_live"]["params"][param]["samples"] == SERVED
+    argv = [sys.executable, "-m", "faissq", "status", "--index", live.index]
+    out = subprocess.run(argv, env=live.worker.env(), capture_output=True, text=True, timeout=60)
+    row = stats["recall_live"]["params"][param]
+    line = f"{param}: {row['recall']:.4f} (lower bound {row['recall_lo']:.4f}, {SERVED} queries)"
+    assert line in out.stdout, out.stdout
 
 
 def test_a_worse_rebuild_is_refused_and_the_old_index_serves_on(live: Live) -> None:
@@ -153,5 +160,19 @@ def test_autotune_on_sampled_queries_meets_the_target_on_new_queries(live: Live)
     assert profile["chosen"]["recall_lo"] >= TARGET
     fresh = queries_between(N, DIM, clusters=CLUSTERS, spread=SPREAD, seed=1, nq=1000,
                             query_seed=99)  # fmt: skip
-    found = live.search.search(fresh, 10).ids
-    assert recall(found, exact_ids(live.xb, fresh, 10)) >= TARGET
+    truth = exact_ids(live.xb, fresh, 10)
+    assert recall(live.search.search(fresh, 10).ids, truth) >= TARGET
+    # the whole curve was measured: a lower per-request target maps to a cheaper measured row
+    cheaper = live.search.search(fresh, 10, target_recall=0.9)
+    assert cheaper.target_met is True and recall(cheaper.ids, truth) >= 0.9
+    assert any(0.9 <= row["recall_lo"] < TARGET for row in profile["table"])
+
+
+def test_force_publishes_a_refused_rebuild_and_says_so(live: Live) -> None:
+    """force=True swaps in what the gate refused, logged; a good rebuild then passes the gate."""
+    forced = live.jobs.rebuild(live.index, family="IVF64,PQ2", force=True).get(timeout=TIMEOUT)
+    gate = forced["recall_gate"]
+    assert gate["passed"] is False and gate["forced"] is True and forced["family"] != "ivf_flat"
+    assert "published anyway (force)" in live.worker.log_tail(20_000)
+    back = live.jobs.rebuild(live.index, family="ivf_flat").get(timeout=TIMEOUT)
+    assert back["recall_gate"]["passed"] is True and back["family"] == "ivf_flat"
