@@ -52,7 +52,7 @@ def autotune(
 ) -> dict[str, Any]:
     """Autotune on sampled real queries when there are enough, else on synthetic ones."""
     queries, k, n = sampled(runtime, name)
-    if n >= runtime.settings.recall.min_queries:
+    if n >= runtime.settings.recall.min_queries and queries.shape[1] == eng.dim:
         return eng.autotune(target_recall=target, k=k, queries=queries, progress=progress,
                             source="live")  # fmt: skip
     profile = eng.autotune(target_recall=target, progress=progress, source="synthetic")
@@ -79,6 +79,9 @@ def check(
         return {"gated": False, "reason": "recall.gate is off"}
     if n < cfg.min_queries:
         why = f"{n} sampled queries < recall.min_queries {cfg.min_queries}"
+        return {"gated": False, "samples": n, "reason": why}
+    if queries.shape[1] != candidate.dim:
+        why = f"sampled queries have dimension {queries.shape[1]}, the new index {candidate.dim}"
         return {"gated": False, "samples": n, "reason": why}
     candidate.autotune(k=k, queries=queries, progress=progress, source="live")
     target, margin = candidate.cfg.target_recall, cfg.gate_margin
@@ -120,6 +123,7 @@ def rebuild(
                             version=eng.version)  # fmt: skip
         del vecs
         report["op"] = "rebuild"
+        cand.last_durations["rebuild"] = cand.last_durations.pop("build", report["seconds"])
         report["recall_gate"] = check(runtime, name, eng, cand, force, progress)
     finally:
         slot.state = before

@@ -112,6 +112,8 @@ class IndexSampler:
         sample = Sample(query, int(req.k), setting, recall_gate.label(int(req.k), setting),
                         int(out.version), np.array(out.ids[row], dtype=np.int64))  # fmt: skip
         with self._lock:
+            if self._ring and self._ring[-1].query.shape != query.shape:
+                self._ring.clear()  # a build changed the dimension: older queries mean nothing
             self._ring.append(sample)
             self.sampled += 1
         self._wake.set()
@@ -157,6 +159,10 @@ class IndexSampler:
         except FaissqError:
             return 0
         st = eng.state
+        if any(s.query.shape[0] != eng.dim for s in todo):  # the index changed its dimension
+            with self._lock:
+                self._ring.clear()
+            return 0
         queries = np.ascontiguousarray(np.stack([s.query for s in todo]))
         truth = recall_gate.exact_top(eng, st, queries, max(s.k for s in todo))
         for i, s in enumerate(todo):

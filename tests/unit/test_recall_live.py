@@ -106,6 +106,19 @@ def test_a_sample_answered_by_an_older_state_is_searched_again_on_the_current_on
     assert s.summary()["params"]["k=5 exact"]["recall"] == 1.0  # flat: exact on the new state
 
 
+def test_a_build_of_another_dimension_drops_the_older_samples() -> None:
+    eng = Engine(16, IndexSettings(family="flat"))
+    eng.build(clustered(500, 16, seed=3), np.arange(500))
+    s = sampler(eng, sample_rate=1.0)
+    s.offer([served(eng, clustered(20, 16, seed=4), 5)])
+    wider = Engine(24, IndexSettings(family="flat"))
+    wider.build(clustered(500, 24, seed=3), np.arange(500))
+    s.engine = lambda: wider
+    assert s.check() == 0 and s.queries()[1].size == 0  # 16-d queries cannot be checked on 24-d
+    s.offer([served(wider, clustered(8, 24, seed=4), 5)])
+    assert s.queries()[0].shape == (8, 24) and s.check() == 8
+
+
 def test_the_gate_refuses_a_lossy_candidate_and_passes_one_that_holds(ivf: Any) -> None:
     eng, xb = ivf
     xq = queries_between(N, DIM, clusters=CLUSTERS, seed=1, nq=300)
