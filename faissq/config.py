@@ -316,6 +316,9 @@ class RecallSettings(BaseModel):
     drift_rebuild: bool = Field(
         default=False, description="Maintenance rebuilds an IVF index when drift advises it."
     )
+    drift_interval_s: float = Field(
+        default=10.0, gt=0, description="How often the writer measures IVF drift."
+    )
 
 
 class Settings(BaseSettings):

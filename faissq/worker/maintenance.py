@@ -62,6 +62,7 @@ class Record:
 
     merges: int = 0
     saves: int = 0
+    rebuilds: int = 0
     enqueued: int = 0
     failures: int = 0
     last_error: str = ""
@@ -243,9 +244,12 @@ class Maintenance:
             backlog = LogBacklog(runtime.store)  # not the checking thread's: no shared cache
             todo = due(eng.stats(), backlog.measure(index, runtime.slot(index).seq), self.settings,
                        publish.drift_due(runtime, index))  # fmt: skip
-            if "rebuild" in todo:  # gated on recall like any rebuild; asked again after a measure
-                publish.drift_measured_again(runtime, index)
-                out["rebuilt"] = runtime.rebuild(index, None, progress)
+            if "rebuild" in todo:  # gated on recall like any rebuild
+                try:
+                    out["rebuilt"] = runtime.rebuild(index, None, progress)
+                finally:  # a measure taken meanwhile saw the old centroids: measure again
+                    publish.drift_measured_again(runtime, index)
+                rec.rebuilds += 1
                 self._count(index, "rebuild")
             if "merge" in todo:
                 out["merged"] = runtime.merge(index, progress)
@@ -291,6 +295,7 @@ class Maintenance:
             "enabled": self.settings.maintenance.enabled,
             "merges": rec.merges,
             "saves": rec.saves,
+            "rebuilds": rec.rebuilds,
             "enqueued": rec.enqueued,
             "failures": rec.failures,
             "last_error": rec.last_error,

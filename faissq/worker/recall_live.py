@@ -40,7 +40,6 @@ BATCH = 16  # queries per pass over the vectors: one read of the raw store serve
 IDLE_S = 1.0  # longest wait for new samples (bounds how late stop() is seen)
 ADDED_ROWS = 2_048  # newly added vectors kept per index for the drift measure
 ADDED_PER_BATCH = 64  # of which at most this many from one upsert batch
-DRIFT_EVERY_S = 10.0  # how often drift is measured (a pass over the added rows and centroids)
 
 
 @dataclass
@@ -127,7 +126,7 @@ class IndexSampler:
 
     def check_drift(self) -> None:
         """Measure IVF drift of the kept added rows against the serving primary's training."""
-        self.next_drift = time.monotonic() + DRIFT_EVERY_S
+        self.next_drift = time.monotonic() + self.cfg.drift_interval_s
         try:
             eng = self.engine()
         except FaissqError:
