@@ -26,6 +26,7 @@ from faissq.client import JobClient
 from faissq.config import Settings
 from faissq.datasets import clustered, queries_between
 from faissq.errors import RecallRegression
+from faissq.index import tuning
 from faissq.rpc.client import SearchClient
 
 N, DIM, CLUSTERS, SPREAD = 10_000, 32, 100, 1.0
@@ -161,7 +162,8 @@ def test_autotune_on_sampled_queries_meets_the_target_on_new_queries(live: Live)
     fresh = queries_between(N, DIM, clusters=CLUSTERS, spread=SPREAD, seed=1, nq=1000,
                             query_seed=99)  # fmt: skip
     truth = exact_ids(live.xb, fresh, 10)
-    assert recall(live.search.search(fresh, 10).ids, truth) >= TARGET
+    per = tuning.recall_per_query(live.search.search(fresh, 10).ids, truth)
+    assert tuning.lower_bound(per) >= TARGET  # the target met with confidence on unseen queries
     # the whole curve was measured: a lower per-request target maps to a cheaper measured row
     cheaper = live.search.search(fresh, 10, target_recall=0.9)
     assert cheaper.target_met is True and recall(cheaper.ids, truth) >= 0.9

@@ -106,6 +106,21 @@ def test_a_sample_answered_by_an_older_state_is_searched_again_on_the_current_on
     assert s.summary()["params"]["k=5 exact"]["recall"] == 1.0  # flat: exact on the new state
 
 
+@pytest.mark.parametrize(
+    ("family", "label"),
+    [("hnsw", "k=10 ef_search=64"), ("IVF16,PQ4", "k=10 nprobe=16 k_factor=4"),
+     ("flat", "k=10 exact")],
+)  # fmt: skip
+def test_a_sample_is_labelled_with_the_parameters_its_family_reads(family: str, label: str) -> None:
+    xb = clustered(1000, 16, seed=3)
+    eng = Engine(16, IndexSettings(family=family, hnsw_m=8))
+    eng.build(xb, np.arange(1000))
+    s = sampler(eng, sample_rate=1.0)
+    s.offer([served(eng, xb[:4])])
+    s.check()
+    assert list(s.summary()["params"]) == [label]
+
+
 def test_a_build_of_another_dimension_drops_the_older_samples() -> None:
     eng = Engine(16, IndexSettings(family="flat"))
     eng.build(clustered(500, 16, seed=3), np.arange(500))
