@@ -39,13 +39,13 @@ from redis._parsers import _RESP2Parser
 from rpc_rig import ECHO, INDEX, NOOP_INDEX, Rig, bench_app, settings_for
 
 from faissq import codec, keys
-from faissq.client import JobClient
 from faissq.config import RpcSettings, Settings
 from faissq.rpc import protocol, resp
-from faissq.rpc.aio import AsyncSearchClient
-from faissq.rpc.client import RequestBuilder, SearchClient
+from faissq.rpc.aio_client import AsyncSearchClient
+from faissq.rpc.search_client import RequestBuilder, SearchClient
 from faissq.rpc.spin import spin_until_readable
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
+from faissq.tasks.producer import JobClient
 
 PAUSE_S = 0.0005  # (a'): about the idle gap the worker sees between sequential RPC searches
 

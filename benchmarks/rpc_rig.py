@@ -22,12 +22,12 @@ import redis
 
 from faissq import codec
 from faissq.config import Settings
-from faissq.embedded_redis import EmbeddedRedis
 from faissq.index.engine import SearchResult
-from faissq.rpc.client import SearchClient
+from faissq.rpc.search_client import SearchClient
 from faissq.rpc.server import RpcServer
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 from faissq.worker.app import make_celery_app
+from faissq.worker.embedded_redis import EmbeddedRedis
 
 INDEX = "bench"
 ECHO = "bench:echo"  # the no-op worker's request list

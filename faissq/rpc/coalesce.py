@@ -28,7 +28,7 @@ import numpy.typing as npt
 from faissq.errors import PermanentError, RpcError, SearchTimeout
 
 if TYPE_CHECKING:
-    from faissq.rpc.client import SearchResponse
+    from faissq.rpc.search_client import SearchResponse
 
 MAX_ROWS = 256  # query rows of one merged request: bounds its size and the batch the worker runs
 

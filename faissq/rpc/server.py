@@ -26,11 +26,11 @@ from faissq import keys
 from faissq.config import Settings
 from faissq.errors import FaissqError
 from faissq.index.engine import Engine
-from faissq.metrics import Metrics, observe_turn
 from faissq.rpc import protocol, resp
 from faissq.rpc.batch import Outcome, search_all
 from faissq.rpc.spin import spin_until_readable
 from faissq.rpc.stats import RpcStats, Turn
+from faissq.telemetry.metric_families import Metrics, observe_turn
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from faissq.errors import (
     PermanentError,
     StorageUnavailable,
 )
-from faissq.metrics import metrics_of, observe_storage_retry
+from faissq.telemetry.metric_families import metrics_of, observe_storage_retry
 from faissq.worker import delivery
 from faissq.worker.context import WorkerContext, context_of
 

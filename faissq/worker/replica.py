@@ -20,17 +20,17 @@ import redis
 from faissq.config import Settings
 from faissq.errors import InvalidParameter, WriterConflict
 from faissq.index.engine import Engine
-from faissq.rpc.service import RpcService
+from faissq.rpc.server_set import RpcService
+from faissq.storage.durable import DurableStore
 from faissq.storage.log import Appended, UpdateLog
 from faissq.storage.recovery import Recovered
 from faissq.storage.snapshots import SnapshotStore
-from faissq.storage.store import DurableStore
+from faissq.telemetry.worker_telemetry import start_telemetry
 from faissq.worker.app import make_celery_app
 from faissq.worker.context import WorkerContext
 from faissq.worker.follower import Follower
+from faissq.worker.persistence import Op
 from faissq.worker.runtime import IndexRuntime
-from faissq.worker.store import Op
-from faissq.worker.telemetry import start_telemetry
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from faissq.errors import (
     WriterConflict,
 )
 from faissq.worker.backoff import wait_out_storage
+from faissq.worker.persistence import IndexStore, Op
 from faissq.worker.slots import SERVING, IndexSlot, IndexState, counts, small
-from faissq.worker.store import IndexStore, Op
 
 if TYPE_CHECKING:
     from faissq.index.engine import Engine

@@ -16,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from faissq.config import IndexSettings, Settings
 from faissq.errors import IndexNotReady
 from faissq.index.engine import Engine
-from faissq.metrics import (
+from faissq.rpc.protocol import Request
+from faissq.rpc.stats import Turn
+from faissq.telemetry.metric_families import (
     Metrics,
     make_metrics,
     metric_names,
@@ -26,9 +28,7 @@ from faissq.metrics import (
     start_http,
     update_index_gauges,
 )
-from faissq.rpc.protocol import Request
-from faissq.rpc.stats import Turn
-from faissq.worker.telemetry import code_bytes, job_outcome
+from faissq.telemetry.worker_telemetry import code_bytes, job_outcome
 
 LABELS_ALLOWED = {"index", "outcome", "task", "op", "state", "le"}  # le: histogram buckets
 
@@ -290,7 +290,7 @@ def test_the_operations_doc_lists_every_metric_and_no_other() -> None:
 
 
 def test_index_state_is_one_series_per_state_with_1_on_the_current_one() -> None:
-    from faissq.metrics_updates import INDEX_STATES
+    from faissq.telemetry.metric_updates import INDEX_STATES
     from faissq.worker.runtime import IndexState
 
     assert tuple(s.value for s in IndexState) == INDEX_STATES

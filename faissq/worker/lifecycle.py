@@ -21,16 +21,16 @@ from celery.worker import state as worker_state
 from faissq import keys
 from faissq.config import Settings
 from faissq.errors import WriterConflict
-from faissq.rpc.service import RpcService
-from faissq.storage.store import DurableStore
+from faissq.rpc.server_set import RpcService
+from faissq.storage.durable import DurableStore
 from faissq.tasks.jobs import register_tasks
+from faissq.telemetry.worker_telemetry import start_telemetry
 from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.context import WorkerContext, attach_context
 from faissq.worker.maintenance import Maintenance
+from faissq.worker.persistence import IndexStore
 from faissq.worker.runtime import IndexRuntime
-from faissq.worker.store import IndexStore
-from faissq.worker.telemetry import start_telemetry
 from faissq.worker.transport import restore_inflight, use_inflight_fetch
 
 log = logging.getLogger(__name__)

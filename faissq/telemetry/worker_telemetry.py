@@ -1,11 +1,11 @@
 """Metrics and health of a worker process, wired in one place: Celery signals, scrape, endpoints.
 
-`start_telemetry(app, ctx)` is the worker's only call: it builds the metrics (faissq.metrics),
+`start_telemetry(app, ctx)` is the worker's only call: it builds the metrics (metric_families),
 serves /metrics, /healthz and /readyz, and connects task_prerun / task_postrun / task_failure so
 every job is counted by task name and outcome without a line in the tasks. Index gauges are
 read from the runtime at scrape time, so they always show the actual state. The RPC loop reaches
-the same metrics through `faissq.metrics.metrics_of(runtime)` and records each turn with
-`faissq.metrics.observe_turn` at its single exit point.
+the same metrics through `metric_families.metrics_of(runtime)` and records each turn with
+`metric_families.observe_turn` at its single exit point.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from celery import Celery, signals
 
 from faissq import keys
 from faissq.errors import FaissqError
-from faissq.metrics import (
+from faissq.telemetry.metric_families import (
     Metrics,
     MetricsServer,
     attach_metrics,
@@ -223,7 +223,7 @@ class WorkerTelemetry:
 
     def serve(self) -> None:
         """Start /metrics, /healthz and /readyz; a busy port is logged, never fatal."""
-        from faissq.metrics import start_http
+        from faissq.telemetry.metric_families import start_http
 
         settings = self.ctx.settings
         try:

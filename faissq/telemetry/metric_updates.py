@@ -1,7 +1,7 @@
 """How faissq's metrics move: engine gauges at each scrape, and each search, RPC turn and job.
 
-The families themselves are defined in faissq.metrics, which re-exports everything here. Every
-observe_* takes `None` for metrics (disabled) and then does nothing.
+The families themselves are defined in metric_families, which re-exports everything here.
+Every observe_* takes `None` for metrics (disabled) and then does nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from prometheus_client import Gauge
 
-    from faissq.metrics import Metrics
+    from faissq.telemetry.metric_families import Metrics
 
 SEARCH_OK = "ok"  # the outcome of a search that was answered
 DEADLINE_DROP = "timeout"  # the outcome (wire code) of a request whose deadline had passed

@@ -2,7 +2,7 @@
 
 Liveness answers as long as the process serves HTTP; readiness is per served index (loaded, log
 replayed, serving searches) and answers 503 until then, so an orchestrator can tell a slow start
-from a dead process. `faissq.metrics.start_http` is this module's `start_http`.
+from a dead process. `faissq.telemetry.metric_families.start_http` is this module's `start_http`.
 """
 
 from __future__ import annotations

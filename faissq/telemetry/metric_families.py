@@ -1,6 +1,6 @@
-"""Every Prometheus metric faissq exports, named in one place (updates: faissq.metrics_updates).
+"""Every Prometheus metric faissq exports, named in one place (updates: metric_updates).
 
-How each metric moves lives in faissq.metrics_updates; its functions are re-exported here.
+How each metric moves lives in metric_updates; its functions are re-exported here.
 
 Nothing registers at import: `make_metrics()` builds the metrics on a fresh CollectorRegistry, so a
 process (or a test) holds as many independent sets as it likes. Base units (`_seconds`, `_bytes`),
@@ -9,8 +9,8 @@ outcome, task, op, lifecycle state, and the index's family/factory in one info s
 request values such as k or nprobe, which are gauges of the last request instead.
 
 Index gauges report the engine's actual state (`Engine.stats()`), refreshed at every scrape by the
-worker (faissq.worker.telemetry), never estimates or configuration flags. The HTTP endpoint
-(/metrics, /healthz, /readyz) lives in faissq.metrics_http; `start_http` is re-exported here.
+worker (worker_telemetry), never estimates or configuration flags. The HTTP endpoint (/metrics,
+/healthz, /readyz) lives in http_endpoint; `start_http` is re-exported here.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from faissq.metrics_http import HealthFn, MetricsServer, readiness, start_http
-from faissq.metrics_updates import (
+from faissq.telemetry.http_endpoint import HealthFn, MetricsServer, readiness, start_http
+from faissq.telemetry.metric_updates import (
     observe_job,
     observe_search,
     observe_storage_retry,

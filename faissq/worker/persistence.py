@@ -1,6 +1,6 @@
 """The runtime's seam to persistence: recover an index, log a batch before applying it, snapshot.
 
-`faissq.storage.store.DurableStore` is the implementation; the runtime only sees this Protocol.
+`faissq.storage.durable.DurableStore` is the implementation; the runtime only sees this Protocol.
 """
 
 from __future__ import annotations

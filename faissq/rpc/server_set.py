@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 from faissq.config import Settings
 from faissq.index.engine import Engine
-from faissq.metrics import metrics_of
 from faissq.rpc.server import RpcServer, new_worker_id
+from faissq.telemetry.metric_families import metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class RpcService:
             server = RpcServer(
                 self.settings, index, engine, worker_id=self.worker_id, describe=describe
             )
-            server.metrics = metrics_of(runtime)  # metrics hook (faissq/metrics.py)
+            server.metrics = metrics_of(runtime)  # the metrics hook
             self.servers.append(server.start())
         log.info("rpc: serving %s as %s", ", ".join(self.settings.worker.indexes), self.worker_id)
 
