@@ -84,7 +84,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     hostname = args.hostname or f"faissq-{'+'.join(indexes)}@{socket.gethostname()}"
     logging.basicConfig(level=args.loglevel.upper(), format=LOG_FORMAT)
     if args.replica or settings.worker.replica:
-        from faissq.worker.replica import run_replica
+        from faissq.worker.lifecycle import run_replica
 
         run_replica(settings)  # a replica joins the writer's Redis: never an embedded one
         return 0

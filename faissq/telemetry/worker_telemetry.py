@@ -200,11 +200,6 @@ class WorkerTelemetry:
         observe_job(self.metrics, name, job_outcome(state, exc), seconds,
                     index=index if isinstance(index, str) else None)  # fmt: skip
 
-    def on_shutdown(self, sender: Any = None, **_: Any) -> None:
-        """Stop serving when this app's worker shuts down."""
-        if getattr(sender, "app", None) is self.app:
-            self.close()
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     def connect(self) -> None:
@@ -212,14 +207,12 @@ class WorkerTelemetry:
         signals.task_prerun.connect(self.on_prerun, weak=False)
         signals.task_failure.connect(self.on_failure, weak=False)
         signals.task_postrun.connect(self.on_postrun, weak=False)
-        signals.worker_shutdown.connect(self.on_shutdown, weak=False)
 
     def disconnect(self) -> None:
         """Undo `connect` (in-process workers in tests)."""
         signals.task_prerun.disconnect(self.on_prerun)
         signals.task_failure.disconnect(self.on_failure)
         signals.task_postrun.disconnect(self.on_postrun)
-        signals.worker_shutdown.disconnect(self.on_shutdown)
 
     def serve(self) -> None:
         """Start /metrics, /healthz and /readyz; a busy port is logged, never fatal."""

@@ -1,17 +1,21 @@
 """The index worker process: a Celery app with the faissq tasks, started in one fixed order.
 
-`WriterLifecycle` is the one bootstep that owns a writer's start, top to bottom: take each
+`Lifecycle` is the one owner of a worker's start and stop, top to bottom: telemetry, each
 index's writer lock (a second writer stops here, before it touches anything), load (snapshot +
-log; storage trouble is waited out), put back the jobs a dead predecessor left, serve searches.
-Celery starts its Consumer step last, so no job is fetched before that: jobs sent while the
-indexes load wait in their queues instead of failing.
+log; storage trouble is waited out), the jobs a dead predecessor left, the search loops,
+maintenance; a replica loads, serves and follows instead. The `WriterStep` bootstep runs it in
+the Celery worker, which starts its Consumer step last, so no job is fetched before that: jobs
+sent while the indexes load wait in their queues instead of failing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -20,16 +24,18 @@ from celery.worker import state as worker_state
 
 from faissq import keys
 from faissq.config import Settings
-from faissq.errors import WriterConflict
+from faissq.errors import InvalidParameter, WriterConflict
 from faissq.rpc.server_set import RpcService
 from faissq.storage.durable import DurableStore
 from faissq.tasks.jobs import register_tasks
-from faissq.telemetry.worker_telemetry import start_telemetry
+from faissq.telemetry.worker_telemetry import WorkerTelemetry, start_telemetry
 from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.context import WorkerContext, attach_context
+from faissq.worker.follower import Follower
 from faissq.worker.maintenance import Maintenance
 from faissq.worker.persistence import IndexStore
+from faissq.worker.replica import make_replica
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.transport import restore_inflight, use_inflight_fetch
 
@@ -49,9 +55,7 @@ def make_worker_app(settings: Settings) -> Celery:
     register_tasks(app, settings)
     # queues merges and saves when due; built before loading (its heap settings apply to it)
     maintenance = Maintenance(app, settings)
-    step = type(
-        "FaissqWriter", (WriterLifecycle,), {"settings": settings, "maintenance": maintenance}
-    )
+    step = type("FaissqWriter", (WriterStep,), {"settings": settings, "maintenance": maintenance})
     app.steps["worker"].add(step)
     return app
 
@@ -70,45 +74,64 @@ def shutting_down() -> bool:
     return worker_state.should_stop is not None or worker_state.should_terminate is not None
 
 
-class WriterLifecycle(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
-    """Start (lock, load, restore, serve) and stop of one index writer process.
+class Lifecycle:
+    """Start and stop of one worker process, writer or search replica, top to bottom.
 
-    It stops on `worker_shutdown`, which Celery sends after the pool finished the running job:
-    a step's own stop would run before that and release the writer lock under a running job.
+    Writer: telemetry, lock, load, restore a dead predecessor's jobs, serve, maintain.
+    Replica: telemetry, load, and per index once loaded: serve and follow the writer's log.
+    Stop undoes it in reverse. The Celery bootstep below drives a writer; `run_replica` drives
+    a replica, which is a plain process without a consumer.
     """
 
-    settings: Settings  # set by make_worker_app on a subclass per app
-    maintenance: Maintenance  # likewise
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        """Nothing starts here: Celery builds its steps before it starts any."""
-        super().__init__(parent, **kwargs)
+    def __init__(self, app: Celery, settings: Settings, maintenance: Maintenance | None) -> None:
+        """maintenance: the writer's merge/save scheduler (None for a replica)."""
+        self.app = app
+        self.settings = settings
+        self.maintenance = maintenance
+        self.replica = settings.worker.replica
         self.ctx: WorkerContext | None = None
+        self.telemetry: WorkerTelemetry | None = None
         self.rpc: RpcService | None = None
-        self.worker: Any = None
+        self.follower: Follower | None = None
 
-    def start(self, parent: Any) -> None:
-        """Lock, load, restore and serve every index; WriterConflict ends the worker's start."""
-        self.worker = parent
-        signals.worker_shutdown.connect(self.on_shutdown, weak=False)
-        ctx = self.ctx = start_runtime(parent.app, self.settings)
+    def start(self, should_stop: Callable[[], bool]) -> None:
+        """Bring the worker up; WriterConflict ends a writer's start (a second writer)."""
+        if self.replica:
+            runtime, self.follower = make_replica(self.settings)
+        else:
+            runtime = IndexRuntime(self.settings, make_store(self.settings))
+        client = redis.Redis.from_url(
+            redis_url(self.settings), socket_timeout=self.settings.redis.socket_timeout_s
+        )
+        ctx = self.ctx = WorkerContext(settings=self.settings, runtime=runtime, redis=client)
+        attach_context(self.app, ctx)
+        # /healthz and /readyz answer from here on; readiness stays false until loaded
+        self.telemetry = start_telemetry(self.app, ctx)
+        self.rpc = RpcService(self.settings)
+        if self.follower is not None:
+            follower = self.follower
+            runtime.on_ready(self.rpc.start)
+            runtime.on_ready(lambda _: follower.start())
+            log.info("replica of %s: loading", ", ".join(self.settings.worker.indexes))
+            runtime.load_all()
+            return
         for index in self.settings.worker.indexes:  # 1. lock: before anything is read or moved
-            if not self.lock(ctx, index):
+            if not self.lock(ctx, index, should_stop):
                 return
-        ctx.runtime.load_all(shutting_down)  # 2. load: snapshot + log, storage waited out
-        if not ctx.runtime.wait_ready(0):
+        runtime.load_all(should_stop)  # 2. load: snapshot + log, storage waited out
+        if not runtime.wait_ready(0):
             return  # asked to stop while storage was away
         for index in self.settings.worker.indexes:  # 3. restore: a dead predecessor's jobs
-            n = restore_inflight(ctx.redis, keys.task_queue(index))
-            n += restore_orphans(parent.app, index)
+            n = restore_inflight(client, keys.task_queue(index))
+            n += restore_orphans(self.app, index)
             if n:
                 log.warning("index %s: %d job(s) left unacked by a dead worker were requeued",
                             index, n)  # fmt: skip
-        self.rpc = RpcService(self.settings)  # 4. serve: one search loop per index
-        self.rpc.start(ctx.runtime)
-        self.maintenance.start(ctx.runtime)  # 5. maintain: merges and saves when due
+        self.rpc.start(runtime)  # 4. serve: one search loop per index
+        if self.maintenance is not None:
+            self.maintenance.start(runtime)  # 5. maintain: merges and saves when due
 
-    def lock(self, ctx: WorkerContext, index: str) -> bool:
+    def lock(self, ctx: WorkerContext, index: str, should_stop: Callable[[], bool]) -> bool:
         """Take the index's writer lock, waiting out storage; False when asked to stop first."""
 
         def take() -> bool:
@@ -126,34 +149,73 @@ class WriterLifecycle(bootsteps.StartStopStep):  # type: ignore[misc]  # celery 
             ctx.runtime.slot(index).reason = reason  # /readyz shows why it is still loading
 
         cfg, what = self.settings.worker, f"locking index {index}"
-        return wait_out_storage(take, cfg, what, shutting_down, note) is not None
+        return wait_out_storage(take, cfg, what, should_stop, note) is not None
+
+    def stop(self) -> None:
+        """Stop maintenance, following and the search loops, then telemetry; release the locks."""
+        if self.maintenance is not None:
+            self.maintenance.stop()
+        if self.follower is not None:
+            self.follower.stop()
+        if self.rpc is not None:
+            self.rpc.stop()
+        if self.telemetry is not None:
+            self.telemetry.close()
+        if self.ctx is not None:
+            self.ctx.runtime.close()
+            self.ctx.redis.close()
+
+
+class WriterStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
+    """The bootstep that runs a writer's Lifecycle inside the Celery worker.
+
+    It stops on `worker_shutdown`, which Celery sends after the pool finished the running job:
+    a step's own stop would run before that and release the writer lock under a running job.
+    """
+
+    settings: Settings  # set by make_worker_app on a subclass per app
+    maintenance: Maintenance  # likewise
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        """Nothing starts here: Celery builds its steps before it starts any."""
+        super().__init__(parent, **kwargs)
+        self.lifecycle: Lifecycle | None = None
+        self.worker: Any = None
+
+    def start(self, parent: Any) -> None:
+        """Bring the writer up before Celery's consumer fetches its first job."""
+        self.worker = parent
+        signals.worker_shutdown.connect(self.on_shutdown, weak=False)
+        self.lifecycle = Lifecycle(parent.app, self.settings, self.maintenance)
+        self.lifecycle.start(shutting_down)
 
     def on_shutdown(self, sender: Any = None, **_: Any) -> None:
-        """Stop the search loops, then release the writer locks; keep the exit status."""
+        """Stop the lifecycle after the last job; keep the exit status."""
         if sender is not self.worker:
             return
         signals.worker_shutdown.disconnect(self.on_shutdown)
         _EXIT_CODES[sender.app] = int(getattr(sender, "exitcode", 0) or 0)
-        self.maintenance.stop()
-        if self.rpc is not None:
-            self.rpc.stop()
-        if self.ctx is not None:
-            self.ctx.runtime.close()
+        if self.lifecycle is not None:
+            self.lifecycle.stop()
 
 
-def start_runtime(app: Celery, settings: Settings) -> WorkerContext:
-    """The runtime (nothing loaded yet), its Redis client and telemetry, attached to `app`.
-
-    /healthz and /readyz answer from here on: readiness stays false until every index loaded.
-    """
-    client = redis.Redis.from_url(
-        redis_url(settings), socket_timeout=settings.redis.socket_timeout_s
+def run_replica(settings: Settings, stop: threading.Event | None = None) -> None:
+    """Run a search replica until SIGTERM / SIGINT (or `stop` is set)."""
+    if not settings.redis.url:
+        raise InvalidParameter("a replica serves the writer's Redis: set FAISSQ_REDIS__URL")
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"replica": True})}
     )
-    runtime = IndexRuntime(settings, make_store(settings))
-    ctx = WorkerContext(settings=settings, runtime=runtime, redis=client)
-    attach_context(app, ctx)
-    start_telemetry(app, ctx)  # metrics hook: /metrics, /healthz, /readyz, job signals
-    return ctx
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # the app is never started: it only carries the context (no consumer, no job signals)
+    lifecycle = Lifecycle(make_celery_app(settings), settings, maintenance=None)
+    lifecycle.start(stop.is_set)
+    while not stop.wait(1.0):  # a timed wait: the signal handler runs between two waits
+        pass
+    log.info("replica: shutting down")
+    lifecycle.stop()
 
 
 def restore_orphans(app: Celery, index: str) -> int:
