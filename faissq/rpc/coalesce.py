@@ -1,16 +1,4 @@
-"""Client-side merging: concurrent searches of one client with equal k and options share a request.
-
-Sixteen threads each searching one query cost sixteen submits, sixteen worker decodes and sixteen
-replies; merged, they cost one of each and a batch-16 search. Leaders and followers: a caller
-becomes a leader when fewer than `max_in_flight` round trips of this client are running, takes
-every waiting query of its own key (itself included, oldest first, up to `max_rows` rows), sends
-them as one request and splits the reply by rows. Other callers wait; when a round trip ends, the
-oldest waiter leads the next (threads: once every member of the finished request has left, so
-the members that search again at once share it). A lone caller sends its search directly, so an
-idle client adds no wait, no thread handoff and no allocation. A request-specific error of a
-merged request (bad vectors, say) is retried member by member, so only the caller who sent the
-bad input sees it.
-"""
+"""Client-side merging: concurrent searches of one client share a request (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -133,7 +121,12 @@ async def aserve(batch: list[Pending], search: AsyncSearch) -> None:
 
 
 class Waiting:
-    """The searches of one client waiting for a round trip, and who leads (no locking here)."""
+    """The searches of one client waiting for a round trip, and who leads (no locking here).
+
+    A caller leads when fewer than `max_in_flight` round trips run: it takes every waiting query of
+    its key (oldest first, up to `max_rows` rows), sends them as one request and splits the reply.
+    A lone caller sends directly; a request-specific error is retried member by member.
+    """
 
     def __init__(self, max_in_flight: int, max_rows: int) -> None:
         """At most `max_in_flight` leaders; at most `max_rows` query rows per merged request."""
@@ -198,9 +191,7 @@ class Waiting:
 
 
 class ThreadFlag:
-    """A one-shot thread signal: one held lock that set() releases; lighter than threading.Event,
-    whose Condition adds a second lock and a handoff. The coalescer orders every set() of a flag
-    (under its lock, or after the member was taken), so two never race."""
+    """A one-shot thread signal: one held lock that set() releases (the coalescer orders sets)."""
 
     __slots__ = ("_lock", "_set")
 
@@ -308,7 +299,7 @@ class Coalescer:
 
 
 class Flag:
-    """A one-shot asyncio signal: one future, set once; cheaper than asyncio.Event's waiters."""
+    """A one-shot asyncio signal: one future, set once."""
 
     __slots__ = ("future",)
 

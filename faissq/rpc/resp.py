@@ -1,5 +1,4 @@
-"""RESP bytes of pipelined commands, packed by hiredis: a few µs less per search than redis-py's
-own packer, which checks and encodes every argument in Python."""
+"""RESP bytes of pipelined commands, packed by hiredis instead of redis-py's Python packer."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""SearchClient: synchronous searches over the RPC queue, one Redis round trip per search.
-
-The submit script (heartbeat check, queue bound, LPUSH) and the BRPOP on the reply key are sent
-together in one write; the script answers on the reply key itself when it refuses, so the BRPOP
-returns at once with `no_worker` or `busy`, and otherwise when the worker replies or the deadline
-passes. Thread-safe: each round trip holds one connection, taken from the pool once and kept by
-the client; concurrent searches of one client with equal k and options are merged into shared
-requests (`faissq.rpc.coalesce`).
-"""
+"""SearchClient: one-write synchronous searches over the RPC queue (figures: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -45,8 +37,8 @@ from faissq.rpc.spin import readable_now, spin_until_readable
 READ_TAKES_TIMEOUT = "timeout" in inspect.signature(Connection.read_response).parameters
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
-# merged round trips in flight per client when rpc.max_in_flight is unset: with 16 threads a
-# third gained nothing (10.2-10.6k against 10.5-10.7k QPS), their wake-ups share one interpreter
+# merged round trips in flight per client when rpc.max_in_flight is unset: threads' wake-ups
+# share one interpreter, so a third round trip adds no throughput (docs/benchmarks.md, RPC)
 THREAD_IN_FLIGHT = 2
 
 
@@ -104,8 +96,7 @@ class RequestBuilder:
         return Prepared(rid, reply, block, [submit, ("BRPOP", reply, block)])
 
     def request_id(self) -> str:
-        """A fresh request id: random per builder and process, then a count (uuid4 per search
-        costs 3 µs of os.urandom and formatting)."""
+        """A fresh request id: a random prefix per builder and process, then a count (no uuid4)."""
         pid = os.getpid()
         if pid != self._pid:  # a forked child must not repeat its parent's ids
             self._pid, self._prefix = pid, uuid.uuid4().hex[:20]
@@ -210,8 +201,8 @@ class SearchClient:
             url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
         )
         self._redis = redis.Redis(connection_pool=self.pool)
-        # connections taken from the pool once and kept: redis-py's checkout and release cost
-        # about 18 µs per search (a socket probe, a lock, bookkeeping hooks)
+        # connections taken from the pool once and kept: redis-py's checkout and release run a
+        # socket probe, a lock and bookkeeping hooks per search (docs/benchmarks.md, RPC)
         self._idle: deque[Any] = deque()
         self._pid = os.getpid()
         self.coalescer = (
