@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # name exported by faissq -> the module that defines it (faissq re-exports, never redefines)
 EXPORTED = {
-    "AsyncSearchClient": "faissq.rpc.aio",
-    "JobClient": "faissq.client",
-    "SearchClient": "faissq.rpc.client",
-    "SearchResponse": "faissq.rpc.client",
+    "AsyncSearchClient": "faissq.rpc.aio_client",
+    "JobClient": "faissq.tasks.producer",
+    "SearchClient": "faissq.rpc.search_client",
+    "SearchResponse": "faissq.rpc.search_client",
     "Settings": "faissq.config",
-    "put_vectors": "faissq.client",
+    "put_vectors": "faissq.tasks.producer",
 }
 
 # every error class: its parent and the `code` it carries on the wire (RPC replies, job results)
