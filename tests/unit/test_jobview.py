@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from faissq.config import IndexSettings
 from faissq.cli.demo_data import clustered
-from faissq.index.engine import Engine
 from faissq.cli.progress_view import ProgressView, bar
+from faissq.config import IndexSettings
+from faissq.index.engine import Engine
 from faissq.tasks.base import JobProgress
 
 
