@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from faissq.telemetry.http_endpoint import HealthFn, MetricsServer, readiness, start_http
 from faissq.telemetry.metric_updates import (
     observe_job,
-    observe_search,
     observe_storage_retry,
     observe_turn,
     update_index_gauges,
@@ -39,7 +38,6 @@ __all__ = [
     "metric_names",
     "metrics_of",
     "observe_job",
-    "observe_search",
     "observe_storage_retry",
     "observe_turn",
     "readiness",

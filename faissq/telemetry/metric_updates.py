@@ -108,42 +108,6 @@ def _remove(metric: Gauge, *labels: str) -> None:
         metric.remove(*labels)
 
 
-def observe_search(
-    metrics: Metrics | None,
-    index: str,
-    outcome: str,
-    seconds: float,
-    *,
-    queries: int = 1,
-    k: int | None = None,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-) -> None:
-    """Record one search request at the RPC loop's exit point (no-op when metrics is None).
-
-    outcome: "ok" when answered, "timeout" for a deadline drop, else the error's wire `code`
-    (a fixed set: never put request values in it).
-    """
-    if metrics is None:
-        return
-    m = metrics
-    m.searches_total.labels(index, outcome).inc()
-    if outcome == DEADLINE_DROP:
-        m.rpc_deadline_drops_total.labels(index).inc()
-    if outcome != SEARCH_OK:
-        m.search_errors_total.labels(index, outcome).inc()
-        return
-    m.search_queries_total.labels(index).inc(max(0, queries))
-    if math.isfinite(seconds) and seconds >= 0:
-        m.search_latency_seconds.labels(index).observe(seconds)
-    if k is not None:
-        m.search_last_k.labels(index).set(k)
-    if nprobe is not None:
-        m.search_last_nprobe.labels(index).set(nprobe)
-    if ef_search is not None:
-        m.search_last_ef_search.labels(index).set(ef_search)
-
-
 class TurnLike(Protocol):
     """What the RPC loop records per turn (faissq.rpc.stats.Turn has this shape)."""
 
