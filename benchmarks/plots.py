@@ -1,4 +1,7 @@
-"""The figures of docs/benchmarks.md drawn as small SVG files under docs/img/, from its tables.
+"""The family p50 figure of docs/benchmarks.md as a small SVG under docs/img/, from its table.
+
+The RPC latency histogram and the recall-latency curves are drawn by benchmarks/rpc.py and
+benchmarks/family.py from their own runs.
 
     python benchmarks/plots.py        # needs matplotlib (the dev or bench extra)
 
@@ -14,17 +17,6 @@ from pathlib import Path
 
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 
-# RPC, run of 2026-11-26 02:04 (pinned, latency settings): row -> (p50, p90, p99) ms
-RPC_LATENCY = {
-    "(a) in-process search": (0.068, 0.077, 0.131),
-    "(a'') in-process, PING between": (0.088, 0.102, 0.144),
-    "(b) bare LPUSH + BRPOP": (0.223, 0.310, 0.436),
-    "(b'') bare, polling": (0.202, 0.223, 0.290),
-    "(c0) faissq RPC, no-op engine": (0.199, 0.233, 0.330),
-    "(c) faissq SearchClient": (0.317, 0.393, 0.503),
-    "(d) Celery delay().get()": (2.785, 3.540, 5.268),
-}
-
 # Index family, 2026-12-07: kind -> n -> (auto, raw IVF-Flat, raw HNSW32) p50 ms at recall >= 0.95
 FAMILY_P50 = {
     "clustered": {
@@ -38,29 +30,6 @@ FAMILY_P50 = {
         20_000: (0.244, 0.469, 0.189),
     },
 }
-
-
-def rpc_latency(plt: object, path: Path) -> None:
-    """p50, p90 and p99 of each sequential-search row on a log axis."""
-    fig, ax = plt.subplots(figsize=(7, 3.2))  # type: ignore[attr-defined]
-    rows = list(RPC_LATENCY)
-    for i, row in enumerate(rows):
-        p50, p90, p99 = RPC_LATENCY[row]
-        ax.plot([p50, p99], [i, i], color="0.7", lw=1, zorder=1)
-        ax.scatter([p50], [i], color="C0", zorder=2, label="p50" if i == 0 else None)
-        ax.scatter([p90], [i], color="C1", marker="s", zorder=2, label="p90" if i == 0 else None)
-        ax.scatter([p99], [i], color="C3", marker="^", zorder=2, label="p99" if i == 0 else None)
-    ax.set_yticks(range(len(rows)), rows)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ticks = [0.05, 0.1, 0.2, 0.5, 1, 2, 5]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("ms per single-query search (log scale)")
-    ax.set_title("RPC latency, 100k x 128 IVF-Flat, 2-core VM (2026-11-26 02:04)", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.grid(axis="x", which="both", color="0.9")
-    save(fig, path)
 
 
 def family_p50(plt: object, path: Path) -> None:
@@ -101,7 +70,6 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rpc_latency(plt, args.out / "rpc-latency.svg")
     family_p50(plt, args.out / "family-p50.svg")
 
 

@@ -461,7 +461,7 @@ def main() -> None:
     ap.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
     ap.add_argument("--batch-window-ms", type=float, default=RpcSettings().batch_window_ms,
                     help="the worker's rpc.batch_window_ms")  # fmt: skip
-    ap.add_argument("--png", default="docs/rpc-latency.png")
+    ap.add_argument("--png", default="docs/img/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
     ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
     ap.add_argument("--client-spin-us", type=float, default=0.0,
