@@ -8,6 +8,7 @@ its snapshot for the in-process and Celery rows):
     python benchmarks/rpc.py --quick            # 20k vectors, fewer rounds
     python benchmarks/rpc.py --worker-cpus 1    # workers on CPU 1; clients and Redis on the rest
     python benchmarks/rpc.py --worker-cpus 1 --spin-us 2000 --client-spin-us 1000  # both poll
+    python benchmarks/rpc.py --fast-paths       # each hand-written fast path vs the plain way
 
 Rows: (a) engine.search batch 1; (b) bare redis-py LPUSH then BRPOP with the same request
 bytes, answered by a no-op worker with a reply of the same size; (c) faissq SearchClient;
@@ -473,7 +474,19 @@ def main() -> None:
         "use as many FAISS threads as the worker has CPUs"
     )
     ap.add_argument("--worker-cpus", type=cpu_list, metavar="0,1", help=pin_help)
+    ap.add_argument("--fast-paths", action="store_true",
+                    help="instead of the rows above: each hand-written fast path of the client "
+                         "and worker against the plain redis-py or stdlib way, A/B interleaved "
+                         "over a no-op engine (benchmarks/rpc_paths.py; uses --rounds, "
+                         "--per-round, --seconds, --spin-us, --client-spin-us, --transport)")  # fmt: skip
     args = ap.parse_args()
+    if args.fast_paths:
+        import rpc_paths
+
+        args.spin_us = args.spin_us or 2000.0
+        args.client_spin_us = args.client_spin_us or 1000.0
+        rpc_paths.main(args)
+        return
     args.other_cpus = pin_apart(args.worker_cpus) if args.worker_cpus else None
     if args.quick:
         args.n, args.rounds, args.per_round, args.seconds = 20_000, 2, 200, 1.0

@@ -108,11 +108,12 @@ class NoopEngine:
         return SearchResult(np.zeros((n, k), np.float32), np.zeros((n, k), np.int64), 1)
 
 
-def run_noop_rpc(url: str, storage: str, dim: int) -> None:
-    """Role: faissq's RPC loop for index NOOP_INDEX over an engine that does nothing."""
+def run_noop_rpc(url: str, storage: str, dim: int, index: str, spin_us: float) -> None:
+    """Role: faissq's RPC loop for `index` over an engine that does nothing (rpc.spin_us set)."""
     settings = settings_for(url, storage)
+    settings.rpc.spin_us = spin_us
     noop: Any = NoopEngine(dim)
-    RpcServer(settings, NOOP_INDEX, lambda: noop).run()
+    RpcServer(settings, index, lambda: noop).run()
 
 
 class Rig:
@@ -209,11 +210,13 @@ def main() -> None:
     ap.add_argument("--start", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
+    ap.add_argument("--index", default=NOOP_INDEX, help="noop-rpc: the index it serves")
+    ap.add_argument("--spin-us", type=float, default=0.0, help="noop-rpc: its rpc.spin_us")
     args = ap.parse_args()
     if args.role == "echo":
         run_echo(args.url, args.reply_bytes)
     elif args.role == "noop-rpc":
-        run_noop_rpc(args.url, args.storage, args.dim)
+        run_noop_rpc(args.url, args.storage, args.dim, args.index, args.spin_us)
     elif args.role == "celery":
         run_celery_worker(args.url, args.storage)
     else:
