@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +34,6 @@ from faissq.rpc.coalesce import Coalescer, Pending
 from faissq.rpc.search_client import RequestBuilder, SearchClient
 from faissq.worker.embedded_redis import EmbeddedRedis
 
-SPIN_INDEX = "bench-noop-spin"  # the same no-op loop with rpc.spin_us set
 K = 10
 
 
@@ -151,10 +151,8 @@ def run(args: argparse.Namespace, url: str, storage: str) -> None:
     """Measure every pair, alternating sides round by round; print one table."""
     queries = np.random.default_rng(0).standard_normal((1024, args.dim)).astype(np.float32)
     plain = settings_for(url, storage)
-    spin = settings_for(url, storage, client_spin_us=args.client_spin_us)
     off = settings_for(url, storage, coalesce=False)
     fast_c, pool_c = SearchClient(plain, NOOP_INDEX), PoolClient(plain, NOOP_INDEX)
-    spin_c, worker_spin_c = SearchClient(spin, NOOP_INDEX), SearchClient(plain, SPIN_INDEX)
     event_c = SearchClient(plain, NOOP_INDEX)
     event_c.coalescer = EventCoalescer(event_c._merged, max_in_flight=2)
     single_c = SearchClient(off, NOOP_INDEX)
@@ -173,11 +171,7 @@ def run(args: argparse.Namespace, url: str, storage: str) -> None:
 
     seq = {  # name: (fast path, plain way)
         "connections kept, not checked out of the pool per search": (one(fast_c), one(pool_c)),
-        f"a lone search polls {args.client_spin_us:g} µs for its reply": (one(spin_c),
-                                                                            one(fast_c)),
-        f"the worker polls {args.spin_us:g} µs for the next request": (one(worker_spin_c),
-                                                                        one(fast_c)),
-    }  # fmt: skip
+    }
     conc = {
         "merging, 16 threads (merging off)": (
             lambda: thread_qps(fast_c, queries, 16, args.seconds),
@@ -202,7 +196,7 @@ def run(args: argparse.Namespace, url: str, storage: str) -> None:
         "client: script + BRPOP packed by hiredis (redis-py's pack_commands)": submit,
         "worker: 16 replies' LPUSH + EXPIRE packed by hiredis (pack_commands)": replies,
     }
-    for c in (fast_c, pool_c, spin_c, worker_spin_c, event_c, single_c):
+    for c in (fast_c, pool_c, event_c, single_c):
         seq_ms(one(c), queries, 50)  # warm-up: connections
     lat: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in seq}
     thr: dict[str, tuple[list[tuple[float, float]], ...]] = {n: ([], []) for n in conc}
@@ -245,33 +239,26 @@ def run(args: argparse.Namespace, url: str, storage: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    """Start Redis and two no-op RPC loops (one polling), measure, stop everything."""
-    import subprocess
-
+    """Start Redis and faissq's RPC loop over a no-op engine, measure, stop everything."""
     here = Path(__file__).with_name("rpc_rig.py")
     with tempfile.TemporaryDirectory(prefix="faissq-rpc-paths-") as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis", unix_socket=args.transport == "unix",
                                persistent=False)  # fmt: skip
         url = server.start()
         storage = str(Path(tmp) / "storage")
-        procs = []
+        argv = [sys.executable, str(here), "--role", "noop-rpc", "--url", url,
+                "--storage", storage, "--dim", str(args.dim)]  # fmt: skip
+        loop = subprocess.Popen(argv)
         try:
-            for index, spin_us in ((NOOP_INDEX, 0.0), (SPIN_INDEX, args.spin_us)):
-                argv = [sys.executable, str(here), "--role", "noop-rpc", "--url", url,
-                        "--storage", storage, "--dim", str(args.dim), "--index", index,
-                        "--spin-us", str(spin_us)]  # fmt: skip
-                procs.append(subprocess.Popen(argv))
-            for index in (NOOP_INDEX, SPIN_INDEX):
-                probe = SearchClient(settings_for(url, storage), index)
-                deadline = time.monotonic() + 60
-                while not probe.alive():
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"the no-op loop of {index} did not start")
-                    time.sleep(0.05)
-                probe.close()
+            probe = SearchClient(settings_for(url, storage), NOOP_INDEX)
+            deadline = time.monotonic() + 60
+            while not probe.alive():
+                if time.monotonic() > deadline:
+                    raise SystemExit("the no-op RPC loop did not start")
+                time.sleep(0.05)
+            probe.close()
             run(args, url, storage)
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
+            loop.terminate()
+            loop.wait(10)
             server.stop()

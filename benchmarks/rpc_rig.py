@@ -35,14 +35,11 @@ CELERY_QUEUE = "bench.celery"
 NOOP_INDEX = "bench-noop"  # served by faissq's RPC loop over an engine that does nothing
 
 
-def settings_for(
-    url: str, storage: str, *, coalesce: bool = True, client_spin_us: float = 0.0
-) -> Settings:
-    """Settings of every process of the run (coalesce: clients merge concurrent searches;
-    client_spin_us: lone searches poll for their reply)."""
+def settings_for(url: str, storage: str, *, coalesce: bool = True) -> Settings:
+    """Settings of every process of the run (coalesce: clients merge concurrent searches)."""
     return Settings(redis={"url": url}, storage={"url": storage}, metrics={"enabled": False},
                     gpu={"mode": "off"}, worker={"indexes": [INDEX]},
-                    rpc={"coalesce": coalesce, "client_spin_us": client_spin_us})  # fmt: skip
+                    rpc={"coalesce": coalesce})  # fmt: skip
 
 
 def bench_app(settings: Settings) -> Any:
@@ -108,12 +105,11 @@ class NoopEngine:
         return SearchResult(np.zeros((n, k), np.float32), np.zeros((n, k), np.int64), 1)
 
 
-def run_noop_rpc(url: str, storage: str, dim: int, index: str, spin_us: float) -> None:
-    """Role: faissq's RPC loop for `index` over an engine that does nothing (rpc.spin_us set)."""
+def run_noop_rpc(url: str, storage: str, dim: int) -> None:
+    """Role: faissq's RPC loop for index NOOP_INDEX over an engine that does nothing."""
     settings = settings_for(url, storage)
-    settings.rpc.spin_us = spin_us
     noop: Any = NoopEngine(dim)
-    RpcServer(settings, index, lambda: noop).run()
+    RpcServer(settings, NOOP_INDEX, lambda: noop).run()
 
 
 class Rig:
@@ -127,8 +123,7 @@ class Rig:
                                    persistent=False)  # fmt: skip
         self.url = self.redis.start()
         self.storage = str(tmp / "storage")
-        self.settings = settings_for(self.url, self.storage,
-                                     client_spin_us=args.client_spin_us)  # fmt: skip
+        self.settings = settings_for(self.url, self.storage)
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None,
@@ -146,8 +141,7 @@ class Rig:
         """The faissq worker, the echo worker and the Celery worker."""
         env = {"FAISSQ_REDIS__URL": self.url, "FAISSQ_STORAGE__URL": self.storage,
                "FAISSQ_METRICS__ENABLED": "false", "FAISSQ_GPU__MODE": "off",
-               "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms),
-               "FAISSQ_RPC__SPIN_US": str(self.args.spin_us)}  # fmt: skip
+               "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms)}  # fmt: skip
         cpus = self.args.worker_cpus
         if cpus:
             env["OMP_NUM_THREADS"] = str(len(cpus))
@@ -210,13 +204,11 @@ def main() -> None:
     ap.add_argument("--start", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
-    ap.add_argument("--index", default=NOOP_INDEX, help="noop-rpc: the index it serves")
-    ap.add_argument("--spin-us", type=float, default=0.0, help="noop-rpc: its rpc.spin_us")
     args = ap.parse_args()
     if args.role == "echo":
         run_echo(args.url, args.reply_bytes)
     elif args.role == "noop-rpc":
-        run_noop_rpc(args.url, args.storage, args.dim, args.index, args.spin_us)
+        run_noop_rpc(args.url, args.storage, args.dim)
     elif args.role == "celery":
         run_celery_worker(args.url, args.storage)
     else:

@@ -42,7 +42,7 @@ async def aserve(batch: list[Pending], search: AsyncSearch) -> None:
 class Flag:
     """A one-shot asyncio signal: one future, set once (woken by AsyncCoalescer's one timer).
 
-    Measured against asyncio.Event + wait_for: see Flag in docs/benchmarks.md#rpc-fast-paths.
+    Measured: 80 vs 104 µs client CPU per search with asyncio.Event, docs/benchmarks.md#rpc.
     """
 
     __slots__ = ("future",)
@@ -63,7 +63,10 @@ class Flag:
 
 
 class AsyncCoalescer:
-    """Merges the concurrent searches of one AsyncSearchClient (tasks of one event loop)."""
+    """Merges the concurrent searches of one AsyncSearchClient (tasks of one event loop).
+
+    Measured: 3,158 vs 1,352 QPS of 16 tasks with merging off, docs/benchmarks.md#rpc.
+    """
 
     def __init__(
         self, search: AsyncSearch, *, max_in_flight: int, max_rows: int = MAX_ROWS

@@ -30,7 +30,6 @@ from faissq.errors import FaissqError
 from faissq.index.engine import Engine
 from faissq.rpc import protocol, resp
 from faissq.rpc.batch import Outcome, search_all
-from faissq.rpc.spin import spin_until_readable
 from faissq.rpc.stats import RpcStats, Turn
 from faissq.telemetry.metric_families import Metrics, observe_turn
 
@@ -99,7 +98,6 @@ class RpcServer:
         self._lmpop = True
         self._next_beat = 0.0
         self._started = time.time()
-        self._spin_s = self.cfg.spin_us / 1e6
         self._acks = 0  # reply commands sent whose answers are still to be read
         # jitter: replicas that lost the same Redis do not all reconnect in the same instant
         self._backoff = ExponentialWithJitterBackoff(cap=BACKOFF_S[1], base=BACKOFF_S[0])
@@ -213,8 +211,6 @@ class RpcServer:
         else:
             conn.send_command("RPOP", self.queue, n)
         self._read_acks(conn)  # answers to the last replies, queued ahead of this pop's
-        if block and self._spin_s:
-            spin_until_readable(conn, self._spin_s)
         got = conn.read_response()
         if self._lmpop:
             return list(got[1]) if got else []
