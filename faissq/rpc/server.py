@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCK_S = 1.0  # longest BLMPOP wait: bounds how late stop() and the heartbeat can be
 BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnect attempts (before jitter)
-# connects redis-py retries inside one turn: a short outage never reaches the loop, a long one
-# does within about a second, so stop() is never held up longer
+# connect attempts redis-py retries within one turn (jittered waits, 0.7 s at most in all): a
+# Redis back that soon is reached at once; a longer outage returns to the loop's stop-aware wait
 CONNECT_RETRIES = 3
 MIN_REQUEST_BYTES = 1 << 20  # a message cap below this would refuse ordinary requests
 
