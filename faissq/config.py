@@ -187,18 +187,6 @@ class RpcSettings(BaseModel):
         ge=1,
         description="Round trips one merging client runs at once (unset: 2 threads, 3 asyncio).",
     )
-    spin_us: float = Field(
-        default=0,
-        ge=0,
-        le=100_000,
-        description="Busy-poll for the next request this long after a turn before sleeping.",
-    )
-    client_spin_us: float = Field(
-        default=0,
-        ge=0,
-        le=100_000,
-        description="A lone synchronous search busy-polls for its reply this long before sleeping.",
-    )
 
 
 class MetricsSettings(BaseModel):

@@ -14,7 +14,8 @@ from faissq import keys
 from faissq.config import Settings
 from faissq.errors import RemoteSearchError, RpcError, SearchTimeout, permission_denied
 from faissq.rpc import resp
-from faissq.rpc.coalesce import AsyncCoalescer, Pending, merge_key, mergeable
+from faissq.rpc.aio_coalesce import AsyncCoalescer
+from faissq.rpc.coalesce import Pending, merge_key, mergeable
 from faissq.rpc.search_client import (
     CONNECT_TIMEOUT_S,
     READ_GRACE_S,

@@ -10,5 +10,8 @@ import hiredis
 
 def pack(commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
     """Every command (args: str, bytes, int or float) in one buffer, as send_packed_command
-    takes it (a list of buffers: redis-py iterates over what it is given)."""
+    takes it (a list of buffers: redis-py iterates over what it is given).
+
+    Measured: 4.94 vs 23.23 µs per request with redis-py's pack_commands, docs/benchmarks.md#rpc.
+    """
     return [b"".join([hiredis.pack_command(command) for command in commands])]

@@ -1,35 +1,49 @@
 """The worker's HTTP endpoint: /metrics (Prometheus), /healthz (liveness), /readyz (readiness).
 
-Liveness answers as long as the process serves HTTP; readiness is per served index (loaded, log
-replayed, serving searches) and answers 503 until then, so an orchestrator can tell a slow start
-from a dead process. `faissq.telemetry.metric_families.start_http` is this module's `start_http`.
+/metrics is prometheus_client's own WSGI app; wsgiref serves it and the two health routes from a
+daemon thread, one thread per request. Liveness answers as long as the process serves HTTP;
+readiness is per served index (loaded, log replayed, serving searches) and answers 503 until
+then, so an orchestrator can tell a slow start from a dead process.
+`faissq.telemetry.metric_families.start_http` is this module's `start_http`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import threading
-from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from socketserver import ThreadingMixIn
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from faissq.config import Settings
-
-log = logging.getLogger(__name__)
 
 HealthFn = Callable[[], Mapping[str, Mapping[str, Any]]]
 """Returns {index: {"ready": bool, "state": str, "reason": str}} for every served index."""
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One daemon thread per request: a slow scrape never holds up /healthz or shutdown."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Keeps scrapes out of the worker log (one line per scrape every few seconds)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing."""
+
+
 class MetricsServer:
     """/metrics, /healthz (liveness) and /readyz (readiness per index) on a daemon thread."""
 
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
         """Wrap a started server; `port` is the bound port (useful when 0 was asked for)."""
         self._server = server
         self._thread = thread
@@ -60,55 +74,41 @@ def readiness(
     return (200 if ready else 503), {"ready": ready, "indexes": chosen}
 
 
+def endpoint_app(registry: CollectorRegistry, health_fn: HealthFn) -> WSGIApplication:
+    """The WSGI app of the three routes; anything else answers 404."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        body: Mapping[str, Any]
+        if path == "/metrics":
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            status, body = 200, {"alive": True}
+        elif path == "/readyz":
+            index = parse_qs(environ.get("QUERY_STRING", "")).get("index", [None])[0]
+            try:
+                status, body = readiness(health_fn(), index)
+            except Exception as exc:  # readiness unknown is not ready
+                status, body = 503, {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            status, body = 404, {"error": "not found: try /metrics, /healthz or /readyz"}
+        data = json.dumps(body).encode()
+        start_response(f"{status} {HTTPStatus(status).phrase}",
+                       [("Content-Type", "application/json"),
+                        ("Content-Length", str(len(data)))])  # fmt: skip
+        return [data]
+
+    return app
+
+
 def start_http(
-    settings: Settings,
-    registry: CollectorRegistry,
-    health_fn: HealthFn,
-    *,
-    before_scrape: Callable[[], None] | None = None,
+    settings: Settings, registry: CollectorRegistry, health_fn: HealthFn
 ) -> MetricsServer:
-    """Serve the registry and the health endpoints on settings.metrics.host/port (0: any free).
-
-    before_scrape runs at each /metrics request, so gauges read the state at scrape time; its
-    errors are logged and the last values served.
-    """
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            url = urlsplit(self.path)
-            if url.path == "/metrics":
-                if before_scrape is not None:
-                    try:
-                        before_scrape()
-                    except Exception:  # a broken refresh must not hide the other metrics
-                        log.exception("refreshing metrics before a scrape failed")
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif url.path == "/healthz":
-                self._json(200, {"alive": True})
-            elif url.path == "/readyz":
-                index = parse_qs(url.query).get("index", [None])[0]
-                try:
-                    self._json(*readiness(health_fn(), index))
-                except Exception as exc:  # readiness unknown is not ready
-                    self._json(503, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})
-            else:
-                self._json(404, {"error": "not found: try /metrics, /healthz or /readyz"})
-
-        def _json(self, status: int, body: Mapping[str, Any]) -> None:
-            self._send(status, json.dumps(body).encode(), "application/json")
-
-        def _send(self, status: int, data: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            """Keep scrapes out of the worker log (one line per scrape every few seconds)."""
-
-    server = ThreadingHTTPServer((settings.metrics.host, settings.metrics.port), Handler)
-    server.daemon_threads = True
+    """Serve the registry and the health endpoints on settings.metrics.host/port (0: any free)."""
+    server = make_server(settings.metrics.host, settings.metrics.port,
+                         endpoint_app(registry, health_fn), _ThreadingServer,
+                         handler_class=_QuietHandler)  # fmt: skip
     thread = threading.Thread(target=server.serve_forever, name="faissq-metrics", daemon=True)
     thread.start()
     return MetricsServer(server, thread)

@@ -3,7 +3,8 @@
 `start_telemetry(app, ctx)` is the worker's only call: it builds the metrics (metric_families),
 serves /metrics, /healthz and /readyz, and connects task_prerun / task_postrun / task_failure so
 every job is counted by task name and outcome without a line in the tasks. Index gauges are
-read from the runtime at scrape time, so they always show the actual state. The RPC loop reaches
+read from the runtime at scrape time (`refresh`, run by the metrics' ScrapeCollector), so they
+always show the actual state. The RPC loop reaches
 the same metrics through `metric_families.metrics_of(runtime)` and records each turn with
 `metric_families.observe_turn` at its single exit point.
 """
@@ -219,10 +220,9 @@ class WorkerTelemetry:
         from faissq.telemetry.metric_families import start_http
 
         settings = self.ctx.settings
+        self.metrics.scrape.refresh = self.refresh
         try:
-            self.server = start_http(
-                settings, self.metrics.registry, self.health, before_scrape=self.refresh
-            )
+            self.server = start_http(settings, self.metrics.registry, self.health)
         except OSError as exc:
             log.error(
                 "metrics: cannot listen on %s:%d (%s); set FAISSQ_METRICS__PORT to a free port "
@@ -235,6 +235,7 @@ class WorkerTelemetry:
     def close(self) -> None:
         """Stop the HTTP endpoints and disconnect the signals."""
         self.disconnect()
+        self.metrics.scrape.refresh = None
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps, signals
 from celery.worker import state as worker_state
+from redis.retry import Retry
 
 from faissq import keys
 from faissq.config import Settings
@@ -32,6 +33,7 @@ from faissq.telemetry.worker_telemetry import WorkerTelemetry, start_telemetry
 from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.context import WorkerContext, attach_context
+from faissq.worker.delivery import REDIS_BACKOFF
 from faissq.worker.follower import Follower
 from faissq.worker.maintenance import Maintenance
 from faissq.worker.persistence import IndexStore
@@ -40,6 +42,9 @@ from faissq.worker.runtime import IndexRuntime
 from faissq.worker.transport import restore_inflight, use_inflight_fetch
 
 log = logging.getLogger(__name__)
+# the worker's own client reconnects this often within one command before the error surfaces
+# (the delivery counters then wait Redis out; metrics and restores report it)
+CLIENT_RETRIES = 3
 
 
 def make_store(settings: Settings) -> IndexStore:
@@ -101,7 +106,9 @@ class Lifecycle:
         else:
             runtime = IndexRuntime(self.settings, make_store(self.settings))
         client = redis.Redis.from_url(
-            redis_url(self.settings), socket_timeout=self.settings.redis.socket_timeout_s
+            redis_url(self.settings),
+            socket_timeout=self.settings.redis.socket_timeout_s,
+            retry=Retry(REDIS_BACKOFF, CLIENT_RETRIES),
         )
         ctx = self.ctx = WorkerContext(settings=self.settings, runtime=runtime, redis=client)
         attach_context(self.app, ctx)

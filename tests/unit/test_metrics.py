@@ -212,8 +212,9 @@ def test_http_serves_metrics_liveness_and_readiness_per_index_on_a_free_port() -
         scrapes.append(1)
         m.worker_ready.set(len(scrapes))
 
+    m.scrape.refresh = refresh
     settings = Settings(metrics={"port": 0, "host": "127.0.0.1"})
-    server = start_http(settings, m.registry, lambda: health, before_scrape=refresh)
+    server = start_http(settings, m.registry, lambda: health)
     try:
         assert server.port > 0
         status, ctype, body = get(f"{server.url}/metrics")
@@ -238,8 +239,9 @@ def test_a_failing_refresh_or_health_check_never_breaks_the_endpoint() -> None:
     def broken() -> Any:
         raise RuntimeError("storage away")
 
+    m.scrape.refresh = broken
     settings = Settings(metrics={"port": 0, "host": "127.0.0.1"})
-    server = start_http(settings, m.registry, broken, before_scrape=broken)
+    server = start_http(settings, m.registry, broken)
     try:
         assert get(f"{server.url}/metrics")[0] == 200
         status, _, body = get(f"{server.url}/readyz")
