@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         StorageUnavailable,
         UnknownFamily,
         UnknownIndex,
+        IndexExists,
         WriterConflict,
     )
     from faissq.rpc.aio_client import AsyncSearchClient
@@ -79,6 +80,7 @@ _WHERE = {
     "StorageUnavailable": "faissq.errors",
     "UnknownFamily": "faissq.errors",
     "UnknownIndex": "faissq.errors",
+    "IndexExists": "faissq.errors",
     "WriterConflict": "faissq.errors",
 }
 
@@ -130,6 +132,7 @@ __all__ = [
     "StorageUnavailable",
     "UnknownFamily",
     "UnknownIndex",
+    "IndexExists",
     "WriterConflict",
     "__version__",
     "put_vectors",

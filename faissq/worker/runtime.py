@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from faissq.config import Settings
+from faissq.config import IndexSettings, Settings
 from faissq.errors import (
+    DimensionMismatch,
     FaissqError,
     IndexNotReady,
     InvalidVectors,
@@ -100,6 +101,29 @@ class IndexRuntime:
                  slot.loaded_s)  # fmt: skip
         return True
 
+    def add(self, name: str, cfg: IndexSettings, dim: int) -> IndexSlot:
+        """Serve one more index (created at runtime) with its own settings; `load` it next."""
+        slot = IndexSlot(name, cfg=cfg, dim=dim)
+        self.store.define(name, cfg, dim)
+        self.slots = {**self.slots, name: slot}  # readers iterate a dict that never changes
+        return slot
+
+    def load(self, name: str) -> IndexSlot:
+        """Load one added index now (snapshot + log; a new index is EMPTY)."""
+        slot = self.slot(name)
+        self._load(slot)
+        return slot
+
+    def remove(self, name: str) -> None:
+        """Stop serving an index (dropped): searches and jobs get UnknownIndex; lock released."""
+        self.slot(name)
+        self.slots = {k: v for k, v in self.slots.items() if k != name}
+        self.store.release(name)
+
+    def index_cfg(self, name: str) -> IndexSettings:
+        """The index section an index runs with: its own when created at runtime."""
+        return self.slot(name).cfg or self.settings.index
+
     def on_ready(self, hook: Callable[[IndexRuntime], None]) -> None:
         """Run `hook(runtime)` once every index is loaded (the RPC loop starts here)."""
         self._ready_hooks.append(hook)
@@ -161,6 +185,9 @@ class IndexRuntime:
         versions keep growing and no logged batch before it is replayed on top of it.
         """
         slot = self._writable(name)
+        if slot.dim is not None and vectors.shape[1] != slot.dim:
+            raise DimensionMismatch(f"vectors have dimension {vectors.shape[1]}, index {name!r} "
+                                    f"was created with {slot.dim}")  # fmt: skip
         before = slot.state
         slot.state = IndexState.REBUILDING
         try:
@@ -345,7 +372,9 @@ class IndexRuntime:
 
     def role_status(self, name: str) -> dict[str, Any]:
         """Role and replication position of one index (heartbeats and stats carry it)."""
-        slot = self.slot(name)
+        slot = self.slots.get(name)  # None once dropped: its loop still answers until purged
+        if slot is None:
+            return {"role": self.role, "dropped": True}
         out: dict[str, Any] = {"role": self.role, "seq": slot.seq}
         if self.role == "replica":
             out["log_seq"] = max(slot.log_seq, slot.seq)
@@ -395,4 +424,5 @@ class IndexRuntime:
         from faissq.index.engine import Engine
 
         gpu = self.settings.gpu if self.settings.gpu.mode != "off" else None
-        return (self._engine_class or Engine)(dim, self.settings.index, name=name, gpu=gpu)
+        cfg = self.index_cfg(name)
+        return (self._engine_class or Engine)(dim, cfg, name=name, gpu=gpu)

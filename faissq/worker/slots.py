@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from faissq.config import IndexSettings
     from faissq.index.engine import Engine
 
 
@@ -38,6 +39,9 @@ class IndexSlot:
     version: str | None = None
     loaded_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # an index created at runtime: its own index section (metric, family) and its dimension
+    cfg: IndexSettings | None = None
+    dim: int | None = None
     # replicas only, kept by the follower: the newest seq seen in the log, the seconds between
     # the writer logging the last applied entry and its application here, snapshot reloads
     log_seq: int = 0
