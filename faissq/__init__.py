@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         EmptyBuild,
         FaissqError,
         IndexBusy,
+        IndexExists,
         IndexNotReady,
         InvalidIds,
         InvalidParameter,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
         StorageUnavailable,
         UnknownFamily,
         UnknownIndex,
-        IndexExists,
         WriterConflict,
     )
     from faissq.rpc.aio_client import AsyncSearchClient
@@ -108,6 +108,7 @@ __all__ = [
     "EmptyBuild",
     "FaissqError",
     "IndexBusy",
+    "IndexExists",
     "IndexNotReady",
     "InvalidIds",
     "InvalidParameter",
@@ -132,7 +133,6 @@ __all__ = [
     "StorageUnavailable",
     "UnknownFamily",
     "UnknownIndex",
-    "IndexExists",
     "WriterConflict",
     "__version__",
     "put_vectors",

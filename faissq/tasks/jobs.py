@@ -62,7 +62,7 @@ def upsert(
     vecs = payload.vectors_arg(vectors, vectors_ref, root=cfg.storage.url,
                                inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
     id_arr = payload.ids_arg(ids, ids_ref, root=cfg.storage.url, n=len(vecs))
-    metric = ctx.runtime.index_cfg(index).metric
+    metric = (slot.cfg or cfg.index).metric  # its own when created at runtime
     return ctx.runtime.apply(
         index, "upsert", id_arr, vecs, bid,
         check=lambda eng: check_vectors(vecs, eng, metric, slot.dim),

@@ -53,8 +53,9 @@ class DynamicIndexes:
         self.rpc = rpc
         self.hostname = ""  # the Celery node name, set before the consumer starts
         self.catalog = Catalog(
-            Storage.from_url(settings.storage.url, fsync=settings.storage.fsync,
-                             **settings.storage.options)  # fmt: skip
+            Storage.from_url(
+                settings.storage.url, fsync=settings.storage.fsync, **settings.storage.options
+            )
         )
         self.grace_s = settings.worker.drop_grace_s
         self.tombstones: set[str] = set()  # dropped here or found dropped: answered until purged
@@ -132,11 +133,10 @@ class DynamicIndexes:
                 if rec is None:
                     rec = IndexDef(**{**new.describe(), "created_at": time.time()})
                     self.catalog.put(rec)
-                self.runtime.add(rec.name, self._cfg(rec), rec.dim)
             except BaseException:
                 self.runtime.store.release(new.name)
                 raise
-            self.runtime.load(rec.name)
+            self.runtime.add(rec.name, self._cfg(rec), rec.dim, load=True)
             self.rpc.add(self.runtime, rec.name)
             self._consume(rec.name, True)
             self.rpc.servers[rec.name].beating.wait(CONTROL_REPLY_S)  # searchable on return

@@ -4,9 +4,9 @@
 index's writer lock (a second writer stops here, before it touches anything), load (snapshot +
 log; storage trouble is waited out), the jobs a dead predecessor left, the search loops,
 maintenance; a dynamic worker first adds the created indexes of its catalog
-(`worker/dynamic.py`); a replica loads, serves and follows instead. The `WriterStep` bootstep runs it in
-the Celery worker, which starts its Consumer step last, so no job is fetched before that: jobs
-sent while the indexes load wait in their queues instead of failing.
+(`worker/dynamic.py`); a replica loads, serves and follows instead. The `WriterStep` bootstep
+runs it in the Celery worker, which starts its Consumer step last, so no job is fetched before
+that: jobs sent while the indexes load wait in their queues instead of failing.
 """
 
 from __future__ import annotations

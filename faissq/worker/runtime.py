@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+T = TypeVar("T")
 
 
 class IndexRuntime:
@@ -101,28 +102,18 @@ class IndexRuntime:
                  slot.loaded_s)  # fmt: skip
         return True
 
-    def add(self, name: str, cfg: IndexSettings, dim: int) -> IndexSlot:
-        """Serve one more index (created at runtime) with its own settings; `load` it next."""
-        slot = IndexSlot(name, cfg=cfg, dim=dim)
+    def add(self, name: str, cfg: IndexSettings, dim: int, *, load: bool = False) -> None:
+        """Serve one more index (created at runtime) with its own settings; `load`: now."""
         self.store.define(name, cfg, dim)
+        slot = IndexSlot(name, cfg=cfg, dim=dim)
         self.slots = {**self.slots, name: slot}  # readers iterate a dict that never changes
-        return slot
-
-    def load(self, name: str) -> IndexSlot:
-        """Load one added index now (snapshot + log; a new index is EMPTY)."""
-        slot = self.slot(name)
-        self._load(slot)
-        return slot
+        if load:
+            self._load(slot)
 
     def remove(self, name: str) -> None:
         """Stop serving an index (dropped): searches and jobs get UnknownIndex; lock released."""
-        self.slot(name)
-        self.slots = {k: v for k, v in self.slots.items() if k != name}
+        self.slots = {k: v for k, v in self.slots.items() if k != self.slot(name).name}
         self.store.release(name)
-
-    def index_cfg(self, name: str) -> IndexSettings:
-        """The index section an index runs with: its own when created at runtime."""
-        return self.slot(name).cfg or self.settings.index
 
     def on_ready(self, hook: Callable[[IndexRuntime], None]) -> None:
         """Run `hook(runtime)` once every index is loaded (the RPC loop starts here)."""
@@ -185,9 +176,8 @@ class IndexRuntime:
         versions keep growing and no logged batch before it is replayed on top of it.
         """
         slot = self._writable(name)
-        if slot.dim is not None and vectors.shape[1] != slot.dim:
-            raise DimensionMismatch(f"vectors have dimension {vectors.shape[1]}, index {name!r} "
-                                    f"was created with {slot.dim}")  # fmt: skip
+        if slot.dim is not None and vectors.shape[1] != slot.dim:  # created with a dimension
+            raise DimensionMismatch(f"vectors have dimension {vectors.shape[1]}, not {slot.dim}")
         before = slot.state
         slot.state = IndexState.REBUILDING
         try:
@@ -387,18 +377,18 @@ class IndexRuntime:
 
     def _save(self, slot: IndexSlot, eng: Engine) -> dict[str, Any]:
         """Snapshot the live engine at the seq it applied (DEGRADED when its bytes changed)."""
-        try:
-            return self.store.save(slot.name, eng, slot.seq)
-        except SnapshotCorrupt as exc:
-            slot.state, slot.reason = IndexState.DEGRADED, str(exc)
-            log.error("index %s DEGRADED: %s", slot.name, exc)
-            raise
+        return self._guarded(slot, lambda: self.store.save(slot.name, eng, slot.seq))
 
     def _check_mapped(self, slot: IndexSlot, eng: Engine) -> None:
-        """Refuse to build from raw vectors that changed on storage since they were verified;
-        the index stays up, DEGRADED with the reason, until it is reloaded."""
+        """Refuse to build from raw vectors that changed on storage since they were verified."""
+        self._guarded(slot, lambda: self.store.check_mapped(slot.name, eng))
+
+    @staticmethod
+    def _guarded(slot: IndexSlot, step: Callable[[], T]) -> T:
+        """Run a storage step; changed bytes leave the index up, DEGRADED with the reason, until
+        it is reloaded."""
         try:
-            self.store.check_mapped(slot.name, eng)
+            return step()
         except SnapshotCorrupt as exc:
             slot.state, slot.reason = IndexState.DEGRADED, str(exc)
             log.error("index %s DEGRADED: %s", slot.name, exc)
@@ -424,5 +414,5 @@ class IndexRuntime:
         from faissq.index.engine import Engine
 
         gpu = self.settings.gpu if self.settings.gpu.mode != "off" else None
-        cfg = self.index_cfg(name)
+        cfg = self.slot(name).cfg or self.settings.index  # its own when created at runtime
         return (self._engine_class or Engine)(dim, cfg, name=name, gpu=gpu)
