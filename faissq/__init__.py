@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         EmptyBuild,
         FaissqError,
         IndexBusy,
+        IndexExists,
         IndexNotReady,
         InvalidIds,
         InvalidParameter,
@@ -79,6 +80,7 @@ _WHERE = {
     "StorageUnavailable": "faissq.errors",
     "UnknownFamily": "faissq.errors",
     "UnknownIndex": "faissq.errors",
+    "IndexExists": "faissq.errors",
     "WriterConflict": "faissq.errors",
 }
 
@@ -106,6 +108,7 @@ __all__ = [
     "EmptyBuild",
     "FaissqError",
     "IndexBusy",
+    "IndexExists",
     "IndexNotReady",
     "InvalidIds",
     "InvalidParameter",

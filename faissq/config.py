@@ -228,6 +228,15 @@ class WorkerSettings(BaseModel):
     replica_poll_s: float = Field(
         default=0.5, gt=0, description="How often a replica polls the log and CURRENT."
     )
+    dynamic: bool = Field(
+        default=False,
+        description="Consume faissq.control: create and drop indexes at runtime (one per root).",
+    )
+    drop_grace_s: float = Field(
+        default=24 * 3600.0,
+        ge=0,
+        description="Seconds a dropped index's data is kept before it is removed (0: at once).",
+    )
 
 
 class MaintenanceSettings(BaseModel):

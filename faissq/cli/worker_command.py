@@ -52,17 +52,26 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="search-only replica: no job queue, follows the writer's log "
         "(also FAISSQ_WORKER__REPLICA=true; needs FAISSQ_REDIS__URL)",
     )
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="consume faissq.control: serve the indexes created at runtime (faissq.create_index) "
+        "besides any --index; one per storage root (also FAISSQ_WORKER__DYNAMIC=true)",
+    )
 
 
-def worker_argv(indexes: Sequence[str], hostname: str, loglevel: str, mingle: bool) -> list[str]:
+def worker_argv(
+    indexes: Sequence[str], hostname: str, loglevel: str, mingle: bool, dynamic: bool = False
+) -> list[str]:
     """The `celery worker` arguments of an index worker: threads pool, one thread, events."""
     from faissq import keys
 
+    queues = [keys.task_queue(i) for i in indexes] + ([keys.CONTROL_QUEUE] if dynamic else [])
     argv = [
         "worker",
         "--pool=threads",
         "--concurrency=1",  # one writer per index; searches run on the RPC thread
-        "--queues=" + ",".join(keys.task_queue(i) for i in indexes),
+        "--queues=" + ",".join(queues),
         "--task-events",
         "--hostname=" + hostname,
         "--loglevel=" + loglevel,
@@ -76,12 +85,14 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Start an index worker (and an embedded Redis when no URL is configured)."""
     from faissq.worker.lifecycle import exit_code, make_worker_app
 
-    if args.index:
-        settings = settings.model_copy(
-            update={"worker": settings.worker.model_copy(update={"indexes": list(args.index)})}
-        )
+    dynamic = bool(getattr(args, "dynamic", False)) or settings.worker.dynamic
+    update: dict[str, object] = {"dynamic": dynamic}
+    if args.index or (dynamic and "indexes" not in settings.worker.model_fields_set):
+        update["indexes"] = list(args.index or [])  # dynamic: only created ones unless named
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=update)})
     indexes = settings.worker.indexes
-    hostname = args.hostname or f"faissq-{'+'.join(indexes)}@{socket.gethostname()}"
+    name = "+".join(indexes) or "dynamic"
+    hostname = args.hostname or f"faissq-{name}@{socket.gethostname()}"
     logging.basicConfig(level=args.loglevel.upper(), format=LOG_FORMAT)
     if args.replica or settings.worker.replica:
         from faissq.worker.lifecycle import run_replica
@@ -90,5 +101,5 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     with redis_for(settings) as settings:
         app = make_worker_app(settings)
-        app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle))
+        app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle, dynamic))
     return exit_code(app)

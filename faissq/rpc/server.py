@@ -93,6 +93,7 @@ class RpcServer:
         self._beat_every = self.cfg.heartbeat_ttl_s / 3
         self._block_s = min(MAX_BLOCK_S, self._beat_every)
         self._stop = threading.Event()
+        self.beating = threading.Event()  # set by the first heartbeat: clients find it from then
         self._thread: threading.Thread | None = None
         self._redis: redis.Redis | None = None
         self._lmpop = True
@@ -326,6 +327,7 @@ class RpcServer:
         pipe.set(keys.heartbeat_key(self.index, self.worker_id), self._status(), px=ttl_ms)
         pipe.execute()
         self._next_beat = time.monotonic() + self._beat_every
+        self.beating.set()
 
     def _status(self) -> str:
         """This worker's heartbeat value: who, limits, engine state and counters (JSON)."""

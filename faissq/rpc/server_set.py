@@ -27,28 +27,42 @@ class EngineSource(Protocol):
 
 
 class RpcService:
-    """Starts the RPC loops of settings.worker.indexes once the runtime is ready; stops them."""
+    """Starts the RPC loops of the served indexes once the runtime is ready; adds and stops them."""
 
     def __init__(self, settings: Settings) -> None:
         """settings: the worker's settings (redis.url must be set by then)."""
         self.settings = settings
         self.worker_id = new_worker_id()
-        self.servers: list[RpcServer] = []
+        self.servers: dict[str, RpcServer] = {}
 
-    def start(self, runtime: EngineSource) -> None:
-        """Start one loop per served index (the runtime's on_ready hook)."""
-        for index in self.settings.worker.indexes:
-            engine = functools.partial(runtime.engine, index)
-            describe = functools.partial(runtime.role_status, index)
-            server = RpcServer(
-                self.settings, index, engine, worker_id=self.worker_id, describe=describe
-            )
-            server.metrics = metrics_of(runtime)  # the metrics hook
-            self.servers.append(server.start())
-        log.info("rpc: serving %s as %s", ", ".join(self.settings.worker.indexes), self.worker_id)
+    def start(self, runtime: EngineSource, indexes: list[str] | None = None) -> None:
+        """Start one loop per index (default settings.worker.indexes; the on_ready hook)."""
+        names = self.settings.worker.indexes if indexes is None else indexes
+        for index in names:
+            self.add(runtime, index)
+        log.info("rpc: serving %s as %s", ", ".join(names), self.worker_id)
+
+    def add(self, runtime: EngineSource, index: str) -> None:
+        """Start the loop of one index (created at runtime); a running one is kept."""
+        if index in self.servers:
+            return
+        engine = functools.partial(runtime.engine, index)
+        describe = functools.partial(runtime.role_status, index)
+        server = RpcServer(
+            self.settings, index, engine, worker_id=self.worker_id, describe=describe
+        )
+        server.metrics = metrics_of(runtime)  # the metrics hook
+        self.servers = {**self.servers, index: server.start()}
+
+    def remove(self, index: str) -> None:
+        """Stop one index's loop and remove its heartbeat (its data was purged)."""
+        server = self.servers.get(index)
+        self.servers = {k: v for k, v in self.servers.items() if k != index}
+        if server is not None:
+            server.stop()
 
     def stop(self) -> None:
         """Stop every loop and remove its heartbeat."""
-        servers, self.servers = self.servers, []
-        for server in servers:
+        servers, self.servers = self.servers, {}
+        for server in servers.values():
             server.stop()

@@ -3,9 +3,10 @@
 `Lifecycle` is the one owner of a worker's start and stop, top to bottom: telemetry, each
 index's writer lock (a second writer stops here, before it touches anything), load (snapshot +
 log; storage trouble is waited out), the jobs a dead predecessor left, the search loops,
-maintenance; a replica loads, serves and follows instead. The `WriterStep` bootstep runs it in
-the Celery worker, which starts its Consumer step last, so no job is fetched before that: jobs
-sent while the indexes load wait in their queues instead of failing.
+maintenance; a dynamic worker first adds the created indexes of its catalog
+(`worker/dynamic.py`); a replica loads, serves and follows instead. The `WriterStep` bootstep
+runs it in the Celery worker, which starts its Consumer step last, so no job is fetched before
+that: jobs sent while the indexes load wait in their queues instead of failing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.context import WorkerContext, attach_context
 from faissq.worker.delivery import REDIS_BACKOFF
+from faissq.worker.dynamic import DynamicIndexes
 from faissq.worker.follower import Follower
 from faissq.worker.maintenance import Maintenance
 from faissq.worker.persistence import IndexStore
@@ -98,6 +100,8 @@ class Lifecycle:
         self.telemetry: WorkerTelemetry | None = None
         self.rpc: RpcService | None = None
         self.follower: Follower | None = None
+        self.dynamic: DynamicIndexes | None = None
+        self.hostname = ""  # the Celery node name (a dynamic worker subscribes itself by it)
 
     def start(self, should_stop: Callable[[], bool]) -> None:
         """Bring the worker up; WriterConflict ends a writer's start (a second writer)."""
@@ -125,16 +129,24 @@ class Lifecycle:
         for index in self.settings.worker.indexes:  # 1. lock: before anything is read or moved
             if not self.lock(ctx, index, should_stop):
                 return
+        if self.settings.worker.dynamic:  # 1b. the created indexes this worker can lock
+            self.dynamic = ctx.dynamic = DynamicIndexes(self.app, self.settings, runtime, self.rpc)
+            self.dynamic.hostname = self.hostname
+            if self.dynamic.prepare(should_stop) is None:
+                return
         runtime.load_all(should_stop)  # 2. load: snapshot + log, storage waited out
         if not runtime.wait_ready(0):
             return  # asked to stop while storage was away
-        for index in self.settings.worker.indexes:  # 3. restore: a dead predecessor's jobs
+        served = list(runtime.slots)
+        for index in served:  # 3. restore: a dead predecessor's jobs
             n = restore_inflight(client, keys.task_queue(index))
             n += restore_orphans(self.app, index)
             if n:
                 log.warning("index %s: %d job(s) left unacked by a dead worker were requeued",
                             index, n)  # fmt: skip
-        self.rpc.start(runtime)  # 4. serve: one search loop per index
+        self.rpc.start(runtime, served)  # 4. serve: one search loop per index
+        if self.dynamic is not None:
+            self.dynamic.start()  # dropped indexes answer until purged; the purge sweeper
         if self.maintenance is not None:
             self.maintenance.start(runtime)  # 5. maintain: merges and saves when due
 
@@ -162,6 +174,8 @@ class Lifecycle:
         """Stop maintenance, following and the search loops, then telemetry; release the locks."""
         if self.maintenance is not None:
             self.maintenance.stop()
+        if self.dynamic is not None:
+            self.dynamic.stop()
         if self.follower is not None:
             self.follower.stop()
         if self.rpc is not None:
@@ -194,6 +208,7 @@ class WriterStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is un
         self.worker = parent
         signals.worker_shutdown.connect(self.on_shutdown, weak=False)
         self.lifecycle = Lifecycle(parent.app, self.settings, self.maintenance)
+        self.lifecycle.hostname = parent.hostname
         self.lifecycle.start(shutting_down)
 
     def on_shutdown(self, sender: Any = None, **_: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from faissq.config import Settings
+from faissq.config import IndexSettings, Settings
 from faissq.errors import WriterConflict
 from faissq.index.engine import Engine
 from faissq.storage.durable import DurableStore
@@ -72,6 +72,13 @@ class ReadOnlyStore:
 
     def check_mapped(self, index: str, engine: Engine) -> None:
         """Replicas never rebuild nor save: nothing to check."""
+
+    def define(self, index: str, cfg: IndexSettings, dim: int) -> None:
+        """Read `index` with its own settings, as its writer does."""
+        self.durable.define(index, cfg, dim)
+
+    def release(self, index: str) -> None:
+        """Nothing to release: no writer lock was taken."""
 
     def close(self) -> None:
         """Nothing to release: no writer lock was taken."""

@@ -35,6 +35,7 @@ ERRORS = {
     "EmptyBuild": ("PermanentError", "empty_build"),
     "MemoryBudgetExceeded": ("PermanentError", "memory_budget_exceeded"),
     "UnknownIndex": ("PermanentError", "unknown_index"),
+    "IndexExists": ("PermanentError", "index_exists"),
     "PayloadTooLarge": ("PermanentError", "payload_too_large"),
     "ChecksumMismatch": ("PermanentError", "checksum_mismatch"),
     "SnapshotCorrupt": ("PermanentError", "snapshot_corrupt"),
