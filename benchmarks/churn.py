@@ -25,8 +25,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from faissq.cli.demo_data import clustered
 from faissq.config import IndexSettings, MaintenanceSettings
-from faissq.datasets import clustered
 from faissq.index.engine import Engine
 from faissq.index.heap import mmap_large_blocks, release_freed
 

@@ -37,8 +37,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from faissq.cli.demo_data import clustered, queries_like
 from faissq.config import IndexSettings
-from faissq.datasets import clustered, queries_like
 from faissq.index.builder import metric_type, train_sample
 from faissq.index.engine import Engine
 

@@ -43,7 +43,7 @@ K = 10
 TARGET = 0.95
 NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 EFS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-PLOT = Path(__file__).resolve().parent.parent / "docs" / "family-recall-latency.png"
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "family-recall-latency.png"
 
 
 def _kib(field: str) -> int:

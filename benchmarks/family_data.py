@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faissq.datasets import clustered, queries_like
+from faissq.cli.demo_data import clustered, queries_like
 
 CACHE = Path(__file__).resolve().parent / ".data"
 CHUNK = 2_000  # sentences embedded and cached at a time: an interrupted run keeps its work

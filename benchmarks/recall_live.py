@@ -27,12 +27,12 @@ import numpy as np
 import redis
 
 from faissq import keys
+from faissq.cli.demo_data import clustered, queries_between
 from faissq.config import RecallSettings, Settings
-from faissq.datasets import clustered, queries_between
-from faissq.embedded_redis import EmbeddedRedis
 from faissq.index.engine import Engine
 from faissq.rpc import protocol
 from faissq.rpc.server import RpcServer
+from faissq.worker.embedded_redis import EmbeddedRedis
 from faissq.worker.recall_live import LiveRecall
 
 INDEX = "bench"

@@ -7,7 +7,7 @@ its snapshot for the in-process and Celery rows):
     python benchmarks/rpc.py --transport unix   # same over a unix socket
     python benchmarks/rpc.py --quick            # 20k vectors, fewer rounds
     python benchmarks/rpc.py --worker-cpus 1    # workers on CPU 1; clients and Redis on the rest
-    python benchmarks/rpc.py --worker-cpus 1 --spin-us 2000 --client-spin-us 1000  # both poll
+    python benchmarks/rpc.py --fast-paths       # each hand-written fast path vs the plain way
 
 Rows: (a) engine.search batch 1; (b) bare redis-py LPUSH then BRPOP with the same request
 bytes, answered by a no-op worker with a reply of the same size; (c) faissq SearchClient;
@@ -39,13 +39,12 @@ from redis._parsers import _RESP2Parser
 from rpc_rig import ECHO, INDEX, NOOP_INDEX, Rig, bench_app, settings_for
 
 from faissq import codec, keys
-from faissq.client import JobClient
 from faissq.config import RpcSettings, Settings
-from faissq.rpc import protocol, resp
-from faissq.rpc.aio import AsyncSearchClient
-from faissq.rpc.client import RequestBuilder, SearchClient
-from faissq.rpc.spin import spin_until_readable
-from faissq.storage.store import DurableStore
+from faissq.rpc import protocol
+from faissq.rpc.aio_client import AsyncSearchClient
+from faissq.rpc.search_client import RequestBuilder, SearchClient
+from faissq.storage.durable import DurableStore
+from faissq.tasks.producer import JobClient
 
 PAUSE_S = 0.0005  # (a'): about the idle gap the worker sees between sequential RPC searches
 
@@ -147,7 +146,6 @@ ROWS = {
     "a3": "(a'') in-process engine.search, batch 1, a bare Redis PING between calls",
     "b": "(b) bare redis-py LPUSH, then BRPOP; no-op worker",
     "b1": "(b') bare, LPUSH + BRPOP pipelined in one write",
-    "b2": "(b'') bare, pipelined, polling for the reply like (c) (with --client-spin-us)",
     "c": "(c) faissq SearchClient (script + BRPOP in one write, hiredis)",
     "c2": "(c') faissq protocol, script then BRPOP: two round trips",
     "cpy": "(c'') faissq SearchClient, pure-Python RESP parser",
@@ -223,18 +221,6 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
         if pipe.execute()[1] is None:
             raise SystemExit("the no-op worker did not answer")
 
-    def bare_poll(i: int) -> None:
-        reply, msg = bare_msg(i)
-        conn: Any = r.connection_pool.get_connection()
-        try:
-            conn.send_packed_command(resp.pack([("LPUSH", ECHO, msg), ("BRPOP", reply, 2)]))
-            conn.read_response()
-            spin_until_readable(conn, args.client_spin_us / 1e6)
-            if conn.read_response() is None:
-                raise SystemExit("the no-op worker did not answer")
-        finally:
-            r.connection_pool.release(conn)
-
     def two_trips(i: int) -> None:
         prepared = builder.prepare(q(i), k, None, {"nprobe": nprobe})
         r.execute_command(*prepared.commands[0])
@@ -246,15 +232,12 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
         "a3": lambda i: engine.search(q(i), k, nprobe=nprobe),
         "b": bare,
         "b1": bare_pipe,
-        "b2": bare_poll,
         "c": lambda i: client.search(q(i), k, nprobe=nprobe),
         "c2": two_trips,
         "cpy": lambda i: pure.search(q(i), k, nprobe=nprobe),
         "c0": lambda i: noop.search(q(i), k, nprobe=nprobe),
         "d": lambda i: celery_search.delay(codec.pack_array(q(i)), k, nprobe).get(timeout=120),
     }
-    if not args.client_spin_us:
-        del fns["b2"]
     for fn in fns.values():  # warm-up: connections, the Celery worker's engine load
         timed(fn, 30, 0)
     lat: dict[str, list[float]] = {name: [] for name in fns}
@@ -322,8 +305,7 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
     print(f"\nindex: {args.n:,} x {args.dim} {args.family}, nprobe {args.nprobe}, k {args.k}; "
           f"built by the worker in {build_s:.1f}s; transport {args.transport}; "
           f"{args.rounds} interleaved rounds x {args.per_round} searches per row; "
-          f"{machine(args)}; Redis {args.redis_version}; worker rpc.spin_us {args.spin_us:g}, "
-          f"client rpc.client_spin_us {args.client_spin_us:g}, "
+          f"{machine(args)}; Redis {args.redis_version}; "
           f"rpc.batch_window_ms {args.batch_window_ms:g}\n")  # fmt: skip
     print("| row | p50 ms | p90 ms | p99 ms | mean ms |")
     print("|---|---:|---:|---:|---:|")
@@ -367,8 +349,6 @@ def report(args: argparse.Namespace, rig: Rig, lat: dict[str, list[float]],
         print(f"- {label.split(' faissq')[0]} {med[name]:,.0f} QPS = {frac:.2f} x in-process "
               f"batch-16 vs 0.5x: {'met' if frac >= 0.5 else 'NOT met'}")  # fmt: skip
     title = machine(args)
-    if args.spin_us or args.client_spin_us:
-        title += f"; worker spin_us {args.spin_us:g}, client_spin_us {args.client_spin_us:g}"
     draw(args.png, lat, conc, title)
 
 
@@ -461,19 +441,25 @@ def main() -> None:
     ap.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
     ap.add_argument("--batch-window-ms", type=float, default=RpcSettings().batch_window_ms,
                     help="the worker's rpc.batch_window_ms")  # fmt: skip
-    ap.add_argument("--png", default="docs/rpc-latency.png")
+    ap.add_argument("--png", default="docs/img/rpc-latency.png")
     ap.add_argument("--quick", action="store_true", help="20k vectors, 2 rounds of 200")
-    ap.add_argument("--spin-us", type=float, default=0.0, help="the worker's rpc.spin_us")
-    ap.add_argument("--client-spin-us", type=float, default=0.0,
-                    help="rpc.client_spin_us of the sequential and 16-caller clients; adds "
-                         "row (b''), the bare round trip polling alike")  # fmt: skip
     pin_help = (
         "pin the workers (faissq's and the baselines' no-op, echo and Celery workers) to these "
         "CPUs, the clients, Redis and the in-process rows to the others; in-process rows then "
         "use as many FAISS threads as the worker has CPUs"
     )
     ap.add_argument("--worker-cpus", type=cpu_list, metavar="0,1", help=pin_help)
+    ap.add_argument("--fast-paths", action="store_true",
+                    help="instead of the rows above: each hand-written fast path of the client "
+                         "and worker against the plain redis-py or stdlib way, A/B interleaved "
+                         "over a no-op engine (benchmarks/rpc_paths.py; uses --rounds, "
+                         "--per-round, --seconds, --transport)")  # fmt: skip
     args = ap.parse_args()
+    if args.fast_paths:
+        import rpc_paths
+
+        rpc_paths.main(args)
+        return
     args.other_cpus = pin_apart(args.worker_cpus) if args.worker_cpus else None
     if args.quick:
         args.n, args.rounds, args.per_round, args.seconds = 20_000, 2, 200, 1.0

@@ -22,12 +22,12 @@ import redis
 
 from faissq import codec
 from faissq.config import Settings
-from faissq.embedded_redis import EmbeddedRedis
 from faissq.index.engine import SearchResult
-from faissq.rpc.client import SearchClient
+from faissq.rpc.search_client import SearchClient
 from faissq.rpc.server import RpcServer
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 from faissq.worker.app import make_celery_app
+from faissq.worker.embedded_redis import EmbeddedRedis
 
 INDEX = "bench"
 ECHO = "bench:echo"  # the no-op worker's request list
@@ -35,14 +35,11 @@ CELERY_QUEUE = "bench.celery"
 NOOP_INDEX = "bench-noop"  # served by faissq's RPC loop over an engine that does nothing
 
 
-def settings_for(
-    url: str, storage: str, *, coalesce: bool = True, client_spin_us: float = 0.0
-) -> Settings:
-    """Settings of every process of the run (coalesce: clients merge concurrent searches;
-    client_spin_us: lone searches poll for their reply)."""
+def settings_for(url: str, storage: str, *, coalesce: bool = True) -> Settings:
+    """Settings of every process of the run (coalesce: clients merge concurrent searches)."""
     return Settings(redis={"url": url}, storage={"url": storage}, metrics={"enabled": False},
                     gpu={"mode": "off"}, worker={"indexes": [INDEX]},
-                    rpc={"coalesce": coalesce, "client_spin_us": client_spin_us})  # fmt: skip
+                    rpc={"coalesce": coalesce})  # fmt: skip
 
 
 def bench_app(settings: Settings) -> Any:
@@ -126,8 +123,7 @@ class Rig:
                                    persistent=False)  # fmt: skip
         self.url = self.redis.start()
         self.storage = str(tmp / "storage")
-        self.settings = settings_for(self.url, self.storage,
-                                     client_spin_us=args.client_spin_us)  # fmt: skip
+        self.settings = settings_for(self.url, self.storage)
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None,
@@ -145,8 +141,7 @@ class Rig:
         """The faissq worker, the echo worker and the Celery worker."""
         env = {"FAISSQ_REDIS__URL": self.url, "FAISSQ_STORAGE__URL": self.storage,
                "FAISSQ_METRICS__ENABLED": "false", "FAISSQ_GPU__MODE": "off",
-               "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms),
-               "FAISSQ_RPC__SPIN_US": str(self.args.spin_us)}  # fmt: skip
+               "FAISSQ_RPC__BATCH_WINDOW_MS": str(self.args.batch_window_ms)}  # fmt: skip
         cpus = self.args.worker_cpus
         if cpus:
             env["OMP_NUM_THREADS"] = str(len(cpus))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from faissq.config import IndexSettings, Settings, StorageSettings
 from faissq.index.engine import Engine
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 
 MB = 1e6
 Row = tuple[str, float, float | None, str]  # name, seconds, MB (None: n/a), note

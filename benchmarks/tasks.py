@@ -29,10 +29,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from faissq.client import JobClient  # noqa: E402
 from faissq.config import Settings  # noqa: E402
-from faissq.embedded_redis import EmbeddedRedis  # noqa: E402
 from faissq.index.engine import Engine  # noqa: E402
+from faissq.tasks.producer import JobClient  # noqa: E402
+from faissq.worker.embedded_redis import EmbeddedRedis  # noqa: E402
 
 INDEX = "bench"
 DIM = 128

@@ -33,11 +33,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from faissq.client import JobClient  # noqa: E402
+from faissq.cli.demo_data import clustered  # noqa: E402
 from faissq.config import Settings  # noqa: E402
-from faissq.datasets import clustered  # noqa: E402
-from faissq.embedded_redis import EmbeddedRedis  # noqa: E402
-from faissq.rpc.client import SearchClient  # noqa: E402
+from faissq.rpc.search_client import SearchClient  # noqa: E402
+from faissq.tasks.producer import JobClient  # noqa: E402
+from faissq.worker.embedded_redis import EmbeddedRedis  # noqa: E402
 
 INDEX = "stream"
 TARGET = 0.8

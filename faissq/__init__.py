@@ -1,43 +1,106 @@
-"""faissq: a service that owns FAISS vector indexes."""
+"""faissq: a service that owns FAISS vector indexes.
+
+The public names load on first use (module __getattr__), so `import faissq` and the pure engine
+(`faissq.index`) import no Celery, kombu or redis.
+"""
 
 from __future__ import annotations
 
-from faissq.client import JobClient, put_vectors
-from faissq.config import Settings
-from faissq.errors import (
-    ChecksumMismatch,
-    DeadLettered,
-    DimensionMismatch,
-    EmptyBuild,
-    FaissqError,
-    IndexBusy,
-    IndexNotReady,
-    InvalidIds,
-    InvalidParameter,
-    InvalidVectors,
-    JobTimeLimitExceeded,
-    LogCorrupt,
-    ManifestMismatch,
-    MemoryBudgetExceeded,
-    NoWorkerAlive,
-    PayloadTooLarge,
-    PermanentError,
-    PermissionDenied,
-    RecallRegression,
-    RemoteSearchError,
-    RetryableError,
-    RpcError,
-    SearchTimeout,
-    SnapshotCorrupt,
-    StorageUnavailable,
-    UnknownFamily,
-    UnknownIndex,
-    WriterConflict,
-)
-from faissq.rpc.aio import AsyncSearchClient
-from faissq.rpc.client import SearchClient, SearchResponse
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from faissq.config import Settings
+    from faissq.errors import (
+        ChecksumMismatch,
+        DeadLettered,
+        DimensionMismatch,
+        EmptyBuild,
+        FaissqError,
+        IndexBusy,
+        IndexExists,
+        IndexNotReady,
+        InvalidIds,
+        InvalidParameter,
+        InvalidVectors,
+        JobTimeLimitExceeded,
+        LogCorrupt,
+        ManifestMismatch,
+        MemoryBudgetExceeded,
+        NoWorkerAlive,
+        PayloadTooLarge,
+        PermanentError,
+        PermissionDenied,
+        RecallRegression,
+        RemoteSearchError,
+        RetryableError,
+        RpcError,
+        SearchTimeout,
+        SnapshotCorrupt,
+        StorageUnavailable,
+        UnknownFamily,
+        UnknownIndex,
+        WriterConflict,
+    )
+    from faissq.rpc.aio_client import AsyncSearchClient
+    from faissq.rpc.search_client import SearchClient, SearchResponse
+    from faissq.tasks.producer import JobClient, put_vectors
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "Settings": "faissq.config",
+    "AsyncSearchClient": "faissq.rpc.aio_client",
+    "SearchClient": "faissq.rpc.search_client",
+    "SearchResponse": "faissq.rpc.search_client",
+    "JobClient": "faissq.tasks.producer",
+    "put_vectors": "faissq.tasks.producer",
+    "ChecksumMismatch": "faissq.errors",
+    "DeadLettered": "faissq.errors",
+    "DimensionMismatch": "faissq.errors",
+    "EmptyBuild": "faissq.errors",
+    "FaissqError": "faissq.errors",
+    "IndexBusy": "faissq.errors",
+    "IndexNotReady": "faissq.errors",
+    "InvalidIds": "faissq.errors",
+    "InvalidParameter": "faissq.errors",
+    "InvalidVectors": "faissq.errors",
+    "JobTimeLimitExceeded": "faissq.errors",
+    "LogCorrupt": "faissq.errors",
+    "ManifestMismatch": "faissq.errors",
+    "MemoryBudgetExceeded": "faissq.errors",
+    "NoWorkerAlive": "faissq.errors",
+    "PayloadTooLarge": "faissq.errors",
+    "PermanentError": "faissq.errors",
+    "PermissionDenied": "faissq.errors",
+    "RecallRegression": "faissq.errors",
+    "RemoteSearchError": "faissq.errors",
+    "RetryableError": "faissq.errors",
+    "RpcError": "faissq.errors",
+    "SearchTimeout": "faissq.errors",
+    "SnapshotCorrupt": "faissq.errors",
+    "StorageUnavailable": "faissq.errors",
+    "UnknownFamily": "faissq.errors",
+    "UnknownIndex": "faissq.errors",
+    "IndexExists": "faissq.errors",
+    "WriterConflict": "faissq.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module when the name is first used."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'faissq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public surface, for completion and `from faissq import *`."""
+    return sorted(__all__)
+
 
 __all__ = [
     "AsyncSearchClient",
@@ -47,6 +110,7 @@ __all__ = [
     "EmptyBuild",
     "FaissqError",
     "IndexBusy",
+    "IndexExists",
     "IndexNotReady",
     "InvalidIds",
     "InvalidParameter",

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from faissq.cli import main
+from faissq.cli.main import main
 
 sys.exit(main())

@@ -187,18 +187,6 @@ class RpcSettings(BaseModel):
         ge=1,
         description="Round trips one merging client runs at once (unset: 2 threads, 3 asyncio).",
     )
-    spin_us: float = Field(
-        default=0,
-        ge=0,
-        le=100_000,
-        description="Busy-poll for the next request this long after a turn before sleeping.",
-    )
-    client_spin_us: float = Field(
-        default=0,
-        ge=0,
-        le=100_000,
-        description="A lone synchronous search busy-polls for its reply this long before sleeping.",
-    )
 
 
 class MetricsSettings(BaseModel):
@@ -239,6 +227,15 @@ class WorkerSettings(BaseModel):
     )
     replica_poll_s: float = Field(
         default=0.5, gt=0, description="How often a replica polls the log and CURRENT."
+    )
+    dynamic: bool = Field(
+        default=False,
+        description="Consume faissq.control: create and drop indexes at runtime (one per root).",
+    )
+    drop_grace_s: float = Field(
+        default=24 * 3600.0,
+        ge=0,
+        description="Seconds a dropped index's data is kept before it is removed (0: at once).",
     )
 
 

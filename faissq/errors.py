@@ -10,6 +10,7 @@
     │   ├── EmptyBuild
     │   ├── MemoryBudgetExceeded
     │   ├── UnknownIndex
+    │   ├── IndexExists
     │   ├── PayloadTooLarge
     │   ├── ChecksumMismatch
     │   ├── SnapshotCorrupt
@@ -93,6 +94,12 @@ class UnknownIndex(PermanentError):
     """Raised when a job or search names an index this service does not serve."""
 
     code = "unknown_index"
+
+
+class IndexExists(PermanentError):
+    """Raised when a create names an index that exists with another definition, or is dropped."""
+
+    code = "index_exists"
 
 
 class PayloadTooLarge(PermanentError):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 PREFIX = "faissq"  # namespace of every key faissq writes to Redis
 
+# Celery queue of faissq.create_index and faissq.drop_index; dynamic workers consume it
+CONTROL_QUEUE = f"{PREFIX}.control"
+
 
 def task_queue(index: str) -> str:
     """Celery queue holding the mutation jobs of one index (one writer consumes it)."""

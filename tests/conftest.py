@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from faissq.config import Settings
-from faissq.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from faissq.worker.app import make_celery_app
+from faissq.worker.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_START_TIMEOUT_S = 30.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -126,23 +125,24 @@ def _nprobe_path(index: Any) -> tuple[int, bool]:
 
 
 def gpu_free_bytes(device: int) -> int | None:
-    """Free memory of a CUDA device as nvidia-smi reports it (None when it cannot tell)."""
+    """Free memory of a device as NVML reports it; None without nvidia-ml-py, a driver or a GPU."""
     try:
-        out = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-gpu=memory.free",
-                "--format=csv,noheader,nounits",
-                f"-i={device}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        return int(out.strip().splitlines()[0]) << 20
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        import pynvml  # nvidia-ml-py, from the `gpu` extra
+    except ImportError:
         return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver library on this host: there is no GPU to budget
+        return None
+    try:
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device))
+        return int(info.free)
+    except pynvml.NVMLError as exc:
+        log.warning("GPU %d: free memory unknown (%s); cloning without a budget check", device,
+                    exc)  # fmt: skip
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def device_budget(cfg: GpuSettings, found: GpuProbe, free_bytes: int | None = None) -> int | None:
@@ -165,7 +165,7 @@ def clone_to_gpu(
     """Clone cpu_index to the configured device; return (copy or None, reason for the choice).
 
     need_bytes: estimated device footprint, checked against gpu.memory_fraction of free_bytes
-    (read from nvidia-smi when not given) before any allocation, so a large index stays on the
+    (read from NVML when not given) before any allocation, so a large index stays on the
     CPU with a reason instead of failing half-way on the device.
     """
     if cfg.mode == "off":

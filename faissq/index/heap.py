@@ -3,11 +3,11 @@ large blocks.
 
 glibc keeps freed blocks in its arenas for reuse: after a merge frees the previous FAISS index
 (thousands of inverted-list blocks, each under the mmap threshold) the process keeps its pages,
-and under upsert/delete churn with merges RSS reached 2.9x the stored bytes. `release_freed`
+and RSS grows well past the stored bytes under upsert/delete churn. `release_freed`
 (malloc_trim) returns them after such a job; `mmap_large_blocks` fixes glibc's mmap threshold,
 which otherwise rises to the size of every large block freed, so that the per-batch temporaries
 of an upsert stay mmapped and go back on free instead of fragmenting the heap
-(benchmarks/churn.py: 1.5x with both). Elsewhere than glibc both are no-ops.
+(docs/benchmarks.md, Churn). Elsewhere than glibc both are no-ops.
 """
 
 from __future__ import annotations

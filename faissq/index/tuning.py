@@ -94,11 +94,6 @@ def recall_per_query(found: I64, truth: I64) -> npt.NDArray[np.float64]:
     return out
 
 
-def recall_at_k(found: I64, truth: I64) -> float:
-    """Mean recall@k over the rows."""
-    return float(recall_per_query(found, truth).mean())
-
-
 def lower_bound(per_query: npt.NDArray[np.float64]) -> float:
     """One-sided 95% lower confidence bound of the mean recall (the sample is finite)."""
     if per_query.size < 2:

@@ -1,5 +1,4 @@
-"""RESP bytes of pipelined commands, packed by hiredis: a few µs less per search than redis-py's
-own packer, which checks and encodes every argument in Python."""
+"""RESP bytes of pipelined commands, packed by hiredis instead of redis-py's Python packer."""
 
 from __future__ import annotations
 
@@ -11,5 +10,8 @@ import hiredis
 
 def pack(commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
     """Every command (args: str, bytes, int or float) in one buffer, as send_packed_command
-    takes it (a list of buffers: redis-py iterates over what it is given)."""
+    takes it (a list of buffers: redis-py iterates over what it is given).
+
+    Measured: 4.94 vs 23.23 µs per request with redis-py's pack_commands, docs/benchmarks.md#rpc.
+    """
     return [b"".join([hiredis.pack_command(command) for command in commands])]

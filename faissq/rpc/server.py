@@ -3,8 +3,9 @@
 Each turn pops up to `max_batch` requests in one command (BLMPOP; BRPOP + RPOP before Redis 7),
 answers expired and malformed ones with typed errors (or drops, counted, what has no reply key),
 searches the rest in batches and pipelines the replies (LPUSH + EXPIRE). The heartbeat keys are
-refreshed between turns. Lost connections are retried with backoff; nothing ends the loop but
-`stop()`.
+refreshed between turns. A lost connection is reconnected by redis-py's `Retry` (jittered
+exponential backoff); when that gives up, the loop waits on the same backoff, stop-aware, and
+tries again: nothing ends the loop but `stop()`.
 """
 
 from __future__ import annotations
@@ -20,22 +21,25 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from faissq import keys
 from faissq.config import Settings
 from faissq.errors import FaissqError
 from faissq.index.engine import Engine
-from faissq.metrics import Metrics, observe_turn
 from faissq.rpc import protocol, resp
 from faissq.rpc.batch import Outcome, search_all
-from faissq.rpc.spin import spin_until_readable
 from faissq.rpc.stats import RpcStats, Turn
+from faissq.telemetry.metric_families import Metrics, observe_turn
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCK_S = 1.0  # longest BLMPOP wait: bounds how late stop() and the heartbeat can be
-BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnect attempts
+BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnect attempts (before jitter)
+# connect attempts redis-py retries within one turn (jittered waits, 0.7 s at most in all): a
+# Redis back that soon is reached at once; a longer outage returns to the loop's stop-aware wait
+CONNECT_RETRIES = 3
 MIN_REQUEST_BYTES = 1 << 20  # a message cap below this would refuse ordinary requests
 
 
@@ -90,13 +94,15 @@ class RpcServer:
         self._beat_every = self.cfg.heartbeat_ttl_s / 3
         self._block_s = min(MAX_BLOCK_S, self._beat_every)
         self._stop = threading.Event()
+        self.beating = threading.Event()  # set by the first heartbeat: clients find it from then
         self._thread: threading.Thread | None = None
         self._redis: redis.Redis | None = None
         self._lmpop = True
         self._next_beat = 0.0
         self._started = time.time()
-        self._spin_s = self.cfg.spin_us / 1e6
         self._acks = 0  # reply commands sent whose answers are still to be read
+        # jitter: replicas that lost the same Redis do not all reconnect in the same instant
+        self._backoff = ExponentialWithJitterBackoff(cap=BACKOFF_S[1], base=BACKOFF_S[0])
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -122,7 +128,6 @@ class RpcServer:
 
     def run(self) -> None:
         """The loop: one turn at a time until `stop()`; every failure is caught and counted."""
-        backoff = ExponentialBackoff(cap=BACKOFF_S[1], base=BACKOFF_S[0])
         failures = 0
         log.info("rpc %s: serving %s as %s", self.index, self.queue, self.worker_id)
         while not self._stop.is_set():
@@ -130,7 +135,7 @@ class RpcServer:
                 self._turn()
                 failures = 0
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                wait = backoff.compute(failures)
+                wait = self._backoff.compute(failures)
                 failures += 1
                 self.stats.fault(f"{type(exc).__name__}: {exc}", reconnect=True)
                 log.warning("rpc %s: redis unavailable (%s); retry in %.2fs", self.index, exc,
@@ -160,7 +165,10 @@ class RpcServer:
             sock_timeout = max(self.settings.redis.socket_timeout_s, self._block_s + 1.0)
             # one connection, no pool: each command skips the pool's checkout and bookkeeping
             client = redis.Redis.from_url(
-                url, socket_timeout=sock_timeout, single_connection_client=True
+                url,
+                socket_timeout=sock_timeout,
+                single_connection_client=True,
+                retry=Retry(self._backoff, CONNECT_RETRIES),
             )
             version = str(client.info("server").get("redis_version", "0"))
             self._lmpop = int(version.split(".")[0]) >= 7
@@ -205,8 +213,6 @@ class RpcServer:
         else:
             conn.send_command("RPOP", self.queue, n)
         self._read_acks(conn)  # answers to the last replies, queued ahead of this pop's
-        if block and self._spin_s:
-            spin_until_readable(conn, self._spin_s)
         got = conn.read_response()
         if self._lmpop:
             return list(got[1]) if got else []
@@ -324,6 +330,7 @@ class RpcServer:
         pipe.set(keys.heartbeat_key(self.index, self.worker_id), self._status(), px=ttl_ms)
         pipe.execute()
         self._next_beat = time.monotonic() + self._beat_every
+        self.beating.set()
 
     def _status(self) -> str:
         """This worker's heartbeat value: who, limits, engine state and counters (JSON)."""

@@ -9,8 +9,8 @@ from typing import Any
 from faissq.config import Settings
 from faissq.errors import FaissqError, InvalidParameter, LogCorrupt
 from faissq.storage import quarantine
+from faissq.storage.durable import DurableStore
 from faissq.storage.log import LogEntry
-from faissq.storage.store import DurableStore
 
 
 def ls(settings: Settings, index: str) -> list[dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 Everything streams in bounded chunks: a snapshot of a large index never becomes one bytes object,
 so its extra memory is one `CHUNK_BYTES` buffer, whatever the index size. Files are hashed with
-BLAKE3 (about 4x the speed of sha256 with SHA-NI on one core, so hashing inline costs less than the
-write it rides on); sha256 records of format-1 snapshots still verify.
+BLAKE3 inline, as they stream (docs/benchmarks.md, Storage); sha256 records of format-1 snapshots
+still verify.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from faissq.errors import (
     PermanentError,
     StorageUnavailable,
 )
-from faissq.metrics import metrics_of, observe_storage_retry
+from faissq.telemetry.metric_families import metrics_of, observe_storage_retry
 from faissq.worker import delivery
 from faissq.worker.context import WorkerContext, context_of
 
@@ -116,7 +116,9 @@ class JobProgress:
         now = time.monotonic()
         if now > self.deadline:
             raise JobTimeLimitExceeded(f"job passed its time limit during {phase} ({done}/{total})")
-        if phase != self._last_phase or now - self._last >= self.interval_s:
+        # a phase's start and end always go out (a chunked phase may end within one interval)
+        ends = done >= total
+        if phase != self._last_phase or ends or now - self._last >= self.interval_s:
             self._last, self._last_phase = now, phase
             if self.task.request.id is not None:
                 meta = {"phase": str(phase), "done": int(done), "total": int(total)}

@@ -16,6 +16,7 @@ from faissq.config import Settings
 from faissq.errors import DimensionMismatch, InvalidParameter, InvalidVectors
 from faissq.tasks import payload
 from faissq.tasks.base import FaissqTask
+from faissq.tasks.control import CONTROL_TASKS
 from faissq.worker.maintenance import Maintenance, maintenance_of
 
 
@@ -61,15 +62,16 @@ def upsert(
 ) -> dict[str, Any]:
     """Insert or replace vectors by id; logged before applied, a known batch_id is a no-op."""
     ctx = self.context()
-    ctx.runtime.slot(index)
+    slot = ctx.runtime.slot(index)
     cfg = ctx.settings
     bid = payload.batch_id_arg(batch_id, self.request.id)
     vecs = payload.vectors_arg(vectors, vectors_ref, root=cfg.storage.url,
                                inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
     id_arr = payload.ids_arg(ids, ids_ref, root=cfg.storage.url, n=len(vecs))
+    metric = (slot.cfg or cfg.index).metric  # its own when created at runtime
     return ctx.runtime.apply(
         index, "upsert", id_arr, vecs, bid,
-        check=lambda eng: check_vectors(vecs, eng, cfg.index.metric),
+        check=lambda eng: check_vectors(vecs, eng, metric, slot.dim),
     )  # fmt: skip
 
 
@@ -167,11 +169,13 @@ def maintenance_for(task: FaissqTask) -> Maintenance:
 
 def register_tasks(app: Celery, settings: Settings) -> None:
     """Register every faissq task on `app` under its stable name (retries: FaissqTask)."""
-    for name, fn in TASKS.items():
+    for name, fn in {**TASKS, **CONTROL_TASKS}.items():
         app.task(name=name, bind=True, base=FaissqTask)(fn)
 
 
-def check_vectors(vectors: npt.NDArray[np.float32], engine: Any, metric: str) -> None:
+def check_vectors(
+    vectors: npt.NDArray[np.float32], engine: Any, metric: str, created_dim: int | None = None
+) -> None:
     """Refuse what the engine would refuse, before the batch is logged, without copying it.
 
     The engine validates again (as_vectors); this pre-check only keeps a batch the engine cannot
@@ -179,7 +183,7 @@ def check_vectors(vectors: npt.NDArray[np.float32], engine: Any, metric: str) ->
     """
     if vectors.ndim != 2 or vectors.shape[1] == 0:
         raise InvalidVectors(f"vectors must be a 2-D array (n, d), got shape {vectors.shape}")
-    dim = getattr(engine, "dim", None) if engine is not None else None
+    dim = getattr(engine, "dim", None) if engine is not None else created_dim
     if dim is not None and vectors.shape[1] != dim:
         raise DimensionMismatch(f"vectors have dimension {vectors.shape[1]}, the index has {dim}")
     bad = ~np.isfinite(vectors).all(axis=1)

@@ -22,7 +22,10 @@ TASK_NAMES = (
     "faissq.autotune",
     "faissq.maintain",
     "faissq.stats",
+    "faissq.create_index",
+    "faissq.drop_index",
 )
+CONTROL_TASKS = frozenset({"faissq.create_index", "faissq.drop_index"})  # on keys.CONTROL_QUEUE
 
 
 def redis_url(settings: Settings) -> str:
@@ -44,7 +47,11 @@ def celery_url(url: str) -> str:
 
 def index_queue(index: str) -> Queue:
     """The Celery queue of one index: a direct exchange and routing key named after the queue."""
-    name = keys.task_queue(index)
+    return named_queue(keys.task_queue(index))
+
+
+def named_queue(name: str) -> Queue:
+    """A Celery queue with a direct exchange and routing key of its own name."""
     exchange = Exchange(name, type="direct")  # type: ignore[no-untyped-call]
     return Queue(name, exchange, routing_key=name)  # type: ignore[no-untyped-call]
 
@@ -53,6 +60,8 @@ def route_by_index(
     name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
 ) -> dict[str, Any] | None:
     """Send every faissq.* job to the queue of the index named in its kwargs."""
+    if name in CONTROL_TASKS:
+        return {"queue": keys.CONTROL_QUEUE}
     if not name.startswith(f"{keys.PREFIX}.") or not isinstance(kwargs, dict):
         return None
     index = kwargs.get("index")
@@ -91,7 +100,8 @@ def make_celery_app(
         task_track_started=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
-        task_queues=[index_queue(i) for i in settings.worker.indexes],
+        task_queues=[index_queue(i) for i in settings.worker.indexes]
+        + ([named_queue(keys.CONTROL_QUEUE)] if settings.worker.dynamic else []),
         task_create_missing_queues=True,
         task_routes=(route_by_index,),
         result_expires=7 * 24 * 3600,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from celery import Celery
 
 from faissq.config import Settings
 from faissq.worker.runtime import IndexRuntime
+
+if TYPE_CHECKING:
+    from faissq.worker.dynamic import DynamicIndexes
 
 
 @dataclass
@@ -19,6 +23,7 @@ class WorkerContext:
     settings: Settings
     runtime: IndexRuntime
     redis: redis.Redis
+    dynamic: DynamicIndexes | None = None  # set on a dynamic worker (faissq.control)
 
 
 _CONTEXTS: weakref.WeakKeyDictionary[Celery, WorkerContext] = weakref.WeakKeyDictionary()

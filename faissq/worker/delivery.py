@@ -13,14 +13,17 @@ import time
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from faissq import keys
 
 COUNTER_TTL_S = 7 * 24 * 3600  # a job not seen again for a week is forgotten
-# retry connection errors until Redis answers, at most 1 s apart (as Celery's result store)
-WAIT_FOR_REDIS = Retry(ExponentialBackoff(cap=1.0, base=0.01), retries=-1)
+# waits between reconnects: at most 1 s (as Celery's result store), jittered so that the workers
+# of one Redis do not all come back to it in the same instant
+REDIS_BACKOFF = ExponentialWithJitterBackoff(cap=1.0, base=0.01)
+# the counter commands retry connection errors until Redis answers
+WAIT_FOR_REDIS = Retry(REDIS_BACKOFF, retries=-1)
 
 
 def count_delivery(client: redis.Redis, task_id: str) -> int:

@@ -32,7 +32,7 @@ from faissq import keys
 from faissq.config import Settings
 from faissq.errors import FaissqError, InvalidParameter
 from faissq.index.heap import mmap_large_blocks, release_freed
-from faissq.metrics import metrics_of
+from faissq.telemetry.metric_families import metrics_of
 from faissq.worker import publish
 from faissq.worker.context import context_of
 from faissq.worker.runtime import IndexRuntime

@@ -222,15 +222,26 @@ def _row(recalls: list[float]) -> dict[str, Any]:
 class LiveRecall:
     """The samplers of a worker's indexes and the one low-priority thread that checks them."""
 
-    def __init__(self, cfg: RecallSettings, engines: Callable[[str], Engine], indexes: list[str]):
-        """engines: the runtime's `engine(name)`; indexes: the served ones."""
+    def __init__(
+        self, cfg: RecallSettings, engines: Callable[[str], Engine], indexes: tuple[str, ...] = ()
+    ) -> None:
+        """engines: the runtime's `engine(name)`; indexes: samplers made now (more: sampler_for)."""
         self.cfg = cfg
+        self._engines = engines
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.samplers = {
             name: IndexSampler(name, _bind(engines, name), cfg, self._wake) for name in indexes
         }
         self._thread: threading.Thread | None = None
+
+    def sampler_for(self, index: str) -> IndexSampler:
+        """The sampler of an index, made when the index is added (a new dict: the checking
+        thread iterates the old one meanwhile)."""
+        if index not in self.samplers:
+            made = IndexSampler(index, _bind(self._engines, index), self.cfg, self._wake)
+            self.samplers = {**self.samplers, index: made}
+        return self.samplers[index]
 
     def start(self) -> LiveRecall:
         """Start the checking thread (it measures IVF drift even when sampling is off)."""
@@ -251,7 +262,7 @@ class LiveRecall:
         _lower_priority(self.cfg.nice)
         while not self._stop.is_set():
             did = 0
-            for sampler in self.samplers.values():
+            for sampler in list(self.samplers.values()):
                 t0 = time.thread_time()
                 try:
                     if time.monotonic() >= sampler.next_drift:

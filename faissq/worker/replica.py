@@ -1,4 +1,4 @@
-"""A search-only replica: loads an index like the writer, serves its searches, follows its log.
+"""A search-only replica's storage: read-only, never locked; its lifecycle is worker.lifecycle.
 
 The replica is a plain process, not a Celery worker: with no consumer it can never take a job,
 re-queue the writer's in-flight jobs or show up as a second writer, and it needs no broker
@@ -9,28 +9,21 @@ connection beyond the search path. Its threads are the RPC loops (faissq.rpc), t
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import redis
 
-from faissq.config import Settings
-from faissq.errors import InvalidParameter, WriterConflict
+from faissq.config import IndexSettings, Settings
+from faissq.errors import WriterConflict
 from faissq.index.engine import Engine
-from faissq.rpc.service import RpcService
+from faissq.storage.durable import DurableStore
 from faissq.storage.log import Appended, UpdateLog
 from faissq.storage.recovery import Recovered
 from faissq.storage.snapshots import SnapshotStore
-from faissq.storage.store import DurableStore
-from faissq.worker.app import make_celery_app
-from faissq.worker.context import WorkerContext
 from faissq.worker.follower import Follower
+from faissq.worker.persistence import Op
 from faissq.worker.runtime import IndexRuntime
-from faissq.worker.store import Op
-from faissq.worker.telemetry import start_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +73,13 @@ class ReadOnlyStore:
     def check_mapped(self, index: str, engine: Engine) -> None:
         """Replicas never rebuild nor save: nothing to check."""
 
+    def define(self, index: str, cfg: IndexSettings, dim: int) -> None:
+        """Read `index` with its own settings, as its writer does."""
+        self.durable.define(index, cfg, dim)
+
+    def release(self, index: str) -> None:
+        """Nothing to release: no writer lock was taken."""
+
     def close(self) -> None:
         """Nothing to release: no writer lock was taken."""
 
@@ -90,35 +90,3 @@ def make_replica(settings: Settings) -> tuple[IndexRuntime, Follower]:
     store = ReadOnlyStore(DurableStore(settings, engine_options={"gpu": gpu}))
     runtime = IndexRuntime(settings, store)
     return runtime, Follower(runtime, store, settings.worker.replica_poll_s)
-
-
-def run_replica(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Load, serve searches and follow the writer until SIGTERM / SIGINT (or `stop` is set)."""
-    url = settings.redis.url
-    if not url:
-        raise InvalidParameter("a replica serves the writer's Redis: set FAISSQ_REDIS__URL")
-    settings = settings.model_copy(
-        update={"worker": settings.worker.model_copy(update={"replica": True})}
-    )
-    stop = stop or threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    runtime, follower = make_replica(settings)
-    client = redis.Redis.from_url(url, socket_timeout=settings.redis.socket_timeout_s)
-    ctx = WorkerContext(settings=settings, runtime=runtime, redis=client)
-    # telemetry hangs off an app's job signals; this one is never started, so none ever fire
-    telemetry = start_telemetry(make_celery_app(settings), ctx)
-    rpc = RpcService(settings)
-    runtime.on_ready(rpc.start)
-    runtime.on_ready(lambda _: follower.start())
-    log.info("replica of %s: loading", ", ".join(settings.worker.indexes))
-    runtime.load_all()
-    while not stop.wait(1.0):  # a timed wait: the signal handler runs between two waits
-        pass
-    log.info("replica: shutting down")
-    follower.stop()
-    rpc.stop()
-    if telemetry is not None:
-        telemetry.close()
-    runtime.close()
-    client.close()

@@ -12,13 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from faissq.config import Settings
+from faissq.config import IndexSettings, Settings
 from faissq.errors import (
+    DimensionMismatch,
     FaissqError,
     IndexNotReady,
     InvalidVectors,
@@ -28,17 +29,27 @@ from faissq.errors import (
 )
 from faissq.worker import publish
 from faissq.worker.backoff import wait_out_storage
-from faissq.worker.slots import SERVING, IndexSlot, IndexState, counts, small
-from faissq.worker.store import IndexStore, Op
+from faissq.worker.persistence import IndexStore, Op
+from faissq.worker.slots import (
+    SERVING,
+    IndexSlot,
+    IndexState,
+    counts,
+    describe,
+    install,
+    role_status,
+    small,
+    swap,
+)
 
 if TYPE_CHECKING:
     from faissq.index.engine import Engine
     from faissq.storage.log import LogEntry
-    from faissq.storage.recovery import Recovered
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+T = TypeVar("T")
 
 
 class IndexRuntime:
@@ -100,6 +111,19 @@ class IndexRuntime:
         log.info("index %s %s at seq %d in %.3fs", slot.name, slot.state.value, slot.seq,
                  slot.loaded_s)  # fmt: skip
         return True
+
+    def add(self, name: str, cfg: IndexSettings, dim: int, *, load: bool = False) -> None:
+        """Serve one more index (created at runtime) with its own settings; `load`: now."""
+        self.store.define(name, cfg, dim)
+        slot = IndexSlot(name, cfg=cfg, dim=dim)
+        self.slots = {**self.slots, name: slot}  # readers iterate a dict that never changes
+        if load:
+            self._load(slot)
+
+    def remove(self, name: str) -> None:
+        """Stop serving an index (dropped): searches and jobs get UnknownIndex; lock released."""
+        self.slots = {k: v for k, v in self.slots.items() if k != self.slot(name).name}
+        self.store.release(name)
 
     def on_ready(self, hook: Callable[[IndexRuntime], None]) -> None:
         """Run `hook(runtime)` once every index is loaded (the RPC loop starts here)."""
@@ -163,6 +187,8 @@ class IndexRuntime:
         versions keep growing and no logged batch before it is replayed on top of it.
         """
         slot = self._writable(name)
+        if slot.dim is not None and vectors.shape[1] != slot.dim:  # created with a dimension
+            raise DimensionMismatch(f"vectors have dimension {vectors.shape[1]}, not {slot.dim}")
         before = slot.state
         slot.state = IndexState.REBUILDING
         try:
@@ -178,7 +204,7 @@ class IndexRuntime:
         except BaseException:
             slot.state = before
             raise
-        self._swap(slot, eng, saved)
+        swap(slot, eng, saved)
         return {**small(report), "seq": slot.seq, "version": eng.version, "snapshot": saved,
                 "save_seconds": round(save_s, 6)}  # fmt: skip
 
@@ -263,7 +289,7 @@ class IndexRuntime:
             slot.state = IndexState.FAILED
             slot.reason = f"{why}; recovery reached only seq {rec.seq}"
             raise IndexNotReady(f"index {slot.name!r}: {slot.reason}")
-        self._install(slot, rec)
+        install(slot, rec)
         log.warning("index %s recovered from storage at seq %d after: %s", slot.name, rec.seq, why)
 
     def apply_logged(self, name: str, entry: LogEntry) -> None:
@@ -327,72 +353,44 @@ class IndexRuntime:
         rec = self.store.recover(name)
         if rec.engine is None:
             raise IndexNotReady(f"index {name!r} has no snapshot or log to reload from")
-        self._install(slot, rec)
+        install(slot, rec)
         return {"seq": rec.seq, "snapshot_version": rec.version, **counts(slot)}
 
     def stats(self, name: str) -> dict[str, Any]:
         """Describe one index: state, seq, sizes and the engine's own stats."""
-        slot = self.slot(name)
-        out: dict[str, Any] = {"index": name, "state": slot.state.value, "reason": slot.reason,
-                               "seq": slot.seq, "snapshot_version": slot.version,
-                               "load_seconds": round(slot.loaded_s, 6)}  # fmt: skip
-        out.update(self.role_status(name))
-        if slot.engine is not None:
-            out["engine"] = small(slot.engine.stats())
+        out = describe(self.slot(name), self.role)
+        if "engine" in out:
             out["recall_live"] = small(publish.summary(self, name))
-            out.update(counts(slot))
         return out
 
     def role_status(self, name: str) -> dict[str, Any]:
         """Role and replication position of one index (heartbeats and stats carry it)."""
-        slot = self.slot(name)
-        out: dict[str, Any] = {"role": self.role, "seq": slot.seq}
-        if self.role == "replica":
-            out["log_seq"] = max(slot.log_seq, slot.seq)
-            out["behind"] = max(0, slot.log_seq - slot.seq)
-            out["lag_seconds"] = round(slot.lag_s, 6)
-            out["reloads"] = slot.reloads
-        return out
+        return role_status(self.slots.get(name), self.role)  # None once dropped
 
     # -- helpers -----------------------------------------------------------------------------
 
     def _save(self, slot: IndexSlot, eng: Engine) -> dict[str, Any]:
         """Snapshot the live engine at the seq it applied (DEGRADED when its bytes changed)."""
-        try:
-            return self.store.save(slot.name, eng, slot.seq)
-        except SnapshotCorrupt as exc:
-            slot.state, slot.reason = IndexState.DEGRADED, str(exc)
-            log.error("index %s DEGRADED: %s", slot.name, exc)
-            raise
+        return self._guarded(slot, lambda: self.store.save(slot.name, eng, slot.seq))
 
     def _check_mapped(self, slot: IndexSlot, eng: Engine) -> None:
-        """Refuse to build from raw vectors that changed on storage since they were verified;
-        the index stays up, DEGRADED with the reason, until it is reloaded."""
+        """Refuse to build from raw vectors that changed on storage since they were verified."""
+        self._guarded(slot, lambda: self.store.check_mapped(slot.name, eng))
+
+    @staticmethod
+    def _guarded(slot: IndexSlot, step: Callable[[], T]) -> T:
+        """Run a storage step; changed bytes leave the index up but DEGRADED until reloaded."""
         try:
-            self.store.check_mapped(slot.name, eng)
+            return step()
         except SnapshotCorrupt as exc:
             slot.state, slot.reason = IndexState.DEGRADED, str(exc)
             log.error("index %s DEGRADED: %s", slot.name, exc)
             raise
-
-    @staticmethod
-    def _install(slot: IndexSlot, rec: Recovered) -> None:
-        """Publish a recovered engine: READY, or DEGRADED with the recovery's notes."""
-        slot.engine, slot.seq, slot.version = rec.engine, rec.seq, rec.version
-        slot.state = IndexState.DEGRADED if rec.notes else IndexState.READY
-        slot.reason = "; ".join(rec.notes)
-
-    def _swap(self, slot: IndexSlot, eng: Engine, saved: dict[str, Any]) -> None:
-        """Publish a new engine to readers with one reference assignment."""
-        slot.engine = eng
-        seq = saved.get("seq")
-        slot.seq = int(seq) if isinstance(seq, int) else slot.seq
-        slot.version = saved.get("version") if isinstance(saved.get("version"), str) else None
-        slot.state, slot.reason = IndexState.READY, ""
 
     def _new_engine(self, name: str, dim: int) -> Engine:
         """An empty engine of this dimension (it clones to the GPU itself when configured)."""
         from faissq.index.engine import Engine
 
         gpu = self.settings.gpu if self.settings.gpu.mode != "off" else None
-        return (self._engine_class or Engine)(dim, self.settings.index, name=name, gpu=gpu)
+        cfg = self.slot(name).cfg or self.settings.index  # its own when created at runtime
+        return (self._engine_class or Engine)(dim, cfg, name=name, gpu=gpu)

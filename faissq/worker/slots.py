@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from faissq.config import IndexSettings
     from faissq.index.engine import Engine
+    from faissq.storage.recovery import Recovered
 
 
 class IndexState(StrEnum):
@@ -38,6 +40,9 @@ class IndexSlot:
     version: str | None = None
     loaded_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # an index created at runtime: its own index section (metric, family) and its dimension
+    cfg: IndexSettings | None = None
+    dim: int | None = None
     # replicas only, kept by the follower: the newest seq seen in the log, the seconds between
     # the writer logging the last applied entry and its application here, snapshot reloads
     log_seq: int = 0
@@ -73,3 +78,49 @@ def counts(slot: IndexSlot) -> dict[str, Any]:
     if eng is None:
         return {"ntotal": 0, "version": None}
     return {"ntotal": int(eng.ntotal), "version": eng.version}
+
+
+def role_status(slot: IndexSlot | None, role: str) -> dict[str, Any]:
+    """Role and replication position of one index (None: dropped; its loop answers until purged)."""
+    if slot is None:
+        return {"role": role, "dropped": True}
+    out: dict[str, Any] = {"role": role, "seq": slot.seq}
+    if role == "replica":
+        out["log_seq"] = max(slot.log_seq, slot.seq)
+        out["behind"] = max(0, slot.log_seq - slot.seq)
+        out["lag_seconds"] = round(slot.lag_s, 6)
+        out["reloads"] = slot.reloads
+    return out
+
+
+def describe(slot: IndexSlot, role: str) -> dict[str, Any]:
+    """One index for the stats job: state, seq, sizes and the engine's own stats."""
+    out: dict[str, Any] = {
+        "index": slot.name,
+        "state": slot.state.value,
+        "reason": slot.reason,
+        "seq": slot.seq,
+        "snapshot_version": slot.version,
+        "load_seconds": round(slot.loaded_s, 6),
+    }
+    out.update(role_status(slot, role))
+    if slot.engine is not None:
+        out["engine"] = small(slot.engine.stats())
+        out.update(counts(slot))
+    return out
+
+
+def install(slot: IndexSlot, rec: Recovered) -> None:
+    """Publish a recovered engine: READY, or DEGRADED with the recovery's notes."""
+    slot.engine, slot.seq, slot.version = rec.engine, rec.seq, rec.version
+    slot.state = IndexState.DEGRADED if rec.notes else IndexState.READY
+    slot.reason = "; ".join(rec.notes)
+
+
+def swap(slot: IndexSlot, eng: Engine, saved: dict[str, Any]) -> None:
+    """Publish a new engine to readers with one reference assignment."""
+    slot.engine = eng
+    seq = saved.get("seq")
+    slot.seq = int(seq) if isinstance(seq, int) else slot.seq
+    slot.version = saved.get("version") if isinstance(saved.get("version"), str) else None
+    slot.state, slot.reason = IndexState.READY, ""

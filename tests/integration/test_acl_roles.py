@@ -25,12 +25,13 @@ import pytest
 import redis
 from conftest import REPO, WorkerProcess, make_settings
 
-from faissq import acl, keys
-from faissq.client import JobClient
-from faissq.embedded_redis import EmbeddedRedis, free_port
+from faissq import keys
+from faissq.cli import acl_roles as acl
 from faissq.errors import PermissionDenied
-from faissq.rpc.aio import AsyncSearchClient
-from faissq.rpc.client import SearchClient
+from faissq.rpc.aio_client import AsyncSearchClient
+from faissq.rpc.search_client import SearchClient
+from faissq.tasks.producer import JobClient
+from faissq.worker.embedded_redis import EmbeddedRedis, free_port
 
 TIMEOUT = 60
 INDEX = f"products{uuid.uuid4().hex[:6]}"

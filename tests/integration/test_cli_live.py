@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from faissq.client import JobClient
 from faissq.config import Settings
+from faissq.tasks.producer import JobClient
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 32

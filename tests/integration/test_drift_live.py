@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from faissq.client import JobClient
+from faissq.cli.demo_data import clustered
 from faissq.config import Settings
-from faissq.datasets import clustered
+from faissq.tasks.producer import JobClient
 
 N, DIM, CLUSTERS = 2000, 16, 40
 TIMEOUT = 60

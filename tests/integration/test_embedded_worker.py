@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from faissq.client import JobClient
 from faissq.config import Settings
+from faissq.tasks.producer import JobClient
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,8 +21,8 @@ from conftest import WorkerProcess, make_settings
 from test_write_integrity import vec, wait_for
 
 from faissq import keys
-from faissq.client import JobClient
-from faissq.embedded_redis import find_redis_server, free_port
+from faissq.tasks.producer import JobClient
+from faissq.worker.embedded_redis import find_redis_server, free_port
 
 TIMEOUT = 30
 FETCHES = ("brpop", "blmove")  # the job fetch of kombu and of faissq (the RPC loop: blmpop)

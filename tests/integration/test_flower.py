@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from faissq.client import JobClient
 from faissq.config import Settings
-from faissq.embedded_redis import free_port
+from faissq.tasks.producer import JobClient
+from faissq.worker.embedded_redis import free_port
 
 TIMEOUT = 60
 REPO = Path(__file__).resolve().parents[2]

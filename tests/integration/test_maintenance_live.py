@@ -14,11 +14,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from faissq import keys
-from faissq.client import JobClient
 from faissq.config import Settings
-from faissq.rpc.client import SearchClient
+from faissq.rpc.search_client import SearchClient
 from faissq.storage.fs import Storage
 from faissq.storage.log import UpdateLog
+from faissq.tasks.producer import JobClient
 
 DIM = 16
 TIMEOUT = 60

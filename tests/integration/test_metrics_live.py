@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from faissq.client import JobClient
 from faissq.config import Settings
-from faissq.healthcheck import check
-from faissq.rpc.client import SearchClient
+from faissq.rpc.search_client import SearchClient
+from faissq.tasks.producer import JobClient
+from faissq.telemetry.healthcheck import check
 
 DIM = 16
 TIMEOUT = 30

@@ -22,12 +22,12 @@ from conftest import WorkerProcess, make_settings
 from prometheus_client.parser import text_string_to_metric_families
 from rpc_support import wait_for
 
-from faissq.client import JobClient
+from faissq.cli.demo_data import clustered, queries_between
 from faissq.config import Settings
-from faissq.datasets import clustered, queries_between
 from faissq.errors import RecallRegression
 from faissq.index import tuning
-from faissq.rpc.client import SearchClient
+from faissq.rpc.search_client import SearchClient
+from faissq.tasks.producer import JobClient
 
 N, DIM, CLUSTERS, SPREAD = 10_000, 32, 100, 1.0
 SERVED = 600  # real queries served (all sampled: rate 1)

@@ -17,9 +17,9 @@ from conftest import WorkerProcess, make_settings
 from test_write_integrity import faulty_env, vec, wait_for
 
 from faissq import keys
-from faissq.client import JobClient
-from faissq.embedded_redis import EmbeddedRedis
 from faissq.storage import faults
+from faissq.tasks.producer import JobClient
+from faissq.worker.embedded_redis import EmbeddedRedis
 
 TIMEOUT = 60
 

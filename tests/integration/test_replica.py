@@ -18,10 +18,10 @@ from conftest import WorkerProcess
 from rpc_support import TIMEOUT, vecs, wait_for
 
 from faissq import SearchClient, Settings
-from faissq.client import JobClient
 from faissq.errors import FaissqError
-from faissq.rpc.client import SearchResponse
+from faissq.rpc.search_client import SearchResponse
 from faissq.storage.log import entry_name
+from faissq.tasks.producer import JobClient
 
 FAST = {"FAISSQ_RPC__HEARTBEAT_TTL_S": "1", "FAISSQ_WORKER__REPLICA_POLL_S": "0.2"}
 VISIBLE_S = 5.0  # a job's effect must reach the replica's answers within this

@@ -15,9 +15,9 @@ from rpc_support import TIMEOUT, rpc_stats, vecs, wait_for
 from test_replica import replica_factory  # noqa: F401 - a fixture
 
 from faissq import IndexBusy, NoWorkerAlive, SearchClient, SearchTimeout, Settings
-from faissq.client import JobClient
-from faissq.embedded_redis import EmbeddedRedis, free_port
 from faissq.errors import FaissqError
+from faissq.tasks.producer import JobClient
+from faissq.worker.embedded_redis import EmbeddedRedis, free_port
 
 FAST_BEAT = {"FAISSQ_RPC__HEARTBEAT_TTL_S": "1"}
 

@@ -23,14 +23,14 @@ from rpc_fuzz import DOCUMENTED, Case, Fuzzer
 from rpc_support import DIM, TIMEOUT, push_and_wait, raw_request, rpc_stats, vecs, wait_for
 
 from faissq import AsyncSearchClient, InvalidParameter, SearchClient, SearchTimeout, Settings, keys
-from faissq.client import JobClient
 from faissq.config import IndexSettings
-from faissq.embedded_redis import EmbeddedRedis
 from faissq.errors import PayloadTooLarge
 from faissq.index.engine import Engine
 from faissq.rpc import protocol
 from faissq.rpc.server import RpcServer
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
+from faissq.tasks.producer import JobClient
+from faissq.worker.embedded_redis import EmbeddedRedis
 
 N = 4000
 

@@ -20,8 +20,8 @@ from rpc_load_client import DIM, K, foreign, table
 from rpc_support import TIMEOUT
 
 from faissq import IndexBusy, SearchClient, SearchTimeout, keys
-from faissq.client import JobClient
 from faissq.errors import FaissqError
+from faissq.tasks.producer import JobClient
 
 BUILT = 4000  # ids 0..BUILT-1 at the start; upserts add ids above
 THREADS, PER_THREAD = 8, 150

@@ -1,4 +1,4 @@
-"""The RPC loop's latency options on real Redis and FAISS: busy-polling, merged clients, acks."""
+"""The RPC loop on real Redis and FAISS: sequential, merged and asyncio clients, kept sockets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import redis
 from conftest import make_settings
 from rpc_support import DIM, vecs, wait_for
@@ -18,7 +17,6 @@ from faissq import AsyncSearchClient, SearchClient
 from faissq.config import IndexSettings
 from faissq.index.engine import Engine
 from faissq.rpc.server import RpcServer
-from faissq.rpc.spin import spin_until_readable
 
 
 def engine() -> Engine:
@@ -28,14 +26,11 @@ def engine() -> Engine:
     return eng
 
 
-@pytest.mark.parametrize(("spin_us", "client_spin_us"), [(0.0, 0.0), (2000.0, 1000.0)])
-def test_the_loop_answers_exactly_with_and_without_busy_polling(
-    redis_url: str, storage_root: Path, spin_us: float, client_spin_us: float
+def test_the_loop_answers_sequential_merged_and_asyncio_searches_exactly(
+    redis_url: str, storage_root: Path
 ) -> None:
-    index = f"spin{uuid.uuid4().hex[:8]}"
+    index = f"loop{uuid.uuid4().hex[:8]}"
     settings = make_settings(redis_url, storage_root, [index])
-    settings.rpc.spin_us = spin_us
-    settings.rpc.client_spin_us = client_spin_us
     eng = engine()
     server = RpcServer(settings, index, lambda: eng).start()
     queries = vecs(40, seed=6)
@@ -65,32 +60,6 @@ def test_the_loop_answers_exactly_with_and_without_busy_polling(
         assert stats["answered"] >= len(queries) and stats["loop_errors"] == 0
     finally:
         server.stop()
-
-
-def test_polling_sees_an_answer_gives_up_at_its_budget_and_stops_when_told(redis_url: str) -> None:
-    r = redis.Redis.from_url(redis_url)
-    key = f"spin:{uuid.uuid4().hex}"
-    conn: Any = r.connection_pool.get_connection()
-    try:
-        conn.send_command("BRPOP", key, 5)
-        assert not spin_until_readable(conn, 0.005)  # nothing pushed yet: the budget runs out
-        asked: list[int] = []
-
-        def no() -> bool:
-            asked.append(1)
-            return False
-
-        assert not spin_until_readable(conn, 600.0, no)  # told to stop: returns, no 10 minutes
-        assert asked == [1]
-        redis.Redis.from_url(redis_url).lpush(key, b"x")
-        assert spin_until_readable(conn, 600.0)
-        assert conn.read_response() == [key.encode(), b"x"]
-        conn.send_command("PING")
-        assert spin_until_readable(conn, 600.0)
-        assert spin_until_readable(conn, 600.0)  # an answer already buffered counts too
-        assert conn.read_response() == b"PONG"
-    finally:
-        r.connection_pool.release(conn)
 
 
 def test_a_kept_connection_that_redis_closed_is_replaced_before_the_next_search(

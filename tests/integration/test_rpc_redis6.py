@@ -18,9 +18,9 @@ from rpc_support import DIM, raw_request, vecs, wait_for
 
 from faissq import SearchClient, codec, keys
 from faissq.config import IndexSettings
-from faissq.embedded_redis import EmbeddedRedis
 from faissq.index.engine import Engine
 from faissq.rpc.server import RpcServer
+from faissq.worker.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="module")

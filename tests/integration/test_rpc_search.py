@@ -29,10 +29,10 @@ from faissq import (
     SearchClient,
     Settings,
 )
-from faissq.client import JobClient
 from faissq.errors import PayloadTooLarge
 from faissq.index.engine import Engine
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
+from faissq.tasks.producer import JobClient
 
 N = 4000
 

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from faissq.client import JobClient
 from faissq.config import Settings
-from faissq.rpc.client import SearchClient
+from faissq.rpc.search_client import SearchClient
 from faissq.storage import admin
 from faissq.storage.log import entry_name
+from faissq.tasks.producer import JobClient
 
 DIM = 16
 TIMEOUT = 30

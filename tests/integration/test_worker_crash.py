@@ -14,11 +14,11 @@ import redis
 from celery.result import AsyncResult
 
 from faissq import keys
-from faissq.client import JobClient
 from faissq.config import Settings
 from faissq.storage import faults
+from faissq.storage.durable import DurableStore
 from faissq.storage.snapshot_load import MANIFEST
-from faissq.storage.store import DurableStore
+from faissq.tasks.producer import JobClient
 
 DIM = 8
 TIMEOUT = 60

@@ -11,9 +11,9 @@ import pytest
 from celery import Celery, states
 from celery.result import AsyncResult
 
-from faissq.client import JobClient, put_vectors
 from faissq.config import Settings
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
+from faissq.tasks.producer import JobClient, put_vectors
 
 DIM = 16
 TIMEOUT = 30

@@ -20,11 +20,11 @@ from test_metrics_live import free_port, get
 from test_write_integrity import faulty_env, vec, wait_for
 
 from faissq import keys
-from faissq.client import JobClient
 from faissq.config import Settings
-from faissq.embedded_redis import EmbeddedRedis
-from faissq.healthcheck import check
 from faissq.storage import faults
+from faissq.tasks.producer import JobClient
+from faissq.telemetry.healthcheck import check
+from faissq.worker.embedded_redis import EmbeddedRedis
 
 TIMEOUT = 60
 

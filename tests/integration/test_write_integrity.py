@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from test_metrics_live import free_port, sample, scrape
 
-from faissq.client import JobClient
 from faissq.config import Settings
-from faissq.rpc.client import SearchClient
+from faissq.rpc.search_client import SearchClient
 from faissq.storage import faults
+from faissq.tasks.producer import JobClient
 
 DIM = 16
 TIMEOUT = 60

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from faissq.cli.demo_data import clustered, queries_like
 from faissq.config import IndexSettings
-from faissq.datasets import clustered, queries_like
 from faissq.index.engine import Engine
 
 

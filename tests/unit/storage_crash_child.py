@@ -13,7 +13,7 @@ import numpy as np
 
 from faissq.config import IndexSettings, Settings, StorageSettings
 from faissq.index.engine import Engine
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 
 B = 20  # vectors per batch; batch k holds ids k*B .. k*B+B-1
 DIM = 8

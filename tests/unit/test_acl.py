@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from faissq import acl, keys
-from faissq.cli import main
-from faissq.embedded_redis import find_redis_server, free_port
+from faissq import keys
+from faissq.cli import acl_roles as acl
+from faissq.cli.main import main
 from faissq.errors import InvalidParameter
+from faissq.worker.embedded_redis import find_redis_server, free_port
 
 
 def patterns(role: str, index: str) -> list[str]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from faissq.cli import COMMANDS, build_parser, redis_for, worker_argv
+from faissq.cli.main import COMMANDS, build_parser
+from faissq.cli.worker_command import redis_for, worker_argv
 from faissq.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]

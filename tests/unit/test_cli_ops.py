@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faissq.cli import COMMANDS, build_parser, main
-from faissq.cli_jobs import load_vectors, parse_ids, require_redis
+from faissq.cli.job_commands import load_vectors, parse_ids, require_redis
+from faissq.cli.main import COMMANDS, build_parser, main
+from faissq.cli.progress_view import ProgressView, bar
 from faissq.config import Settings
 from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors
-from faissq.jobview import ProgressView, bar
 
 
 def test_every_command_has_a_help_text() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 from ruamel.yaml import YAML
 
-from faissq.metrics import make_metrics, metric_names
+from faissq.telemetry.metric_families import make_metrics, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -65,7 +65,7 @@ def test_worker_reserves_a_gpu_shares_snapshots_and_shuts_down_softly() -> None:
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "snapshots:/data" in worker["volumes"]
     assert worker["environment"]["FAISSQ_STORAGE__URL"] == "/data"
-    assert worker["healthcheck"]["test"][1:] == ["python", "-m", "faissq.healthcheck"]
+    assert worker["healthcheck"]["test"][1:] == ["python", "-m", "faissq.telemetry.healthcheck"]
     assert worker["stop_signal"] == "SIGTERM" and worker["stop_grace_period"]
     assert worker["environment"]["FAISSQ_METRICS__PORT"] == "9310"
     flower = services["flower"]
@@ -111,7 +111,7 @@ def test_every_metric_in_the_dashboard_and_prometheus_config_exists() -> None:
         if name.startswith("flower_"):
             assert f"'{name}'" in flower_src, f"{name} is not a Flower metric"
         else:
-            assert name in known, f"{name} is not defined in faissq/metrics.py"
+            assert name in known, f"{name} is not defined in faissq/telemetry/metric_families.py"
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from faissq.config_doc import BEGIN, END, settings_table
+from faissq.cli.settings_table import BEGIN, END, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_readme_settings_table_matches_the_settings_model() -> None:
     readme = (ROOT / "README.md").read_text()
     start, stop = readme.index(BEGIN), readme.index(END) + len(END)
-    assert readme[start:stop] == settings_table(), "run: python -m faissq.config_doc"
+    assert readme[start:stop] == settings_table(), "run: python -m faissq.cli.settings_table"
 
 
 def test_quick_start_has_exactly_two_commands_that_exist() -> None:

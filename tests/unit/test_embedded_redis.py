@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from faissq.embedded_redis import EmbeddedRedis, EmbeddedRedisError, find_redis_server
+from faissq.worker.embedded_redis import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 
 
 def test_unix_socket_server_under_a_folder(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from engine_support import exact, recall
 
+from faissq.cli.demo_data import clustered, queries_like
 from faissq.config import IndexSettings
-from faissq.datasets import clustered, queries_like
 from faissq.index.engine import Engine
 
 N, DIM, CLUSTERS, SPREAD = 20_000, 64, 141, 1.4

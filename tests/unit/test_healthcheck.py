@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from faissq.config import Settings
-from faissq.healthcheck import check, readyz_url
+from faissq.telemetry.healthcheck import check, readyz_url
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from faissq.config import Settings
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 from faissq.worker.maintenance import Backlog, LogBacklog, due
 from faissq.worker.runtime import IndexRuntime
 

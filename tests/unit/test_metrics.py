@@ -16,19 +16,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from faissq.config import IndexSettings, Settings
 from faissq.errors import IndexNotReady
 from faissq.index.engine import Engine
-from faissq.metrics import (
+from faissq.rpc.protocol import Request
+from faissq.rpc.stats import Turn
+from faissq.telemetry.metric_families import (
     Metrics,
     make_metrics,
     metric_names,
     observe_job,
-    observe_search,
     observe_turn,
     start_http,
     update_index_gauges,
 )
-from faissq.rpc.protocol import Request
-from faissq.rpc.stats import Turn
-from faissq.worker.telemetry import code_bytes, job_outcome
+from faissq.telemetry.worker_telemetry import code_bytes, job_outcome
 
 LABELS_ALLOWED = {"index", "outcome", "task", "op", "state", "le"}  # le: histogram buckets
 
@@ -69,7 +68,7 @@ def test_names_use_base_units_and_only_low_cardinality_labels() -> None:
     m = make_metrics()
     eng = engine()
     update_index_gauges(m, "i", eng.stats(), ready=True, seq=3, log_seq=3, snapshot_age_s=1.0)
-    observe_search(m, "i", "ok", 0.001, k=10, nprobe=4)
+    observe_turn(m, "i", Turn(popped=1, answered=1, latencies_s=[0.001]), [request(10)], eng)
     observe_job(m, "faissq.build", "success", 2.0, index="i")
     for family in m.registry.collect():
         assert family.name.startswith("faissq_")
@@ -134,25 +133,6 @@ def test_code_bytes_counts_the_encoded_vectors_of_each_family() -> None:
     pq.build(np.random.default_rng(1).standard_normal((1000, 8)).astype(np.float32),
              np.arange(1000), family="ivf_pq")  # fmt: skip
     assert 0 < code_bytes(pq.state.primary.index) <= 1000 * 2
-
-
-def test_search_counters_latency_and_last_parameters() -> None:
-    m = make_metrics()
-    observe_search(m, "i", "ok", 0.0004, queries=3, k=10, nprobe=8, ef_search=None)
-    observe_search(m, "i", "timeout", 0.0)
-    observe_search(m, "i", "busy", 0.0)
-    observe_search(None, "i", "ok", 1.0)  # metrics disabled: a no-op
-    assert value(m, "faissq_searches_total", index="i", outcome="ok") == 1
-    assert value(m, "faissq_search_errors_total", index="i", outcome="busy") == 1
-    assert value(m, "faissq_search_errors_total", index="i", outcome="ok") is None
-    assert value(m, "faissq_rpc_deadline_drops_total", index="i") == 1
-    assert value(m, "faissq_search_queries_total", index="i") == 3
-    assert value(m, "faissq_search_latency_seconds_count", index="i") == 1
-    assert value(m, "faissq_search_latency_seconds_bucket", index="i", le="0.0005") == 1
-    assert value(m, "faissq_search_latency_seconds_bucket", index="i", le="0.00025") == 0
-    assert value(m, "faissq_search_last_k", index="i") == 10
-    assert value(m, "faissq_search_last_nprobe", index="i") == 8
-    assert value(m, "faissq_search_last_ef_search", index="i") is None
 
 
 def request(k: int, nprobe: int | None = None) -> Request:
@@ -232,8 +212,9 @@ def test_http_serves_metrics_liveness_and_readiness_per_index_on_a_free_port() -
         scrapes.append(1)
         m.worker_ready.set(len(scrapes))
 
+    m.scrape.refresh = refresh
     settings = Settings(metrics={"port": 0, "host": "127.0.0.1"})
-    server = start_http(settings, m.registry, lambda: health, before_scrape=refresh)
+    server = start_http(settings, m.registry, lambda: health)
     try:
         assert server.port > 0
         status, ctype, body = get(f"{server.url}/metrics")
@@ -258,8 +239,9 @@ def test_a_failing_refresh_or_health_check_never_breaks_the_endpoint() -> None:
     def broken() -> Any:
         raise RuntimeError("storage away")
 
+    m.scrape.refresh = broken
     settings = Settings(metrics={"port": 0, "host": "127.0.0.1"})
-    server = start_http(settings, m.registry, broken, before_scrape=broken)
+    server = start_http(settings, m.registry, broken)
     try:
         assert get(f"{server.url}/metrics")[0] == 200
         status, _, body = get(f"{server.url}/readyz")
@@ -290,7 +272,7 @@ def test_the_operations_doc_lists_every_metric_and_no_other() -> None:
 
 
 def test_index_state_is_one_series_per_state_with_1_on_the_current_one() -> None:
-    from faissq.metrics_updates import INDEX_STATES
+    from faissq.telemetry.metric_updates import INDEX_STATES
     from faissq.worker.runtime import IndexState
 
     assert tuple(s.value for s in IndexState) == INDEX_STATES

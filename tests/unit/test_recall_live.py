@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from engine_support import exact, recall
 
+from faissq.cli.demo_data import clustered, queries_between
 from faissq.config import IndexSettings, RecallSettings, Settings
-from faissq.datasets import clustered, queries_between
 from faissq.errors import FaissqError, RecallRegression, error_for_code
 from faissq.index import drift, recall_gate
 from faissq.index.engine import Engine
-from faissq.metrics import make_metrics
-from faissq.metrics_recall import update_recall_gauges
 from faissq.rpc.protocol import Request
+from faissq.telemetry.metric_families import make_metrics
+from faissq.telemetry.recall_metrics import update_recall_gauges
 from faissq.worker.maintenance import Backlog, due
 from faissq.worker.recall_live import IndexSampler
 

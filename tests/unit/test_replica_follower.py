@@ -9,7 +9,7 @@ import pytest
 
 from faissq.config import Settings
 from faissq.errors import WriterConflict
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 from faissq.worker.follower import Follower
 from faissq.worker.replica import make_replica
 from faissq.worker.runtime import IndexRuntime
@@ -120,7 +120,7 @@ def test_replica_refuses_jobs_and_never_blocks_the_writer(tmp_path: Path) -> Non
 
 
 def test_worker_command_takes_a_replica_flag() -> None:
-    from faissq.cli import build_parser
+    from faissq.cli.main import build_parser
 
     args = build_parser().parse_args(["worker", "--index", "a", "--replica"])
     assert args.replica is True and args.index == ["a"]

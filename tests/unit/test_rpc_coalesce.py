@@ -14,8 +14,9 @@ import pytest
 from faissq import AsyncSearchClient, SearchClient
 from faissq.config import RpcSettings, Settings
 from faissq.errors import IndexBusy, InvalidVectors, SearchTimeout
-from faissq.rpc.client import SearchResponse
-from faissq.rpc.coalesce import AsyncCoalescer, Coalescer, Flag, Pending, ThreadFlag, merge_key
+from faissq.rpc.aio_coalesce import AsyncCoalescer, Flag
+from faissq.rpc.coalesce import Coalescer, Pending, ThreadFlag, merge_key
+from faissq.rpc.search_client import SearchResponse
 
 DIM = 4
 

@@ -18,7 +18,7 @@ from faissq.config import IndexSettings, RpcSettings
 from faissq.index.engine import Engine
 from faissq.rpc import protocol, resp
 from faissq.rpc.batch import search_all
-from faissq.rpc.client import RequestBuilder, as_queries, remote_error
+from faissq.rpc.search_client import RequestBuilder, as_queries, remote_error
 
 PREFIX = "faissq:idx:reply:"
 LIMITS = protocol.Limits(reply_prefix=PREFIX, max_bytes=1 << 20, max_k=100, max_filter_ids=50)

@@ -12,7 +12,7 @@ import pytest
 from faissq.config import Settings
 from faissq.errors import IndexNotReady, SnapshotCorrupt, UnknownIndex
 from faissq.index.engine import Engine
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.slots import IndexState
 

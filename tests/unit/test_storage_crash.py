@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from storage_crash_child import DIM, B, batch, run, settings
 
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 
 ITERATIONS = 20
 # children fork from a server that already imported faiss and faissq: each start takes
@@ -26,7 +26,7 @@ ITERATIONS = 20
 CTX = multiprocessing.get_context("forkserver")
 # (python 3.11's server ignores this process's sys.path: preload by package name, found from
 # the repository root; without it children still work, only slower)
-CTX.set_forkserver_preload(["faissq.storage.store"])
+CTX.set_forkserver_preload(["faissq.storage.durable"])
 
 
 def run_and_kill(root: Path, start: int, save_every: int, acks: int) -> list[tuple[int, int]]:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from storage_support import can_make_read_only, read_only
 
-from faissq.client import put_vectors
 from faissq.config import Settings, StorageSettings
 from faissq.index.engine import Engine
 from faissq.storage import incoming
+from faissq.storage.durable import DurableStore
 from faissq.storage.fs import Storage
-from faissq.storage.store import DurableStore
+from faissq.tasks.producer import put_vectors
 
 DAY = 86_400.0
 

@@ -10,7 +10,7 @@ import pytest
 from faissq.config import IndexSettings, Settings, StorageSettings
 from faissq.errors import SnapshotCorrupt, WriterConflict
 from faissq.index.engine import Engine
-from faissq.storage.store import DurableStore
+from faissq.storage.durable import DurableStore
 
 DIM = 16
 RNG = np.random.default_rng(11)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faissq.cli import main
+from faissq.cli.main import main
 from faissq.config import Settings, StorageSettings
 from faissq.errors import InvalidParameter, LogCorrupt
 from faissq.storage import admin
+from faissq.storage.durable import DurableStore
 from faissq.storage.log import entry_name
-from faissq.storage.store import DurableStore
 from faissq.worker.replica import ReadOnlyStore
 
 DIM = 8

@@ -12,8 +12,8 @@ from faissq.config import IndexSettings, Settings, StorageSettings
 from faissq.errors import InvalidParameter, LogCorrupt, ManifestMismatch, SnapshotCorrupt
 from faissq.index.engine import Engine
 from faissq.storage import admin
+from faissq.storage.durable import DurableStore
 from faissq.storage.log import entry_name
-from faissq.storage.store import DurableStore
 
 DIM = 16
 RNG = np.random.default_rng(7)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faissq.client import put_vectors
 from faissq.config import Settings
 from faissq.errors import ChecksumMismatch, InvalidIds, InvalidParameter, InvalidVectors
 from faissq.tasks import payload
+from faissq.tasks.producer import put_vectors
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from faissq.config import Settings
+from faissq.config import IndexSettings, Settings
 from faissq.errors import InvalidParameter, StorageUnavailable
 from faissq.index.engine import Engine
 from faissq.storage import files, incoming
@@ -46,6 +46,12 @@ class DurableStore:
         )
         self.engine_options = engine_options or {}
         self._writers: dict[str, LogWriter] = {}
+        # indexes created at runtime: their own index section (metric, family) and dimension
+        self._defined: dict[str, tuple[IndexSettings, int]] = {}
+
+    def define(self, index: str, cfg: IndexSettings, dim: int) -> None:
+        """Recover `index` with its own settings and dimension (an index created at runtime)."""
+        self._defined[check_index_name(index)] = (cfg, dim)
 
     def snapshots(self, index: str) -> SnapshotStore:
         """The snapshot store of one index."""
@@ -81,10 +87,11 @@ class DurableStore:
         quarantine: this is the index's writer, which moves a damaged newest log entry aside
         (replicas pass False and only read).
         """
+        cfg, dim = self._defined.get(index, (self.settings.index, dim))
         rec = recover(
             self.storage,
             check_index_name(index),
-            self.settings.index,
+            cfg,
             dim=dim,
             retention=self.settings.storage.retention,
             quarantine=quarantine,
@@ -145,6 +152,13 @@ class DurableStore:
         exp = engine.export()
         files.reverify_mapped((exp.primary_ids, exp.primary_vectors, exp.delta_ids,
                                exp.delta_vectors, exp.tombstones))  # fmt: skip
+
+    def release(self, index: str) -> None:
+        """Release one index's writer lock (a dropped index); another writer may take it."""
+        w = self._writers.pop(index, None)
+        if w is not None:
+            w.close()
+        self._defined.pop(index, None)
 
     def close(self) -> None:
         """Release every writer lock held by this process."""

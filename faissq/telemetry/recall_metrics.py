@@ -1,6 +1,6 @@
 """The live-recall and drift metric families, and how they move (from a worker's summaries).
 
-faissq.metrics.make_metrics adds these to its registry (`Metrics.recall`); the worker's
+metric_families.make_metrics collects these with the others (`Metrics.recall`); the worker's
 telemetry calls `update_recall_gauges` at every scrape with faissq.worker.recall_live's summary.
 The `param` label is the setting a search ran with (e.g. "k=10 ef_search=32"): bounded by
 `recall.max_params` per index, the rest reported as "other".
@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import Counter, Gauge
+from prometheus_client.metrics import MetricWrapperBase
 
 IP = ("index", "param")
 
@@ -34,10 +35,17 @@ class RecallMetrics:
     _seen: dict[tuple[str, str], float] = field(default_factory=dict)
     _params: dict[str, set[str]] = field(default_factory=dict)
 
+    def families(self) -> list[MetricWrapperBase]:
+        """Every metric of the set (the scrape collector collects them)."""
+        return [self.live, self.lower, self.samples, self.sampled_total, self.evaluated_total,
+                self.cpu_seconds_total, self.backlog, self.drift_ratio,
+                self.rebuild_advised]  # fmt: skip
 
-def make_recall_metrics(r: CollectorRegistry) -> RecallMetrics:
-    """Create the families on registry r."""
+
+def make_recall_metrics() -> RecallMetrics:
+    """Create the families, registered nowhere: metric_families' collector collects them."""
     ix = ("index",)
+    r = None
     return RecallMetrics(
         live=Gauge(
             "faissq_recall_live",

@@ -1,11 +1,12 @@
 """Metrics and health of a worker process, wired in one place: Celery signals, scrape, endpoints.
 
-`start_telemetry(app, ctx)` is the worker's only call: it builds the metrics (faissq.metrics),
+`start_telemetry(app, ctx)` is the worker's only call: it builds the metrics (metric_families),
 serves /metrics, /healthz and /readyz, and connects task_prerun / task_postrun / task_failure so
 every job is counted by task name and outcome without a line in the tasks. Index gauges are
-read from the runtime at scrape time, so they always show the actual state. The RPC loop reaches
-the same metrics through `faissq.metrics.metrics_of(runtime)` and records each turn with
-`faissq.metrics.observe_turn` at its single exit point.
+read from the runtime at scrape time (`refresh`, run by the metrics' ScrapeCollector), so they
+always show the actual state. The RPC loop reaches
+the same metrics through `metric_families.metrics_of(runtime)` and records each turn with
+`metric_families.observe_turn` at its single exit point.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from celery import Celery, signals
 
 from faissq import keys
 from faissq.errors import FaissqError
-from faissq.metrics import (
+from faissq.telemetry.metric_families import (
     Metrics,
     MetricsServer,
     attach_metrics,
@@ -28,7 +29,7 @@ from faissq.metrics import (
     observe_job,
     update_index_gauges,
 )
-from faissq.metrics_recall import update_recall_gauges
+from faissq.telemetry.recall_metrics import update_recall_gauges
 from faissq.worker.context import WorkerContext
 from faissq.worker.recall_live import recall_of
 from faissq.worker.slots import SERVING
@@ -205,11 +206,6 @@ class WorkerTelemetry:
         observe_job(self.metrics, name, job_outcome(state, exc), seconds,
                     index=index if isinstance(index, str) else None)  # fmt: skip
 
-    def on_shutdown(self, sender: Any = None, **_: Any) -> None:
-        """Stop serving when this app's worker shuts down."""
-        if getattr(sender, "app", None) is self.app:
-            self.close()
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     def connect(self) -> None:
@@ -217,24 +213,21 @@ class WorkerTelemetry:
         signals.task_prerun.connect(self.on_prerun, weak=False)
         signals.task_failure.connect(self.on_failure, weak=False)
         signals.task_postrun.connect(self.on_postrun, weak=False)
-        signals.worker_shutdown.connect(self.on_shutdown, weak=False)
 
     def disconnect(self) -> None:
         """Undo `connect` (in-process workers in tests)."""
         signals.task_prerun.disconnect(self.on_prerun)
         signals.task_failure.disconnect(self.on_failure)
         signals.task_postrun.disconnect(self.on_postrun)
-        signals.worker_shutdown.disconnect(self.on_shutdown)
 
     def serve(self) -> None:
         """Start /metrics, /healthz and /readyz; a busy port is logged, never fatal."""
-        from faissq.metrics import start_http
+        from faissq.telemetry.metric_families import start_http
 
         settings = self.ctx.settings
+        self.metrics.scrape.refresh = self.refresh
         try:
-            self.server = start_http(
-                settings, self.metrics.registry, self.health, before_scrape=self.refresh
-            )
+            self.server = start_http(settings, self.metrics.registry, self.health)
         except OSError as exc:
             log.error(
                 "metrics: cannot listen on %s:%d (%s); set FAISSQ_METRICS__PORT to a free port "
@@ -247,6 +240,7 @@ class WorkerTelemetry:
     def close(self) -> None:
         """Stop the HTTP endpoints and disconnect the signals."""
         self.disconnect()
+        self.metrics.scrape.refresh = None
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -1,7 +1,7 @@
 """How faissq's metrics move: engine gauges at each scrape, and each search, RPC turn and job.
 
-The families themselves are defined in faissq.metrics, which re-exports everything here. Every
-observe_* takes `None` for metrics (disabled) and then does nothing.
+The families themselves are defined in metric_families, which re-exports everything here.
+Every observe_* takes `None` for metrics (disabled) and then does nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from prometheus_client import Gauge
 
-    from faissq.metrics import Metrics
+    from faissq.telemetry.metric_families import Metrics
 
 SEARCH_OK = "ok"  # the outcome of a search that was answered
 DEADLINE_DROP = "timeout"  # the outcome (wire code) of a request whose deadline had passed
@@ -106,42 +106,6 @@ def _remove(metric: Gauge, *labels: str) -> None:
     """Drop one labelled series if it exists (a value that no longer applies)."""
     with contextlib.suppress(KeyError):
         metric.remove(*labels)
-
-
-def observe_search(
-    metrics: Metrics | None,
-    index: str,
-    outcome: str,
-    seconds: float,
-    *,
-    queries: int = 1,
-    k: int | None = None,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-) -> None:
-    """Record one search request at the RPC loop's exit point (no-op when metrics is None).
-
-    outcome: "ok" when answered, "timeout" for a deadline drop, else the error's wire `code`
-    (a fixed set: never put request values in it).
-    """
-    if metrics is None:
-        return
-    m = metrics
-    m.searches_total.labels(index, outcome).inc()
-    if outcome == DEADLINE_DROP:
-        m.rpc_deadline_drops_total.labels(index).inc()
-    if outcome != SEARCH_OK:
-        m.search_errors_total.labels(index, outcome).inc()
-        return
-    m.search_queries_total.labels(index).inc(max(0, queries))
-    if math.isfinite(seconds) and seconds >= 0:
-        m.search_latency_seconds.labels(index).observe(seconds)
-    if k is not None:
-        m.search_last_k.labels(index).set(k)
-    if nprobe is not None:
-        m.search_last_nprobe.labels(index).set(nprobe)
-    if ef_search is not None:
-        m.search_last_ef_search.labels(index).set(ef_search)
 
 
 class TurnLike(Protocol):

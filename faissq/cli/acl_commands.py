@@ -6,7 +6,7 @@ import argparse
 import os
 import shlex
 
-from faissq import acl
+from faissq.cli import acl_roles as acl
 from faissq.config import Settings
 from faissq.errors import InvalidParameter
 
@@ -52,6 +52,3 @@ def run_acl(args: argparse.Namespace, settings: Settings) -> int:
         words = ["ACL", "SETUSER", *acl.setuser(user, args.role, args.index, password, args.db)]
         print(" ".join(shlex.quote(w) for w in words))
     return 0
-
-
-ACL_COMMAND = (add_acl_args, run_acl)  # the arguments and runner registered in faissq.cli

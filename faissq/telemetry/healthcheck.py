@@ -1,8 +1,9 @@
 """Container healthcheck: exit 0 when this container's worker has loaded every served index.
 
-`python -m faissq.healthcheck` is what docker-compose runs inside a worker container. It asks
-the worker's own readiness endpoint (`/readyz` on the metrics port, on this host), so a worker
-whose indexes are still loading, or failed to load, is unhealthy even while its process runs.
+`python -m faissq.telemetry.healthcheck` is what docker-compose runs inside a worker container.
+It asks the worker's own readiness endpoint (`/readyz` on the metrics port, on this host), so a
+worker whose indexes are still loading, or failed to load, is unhealthy even while its process
+runs.
 An index that is loaded but has nothing built yet (`empty`) counts as healthy: a new
 deployment waits for its first build, not for an operator. It reads the same FAISSQ_* settings
 as the worker and touches nothing but that endpoint (no Redis).

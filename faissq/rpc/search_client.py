@@ -1,12 +1,4 @@
-"""SearchClient: synchronous searches over the RPC queue, one Redis round trip per search.
-
-The submit script (heartbeat check, queue bound, LPUSH) and the BRPOP on the reply key are sent
-together in one write; the script answers on the reply key itself when it refuses, so the BRPOP
-returns at once with `no_worker` or `busy`, and otherwise when the worker replies or the deadline
-passes. Thread-safe: each round trip holds one connection, taken from the pool once and kept by
-the client; concurrent searches of one client with equal k and options are merged into shared
-requests (`faissq.rpc.coalesce`).
-"""
+"""SearchClient: one-write synchronous searches over the RPC queue (figures: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +6,7 @@ import inspect
 import itertools
 import json
 import os
+import select
 import time
 import uuid
 from collections import deque
@@ -40,13 +33,12 @@ from faissq.errors import (
 )
 from faissq.rpc import protocol, resp
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
-from faissq.rpc.spin import readable_now, spin_until_readable
 
 READ_TAKES_TIMEOUT = "timeout" in inspect.signature(Connection.read_response).parameters
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
 CONNECT_TIMEOUT_S = 2.0
-# merged round trips in flight per client when rpc.max_in_flight is unset: with 16 threads a
-# third gained nothing (10.2-10.6k against 10.5-10.7k QPS), their wake-ups share one interpreter
+# merged round trips in flight per client when rpc.max_in_flight is unset: threads' wake-ups
+# share one interpreter, so a third round trip adds no throughput (docs/benchmarks.md, RPC)
 THREAD_IN_FLIGHT = 2
 
 
@@ -104,8 +96,7 @@ class RequestBuilder:
         return Prepared(rid, reply, block, [submit, ("BRPOP", reply, block)])
 
     def request_id(self) -> str:
-        """A fresh request id: random per builder and process, then a count (uuid4 per search
-        costs 3 µs of os.urandom and formatting)."""
+        """A fresh request id: a random prefix per builder and process, then a count (no uuid4)."""
         pid = os.getpid()
         if pid != self._pid:  # a forked child must not repeat its parent's ids
             self._pid, self._prefix = pid, uuid.uuid4().hex[:20]
@@ -143,6 +134,16 @@ def read_within(conn: Any, timeout_s: float) -> Any:
     if not conn.can_read(timeout=timeout_s):
         raise SearchTimeout(f"Redis did not answer within {timeout_s:.3f}s")
     return conn.read_response()
+
+
+def readable_now(conn: Any) -> bool:
+    """Whether conn's socket holds something to read right now (an answer, or end of file)."""
+    sock = getattr(conn, "_sock", None)
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def brpop_answer(got: Any, prepared: Prepared) -> bool:
@@ -210,8 +211,8 @@ class SearchClient:
             url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
         )
         self._redis = redis.Redis(connection_pool=self.pool)
-        # connections taken from the pool once and kept: redis-py's checkout and release cost
-        # about 18 µs per search (a socket probe, a lock, bookkeeping hooks)
+        # connections taken from the pool once and kept: redis-py's checkout and release run a
+        # socket probe, a lock and bookkeeping hooks per search (see _checkout)
         self._idle: deque[Any] = deque()
         self._pid = os.getpid()
         self.coalescer = (
@@ -219,7 +220,6 @@ class SearchClient:
             if rpc.coalesce
             else None
         )
-        self._spin_s = rpc.client_spin_us / 1e6  # lone searches poll for their reply this long
 
     def search(
         self,
@@ -249,7 +249,7 @@ class SearchClient:
             return self._once(queries, k, timeout, options)
         if merging.alone():
             try:
-                return self._once(queries, k, timeout, options, self._spin_s)
+                return self._once(queries, k, timeout, options)
             finally:
                 merging.done_alone()
         q = as_queries(queries)
@@ -263,17 +263,16 @@ class SearchClient:
         k: int,
         timeout: float | None,
         options: dict[str, Any],
-        spin_s: float = 0.0,
     ) -> SearchResponse:
-        """One request, one round trip (a lone search polls up to spin_s for its reply)."""
+        """One request, one round trip."""
         prepared = self.builder.prepare(queries, k, timeout, options)
-        return self.builder.response(self._round_trip(prepared, spin_s), prepared)
+        return self.builder.response(self._round_trip(prepared), prepared)
 
     def _merged(self, first: Pending, queries: npt.NDArray[np.float32], timeout_s: float) -> Any:
         """One round trip for a merged batch (the Coalescer's search)."""
         return self._once(queries, first.k, timeout_s, dict(first.options))
 
-    def _round_trip(self, prepared: Prepared, spin_s: float = 0.0) -> Any:
+    def _round_trip(self, prepared: Prepared) -> Any:
         """Send submit + BRPOP in one write, read both answers; the connection goes back after."""
         conn = self._checkout()
         clean = False  # both answers read: the connection holds nothing for the next search
@@ -287,8 +286,6 @@ class SearchClient:
                 raise permission_denied(str(exc), "searcher") from exc
             except redis.ResponseError as exc:
                 raise RemoteSearchError(f"submit refused by Redis: {exc}", "redis_error") from exc
-            if spin_s and self.coalescer is not None:
-                spin_until_readable(conn, min(spin_s, prepared.block_s), self.coalescer.quiet)
             got = read_within(conn, prepared.block_s + READ_GRACE_S)
             if not brpop_answer(got, prepared):
                 raise RpcError(f"Redis answered out of step: {type(got).__name__}")
@@ -304,7 +301,10 @@ class SearchClient:
             self._idle.append(conn)
 
     def _checkout(self) -> Any:
-        """A connection of this client: a kept one, else a new one from the pool."""
+        """A connection of this client: a kept one, else a new one from the pool.
+
+        Measured: 0.518 vs 0.561 ms p50 with a pool checkout per search, docs/benchmarks.md#rpc.
+        """
         if self._pid != os.getpid():  # a forked child must not share its parent's sockets
             self._idle, self._pid = deque(), os.getpid()
         try:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import redis
     from celery.result import AsyncResult
 
-    from faissq.client import JobClient
+    from faissq.tasks.producer import JobClient
 
 ID_LIST = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*,?\s*$")
 FORCE_HELP = "publish even when the recall gate refuses it (docs/operations.md 5.1)"
@@ -157,8 +157,8 @@ def run_job(
     show: Callable[[dict[str, Any]], None],
 ) -> int:
     """Enqueue one job, wait for it with a progress bar, print its result."""
-    from faissq.client import JobClient
-    from faissq.jobview import wait_with_progress
+    from faissq.cli.progress_view import wait_with_progress
+    from faissq.tasks.producer import JobClient
 
     require_redis(settings, args.command)
     warn_if_no_worker(settings, args.index)
@@ -221,7 +221,7 @@ class Sender:
 
     def ids(self, ids: npt.NDArray[np.int64]) -> dict[str, Any]:
         """Ids inline below worker.inline_max_bytes, else as an int64 .npy reference."""
-        from faissq.client import put_vectors
+        from faissq.tasks.producer import put_vectors
 
         if ids.nbytes <= self.jobs.settings.worker.inline_max_bytes:
             return {"ids": codec.pack_array(np.ascontiguousarray(ids, dtype="<i8"))}
@@ -387,7 +387,7 @@ def add_autotune_args(p: argparse.ArgumentParser) -> None:
 
 def run_autotune(args: argparse.Namespace, settings: Settings) -> int:
     """Tune search parameters for a target recall and print the calibration table."""
-    from faissq.jobview import print_profile
+    from faissq.cli.progress_view import print_profile
 
     def show(report: dict[str, Any]) -> None:
         print_profile(report)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from faissq import keys
-from faissq.cli_jobs import as_vectors, heartbeats, load_npy, redis_client, require_redis
+from faissq.cli.job_commands import as_vectors, heartbeats, load_npy, redis_client, require_redis
 from faissq.config import Settings, masked_url
 from faissq.errors import FaissqError, NoWorkerAlive, PermissionDenied
 
@@ -134,7 +134,7 @@ def worker_stats(settings: Settings, index: str, timeout_s: float) -> tuple[dict
     """The `faissq.stats` job's answer, or an empty dict and why there is none."""
     from celery.exceptions import TimeoutError as CeleryTimeout
 
-    from faissq.client import JobClient
+    from faissq.tasks.producer import JobClient
 
     jobs = JobClient(settings)
     try:
@@ -155,7 +155,7 @@ def worker_stats(settings: Settings, index: str, timeout_s: float) -> tuple[dict
 
 def stored_snapshot(settings: Settings, index: str) -> dict[str, Any]:
     """The CURRENT version on shared storage and how many versions there are."""
-    from faissq.storage.store import DurableStore
+    from faissq.storage.durable import DurableStore
 
     try:
         store = DurableStore(settings).snapshots(index)
@@ -245,7 +245,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
 
 def run_search(args: argparse.Namespace, settings: Settings) -> int:
     """Search through the RPC queue and print (query row, rank, id, score)."""
-    from faissq.rpc.client import SearchClient
+    from faissq.rpc.search_client import SearchClient
 
     require_redis(settings, "search")
     client = SearchClient(settings, index=args.index)

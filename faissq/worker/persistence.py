@@ -1,6 +1,6 @@
 """The runtime's seam to persistence: recover an index, log a batch before applying it, snapshot.
 
-`faissq.storage.store.DurableStore` is the implementation; the runtime only sees this Protocol.
+`faissq.storage.durable.DurableStore` is the implementation; the runtime only sees this Protocol.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
+    from faissq.config import IndexSettings
     from faissq.index.engine import Engine
     from faissq.storage.log import Appended
     from faissq.storage.recovery import Recovered
@@ -23,6 +24,12 @@ class IndexStore(Protocol):
 
     def lock(self, index: str) -> None:
         """Become the index's single writer; WriterConflict while another process is."""
+
+    def define(self, index: str, cfg: IndexSettings, dim: int) -> None:
+        """Recover `index` with its own index settings and dimension (created at runtime)."""
+
+    def release(self, index: str) -> None:
+        """Give up one index's writer lock (it was dropped)."""
 
     def recover(self, index: str) -> Recovered:
         """Load the newest good snapshot and replay the log after it."""

@@ -14,7 +14,9 @@ from faissq import keys
 from faissq.config import Settings
 from faissq.errors import RemoteSearchError, RpcError, SearchTimeout, permission_denied
 from faissq.rpc import resp
-from faissq.rpc.client import (
+from faissq.rpc.aio_coalesce import AsyncCoalescer
+from faissq.rpc.coalesce import Pending, merge_key, mergeable
+from faissq.rpc.search_client import (
     CONNECT_TIMEOUT_S,
     READ_GRACE_S,
     Prepared,
@@ -24,7 +26,6 @@ from faissq.rpc.client import (
     brpop_answer,
     rpc_of,
 )
-from faissq.rpc.coalesce import AsyncCoalescer, Pending, merge_key, mergeable
 
 # merged round trips in flight per client when rpc.max_in_flight is unset: a waiting round trip
 # costs a task, not a thread, and a third keeps a worker with CPUs of its own busier

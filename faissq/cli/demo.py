@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from faissq.cli.demo_data import clustered, queries_like
+from faissq.cli.progress_view import print_profile, wait_with_progress
 from faissq.config import Settings
-from faissq.datasets import clustered, queries_like
-from faissq.jobview import print_profile, wait_with_progress
 
 DEMO_INDEX = "demo"
 
@@ -81,9 +81,9 @@ def _load_vectors(args: argparse.Namespace) -> tuple[F32, F32]:
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Start everything, build, autotune, search through the RPC, print the figures."""
-    from faissq.cli import redis_for
-    from faissq.client import JobClient
-    from faissq.rpc.client import SearchClient
+    from faissq.cli.worker_command import redis_for
+    from faissq.rpc.search_client import SearchClient
+    from faissq.tasks.producer import JobClient
 
     root = Path(settings.storage.url).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
-"""Every Prometheus metric faissq exports, named in one place (updates: faissq.metrics_updates).
+"""Every Prometheus metric faissq exports, named in one place (updates: metric_updates).
 
-How each metric moves lives in faissq.metrics_updates; its functions are re-exported here.
+How each metric moves lives in metric_updates; its functions are re-exported here.
 
 Nothing registers at import: `make_metrics()` builds the metrics on a fresh CollectorRegistry, so a
 process (or a test) holds as many independent sets as it likes. Base units (`_seconds`, `_bytes`),
@@ -8,39 +8,46 @@ process (or a test) holds as many independent sets as it likes. Base units (`_se
 outcome, task, op, lifecycle state, and the index's family/factory in one info series) - never
 request values such as k or nprobe, which are gauges of the last request instead.
 
-Index gauges report the engine's actual state (`Engine.stats()`), refreshed at every scrape by the
-worker (faissq.worker.telemetry), never estimates or configuration flags. The HTTP endpoint
-(/metrics, /healthz, /readyz) lives in faissq.metrics_http; `start_http` is re-exported here.
+Every metric is collected through one `ScrapeCollector`: at each collection it first runs its
+`refresh` (set by worker_telemetry), so the index gauges report the engine's actual state
+(`Engine.stats()`) at scrape time, never estimates or configuration flags. The HTTP endpoint
+(/metrics, /healthz, /readyz) lives in http_endpoint; `start_http` is re-exported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
-from faissq.metrics_http import HealthFn, MetricsServer, readiness, start_http
-from faissq.metrics_recall import RecallMetrics, make_recall_metrics
-from faissq.metrics_updates import (
+from faissq.telemetry.http_endpoint import HealthFn, MetricsServer, readiness, start_http
+from faissq.telemetry.metric_updates import (
     observe_job,
-    observe_search,
     observe_storage_retry,
     observe_turn,
     update_index_gauges,
 )
+from faissq.telemetry.recall_metrics import RecallMetrics, make_recall_metrics
 
 __all__ = [
     "HealthFn",
     "Metrics",
     "MetricsServer",
+    "ScrapeCollector",
     "attach_metrics",
     "make_metrics",
     "metric_names",
     "metrics_of",
     "observe_job",
-    "observe_search",
     "observe_storage_retry",
     "observe_turn",
     "readiness",
@@ -57,11 +64,40 @@ JOB_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+log = logging.getLogger(__name__)
+
+
+class ScrapeCollector(Collector):
+    """faissq's metrics as one collector: each collection first runs `refresh`, which sets the
+    index gauges from the worker's state, so a scrape shows them as they are then."""
+
+    def __init__(self) -> None:
+        """No metrics and no refresh yet (`make_metrics` fills it, the worker sets refresh)."""
+        self.metrics: list[MetricWrapperBase] = []
+        self.refresh: Callable[[], None] | None = None
+        self._lock = threading.Lock()  # two concurrent scrapes: one refresh, then its values
+
+    def describe(self) -> list[Metric]:
+        """The families without values: registering never runs `refresh`."""
+        return [family for metric in self.metrics for family in metric.describe()]
+
+    def collect(self) -> list[Metric]:
+        """Refresh (a failure is logged and the last values served), then every family."""
+        with self._lock:
+            if self.refresh is not None:
+                try:
+                    self.refresh()
+                except Exception:  # a broken refresh must not hide the other metrics
+                    log.exception("refreshing the index gauges before a scrape failed")
+            return [family for metric in self.metrics for family in metric.collect()]
+
+
 @dataclass(frozen=True)
 class Metrics:
     """The metric objects of one registry; build it with `make_metrics`."""
 
     registry: CollectorRegistry
+    scrape: ScrapeCollector  # collects every metric below, after its refresh
     # index state, from Engine.stats() and the runtime slot
     index_info: Info
     index_vectors: Gauge
@@ -104,7 +140,7 @@ class Metrics:
     # background maintenance (faissq.worker.maintenance)
     maintenance_total: Counter
     log_unsaved_bytes: Gauge
-    # live recall of sampled searches, IVF drift (faissq.metrics_recall)
+    # live recall of sampled searches, IVF drift (recall_metrics)
     recall: RecallMetrics
 
 
@@ -112,17 +148,23 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     """Create every faissq metric on `registry` (a new, dedicated one when None)."""
     r = registry if registry is not None else CollectorRegistry(auto_describe=True)
     ix = ("index",)
+    scrape = ScrapeCollector()
+    unregistered = None  # every metric is collected through `scrape`, which is registered
 
     def gauge(name: str, doc: str, labels: tuple[str, ...] = ix) -> Gauge:
-        return Gauge(name, doc, labels, registry=r)
+        return Gauge(name, doc, labels, registry=unregistered)
 
     def counter(name: str, doc: str, labels: tuple[str, ...] = ix) -> Counter:
-        return Counter(name, doc, labels, registry=r)
+        return Counter(name, doc, labels, registry=unregistered)
 
-    return Metrics(
+    metrics = Metrics(
         registry=r,
+        scrape=scrape,
         index_info=Info(
-            "faissq_index", "Family, FAISS factory string and metric of the index.", ix, registry=r
+            "faissq_index",
+            "Family, FAISS factory string and metric of the index.",
+            ix,
+            registry=unregistered,
         ),
         index_vectors=gauge("faissq_index_vectors", "Live vectors (primary - tombstones + delta)."),
         index_delta_vectors=gauge(
@@ -176,7 +218,7 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         builds_total=counter("faissq_builds_total", "Builds that completed and were swapped in."),
         worker_ready=Gauge(
-            "faissq_worker_ready", "1 once every served index was loaded.", registry=r
+            "faissq_worker_ready", "1 once every served index was loaded.", registry=unregistered
         ),
         searches_total=counter(
             "faissq_searches_total", "Search requests by outcome.", ("index", "outcome")
@@ -194,7 +236,7 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Time from popping a search request to pushing its reply.",
             ix,
             buckets=LATENCY_BUCKETS,
-            registry=r,
+            registry=unregistered,
         ),
         search_last_k=gauge("faissq_search_last_k", "k of the last answered search."),
         search_last_nprobe=gauge(
@@ -211,7 +253,7 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Requests popped per RPC loop turn.",
             ix,
             buckets=BATCH_BUCKETS,
-            registry=r,
+            registry=unregistered,
         ),
         rpc_deadline_drops_total=counter(
             "faissq_rpc_deadline_drops_total", "Requests dropped unanswered: deadline passed."
@@ -226,7 +268,7 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Wall time of Celery jobs by task name (build, merge, rebuild, save, ...).",
             ("task",),
             buckets=JOB_BUCKETS,
-            registry=r,
+            registry=unregistered,
         ),
         storage_retries_total=counter(
             "faissq_storage_retries_total",
@@ -242,8 +284,13 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "faissq_log_unsaved_bytes",
             "Bytes of update-log entries newer than the CURRENT snapshot (replayed on restart).",
         ),
-        recall=make_recall_metrics(r),
+        recall=make_recall_metrics(),
     )
+    skip = {"registry", "scrape", "recall"}
+    scrape.metrics = [getattr(metrics, f.name) for f in dataclasses.fields(Metrics)
+                      if f.name not in skip] + metrics.recall.families()  # fmt: skip
+    r.register(scrape)
+    return metrics
 
 
 _ATTACHED: weakref.WeakKeyDictionary[Any, Metrics] = weakref.WeakKeyDictionary()

@@ -20,7 +20,9 @@ def bar(phase: str, done: int, total: int, width: int = 30) -> str:
 
 
 class ProgressView:
-    """Draws PROGRESS states: redrawn in place on a terminal, one line per change otherwise."""
+    """Draws a job's PROGRESS states, one bar per phase: redrawn in place on a terminal, one line
+    per change otherwise. Phases run one after another, so a new phase completes the bar of the
+    one before; the job's success completes the last."""
 
     def __init__(self, out: TextIO) -> None:
         """out: where to draw (a pipe or file gets plain lines, so logs stay readable)."""
@@ -28,15 +30,36 @@ class ProgressView:
         self.tty = out.isatty()
         self.last = ""
         self.drawn = False
+        self.phase = ""
+        self.total = 0
 
     def show(self, line: str) -> None:
         """Draw one state line unless it is the one already shown."""
         if line == self.last:
             return
+        pad = " " * max(0, len(self.last) - len(line))  # a shorter line must cover the longer
         self.last = line
-        self.out.write(f"\r{line}" if self.tty else f"{line}\n")
+        self.out.write(f"\r{line}{pad}" if self.tty else f"{line}\n")
         self.out.flush()
         self.drawn = True
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        """Draw a PROGRESS report; a new phase first completes the bar of the previous one."""
+        if self.phase and phase != self.phase:
+            self._complete()
+        self.phase, self.total = phase, total
+        self.show(bar(phase, done, total))
+
+    def finish(self) -> None:
+        """The job succeeded: complete the bar of its last phase."""
+        if self.phase:
+            self._complete()
+
+    def _complete(self) -> None:
+        self.show(bar(self.phase, self.total, self.total))
+        self.phase = ""
+        self.close()  # the finished phase keeps its line; the next bar starts below it
+        self.last, self.drawn = "", False
 
     def close(self) -> None:
         """End the redrawn line on a terminal."""
@@ -65,10 +88,12 @@ def wait_with_progress(
             state, info = result.state, result.info
             if state == "PROGRESS" and isinstance(info, dict):
                 phase = str(info.get("phase", ""))
-                view.show(bar(phase, int(info.get("done", 0)), int(info.get("total", 0))))
+                view.progress(phase, int(info.get("done", 0)), int(info.get("total", 0)))
             elif state in QUEUED_STATES:
                 view.show(f"  {QUEUED_STATES[state]}")
             time.sleep(POLL_S)
+        if result.successful():
+            view.finish()
     finally:
         view.close()
     try:

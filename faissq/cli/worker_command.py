@@ -1,0 +1,105 @@
+"""`faissq worker`: start an index worker, with an embedded Redis when no URL is configured."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from faissq.config import Settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings) -> Iterator[Settings]:
+    """Yield settings with a Redis URL: the configured one, else a private embedded redis-server."""
+    if settings.redis.url:
+        yield settings
+        return
+    from faissq.worker.embedded_redis import EmbeddedRedis
+
+    root = Path(settings.storage.url)
+    workdir = root / ".redis" if "://" not in settings.storage.url else None
+    server = EmbeddedRedis(workdir, unix_socket=True, persistent=True)
+    url = server.start()
+    logging.getLogger("faissq").warning("FAISSQ_REDIS__URL is unset: embedded Redis at %s", url)
+    try:
+        yield settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
+    finally:
+        server.stop()
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `faissq worker`."""
+    p.add_argument(
+        "--index",
+        action="append",
+        metavar="NAME",
+        help="index to serve (repeatable; default: FAISSQ_WORKER__INDEXES or 'default')",
+    )
+    p.add_argument("--hostname", "-n", help="Celery node name (default: faissq-<index>@<host>)")
+    p.add_argument("--loglevel", "-l", default="INFO", help="log level (default INFO)")
+    p.add_argument(
+        "--mingle", action="store_true", help="sync with other workers at start (slower start)"
+    )
+    p.add_argument(
+        "--replica",
+        action="store_true",
+        help="search-only replica: no job queue, follows the writer's log "
+        "(also FAISSQ_WORKER__REPLICA=true; needs FAISSQ_REDIS__URL)",
+    )
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="consume faissq.control: serve the indexes created at runtime (faissq.create_index) "
+        "besides any --index; one per storage root (also FAISSQ_WORKER__DYNAMIC=true)",
+    )
+
+
+def worker_argv(
+    indexes: Sequence[str], hostname: str, loglevel: str, mingle: bool, dynamic: bool = False
+) -> list[str]:
+    """The `celery worker` arguments of an index worker: threads pool, one thread, events."""
+    from faissq import keys
+
+    queues = [keys.task_queue(i) for i in indexes] + ([keys.CONTROL_QUEUE] if dynamic else [])
+    argv = [
+        "worker",
+        "--pool=threads",
+        "--concurrency=1",  # one writer per index; searches run on the RPC thread
+        "--queues=" + ",".join(queues),
+        "--task-events",
+        "--hostname=" + hostname,
+        "--loglevel=" + loglevel,
+    ]
+    if not mingle:
+        argv.append("--without-mingle")
+    return argv
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Start an index worker (and an embedded Redis when no URL is configured)."""
+    from faissq.worker.lifecycle import exit_code, make_worker_app
+
+    dynamic = bool(getattr(args, "dynamic", False)) or settings.worker.dynamic
+    update: dict[str, object] = {"dynamic": dynamic}
+    if args.index or (dynamic and "indexes" not in settings.worker.model_fields_set):
+        update["indexes"] = list(args.index or [])  # dynamic: only created ones unless named
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=update)})
+    indexes = settings.worker.indexes
+    name = "+".join(indexes) or "dynamic"
+    hostname = args.hostname or f"faissq-{name}@{socket.gethostname()}"
+    logging.basicConfig(level=args.loglevel.upper(), format=LOG_FORMAT)
+    if args.replica or settings.worker.replica:
+        from faissq.worker.lifecycle import run_replica
+
+        run_replica(settings)  # a replica joins the writer's Redis: never an embedded one
+        return 0
+    with redis_for(settings) as settings:
+        app = make_worker_app(settings)
+        app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle, dynamic))
+    return exit_code(app)
