@@ -68,7 +68,8 @@ class IndexSampler:
         self._wake = wake
         self._ring: deque[Sample] = deque(maxlen=cfg.ring_size)
         self._lock = threading.Lock()
-        self._rand = random.Random()
+        self._rand = random.Random()  # the search loop's
+        self._rand_added = random.Random()  # the writer's (note_added)
         self._skip = self._gap()
         self.sampled = 0
         self.evaluated = 0
@@ -120,7 +121,7 @@ class IndexSampler:
     def note_added(self, vectors: F32) -> None:
         """Keep a few rows of an upserted batch for the drift measure (the writer's thread)."""
         n = int(vectors.shape[0])
-        rows = self._rand.sample(range(n), min(n, ADDED_PER_BATCH))
+        rows = self._rand_added.sample(range(n), min(n, ADDED_PER_BATCH))
         with self._lock:
             self._added.extend(np.array(vectors[r], dtype=np.float32) for r in rows)
 
@@ -133,7 +134,7 @@ class IndexSampler:
             return
         primary = eng.state.primary
         with self._lock:
-            rows = list(self._added)
+            rows = [r for r in self._added if r.shape[0] == eng.dim]  # a build may change dim
         if primary is None or not primary.plan.is_ivf:
             self.drift = None
             return
