@@ -40,7 +40,7 @@ from rpc_rig import ECHO, INDEX, NOOP_INDEX, Rig, bench_app, settings_for
 
 from faissq import codec, keys
 from faissq.config import RpcSettings, Settings
-from faissq.rpc import protocol
+from faissq.rpc import protocol, replies
 from faissq.rpc.aio_client import AsyncSearchClient
 from faissq.rpc.search_client import RequestBuilder, SearchClient
 from faissq.storage.durable import DurableStore
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, rig: Rig) -> None:
     xb = rng.standard_normal((args.n, args.dim)).astype(np.float32)
     queries = rng.standard_normal((4096, args.dim)).astype(np.float32)
     nq, k, nprobe = len(queries), args.k, args.nprobe
-    sample = protocol.encode_result(uuid.uuid4().hex, np.zeros((1, k), np.float32),
+    sample = replies.encode_result(uuid.uuid4().hex, np.zeros((1, k), np.float32),
                                     np.zeros((1, k), np.int64), 1, "host:123456:abcdef",
                                     {"search_ms": 0.1, "server_ms": 0.1, "batch": 1,
                                      "queue_ms": 0.1})  # fmt: skip

@@ -27,7 +27,7 @@ import numpy as np
 import redis
 from rpc_rig import NOOP_INDEX, settings_for
 
-from faissq.rpc import protocol, resp
+from faissq.rpc import replies, resp
 from faissq.rpc.aio_client import AsyncSearchClient
 from faissq.rpc.aio_coalesce import AsyncCoalescer, aserve
 from faissq.rpc.coalesce import Coalescer, Pending
@@ -187,14 +187,14 @@ def run(args: argparse.Namespace, url: str, storage: str) -> None:
     }  # fmt: skip
     builder = RequestBuilder(NOOP_INDEX, plain.rpc)
     submit = builder.prepare(queries[:1], K, None, {}).commands
-    reply = protocol.encode_result("x" * 24, np.zeros((1, K), np.float32),
+    reply = replies.encode_result("x" * 24, np.zeros((1, K), np.float32),
                                    np.zeros((1, K), np.int64), 1, "host:1:abcdef",
                                    {"search_ms": 0.1})  # fmt: skip
-    replies = [c for i in range(16) for c in (("LPUSH", f"r:{i}", reply), ("EXPIRE", f"r:{i}", 30))]
+    pushes = [c for i in range(16) for c in (("LPUSH", f"r:{i}", reply), ("EXPIRE", f"r:{i}", 30))]
     conn = redis.Connection()  # never connected: only its packer is used
     packs = {
         "client: script + BRPOP packed by hiredis (redis-py's pack_commands)": submit,
-        "worker: 16 replies' LPUSH + EXPIRE packed by hiredis (pack_commands)": replies,
+        "worker: 16 replies' LPUSH + EXPIRE packed by hiredis (pack_commands)": pushes,
     }
     for c in (fast_c, pool_c, event_c, single_c):
         seq_ms(one(c), queries, 50)  # warm-up: connections

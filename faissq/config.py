@@ -178,6 +178,9 @@ class RpcSettings(BaseModel):
         description="Largest rows x k x k_factor of one request (k_factor: asked, else the "
         "index's): bounds the candidates one search holds, about 4 x dim + 16 bytes each.",
     )
+    max_fetch_ids: int = Field(
+        default=1000, ge=1, description="Largest id list of one fetch request (vectors by id)."
+    )
     coalesce: bool = Field(
         default=True,
         description="Clients merge concurrent searches with equal k and options into one request.",

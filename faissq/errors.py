@@ -28,6 +28,7 @@
         ├── SearchTimeout
         ├── NoWorkerAlive
         ├── IndexBusy
+        ├── StaleRead
         └── RemoteSearchError
 
 Each class carries a stable `code` string used on the wire (RPC replies, task results).
@@ -232,6 +233,12 @@ class IndexBusy(RpcError):
     """Raised when the index's request queue is at its bound."""
 
     code = "busy"
+
+
+class StaleRead(RpcError):
+    """Raised when the answering worker had not applied a search's min_seq by its deadline."""
+
+    code = "stale"
 
 
 class RemoteSearchError(RpcError):

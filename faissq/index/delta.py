@@ -120,6 +120,14 @@ class Delta:
         """Whether each id is a live row of this delta."""
         return self.rows_of(ids) >= 0
 
+    def vectors_of(self, ids: I64) -> tuple[npt.NDArray[np.bool_], F32]:
+        """Whether each id is a live row here, and its vector (zeros where it is not)."""
+        rows = self.rows_of(ids)
+        found = rows >= 0
+        out = np.zeros((ids.size, self.dim), dtype=np.float32)
+        out[found] = self._buf.vectors[rows[found]]
+        return found, out
+
     def appended(self, ids: I64, vectors: F32) -> Delta:
         """Return a Delta with these rows added (ids must not be live already)."""
         n, b = self._n, int(ids.shape[0])

@@ -115,6 +115,15 @@ class State:
         """Whether each id is live (primary not tombstoned, or delta)."""
         return self.live_in_primary(ids) | self.delta.contains(ids)
 
+    def vectors_of(self, ids: I64) -> tuple[npt.NDArray[np.bool_], F32]:
+        """Whether each id is live, and its stored vector (zeros where not; cosine: normalised)."""
+        found, out = self.delta.vectors_of(ids)
+        if self.primary is not None:
+            live = self.live_in_primary(ids) & ~found
+            out[live] = self.primary.vectors[self.primary.rows_of(ids[live])]
+            found |= live
+        return found, out
+
     def live_vectors(self) -> tuple[I64, F32]:
         """All live (ids, vectors) from the raw store and the delta (a copy)."""
         parts_ids: list[I64] = []

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from faissq import keys
 from faissq.config import Settings
 from faissq.errors import RemoteSearchError, RpcError, SearchTimeout, permission_denied
+from faissq.rpc import query_client as qc
 from faissq.rpc import resp
 from faissq.rpc.aio_coalesce import AsyncCoalescer
 from faissq.rpc.coalesce import Pending, merge_key, mergeable
@@ -70,6 +71,8 @@ class AsyncSearchClient:
         target_recall: float | None = None,
         allow_ids: npt.ArrayLike | None = None,
         deny_ids: npt.ArrayLike | None = None,
+        offset: int | None = None,
+        min_seq: int | None = None,
         timeout: float | None = None,
     ) -> SearchResponse:
         """Top-k of each query row; raises the same typed errors as SearchClient.search."""
@@ -80,6 +83,8 @@ class AsyncSearchClient:
             "target_recall": target_recall,
             "allow_ids": allow_ids,
             "deny_ids": deny_ids,
+            "offset": qc.scalar(offset),  # ranks offset .. offset + k - 1
+            "min_seq": qc.scalar(min_seq),  # wait for this update-log seq (read your writes)
         }
         merging = self.coalescer
         if merging is None or not mergeable(options):
@@ -93,6 +98,28 @@ class AsyncSearchClient:
         timeout_s = self.builder.timeout_of(timeout)
         key = merge_key(k, q.shape[1], options)
         return await merging.run(merging.pending(q, k, options, key, timeout_s))
+
+    async def range_search(
+        self,
+        queries: npt.ArrayLike,
+        radius: float,
+        *,
+        nprobe: int | None = None,
+        min_seq: int | None = None,
+        timeout: float | None = None,
+    ) -> qc.RangeResponse:
+        """Every live vector within radius of each query row (cosine: score > radius; L2:
+        squared distance < radius), best first; the same typed errors as search."""
+        prepared = self.builder.prepare(queries, None, timeout,
+                                        qc.range_options(radius, nprobe, min_seq))  # fmt: skip
+        return qc.to_range(self.builder.reply(await self._round_trip(prepared), prepared))
+
+    async def fetch(
+        self, ids: npt.ArrayLike, *, min_seq: int | None = None, timeout: float | None = None
+    ) -> qc.FetchResponse:
+        """The stored vectors of these ids (at most rpc.max_fetch_ids); missing: not live."""
+        prepared = self.builder.prepare(None, None, timeout, qc.fetch_options(ids, min_seq))
+        return qc.to_fetch(self.builder.reply(await self._round_trip(prepared), prepared))
 
     async def _once(
         self, queries: npt.ArrayLike, k: int, timeout: float | None, options: dict[str, Any]

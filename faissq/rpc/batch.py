@@ -30,6 +30,7 @@ class Outcome:
     search_s: float = 0.0
     batch: int = 1
     target_met: bool | None = None  # the engine's SearchResult.target_met
+    extra: dict[str, Any] | None = None  # range and fetch reply fields (rpc/queries.py)
 
 
 INTERNAL = "internal"  # wire code of an unexpected engine failure (a bug, not bad input)
@@ -76,7 +77,7 @@ def _split(group: list[Request], max_candidates: int | None, k_factor: int) -> l
     if max_candidates is None or len(group) == 1:
         return [group]
     first = group[0]
-    per_row = first.k * (first.k_factor or k_factor)
+    per_row = (first.k + first.offset) * (first.k_factor or k_factor)
     parts: list[list[Request]] = [[]]
     rows = 0
     for req in group:
@@ -95,7 +96,8 @@ def _group(engine: Engine, group: list[Request], calls: list[int]) -> list[Outco
     t0 = time.perf_counter()
     calls.append(len(group))
     try:
-        res = engine.search(np.concatenate([r.queries for r in group]), first.k, **_params(first))
+        res = engine.search(np.concatenate([r.queries for r in group]), first.k + first.offset,
+                            **_params(first))  # fmt: skip
     except Exception:  # one request (NaN after all, a GPU fault) must not fail the others
         return [_one(engine, r, calls) for r in group]
     took = time.perf_counter() - t0
@@ -106,8 +108,8 @@ def _group(engine: Engine, group: list[Request], calls: list[int]) -> list[Outco
         out.append(
             Outcome(
                 req,
-                scores=res.scores[row : row + n],
-                ids=res.ids[row : row + n],
+                scores=res.scores[row : row + n, first.offset :],
+                ids=res.ids[row : row + n, first.offset :],
                 version=res.version,
                 search_s=took,
                 batch=len(group),
@@ -123,9 +125,8 @@ def _one(engine: Engine, req: Request, calls: list[int]) -> Outcome:
     t0 = time.perf_counter()
     calls.append(1)
     try:
-        res = engine.search(
-            req.queries, req.k, allow_ids=req.allow_ids, deny_ids=req.deny_ids, **_params(req)
-        )
+        res = engine.search(req.queries, req.k + req.offset, allow_ids=req.allow_ids,
+                            deny_ids=req.deny_ids, **_params(req))  # fmt: skip
     except FaissqError as exc:
         return Outcome(req, error=(exc.code, str(exc)))
     except Exception as exc:
@@ -133,8 +134,8 @@ def _one(engine: Engine, req: Request, calls: list[int]) -> Outcome:
         return Outcome(req, error=(INTERNAL, f"{type(exc).__name__}: {exc}"))
     return Outcome(
         req,
-        scores=res.scores,
-        ids=res.ids,
+        scores=res.scores[:, req.offset :] if req.offset else res.scores,
+        ids=res.ids[:, req.offset :] if req.offset else res.ids,
         version=res.version,
         search_s=time.perf_counter() - t0,
         target_met=res.target_met,

@@ -7,8 +7,7 @@ by a worker or by the submit script (no worker alive, queue full). Never pickle.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -16,14 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq import codec
-from faissq.errors import (
-    FaissqError,
-    InvalidIds,
-    InvalidParameter,
-    InvalidVectors,
-    PayloadTooLarge,
-    PermanentError,
-)
+from faissq.errors import FaissqError, InvalidParameter, PayloadTooLarge, PermanentError
+from faissq.rpc import fields, kinds
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +25,14 @@ VERSION = 1  # the "v" field of every request and reply; bumped on any incompati
 REQUIRED = frozenset({"v", "id", "reply", "deadline", "k", "queries"})
 OPTIONAL = frozenset(
     {"nprobe", "ef_search", "k_factor", "target_recall", "allow_ids", "deny_ids", "sent"}
+    | {"offset", "min_seq", "op", "radius"}  # radius given (not nil): a range search (kinds.py)
 )
+FRAMES = frozenset({"allow_ids", "deny_ids", "ids"})  # fields whose values travel as frames
 MAX_ID_CHARS = 128  # request ids are opaque strings; a uuid4 hex is 32
 MAX_REPLY_KEY_CHARS = 512
 PEEK_ENTRIES = 32  # map entries read from an oversized request while looking for its reply key
 
 ALLOWED = REQUIRED | OPTIONAL
-
-F32 = frozenset({"<f4"})
-I64 = frozenset({"<i8"})
 
 # Submit script: the whole client side of a request in one round trip. It answers on the reply
 # key itself when no worker is alive or the list is at its bound, so a client pipelining its
@@ -75,19 +67,20 @@ class Limits:
     max_nprobe: int = 2048
     max_ef_search: int = 4096
     max_k_factor: int = 32
-    max_candidates: int = 1 << 18  # rows x k x k_factor of one request
+    max_candidates: int = 1 << 18  # rows x (offset + k) x k_factor of one request; range rows
+    max_fetch_ids: int = 1000  # ids of one fetch request
     default_k_factor: int = 4  # the index's k_factor: what a request that names none refines
 
 
 @dataclass
 class Request:
-    """One decoded, checked search request."""
+    """One decoded, checked request: a top-k search, a range search or a fetch (`kind`)."""
 
     id: str
     reply: str
     deadline: float
-    k: int
-    queries: npt.NDArray[np.float32]
+    k: int  # 0 for range and fetch
+    queries: npt.NDArray[np.float32]  # empty for fetch
     nprobe: int | None = None
     ef_search: int | None = None
     k_factor: int | None = None
@@ -95,26 +88,16 @@ class Request:
     allow_ids: npt.NDArray[np.int64] | None = None
     deny_ids: npt.NDArray[np.int64] | None = None
     sent: float | None = None
+    offset: int = 0  # top-k: the reply holds ranks offset .. offset + k - 1
+    min_seq: int | None = None  # answer only from an index state holding this update-log seq
+    kind: str = "knn"  # "knn", "range" or "fetch"
+    radius: float | None = None  # range: the score bound
+    fetch_ids: npt.NDArray[np.int64] | None = None  # fetch: the ids whose vectors are asked
 
     def params(self) -> tuple[Any, ...]:
         """The search parameters two requests must share to run in one batched call."""
-        return (self.k, self.nprobe, self.ef_search, self.k_factor, self.target_recall)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A decoded reply: results when ok, else the error code and message."""
-
-    id: str
-    ok: bool
-    scores: npt.NDArray[np.float32] | None = None
-    ids: npt.NDArray[np.int64] | None = None
-    version: int | None = None
-    worker: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-    target_met: bool | None = None  # only when the request gave target_recall
-    code: str = ""
-    message: str = ""
+        return (self.k, self.offset, self.nprobe, self.ef_search, self.k_factor,
+                self.target_recall)  # fmt: skip
 
 
 class Unreadable(Exception):
@@ -138,26 +121,25 @@ def encode_request(
     request_id: str,
     reply: str,
     deadline: float,
-    k: int,
-    queries: npt.NDArray[np.float32],
+    k: int | None,
+    queries: npt.NDArray[np.float32] | None,
     **options: Any,
 ) -> bytes:
-    """Encode a request; `options` are the optional fields (None values are left out)."""
-    unknown = set(options) - OPTIONAL
+    """Encode a request; k and queries are left out when None (range: radius; fetch: ids),
+    `options` are the other fields (None values are left out)."""
+    unknown = set(options) - OPTIONAL - FRAMES
     if unknown:
         raise InvalidParameter(f"unknown request field(s): {', '.join(sorted(unknown))}")
-    msg: dict[str, Any] = {
-        "v": VERSION,
-        "id": request_id,
-        "reply": reply,
-        "deadline": float(deadline),
-        "k": k,
-        "queries": codec.pack_array(queries),
-    }
+    msg: dict[str, Any] = {"v": VERSION, "id": request_id, "reply": reply,
+                           "deadline": float(deadline)}  # fmt: skip
+    if k is not None:
+        msg["k"] = k
+    if queries is not None:
+        msg["queries"] = codec.pack_array(queries)
     for name, value in options.items():
         if value is None:
             continue
-        msg[name] = codec.pack_array(value) if name in ("allow_ids", "deny_ids") else value
+        msg[name] = codec.pack_array(value) if name in FRAMES else value
     return codec.dumps(msg)
 
 
@@ -232,172 +214,37 @@ def _check_request(msg: dict[str, Any], rid: str, reply: str, limits: Limits) ->
     """Check every field of a request map whose reply key is known to be good."""
     if msg.get("v") != VERSION:
         raise InvalidParameter(f"protocol version {msg.get('v')!r} unsupported; this is {VERSION}")
-    if not REQUIRED <= msg.keys() <= ALLOWED:  # one check on the usual path; details if not
-        missing = REQUIRED - msg.keys()
-        if missing:
-            raise InvalidParameter(f"request lacks {', '.join(sorted(missing))}")
-        unknown = msg.keys() - ALLOWED
-        raise InvalidParameter(f"unknown request field(s): {', '.join(sorted(map(str, unknown)))}")
     if not rid:
         raise InvalidParameter(f"id must be a string of 1..{MAX_ID_CHARS} characters")
-    deadline = _number("deadline", msg["deadline"])
-    k = _int("k", msg["k"])
+    if msg.get("op") not in (None, "search") or msg.get("radius") is not None:
+        return Request(id=rid, reply=reply, **kinds.check_kind(msg, limits))
+    if not REQUIRED <= msg.keys() <= ALLOWED:  # one check on the usual path; details if not
+        kinds.fail_fields(msg.keys(), REQUIRED, ALLOWED)
+    deadline = fields.number("deadline", msg["deadline"])
+    k = fields.integer("k", msg["k"])
     if k is None or not 1 <= k <= limits.max_k:
         raise InvalidParameter(f"k must be in [1, {limits.max_k}], got {msg['k']!r}")
-    queries = codec.unpack_array(
-        msg["queries"],
-        field="queries",
-        dtypes=F32,
-        ndim=2,
-        max_bytes=limits.max_bytes,
-        error=InvalidVectors,
-    )
+    queries = fields.queries(msg["queries"], limits.max_bytes)
     rows = queries.shape[0]
-    if rows == 0 or queries.shape[1] == 0:
-        raise InvalidVectors(f"queries must hold at least one row and column, got {queries.shape}")
-    # NaN and Inf are the engine's check (as_vectors, invalid_vectors): not scanned twice here
     req = Request(id=rid, reply=reply, deadline=deadline, k=k, queries=queries)
     if len(msg) == len(REQUIRED):  # no optional field: nothing more to read
-        _check_work(rows, k, limits.default_k_factor, limits)
+        fields.check_work(rows, k, limits.default_k_factor, limits.max_candidates)
         return req
     recall = msg.get("target_recall")
     if recall is not None:
-        recall = _number("target_recall", recall)
+        recall = fields.number("target_recall", recall)
         if not 0 < recall <= 1:
             raise InvalidParameter(f"target_recall must be in (0, 1], got {recall}")
         req.target_recall = recall
     sent = msg.get("sent")
-    req.sent = None if sent is None else _number("sent", sent)
-    req.nprobe = _capped("nprobe", msg.get("nprobe"), limits.max_nprobe)
-    req.ef_search = _capped("ef_search", msg.get("ef_search"), limits.max_ef_search)
-    req.k_factor = _capped("k_factor", msg.get("k_factor"), limits.max_k_factor)
-    _check_work(rows, k, req.k_factor or limits.default_k_factor, limits)
-    req.allow_ids = _ids("allow_ids", msg.get("allow_ids"), limits.max_filter_ids)
-    req.deny_ids = _ids("deny_ids", msg.get("deny_ids"), limits.max_filter_ids)
+    req.sent = None if sent is None else fields.number("sent", sent)
+    req.nprobe = fields.capped("nprobe", msg.get("nprobe"), limits.max_nprobe)
+    req.ef_search = fields.capped("ef_search", msg.get("ef_search"), limits.max_ef_search)
+    req.k_factor = fields.capped("k_factor", msg.get("k_factor"), limits.max_k_factor)
+    req.offset = kinds.offset(msg.get("offset"), k, limits.max_k)
+    req.min_seq = fields.min_seq(msg.get("min_seq"))
+    k_factor = req.k_factor or limits.default_k_factor
+    fields.check_work(rows, k + req.offset, k_factor, limits.max_candidates)
+    req.allow_ids = fields.id_frame("allow_ids", msg.get("allow_ids"), limits.max_filter_ids)
+    req.deny_ids = fields.id_frame("deny_ids", msg.get("deny_ids"), limits.max_filter_ids)
     return req
-
-
-def _number(name: str, value: Any) -> float:
-    """A finite int or float field."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidParameter(f"{name} must be a finite number, got {value!r:.40}")
-    return float(value)
-
-
-def _int(name: str, value: Any) -> int | None:
-    """An optional integer field (bool is not an integer here)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameter(f"{name} must be an integer, got {value!r:.40}")
-    return value
-
-
-def _capped(name: str, value: Any, cap: int) -> int | None:
-    """An optional integer field in [1, cap]."""
-    out = _int(name, value)
-    if out is not None and not 1 <= out <= cap:
-        raise InvalidParameter(f"{name} must be in [1, {cap}], got {out}")
-    return out
-
-
-def _check_work(rows: int, k: int, k_factor: int, limits: Limits) -> None:
-    """PayloadTooLarge when rows x k x k_factor (the candidates one search holds) is over cap."""
-    candidates = rows * k * k_factor
-    if candidates > limits.max_candidates:
-        raise PayloadTooLarge(
-            f"{rows} rows x k {k} x k_factor {k_factor} = {candidates} candidates, "
-            f"cap {limits.max_candidates}"
-        )
-
-
-def _ids(name: str, value: Any, cap: int) -> npt.NDArray[np.int64] | None:
-    """An optional 1-D int64 id frame no longer than `cap`, every id >= 0."""
-    if value is None:
-        return None
-    arr = codec.unpack_array(
-        value, field=name, dtypes=I64, ndim=1, max_bytes=max(8 * cap, 8), error=InvalidIds
-    )
-    if arr.size > cap:
-        raise PayloadTooLarge(f"{name} holds {arr.size} ids, cap {cap}")
-    if arr.size and int(arr.min()) < 0:
-        raise InvalidIds(f"{name} must hold ids >= 0")
-    return arr
-
-
-# -- replies ---------------------------------------------------------------------------------
-
-
-def encode_result(
-    request_id: str,
-    scores: npt.NDArray[np.float32],
-    ids: npt.NDArray[np.int64],
-    version: int,
-    worker: str,
-    timings: dict[str, float],
-    target_met: bool | None = None,
-) -> bytes:
-    """Encode a successful reply (target_met: whether a requested target_recall is reachable)."""
-    msg = {
-        "v": VERSION,
-        "id": request_id,
-        "ok": True,
-        "scores": codec.pack_array(scores),
-        "ids": codec.pack_array(ids),
-        "version": int(version),
-        "worker": worker,
-        "timings": timings,
-    }
-    if target_met is not None:
-        msg["target_met"] = target_met
-    return codec.dumps(msg)
-
-
-def encode_error(request_id: str, code: str, message: str, worker: str = "") -> bytes:
-    """Encode an error reply with its stable code."""
-    return codec.dumps(
-        {
-            "v": VERSION,
-            "id": request_id,
-            "ok": False,
-            "error": {"code": code, "message": message[:1000]},
-            "worker": worker,
-        }
-    )
-
-
-def decode_reply(raw: bytes) -> Reply:
-    """Decode a reply; a malformed one raises InvalidParameter."""
-    msg = codec.loads(raw)
-    if not isinstance(msg, dict) or not isinstance(msg.get("ok"), bool):
-        raise InvalidParameter("reply must be a map with a boolean 'ok'")
-    rid = msg.get("id") if isinstance(msg.get("id"), str) else ""
-    worker = msg.get("worker") if isinstance(msg.get("worker"), str) else ""
-    if not msg["ok"]:
-        err = msg.get("error")
-        err = err if isinstance(err, dict) else {}
-        code, message = err.get("code"), err.get("message")
-        return Reply(
-            id=str(rid),
-            ok=False,
-            worker=str(worker),
-            code=code if isinstance(code, str) else "error",
-            message=message if isinstance(message, str) else "",
-        )
-    scores = codec.unpack_array(msg.get("scores"), field="scores", dtypes=F32, ndim=2)
-    ids = codec.unpack_array(msg.get("ids"), field="ids", dtypes=I64, ndim=2)
-    if scores.shape != ids.shape:
-        raise InvalidParameter(f"reply scores {scores.shape} and ids {ids.shape} differ")
-    version = msg.get("version")
-    timings = msg.get("timings")
-    met = msg.get("target_met")
-    return Reply(
-        id=str(rid),
-        ok=True,
-        scores=scores,
-        ids=ids,
-        version=version if isinstance(version, int) else None,
-        worker=str(worker),
-        timings=timings if isinstance(timings, dict) else {},
-        target_met=met if isinstance(met, bool) else None,
-    )

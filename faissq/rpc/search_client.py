@@ -31,7 +31,8 @@ from faissq.errors import (
     error_for_code,
     permission_denied,
 )
-from faissq.rpc import protocol, resp
+from faissq.rpc import protocol, replies, resp
+from faissq.rpc import query_client as qc
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
 
 READ_TAKES_TIMEOUT = "timeout" in inspect.signature(Connection.read_response).parameters
@@ -78,12 +79,17 @@ class RequestBuilder:
         self._prefix = ""
 
     def prepare(
-        self, queries: npt.ArrayLike, k: int, timeout: float | None, options: dict[str, Any]
+        self,
+        queries: npt.ArrayLike | None,
+        k: int | None,
+        timeout: float | None,
+        options: dict[str, Any],
     ) -> Prepared:
-        """Check the arguments and encode the request (deadline = now + timeout)."""
+        """Check the arguments and encode the request (deadline = now + timeout; queries and k
+        None: a fetch; k None: a range search)."""
         timeout_s = self.timeout_of(timeout)
-        q = as_queries(queries)
-        for name in ("allow_ids", "deny_ids"):
+        q = None if queries is None else as_queries(queries)
+        for name in ("allow_ids", "deny_ids", "ids"):
             if options.get(name) is not None:
                 options[name] = np.ascontiguousarray(options[name], dtype="<i8").reshape(-1)
         rid = self.request_id()
@@ -110,15 +116,23 @@ class RequestBuilder:
         return timeout_s
 
     @staticmethod
-    def response(got: Any, prepared: Prepared) -> SearchResponse:
-        """Turn the BRPOP result into a SearchResponse or raise the typed error it carries."""
+    def reply(got: Any, prepared: Prepared) -> replies.Reply:
+        """The decoded reply of a BRPOP result, or the typed error it carries."""
         if not got:
             raise SearchTimeout(f"no reply within {prepared.block_s}s")
-        reply = protocol.decode_reply(bytes(got[1]))
+        reply = replies.decode_reply(bytes(got[1]))
         if reply.id != prepared.request_id:  # never hand a caller an answer to someone else
             raise RemoteSearchError(f"reply {reply.id!r} answers another request", "mismatch")
-        if not reply.ok or reply.scores is None or reply.ids is None:
+        if not reply.ok or reply.ids is None:
             raise remote_error(reply.code, reply.message)
+        return reply
+
+    @classmethod
+    def response(cls, got: Any, prepared: Prepared) -> SearchResponse:
+        """Turn the BRPOP result into a SearchResponse or raise the typed error it carries."""
+        reply = cls.reply(got, prepared)
+        if reply.scores is None or reply.ids is None or reply.scores.ndim != 2:
+            raise RemoteSearchError("reply to a top-k search holds no [n, k] results", "mismatch")
         return SearchResponse(reply.scores, reply.ids, reply.version, reply.worker, reply.timings,
                               reply.target_met)  # fmt: skip
 
@@ -232,6 +246,8 @@ class SearchClient:
         target_recall: float | None = None,
         allow_ids: npt.ArrayLike | None = None,
         deny_ids: npt.ArrayLike | None = None,
+        offset: int | None = None,
+        min_seq: int | None = None,
         timeout: float | None = None,
     ) -> SearchResponse:
         """Top-k of each query row; raises NoWorkerAlive, IndexBusy, SearchTimeout or the
@@ -243,6 +259,8 @@ class SearchClient:
             "target_recall": target_recall,
             "allow_ids": allow_ids,
             "deny_ids": deny_ids,
+            "offset": qc.scalar(offset),  # ranks offset .. offset + k - 1
+            "min_seq": qc.scalar(min_seq),  # wait for this update-log seq (read your writes)
         }
         merging = self.coalescer
         if merging is None or not mergeable(options):
@@ -256,6 +274,28 @@ class SearchClient:
         timeout_s = self.builder.timeout_of(timeout)
         key = merge_key(k, q.shape[1], options)
         return merging.run(merging.pending(q, k, options, key, timeout_s))
+
+    def range_search(
+        self,
+        queries: npt.ArrayLike,
+        radius: float,
+        *,
+        nprobe: int | None = None,
+        min_seq: int | None = None,
+        timeout: float | None = None,
+    ) -> qc.RangeResponse:
+        """Every live vector within radius of each query row (cosine: score > radius; L2:
+        squared distance < radius), best first; the same typed errors as search."""
+        prepared = self.builder.prepare(queries, None, timeout,
+                                        qc.range_options(radius, nprobe, min_seq))  # fmt: skip
+        return qc.to_range(self.builder.reply(self._round_trip(prepared), prepared))
+
+    def fetch(
+        self, ids: npt.ArrayLike, *, min_seq: int | None = None, timeout: float | None = None
+    ) -> qc.FetchResponse:
+        """The stored vectors of these ids (at most rpc.max_fetch_ids); missing: not live."""
+        prepared = self.builder.prepare(None, None, timeout, qc.fetch_options(ids, min_seq))
+        return qc.to_fetch(self.builder.reply(self._round_trip(prepared), prepared))
 
     def _once(
         self,

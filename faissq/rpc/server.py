@@ -28,8 +28,9 @@ from faissq import keys
 from faissq.config import Settings
 from faissq.errors import FaissqError
 from faissq.index.engine import Engine
-from faissq.rpc import protocol, resp
-from faissq.rpc.batch import Outcome, search_all
+from faissq.rpc import protocol, queries, resp
+from faissq.rpc.batch import Outcome
+from faissq.rpc.replies import encode_error, encode_result
 from faissq.rpc.stats import RpcStats, Turn
 from faissq.telemetry.metric_families import Metrics, observe_turn
 
@@ -87,7 +88,9 @@ class RpcServer:
             max_k_factor=self.cfg.max_k_factor,
             max_candidates=self.cfg.max_candidates,
             default_k_factor=settings.index.k_factor,
+            max_fetch_ids=self.cfg.max_fetch_ids,
         )
+        self.held = queries.Held()  # requests waiting for their min_seq
         self.stats = RpcStats()
         self.metrics: Metrics | None = None  # metrics hook: set by RpcService when enabled
         self.sampler: Any = None  # live-recall hook (worker.recall_live.IndexSampler)
@@ -155,7 +158,7 @@ class RpcServer:
         if time.monotonic() >= self._next_beat:
             self._beat(r)
         raws = self._pop(r)
-        if raws:
+        if raws or self.held:
             self.handle(r, raws)
 
     def _client(self) -> redis.Redis:
@@ -188,6 +191,11 @@ class RpcServer:
         list is busy, and a short window lets more join the same batched search.
         """
         n = self.cfg.max_batch
+        if self.held:  # poll here: Redis times out a blocked pop only at its cron's pace
+            items = self._take(r, n, block=False)
+            if not items:
+                self._stop.wait(queries.POLL_S)
+            return items
         items = self._take(r, n, block=True)
         window = self.cfg.batch_window_ms / 1000
         if 1 < len(items) < n and window > 0:
@@ -249,6 +257,10 @@ class RpcServer:
                 replies.append((req.reply, self._error(req.id, "timeout", late, turn)))
                 continue
             live.append(req)
+        live, stale = self.held.turn(live, self.engine, now)
+        for req in stale:
+            why = queries.stale_message(req, self.engine)
+            replies.append((req.reply, self._error(req.id, queries.STALE, why, turn)))
         outcomes = self._search(live, turn) if live else []
         for out in outcomes:
             replies.append((out.request.reply, self._encode(out, t0, now, turn)))
@@ -268,15 +280,14 @@ class RpcServer:
             eng = self.engine()
         except FaissqError as exc:
             return [Outcome(req, error=(exc.code, str(exc))) for req in live]
-        outcomes = search_all(eng, live, turn.batch_sizes, self.limits.max_candidates,
-                              self.limits.default_k_factor)  # fmt: skip
+        outcomes = queries.search_kinds(eng, live, turn.batch_sizes, self.limits)
         turn.batches = len(turn.batch_sizes)
         return outcomes
 
     def _encode(self, out: Outcome, t0: float, now: float, turn: Turn) -> bytes:
         """The reply bytes of one outcome."""
         req = out.request
-        if out.error is not None or out.scores is None or out.ids is None:
+        if out.error is not None or out.ids is None:
             code, message = out.error or ("internal", "no result")
             return self._error(req.id, code, message, turn)
         server_s = time.perf_counter() - t0
@@ -286,13 +297,13 @@ class RpcServer:
             timings["queue_ms"] = max(0.0, now - req.sent) * 1e3
         turn.answered += 1
         turn.latencies_s.append(server_s)
-        return protocol.encode_result(req.id, out.scores, out.ids, out.version, self.worker_id,
-                                      timings, out.target_met)  # fmt: skip
+        return encode_result(req.id, out.scores, out.ids, out.version, self.worker_id,
+                             timings, out.target_met, out.extra)  # fmt: skip
 
     def _error(self, request_id: str, code: str, message: str, turn: Turn) -> bytes:
         """An error reply, counted by code."""
         turn.errors[code] = turn.errors.get(code, 0) + 1
-        return protocol.encode_error(request_id, code, message, self.worker_id)
+        return encode_error(request_id, code, message, self.worker_id)
 
     def _send(self, r: redis.Redis, replies: list[tuple[str, bytes]]) -> None:
         """LPUSH + EXPIRE every reply in one write; their answers are read behind the next pop.

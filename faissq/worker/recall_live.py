@@ -5,8 +5,8 @@ The RPC loop hands each turn's answered outcomes to `IndexSampler.offer`, which 
 of at most `recall.ring_size`, with their k, the setting they ran with and the ids served. One
 thread (`LiveRecall`) computes their exact top-k from the raw vectors at nice `recall.nice`, on
 one OpenMP thread, and sleeps after each batch so that its CPU time stays within
-`recall.cpu_fraction` of one core: searches are never delayed by it beyond that share. Filtered
-searches (allow/deny ids) are not sampled.
+`recall.cpu_fraction` of one core: searches are never delayed by it beyond that share. Only
+plain top-k searches are sampled (no filters, range searches, fetches or later pages).
 
 The ring's queries are also what autotune and the publish gate measure on (faissq.worker.publish).
 """
@@ -91,7 +91,7 @@ class IndexSampler:
         """Keep the sampled rows of a turn's answered outcomes (the RPC thread; cheap)."""
         for out in outcomes:
             ids, req = out.ids, out.request
-            if ids is None or req.allow_ids is not None or req.deny_ids is not None:
+            if ids is None or not _plain(req):
                 continue
             row, n = self._skip, int(ids.shape[0])
             while row < n:
@@ -211,6 +211,16 @@ class IndexSampler:
             "params": {lb: _row(v) for lb, v in params.items()},
             "drift": self.drift,
         }
+
+
+def _plain(req: Any) -> bool:
+    """Whether a request is a plain top-k search from rank 0: what an exact top-k checks.
+
+    Filtered searches (allow/deny ids) have another truth; range searches, fetches and later
+    pages (offset) answer other questions.
+    """
+    return (req.allow_ids is None and req.deny_ids is None
+            and getattr(req, "kind", "knn") == "knn" and not getattr(req, "offset", 0))  # fmt: skip
 
 
 def _row(recalls: list[float]) -> dict[str, Any]:

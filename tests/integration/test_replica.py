@@ -17,7 +17,7 @@ import redis
 from conftest import WorkerProcess
 from rpc_support import TIMEOUT, vecs, wait_for
 
-from faissq import SearchClient, Settings
+from faissq import SearchClient, Settings, StaleRead
 from faissq.errors import FaissqError
 from faissq.rpc.search_client import SearchResponse
 from faissq.storage.log import entry_name
@@ -235,5 +235,28 @@ def test_a_replica_stops_before_a_damaged_newest_entry_and_follows_past_its_quar
     assert up["seq"] == 4
     client = SearchClient(job_settings, index_name)
     answered_by(client, replica.worker_id, new, 1, lambda r: top1(r) == [3000, 3001, 3002])
+    client.close()
+    jobs.close()
+
+
+def test_a_replica_answers_min_seq_once_it_has_applied_it(
+    worker_factory: Any, replica_factory: Any, index_name: str, job_settings: Settings
+) -> None:
+    """Read your writes on a replica: a search with the job's seq sees the job's vectors."""
+    jobs = JobClient(job_settings)
+    writer = worker_factory([index_name], env=FAST).start()
+    jobs.build(index_name, vecs(500), family="flat").get(timeout=TIMEOUT)
+    replica = replica_factory([index_name]).start()
+    client = SearchClient(job_settings, index_name)
+    new = vecs(3, seed=21)
+    up = jobs.upsert(index_name, np.arange(70_000, 70_003), new).get(timeout=TIMEOUT)
+    writer.kill()  # from here only the replica pops, likely before its next log poll
+    got = client.search(new, 1, min_seq=up["seq"], timeout=VISIBLE_S)
+    assert got.worker == replica.worker_id and got.version is not None
+    assert got.version >= up["seq"] and top1(got) == [70_000, 70_001, 70_002]
+    fetched = client.fetch([70_001, 1], min_seq=up["seq"])
+    assert fetched.ids.tolist() == [70_001, 1] and fetched.worker == replica.worker_id
+    with pytest.raises(StaleRead):
+        client.search(new, 1, min_seq=up["seq"] + 1, timeout=0.5)
     client.close()
     jobs.close()

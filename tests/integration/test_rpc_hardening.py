@@ -26,7 +26,7 @@ from faissq import AsyncSearchClient, InvalidParameter, SearchClient, SearchTime
 from faissq.config import IndexSettings
 from faissq.errors import PayloadTooLarge
 from faissq.index.engine import Engine
-from faissq.rpc import protocol
+from faissq.rpc import replies
 from faissq.rpc.server import RpcServer
 from faissq.storage.durable import DurableStore
 from faissq.tasks.producer import JobClient
@@ -317,7 +317,7 @@ def test_after_a_stall_no_client_reads_an_answer_meant_for_another_search(
 def test_a_reply_for_another_request_on_the_reply_key_is_refused(served: Served) -> None:
     """The reply's id is checked against the request's, not only its key."""
     prepared = served.client.builder.prepare(vecs(1), 3, 5.0, {})
-    stranger = protocol.encode_error("someone-else", "timeout", "not yours")
+    stranger = replies.encode_error("someone-else", "timeout", "not yours")
     with pytest.raises(Exception, match="answers another request"):
         served.client.builder.response([prepared.reply.encode(), stranger], prepared)
 

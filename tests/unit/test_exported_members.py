@@ -51,6 +51,7 @@ ERRORS = {
     "StorageUnavailable": ("RetryableError", "storage_unavailable"),
     "RpcError": ("FaissqError", "rpc_error"),
     "SearchTimeout": ("RpcError", "timeout"),
+    "StaleRead": ("RpcError", "stale"),
     "NoWorkerAlive": ("RpcError", "no_worker"),
     "IndexBusy": ("RpcError", "busy"),
     "RemoteSearchError": ("RpcError", "remote_error"),
@@ -58,8 +59,8 @@ ERRORS = {
 
 # the public methods of the exported classes, and the fields of the search result
 METHODS = {
-    "SearchClient": {"alive", "close", "search", "workers"},
-    "AsyncSearchClient": {"alive", "close", "search"},
+    "SearchClient": {"alive", "close", "fetch", "range_search", "search", "workers"},
+    "AsyncSearchClient": {"alive", "close", "fetch", "range_search", "search"},
     "JobClient": {
         "autotune",
         "build",

@@ -16,7 +16,7 @@ from redis.connection import Connection
 from faissq import errors
 from faissq.config import IndexSettings, RpcSettings
 from faissq.index.engine import Engine
-from faissq.rpc import protocol, resp
+from faissq.rpc import protocol, replies, resp
 from faissq.rpc.batch import search_all
 from faissq.rpc.search_client import RequestBuilder, as_queries, remote_error
 
@@ -186,16 +186,16 @@ def test_decode_never_raises_anything_but_its_two_outcomes(case: tuple[str, Any]
 def test_reply_round_trips() -> None:
     scores = np.array([[0.5, 0.25]], np.float32)
     ids = np.array([[7, -1]], np.int64)
-    raw = protocol.encode_result("r", scores, ids, 3, "w1", {"search_ms": 0.1})
-    reply = protocol.decode_reply(raw)
+    raw = replies.encode_result("r", scores, ids, 3, "w1", {"search_ms": 0.1})
+    reply = replies.decode_reply(raw)
     assert reply.ok and reply.version == 3 and reply.worker == "w1" and reply.id == "r"
     assert reply.scores is not None and reply.ids is not None
     np.testing.assert_array_equal(reply.scores, scores)
     np.testing.assert_array_equal(reply.ids, ids)
-    err = protocol.decode_reply(protocol.encode_error("r", "busy", "full", "w1"))
+    err = replies.decode_reply(replies.encode_error("r", "busy", "full", "w1"))
     assert (err.ok, err.code, err.message) == (False, "busy", "full")
     with pytest.raises(errors.InvalidParameter):
-        protocol.decode_reply(b"\xc1")
+        replies.decode_reply(b"\xc1")
 
 
 @pytest.mark.parametrize(

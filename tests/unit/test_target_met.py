@@ -7,7 +7,7 @@ from engine_support import data
 
 from faissq.config import IndexSettings
 from faissq.index.engine import Engine
-from faissq.rpc import protocol
+from faissq.rpc import replies
 from faissq.rpc.batch import search_all
 from faissq.rpc.protocol import Request
 
@@ -29,5 +29,5 @@ def test_target_met_travels_from_the_engine_to_the_decoded_reply() -> None:
     for rid, want in (("a", False), ("c", None)):
         o = outcomes[rid]
         assert o.scores is not None and o.ids is not None
-        raw = protocol.encode_result(rid, o.scores, o.ids, o.version, "w", {}, o.target_met)
-        assert protocol.decode_reply(raw).target_met is want
+        raw = replies.encode_result(rid, o.scores, o.ids, o.version, "w", {}, o.target_met)
+        assert replies.decode_reply(raw).target_met is want
