@@ -70,20 +70,19 @@ class Reader:
         if primary.gpu is not None and allow is None:
             exclude = st.tombstones if deny is None else union_sorted(st.tombstones, deny)
             result = primary.gpu.search(xq, fetch, nprobe, exclude)
+        if result is None and allow is None and deny is None:
+            # no per-call selector: the state's parameter trees are shared (FAISS only reads them)
+            call = st.params_for(nprobe, ef_search)
+            result = primary.index.search(xq, fetch, params=call.params)
         if result is None:
             sels = [st.tomb_selector] if st.tomb_selector is not None else []
             if allow is not None:
                 sels.append(batch_selector(allow))
             if deny is not None:
                 sels.append(not_selector(deny))
-            if sels:
-                sel, keep = combine(sels)
-                call = make_params(
-                    primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep
-                )
-            else:
-                # no selector: nothing in the tree is written during the search, so reuse it
-                call = primary.params_for(nprobe, ef_search)
+            sel, keep = combine(sels)
+            call = make_params(primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel,
+                               keep=keep)  # fmt: skip
             result = primary.index.search(xq, fetch, params=call.params)
         scores, ids = result
         if lossy and fetch > k:
