@@ -143,16 +143,19 @@ class Searchers:
 
 
 def produce(redis_url: str, storage_url: str, n: int, dim: int, batch: int, rate: float,
-            seed: int, stop: Any, sent: Any) -> None:  # fmt: skip
-    """Producer process: upsert jobs of `batch` vectors at `rate` vectors/s replacing existing
-    ids until `stop`, then wait until every job is answered; `sent` gets the vectors sent.
+            seed: int, ready: Any, stop: Any, sent: Any) -> None:  # fmt: skip
+    """Producer process: once connected it sets `ready`; then, until `stop`, upsert jobs of
+    `batch` vectors at `rate` vectors/s replacing existing ids; then it waits until every job
+    is answered; `sent` gets the vectors sent.
 
     Its own process, as a real producer would be: its Python work does not take the GIL of
     the searching client threads.
     """
     jobs = JobClient(Settings(redis={"url": redis_url}, storage={"url": storage_url}))
+    jobs.app.connection_for_write().ensure_connection()
     rng = np.random.default_rng(seed)
     period = batch / rate
+    ready.set()
     nxt = time.monotonic()
     pending: list[Any] = []
     count = 0
@@ -174,11 +177,13 @@ def stream_window(args: argparse.Namespace, settings: Settings, window: Window,
                   seed: int) -> dict[str, float]:  # fmt: skip
     """One stream window: its figures plus the upserted vectors/s achieved."""
     ctx = mp.get_context("spawn")
-    stop, sent = ctx.Event(), ctx.Value("q", 0)
+    ready, stop, sent = ctx.Event(), ctx.Event(), ctx.Value("q", 0)
     proc = ctx.Process(target=produce, args=(str(settings.redis.url), settings.storage.url,
                                              args.n, args.dim, args.batch, args.rate, seed,
-                                             stop, sent))  # fmt: skip
+                                             ready, stop, sent))  # fmt: skip
     proc.start()
+    if not ready.wait(120):  # the window opens once the producer runs (its imports take seconds)
+        raise SystemExit("the producer did not start")
     t0 = time.monotonic()
     out = window.measure(args.window)
     elapsed = time.monotonic() - t0

@@ -101,7 +101,7 @@ class State:
 
     def params_for(self, nprobe: int | None, ef_search: int | None) -> CallParams:
         """SearchParameters for a call filtered by the tombstones alone, built once per setting
-        (a fresh SWIG tree per search cost a fifth of an IVF-Flat search, benchmarks/engine.py)."""
+        (a fresh SWIG tree per search: worker CPU per search, benchmarks/upsert_stream.py)."""
         if self.primary is None:
             raise IndexNotReady("a state without a primary has no search parameters")
         if self.tomb_selector is None:
