@@ -156,6 +156,13 @@ def in_sorted(sorted_arr: I64, ids: I64) -> npt.NDArray[np.bool_]:
     return np.asarray(sorted_arr[pos] == ids)
 
 
-def union_sorted(a: I64, b: I64) -> I64:
-    """Sorted union of two id arrays."""
-    return np.union1d(a, b).astype(np.int64, copy=False)
+def union_sorted(sorted_arr: I64, ids: I64) -> I64:
+    """Sorted union of a sorted id array and any ids: the new ones are inserted in place (one
+    copy, no sort of the whole), and the array itself comes back when none is new."""
+    extra = np.unique(ids).astype(np.int64, copy=False)
+    if sorted_arr.size == 0:
+        return extra
+    extra = extra[~in_sorted(sorted_arr, extra)]
+    if extra.size == 0:
+        return sorted_arr
+    return np.insert(sorted_arr, np.searchsorted(sorted_arr, extra), extra)
