@@ -69,16 +69,21 @@ def machine_busy_s() -> float:
 class Window:
     """Searches answered and CPU used by the worker and by the whole machine in one window."""
 
-    def __init__(self, search: Searchers, worker: int) -> None:
-        self.search, self.worker = search, worker
+    def __init__(self, search: Searchers, worker: int, redis: int) -> None:
+        self.search, self.worker, self.redis = search, worker, redis
 
     def measure(self, seconds: float) -> dict[str, float]:
-        """QPS, worker CPU ms per search, machine busy CPUs, over the next `seconds`."""
-        c0, w0, m0, t0 = self.search.count, cpu_s(self.worker), machine_busy_s(), time.monotonic()
+        """QPS; worker CPU ms per search; worker, Redis and this process's CPU ms per second;
+        machine busy CPUs; over the next `seconds`."""
+        procs = (self.worker, self.redis, os.getpid())
+        c0, m0, t0 = self.search.count, machine_busy_s(), time.monotonic()
+        cpu0 = [cpu_s(p) for p in procs]
         time.sleep(seconds)  # a measurement window, not a synchronisation
         dt = time.monotonic() - t0
+        used = [1e3 * (cpu_s(p) - c) / dt for p, c in zip(procs, cpu0, strict=True)]
         done = max(1, self.search.count - c0)
-        return {"qps": done / dt, "worker_ms": 1e3 * (cpu_s(self.worker) - w0) / done,
+        return {"qps": done / dt, "worker_ms": used[0] * dt / done, "worker_cpu": used[0],
+                "redis_cpu": used[1], "client_cpu": used[2],
                 "busy": (machine_busy_s() - m0) / dt}  # fmt: skip
 
 
@@ -184,9 +189,11 @@ def stream_window(args: argparse.Namespace, settings: Settings, window: Window,
     proc.start()
     if not ready.wait(120):  # the window opens once the producer runs (its imports take seconds)
         raise SystemExit("the producer did not start")
+    p0 = cpu_s(proc.pid)
     t0 = time.monotonic()
     out = window.measure(args.window)
     elapsed = time.monotonic() - t0
+    out["producer_cpu"] = 1e3 * (cpu_s(proc.pid) - p0) / elapsed
     stop.set()
     proc.join()
     return {**out, "rate": sent.value / elapsed}
@@ -217,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    by_reference=True).get(timeout=1200)  # fmt: skip
         search = Searchers(settings, x[:: max(1, args.n // 1000)].copy(), args.threads)
         search.start()
-        window = Window(search, proc.pid)
+        window = Window(search, proc.pid, server.process.pid)
         window.measure(5)  # warm-up
         load0 = os.getloadavg()
         quiet.append(quiet_window(args, jobs, window))
@@ -275,6 +282,9 @@ def main() -> None:
               f"{ratio:.2f} | >= {TARGET} ({ok}) | {q_ms:.2f} / {w['worker_ms']:.2f} | "
               f"{w['rate']:.0f} |")  # fmt: skip
     busy = np.mean([w["busy"] for w in r["quiet"] + r["stream"]])
+    cpu = {k: (np.mean([w[k] for w in r["quiet"]]), np.mean([w[k] for w in r["stream"]]))
+           for k in ("worker_cpu", "redis_cpu", "client_cpu")}  # fmt: skip
+    producer = np.mean([w["producer_cpu"] for w in r["stream"]])
     st = r["stats"]
     eng, mt = st.get("engine", {}), st.get("maintenance", {})
     print(f"# stream windows meeting the target: {sum(x >= TARGET for x in ratios)}/{len(ratios)}"
@@ -282,6 +292,9 @@ def main() -> None:
           f"{mt.get('merges')}, saves {mt.get('saves')}; end: delta {eng.get('delta')}, "
           f"tombstones {eng.get('tombstones')}; the machine's CPUs were busy {busy:.2f} of "
           f"{os.cpu_count()} on average (outside load included)")  # fmt: skip
+    print("# CPU ms per second, no-write -> stream: worker {:.0f} -> {:.0f}, Redis {:.0f} -> "
+          "{:.0f}, search clients {:.0f} -> {:.0f}, upsert producer {:.0f}".format(
+              *cpu["worker_cpu"], *cpu["redis_cpu"], *cpu["client_cpu"], producer))  # fmt: skip
 
 
 if __name__ == "__main__":
