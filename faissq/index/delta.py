@@ -202,7 +202,7 @@ class Delta:
             live = np.ones(self._n, dtype=bool)
             live[self._dead] = False
             bitmap = np.packbits(live, bitorder="little")
-            self._sel = (faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bitmap)), bitmap)
+            self._sel = (faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap)), bitmap)
         return self._sel[0]
 
 
