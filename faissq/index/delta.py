@@ -47,7 +47,7 @@ class _Buffer:
 class Delta:
     """An immutable set of (id, vector) rows; every change returns a new Delta."""
 
-    __slots__ = ("_buf", "_dead", "_keys", "_live", "_n", "_rows", "dim")
+    __slots__ = ("_buf", "_dead", "_keys", "_live", "_n", "_rows", "_sel", "dim")
 
     def __init__(self, dim: int) -> None:
         """An empty delta of dimension `dim`."""
@@ -58,6 +58,7 @@ class Delta:
         self._keys: I64 = _NO_IDS  # sorted live ids ...
         self._rows: npt.NDArray[np.intp] = _NO_ROWS  # ... and the row holding each
         self._live: tuple[I64, F32] | None = None  # live ids/vectors in row order, made on use
+        self._sel: tuple[Any, Any] | None = None  # selector of live rows (+ its bitmap), on use
 
     @classmethod
     def _make(
@@ -72,6 +73,7 @@ class Delta:
         out.dim = buf.vectors.shape[1]
         out._buf, out._n, out._dead, out._keys, out._rows = buf, n, dead, keys, rows
         out._live = None
+        out._sel = None
         return out
 
     def __len__(self) -> int:
@@ -197,46 +199,42 @@ class Delta:
                 ids, vectors = ids[mask], vectors[mask]
             return _knn(queries, ids, vectors, k, metric_type)
         ids, vectors = self._buf.ids[: self._n], self._buf.vectors[: self._n]
+        return _knn(queries, ids, vectors, k, metric_type, self._live_selector())
+
+    def _live_selector(self) -> Any:
+        """A FAISS row selector passing the live rows (None when no row is dead), made once per
+        Delta: the scan skips dead rows itself, so a search costs one FAISS call."""
         if not self._dead.size:
-            return _knn(queries, ids, vectors, k, metric_type)
-        return self._search_past_dead(queries, ids, vectors, k, metric_type)
-
-    def _search_past_dead(
-        self, queries: F32, ids: I64, vectors: F32, k: int, metric_type: int
-    ) -> tuple[F32, I64]:
-        """Top-k over every row, fetching enough extra to drop dead ones and still have k.
-
-        Exact: whenever a query keeps fewer than min(k, live) live rows of its top `fetch`,
-        the search is repeated with a larger `fetch` (up to every row).
-        """
-        n, dead = self._n, self._dead
-        want = min(k, len(self))
-        fetch = min(n, k + int(np.ceil(2.0 * k * dead.size / n)) + 8)
-        while True:
-            scores, rows = faiss.knn(queries, vectors, fetch, metric=metric_type)
-            pos = np.minimum(np.searchsorted(dead, rows), dead.size - 1)
-            ok = (rows >= 0) & (dead[pos] != rows)
-            if fetch >= n or bool((ok.sum(axis=1) >= want).all()):
-                break
-            fetch = min(n, 4 * fetch)
-        first = np.argsort(~ok, axis=1, kind="stable")[:, :k]
-        ok = np.take_along_axis(ok, first, axis=1)
-        rows = np.take_along_axis(rows, first, axis=1)
-        scores = np.take_along_axis(scores, first, axis=1)
-        pad = _pad(metric_type)
-        out_s = np.full((queries.shape[0], k), pad, dtype=np.float32)
-        out_i = np.full((queries.shape[0], k), -1, dtype=np.int64)
-        take = rows.shape[1]
-        out_s[:, :take] = np.where(ok, scores, pad)
-        out_i[:, :take] = np.where(ok, ids[np.maximum(rows, 0)], -1)
-        return out_s, out_i
+            return None
+        if self._sel is None:  # two searches may both build it: same result, no harm
+            live = np.ones(self._n, dtype=bool)
+            live[self._dead] = False
+            bitmap = np.packbits(live, bitorder="little")
+            self._sel = (faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap)), bitmap)
+        return self._sel[0]
 
 
-def _knn(queries: F32, ids: I64, vectors: F32, k: int, metric_type: int) -> tuple[F32, I64]:
-    """Exact top-k of queries over (ids, vectors); -1 pads missing slots."""
-    scores, rows = faiss.knn(queries, vectors, k, metric=metric_type)
-    out = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1)
-    return scores.astype(np.float32, copy=False), out.astype(np.int64, copy=False)
+def _knn(
+    queries: F32, ids: I64, vectors: F32, k: int, metric_type: int, rows: Any = None
+) -> tuple[F32, I64]:
+    """Exact top-k of queries over (ids, vectors), only rows `rows` passes (a FAISS selector;
+    None: all); -1 pads missing slots."""
+    nq, d = queries.shape
+    scores = np.empty((nq, k), dtype=np.float32)
+    found = np.empty((nq, k), dtype=np.int64)
+    if vectors.shape[0] == 0:
+        scores.fill(_pad(metric_type))
+        found.fill(-1)
+        return scores, found
+    x = np.ascontiguousarray(queries, dtype=np.float32)
+    y = np.ascontiguousarray(vectors, dtype=np.float32)
+    ptr = faiss.swig_ptr
+    if metric_type == faiss.METRIC_INNER_PRODUCT:
+        faiss.knn_inner_product(ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), rows)
+    else:
+        faiss.knn_L2sqr(ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), None, rows)
+    hit = found >= 0
+    return scores, np.where(hit, ids[np.maximum(found, 0)], -1) if ids.size else found
 
 
 def _pad(metric_type: int) -> np.float32:

@@ -46,7 +46,19 @@ class Reader:
         if len(parts) == 1:
             # one source: FAISS already returns k sorted, unique ids padded with -1
             return parts[0]
+        if self._delta_out_of_reach(parts[0], parts[1]):
+            return parts[0]
         return merge_topk(parts, k, self.higher_is_better)
+
+    def _delta_out_of_reach(self, primary: tuple[F32, I64], delta: tuple[F32, I64]) -> bool:
+        """Whether no delta row would enter any row's top-k: the primary's k slots are all
+        filled and each row's best delta score is no better than its k-th (the merge keeps the
+        primary first on ties), so the primary's answer stands as it is. Most searches end
+        here, skipping the merge (worker CPU per search, benchmarks/upsert_stream.py)."""
+        p_scores, p_ids = primary
+        kth, best = p_scores[:, -1], delta[0][:, 0]
+        beaten = best > kth if self.higher_is_better else best < kth
+        return bool(p_ids[:, -1].min() >= 0) and not bool(beaten.any())
 
     def primary(
         self,
@@ -70,20 +82,19 @@ class Reader:
         if primary.gpu is not None and allow is None:
             exclude = st.tombstones if deny is None else union_sorted(st.tombstones, deny)
             result = primary.gpu.search(xq, fetch, nprobe, exclude)
+        if result is None and allow is None and deny is None:
+            # no per-call selector: the state's parameter trees are shared (FAISS only reads them)
+            call = st.params_for(nprobe, ef_search)
+            result = primary.index.search(xq, fetch, params=call.params)
         if result is None:
             sels = [st.tomb_selector] if st.tomb_selector is not None else []
             if allow is not None:
                 sels.append(batch_selector(allow))
             if deny is not None:
                 sels.append(not_selector(deny))
-            if sels:
-                sel, keep = combine(sels)
-                call = make_params(
-                    primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep
-                )
-            else:
-                # no selector: nothing in the tree is written during the search, so reuse it
-                call = primary.params_for(nprobe, ef_search)
+            sel, keep = combine(sels)
+            call = make_params(primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel,
+                               keep=keep)  # fmt: skip
             result = primary.index.search(xq, fetch, params=call.params)
         scores, ids = result
         if lossy and fetch > k:

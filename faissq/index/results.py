@@ -16,40 +16,45 @@ def worst(higher_is_better: bool) -> np.float32:
 
 
 def merge_topk(parts: list[tuple[F32, I64]], k: int, higher_is_better: bool) -> tuple[F32, I64]:
-    """Merge per-row candidate lists by score, keep the better score per id, pad with -1."""
+    """Merge per-row candidate lists by score, keep the better score per id, pad with -1.
+
+    Rows are gathered through flat indexes rather than take_along_axis: this runs on every
+    search of an index with a delta, where numpy's per-call overhead is most of its cost.
+    """
     scores = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([p[1] for p in parts], axis=1)
     nq, width = ids.shape
     pad = worst(higher_is_better)
     key = -scores if higher_is_better else scores.copy()
     key[ids < 0] = np.inf
-    order = np.argsort(key, axis=1, kind="stable")
-    ids = np.take_along_axis(ids, order, axis=1)
-    scores = np.take_along_axis(scores, order, axis=1)
     if width > 1 and _has_repeats(ids):
-        rows = np.repeat(np.arange(nq), width)
-        pos = np.tile(np.arange(width), nq)
-        flat = ids.ravel()
-        # sort by (row, id, position): a repeat of (row, id) after the first is a worse duplicate
-        srt = np.lexsort((pos, flat, rows))
-        dup_sorted = np.zeros(flat.size, dtype=bool)
-        dup_sorted[1:] = (rows[srt][1:] == rows[srt][:-1]) & (flat[srt][1:] == flat[srt][:-1])
-        dup = np.zeros(flat.size, dtype=bool)
-        dup[srt] = dup_sorted
-        dup = dup.reshape(nq, width) & (ids >= 0)
-        if dup.any():
-            valid = (ids >= 0) & ~dup
-            compact = np.argsort(~valid, axis=1, kind="stable")
-            ids = np.where(valid, ids, -1)
-            ids = np.take_along_axis(ids, compact, axis=1)
-            scores = np.take_along_axis(scores, compact, axis=1)
+        drop = _worse_repeats(ids, key)
+        key[drop] = np.inf
+        ids = np.where(drop, -1, ids)
+    take = min(k, width)
+    order = np.argsort(key, axis=1, kind="stable")[:, :take]
+    flat = (order + (np.arange(nq) * width)[:, None]).ravel()
     out_ids = np.full((nq, k), -1, dtype=np.int64)
     out_scores = np.full((nq, k), pad, dtype=np.float32)
-    take = min(k, width)
-    out_ids[:, :take] = ids[:, :take]
-    out_scores[:, :take] = scores[:, :take]
+    out_ids[:, :take] = ids.ravel()[flat].reshape(nq, take)
+    out_scores[:, :take] = scores.ravel()[flat].reshape(nq, take)
     out_scores[out_ids < 0] = pad
     return out_scores, out_ids
+
+
+def _worse_repeats(ids: I64, key: F32) -> np.ndarray:
+    """Mask of each (row, id) repeat but the best-keyed one (the first among equal keys)."""
+    nq, width = ids.shape
+    rows = np.repeat(np.arange(nq), width)
+    flat_ids, flat_key = ids.ravel(), key.ravel()
+    pos = np.tile(np.arange(width), nq)
+    # sort by (row, id, key, position): a repeat of (row, id) after the first is a worse one
+    srt = np.lexsort((pos, flat_key, flat_ids, rows))
+    dup_sorted = np.zeros(flat_ids.size, dtype=bool)
+    dup_sorted[1:] = (rows[srt][1:] == rows[srt][:-1]) & (flat_ids[srt][1:] == flat_ids[srt][:-1])
+    dup = np.zeros(flat_ids.size, dtype=bool)
+    dup[srt] = dup_sorted
+    return dup.reshape(nq, width) & (ids >= 0)
 
 
 def _has_repeats(ids: I64) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from faissq.errors import IndexNotReady
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy
 from faissq.index.params import CallParams, ParamShape, make_params, not_selector, param_shape
@@ -73,6 +74,8 @@ class State:
     tombstones: I64  # sorted primary ids deleted since the primary was built
     version: int
     tomb_selector: tuple[Any, list[Any]] | None = field(default=None)
+    # parameter trees holding tomb_selector, one per (nprobe, ef_search): FAISS only reads them
+    tomb_params: dict[tuple[int | None, int | None], CallParams] = field(default_factory=dict)
 
     @classmethod
     def make(
@@ -95,6 +98,23 @@ class State:
         else:
             sel = not_selector(tombstones) if tombstones.size else None
         return cls(dim, primary, delta, tombstones, version, sel)
+
+    def params_for(self, nprobe: int | None, ef_search: int | None) -> CallParams:
+        """SearchParameters for a call filtered by the tombstones alone, built once per setting
+        (a fresh SWIG tree per search: worker CPU per search, benchmarks/upsert_stream.py)."""
+        if self.primary is None:
+            raise IndexNotReady("a state without a primary has no search parameters")
+        if self.tomb_selector is None:
+            return self.primary.params_for(nprobe, ef_search)
+        key = (nprobe, ef_search)
+        call = self.tomb_params.get(key)
+        if call is None:
+            sel, keep = self.tomb_selector
+            call = make_params(self.primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel,
+                               keep=list(keep))  # fmt: skip
+            if len(self.tomb_params) < 256:
+                self.tomb_params[key] = call
+        return call
 
     @property
     def ntotal(self) -> int:
@@ -145,6 +165,13 @@ def in_sorted(sorted_arr: I64, ids: I64) -> npt.NDArray[np.bool_]:
     return np.asarray(sorted_arr[pos] == ids)
 
 
-def union_sorted(a: I64, b: I64) -> I64:
-    """Sorted union of two id arrays."""
-    return np.union1d(a, b).astype(np.int64, copy=False)
+def union_sorted(sorted_arr: I64, ids: I64) -> I64:
+    """Sorted union of a sorted id array and any ids: the new ones are inserted in place (one
+    copy, no sort of the whole), and the array itself comes back when none is new."""
+    extra = np.unique(ids).astype(np.int64, copy=False)
+    if sorted_arr.size == 0:
+        return extra
+    extra = extra[~in_sorted(sorted_arr, extra)]
+    if extra.size == 0:
+        return sorted_arr
+    return np.insert(sorted_arr, np.searchsorted(sorted_arr, extra), extra)

@@ -32,6 +32,7 @@ from faissq import keys
 from faissq.config import Settings
 from faissq.errors import FaissqError, InvalidParameter
 from faissq.index.heap import mmap_large_blocks, release_freed
+from faissq.storage.log import entry_name
 from faissq.telemetry.metric_families import metrics_of
 from faissq.worker import publish
 from faissq.worker.context import context_of
@@ -44,7 +45,6 @@ Progress = Callable[[str, int, int], None]
 TASK = "faissq.maintain"
 # jobs after which a whole previous index is freed
 SWAPPING = frozenset({"faissq.build", "faissq.merge", "faissq.rebuild", "faissq.reload", TASK})
-_ENTRY_SUFFIX = ".entry"  # update-log entry files are <20-digit seq>.entry (storage/log.py)
 
 
 @dataclass(frozen=True)
@@ -71,36 +71,38 @@ class Record:
 
 
 class LogBacklog:
-    """Measures `Backlog` from shared storage; entry sizes are cached (entries never change)."""
+    """Measures `Backlog` from shared storage without listing the log folder: the seqs after the
+    snapshot's are known, and each entry is looked at once (entries never change), so a check
+    costs one stat per new entry however long the log grew since the last save."""
 
     def __init__(self, store: Any) -> None:
         """store: the runtime's store (DurableStore: `log(index)`, `snapshots(index)`)."""
         self.store = store
-        self._sizes: dict[tuple[str, int], int] = {}
+        # (index, seq) -> (bytes, modified) of the entry; None where no entry holds the seq
+        # (a build took it, or it was quarantined)
+        self._entries: dict[tuple[str, int], tuple[int, float | None] | None] = {}
         self._snapshot_seq: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()  # the checking thread and the job thread both measure
 
     def measure(self, index: str, applied: int) -> Backlog:
         """Entries after the newest snapshot's seq, up to the seq the engine applied."""
         if not hasattr(self.store, "log") or not hasattr(self.store, "snapshots"):
             return Backlog()
-        saved = self._saved_seq(index)
-        ulog = self.store.log(index)
-        storage = ulog.storage
-        now = time.time()
-        count, size, oldest = 0, 0, now
-        for name, modified in storage.files_modified(ulog.folder):
-            if not name.endswith(_ENTRY_SUFFIX) or not name[: -len(_ENTRY_SUFFIX)].isdigit():
-                continue
-            seq = int(name[: -len(_ENTRY_SUFFIX)])
-            if seq <= saved or seq > applied:
-                continue
-            key = (index, seq)
-            if key not in self._sizes:
-                self._sizes[key] = storage.size(f"{ulog.folder}/{name}")
-            count, size = count + 1, size + self._sizes[key]
-            oldest = min(oldest, modified if modified is not None else now)
-        for key in [k for k in self._sizes if k[0] == index and k[1] <= saved]:
-            del self._sizes[key]
+        with self._lock:
+            saved = self._saved_seq(index)
+            ulog = self.store.log(index)
+            now = time.time()
+            count, size, oldest = 0, 0, now
+            for seq in range(saved + 1, applied + 1):
+                key = (index, seq)
+                if key not in self._entries:
+                    self._entries[key] = _stat(ulog.storage, f"{ulog.folder}/{entry_name(seq)}")
+                found = self._entries[key]
+                if found is not None:
+                    count, size = count + 1, size + found[0]
+                    oldest = min(oldest, found[1] if found[1] is not None else now)
+            for key in [k for k in self._entries if k[0] == index and k[1] <= saved]:
+                del self._entries[key]
         return Backlog(count, size, max(0.0, now - oldest) if count else 0.0)
 
     def _saved_seq(self, index: str) -> int:
@@ -241,7 +243,7 @@ class Maintenance:
         out: dict[str, Any] = {"index": index, "rebuilt": None, "merged": None, "saved": None}
         try:
             eng = runtime.engine(index)
-            backlog = LogBacklog(runtime.store)  # not the checking thread's: no shared cache
+            backlog = self._backlog or LogBacklog(runtime.store)
             todo = due(eng.stats(), backlog.measure(index, runtime.slot(index).seq), self.settings,
                        publish.drift_due(runtime, index))  # fmt: skip
             if "rebuild" in todo:  # gated on recall like any rebuild
@@ -303,6 +305,14 @@ class Maintenance:
             "log_unsaved_bytes": rec.backlog.bytes,
             "log_unsaved_age_s": round(rec.backlog.age_s, 3),
         }
+
+
+def _stat(storage: Any, path: str) -> tuple[int, float | None] | None:
+    """(bytes, modified) of one log entry; None when there is none."""
+    try:
+        return storage.size(path), storage.modified(path)
+    except FileNotFoundError:
+        return None
 
 
 _BY_APP: weakref.WeakKeyDictionary[Celery, Maintenance] = weakref.WeakKeyDictionary()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import urllib.request
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from faissq import keys
 from faissq.config import Settings
 from faissq.rpc.search_client import SearchClient
+from faissq.storage import faults
 from faissq.storage.fs import Storage
 from faissq.storage.log import UpdateLog
 from faissq.tasks.producer import JobClient
@@ -98,6 +100,53 @@ def test_a_delta_past_merge_delta_max_is_merged_by_the_worker_itself(
 
     merged = metric(port, "faissq_maintenance_total", index=index_name, action="merge")
     assert merged is not None and merged >= 1
+
+
+def test_searches_are_answered_while_a_maintenance_job_is_held_in_its_save(
+    worker_factory: Any,
+    index_name: str,
+    job_settings: Settings,
+    storage_root: Path,
+    tmp_path: Path,
+    redis_client: Any,
+) -> None:
+    """A maintain job merges, then hangs writing its snapshot (faultfs stall): meanwhile the
+    search loop answers from the merged state, upserted vectors included; released, it ends.
+
+    The writer thread is the one held, so a search that waited on it would time out here.
+    """
+    control = str(tmp_path / "faults.json")
+    env = {
+        "FAISSQ_STORAGE__URL": f"faultfs://{storage_root}",
+        "FAISSQ_STORAGE__OPTIONS": json.dumps({"control": control}),
+        # both come due with the third upsert, so one maintain job merges, then saves
+        "FAISSQ_INDEX__MERGE_DELTA_MAX": "150",
+        "FAISSQ_MAINTENANCE__INTERVAL_S": "0.05",
+        "FAISSQ_MAINTENANCE__SAVE_LOG_BYTES": str(3 * 50 * (8 + 4 * DIM)),
+        "FAISSQ_MAINTENANCE__SAVE_LOG_AGE_S": "0",
+    }
+    worker_factory([index_name], env=env).start()
+    jobs = JobClient(job_settings)
+    jobs.build(index_name, vecs(400), np.arange(400), family="ivf_flat").get(timeout=TIMEOUT)
+    faults.set_faults(control, stall=["write"], match="primary_vectors.npy")
+    new = vecs(150, seed=1)
+    for start in range(0, 150, 50):
+        ids = np.arange(1000 + start, 1050 + start)
+        jobs.upsert(index_name, ids, new[start : start + 50]).get(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while faults.stalls(control) < 1:  # the event: the maintenance save hangs in its write
+        assert time.monotonic() < deadline, "the maintenance save never started"
+        time.sleep(0.005)
+    assert redis_client.get(keys.maintain_pending(index_name)) is not None  # still running
+    with SearchClient(job_settings, index=index_name) as search:
+        for _ in range(20):
+            got = search.search(new[:5], k=1, nprobe=64, timeout=10)
+            np.testing.assert_array_equal(np.asarray(got.ids)[:, 0], np.arange(1000, 1005))
+    faults.set_faults(control, [])
+    stats = wait_for(jobs, index_name, lambda s: s["maintenance"]["saves"] >= 1)
+    assert stats["maintenance"]["merges"] >= 1 and stats["engine"]["delta"] == 0
+    assert stats["engine"]["ntotal"] == 550 and stats["maintenance"]["failures"] == 0
+    jobs.close()
 
 
 def test_a_log_past_its_size_limit_is_saved_and_trimmed(
