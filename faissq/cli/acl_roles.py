@@ -74,8 +74,9 @@ class RuleSet:
     def rules(self, db: int = 0) -> list[str]:
         """The ACL rules in order, starting from nothing; db: the Redis database Celery uses."""
         head = ["resetkeys", "resetchannels", "-@all"]
-        channels = [f"&{c.format(db=db)}" for c in self.channels]
-        selectors = ["(" + " ".join(rules).format(db=db) + ")" for rules in self.selectors]
+        # "{db}" by replace, not str.format: key patterns hold the index's {hash tag} braces
+        channels = [f"&{c.replace('{db}', str(db))}" for c in self.channels]
+        selectors = ["(" + " ".join(rules).replace("{db}", str(db)) + ")" for rules in self.selectors]
         return head + list(self.commands) + list(self.keys) + channels + selectors
 
 
