@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         RpcError,
         SearchTimeout,
         SnapshotCorrupt,
+        ShardUnavailable,
         StaleRead,
         StorageUnavailable,
         UnknownFamily,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     )
     from faissq.rpc.aio_client import AsyncSearchClient
     from faissq.rpc.search_client import SearchClient, SearchResponse
+    from faissq.rpc.shard_client import ShardedSearchClient, ShardedSearchResponse
     from faissq.tasks.producer import JobClient, put_vectors
 
 __version__ = "0.1.0"
@@ -53,6 +55,8 @@ _WHERE = {
     "AsyncSearchClient": "faissq.rpc.aio_client",
     "SearchClient": "faissq.rpc.search_client",
     "SearchResponse": "faissq.rpc.search_client",
+    "ShardedSearchClient": "faissq.rpc.shard_client",
+    "ShardedSearchResponse": "faissq.rpc.shard_client",
     "JobClient": "faissq.tasks.producer",
     "put_vectors": "faissq.tasks.producer",
     "ChecksumMismatch": "faissq.errors",
@@ -77,6 +81,7 @@ _WHERE = {
     "RetryableError": "faissq.errors",
     "RpcError": "faissq.errors",
     "SearchTimeout": "faissq.errors",
+    "ShardUnavailable": "faissq.errors",
     "StaleRead": "faissq.errors",
     "SnapshotCorrupt": "faissq.errors",
     "StorageUnavailable": "faissq.errors",
@@ -131,6 +136,9 @@ __all__ = [
     "SearchResponse",
     "SearchTimeout",
     "Settings",
+    "ShardUnavailable",
+    "ShardedSearchClient",
+    "ShardedSearchResponse",
     "SnapshotCorrupt",
     "StaleRead",
     "StorageUnavailable",

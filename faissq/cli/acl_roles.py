@@ -76,7 +76,9 @@ class RuleSet:
         head = ["resetkeys", "resetchannels", "-@all"]
         # "{db}" by replace, not str.format: key patterns hold the index's {hash tag} braces
         channels = [f"&{c.replace('{db}', str(db))}" for c in self.channels]
-        selectors = ["(" + " ".join(rules).replace("{db}", str(db)) + ")" for rules in self.selectors]
+        selectors = [
+            "(" + " ".join(rules).replace("{db}", str(db)) + ")" for rules in self.selectors
+        ]
         return head + list(self.commands) + list(self.keys) + channels + selectors
 
 

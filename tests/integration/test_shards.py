@@ -1,0 +1,95 @@
+"""A sharded index on a real worker: group jobs, fan-out search, the same top-k as one index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from faissq import shards
+from faissq.config import Settings
+from faissq.errors import ShardUnavailable
+from faissq.rpc.search_client import SearchClient
+from faissq.rpc.shard_client import ShardedSearchClient
+from faissq.tasks.producer import JobClient
+from faissq.tasks.sharded_jobs import ShardedResult
+
+DIM = 32
+N = 20_000
+TIMEOUT = 120
+
+
+def vecs(n: int, seed: int) -> np.ndarray:
+    """Random float32 vectors."""
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def test_four_shards_answer_like_one_exact_index_and_take_batches_per_shard(
+    worker_factory: Any, index_name: str, job_settings: Settings
+) -> None:
+    """20k vectors: 4 Flat shards give one Flat index's top-10; a batch is one group."""
+    one = f"{index_name}-one"
+    names = shards.shard_names(index_name, 4)
+    worker_factory([one, *names]).start()
+    jobs = JobClient(job_settings)
+    jobs.declare_sharded(index_name, 4)
+    base, ids = vecs(N, 0), np.arange(N, dtype=np.int64) * 3 + 7
+    built = jobs.build(index_name, base, ids, family="flat")
+    assert isinstance(built, ShardedResult) and built.names == names
+    report = built.get(timeout=TIMEOUT)
+    assert report["ntotal"] == N and set(report["seqs"]) == set(names)
+    assert jobs.build(one, base, ids, family="flat").get(timeout=TIMEOUT)["ntotal"] == N
+
+    queries = vecs(64, 1)
+    with ShardedSearchClient(job_settings, index_name) as sharded, \
+            SearchClient(job_settings, one) as single:  # fmt: skip
+        got = sharded.search(queries, 10)
+        want = single.search(queries, 10)
+        assert np.array_equal(got.ids, want.ids)
+        assert np.allclose(got.scores, want.scores, atol=1e-5)
+        assert got.versions == report["seqs"] and not got.partial
+        paged = sharded.search(queries, 5, offset=5)
+        assert np.array_equal(paged.ids, want.ids[:, 5:])
+
+        # one batch, one group: a job per shard it touches, each with a derived batch_id
+        new_ids = np.arange(10**9, 10**9 + 200, dtype=np.int64)
+        new = vecs(200, 2)
+        up = jobs.upsert(index_name, new_ids, new, batch_id="ingest-1")
+        assert isinstance(up, ShardedResult)
+        done = up.get(timeout=TIMEOUT)
+        assert done["applied"] == 200 and done["duplicate"] is False
+        again = jobs.upsert(index_name, new_ids, new, batch_id="ingest-1").get(timeout=TIMEOUT)
+        assert again["duplicate"] is True and again["seqs"] == done["seqs"]
+        hit = sharded.search(new[:20], 1, min_seq=done["seqs"])
+        assert hit.ids[:, 0].tolist() == new_ids[:20].tolist()
+        assert all(hit.versions[n] >= s for n, s in done["seqs"].items())
+
+        gone = jobs.delete(index_name, new_ids[:20]).get(timeout=TIMEOUT)
+        assert gone["applied"] == 20
+        after = sharded.search(new[:20], 1, min_seq=gone["seqs"])
+        assert not np.isin(after.ids, new_ids[:20]).any()
+        stats = jobs.stats(index_name).get(timeout=TIMEOUT)
+        assert stats["ntotal"] == N + 180 and set(stats["shards"]) == set(names)
+    jobs.close()
+
+
+def test_a_missing_shard_is_a_typed_error_or_a_flagged_partial_answer(
+    worker_factory: Any, index_name: str, job_settings: Settings
+) -> None:
+    """Shard 1 of 2 is served by nobody: ShardUnavailable, or partial results when allowed."""
+    s0, s1 = shards.shard_names(index_name, 2)
+    worker_factory([s0]).start()
+    jobs = JobClient(job_settings)
+    jobs.declare_sharded(index_name, 2, metric="l2")
+    rows = shards.split_rows(np.arange(400), 2)[0]
+    jobs.build(s0, vecs(400, 3)[rows], rows, family="flat").get(timeout=TIMEOUT)
+    with ShardedSearchClient(job_settings, index_name) as client:
+        with pytest.raises(ShardUnavailable) as info:
+            client.search(vecs(2, 4), 3)
+        assert info.value.missing == {s1: "no_worker"}
+        part = client.search(vecs(2, 4), 3, partial_ok=True)
+        assert part.partial and part.missing == {s1: "no_worker"} and list(part.versions) == [s0]
+        assert np.isin(part.ids, rows).all()
+        assert (np.diff(part.scores, axis=1) >= 0).all()  # l2: nearest first
+    jobs.close()
