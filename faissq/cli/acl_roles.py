@@ -165,7 +165,7 @@ def worker(index: str) -> RuleSet:
             "+time",
         ),
         keys=(
-            f"~{keys.index_pattern(index)}",  # request list, replies, alive, heartbeats, dead letters
+            f"~{keys.index_pattern(index)}",  # request list, replies, alive, heartbeats, dead list
             f"~{queue}",  # its job queue
             f"~{keys.inflight_list(queue)}",  # the at-least-once fetch
             f"~{keys.delivery_key('*')}",  # delivery counters (by task id)

@@ -30,8 +30,8 @@ from faissq.errors import (
     permission_denied,
 )
 from faissq.index.results import merge_topk
-from faissq.rpc import resp
 from faissq.rpc import query_client as qc
+from faissq.rpc import resp
 from faissq.rpc.search_client import (
     CONNECT_TIMEOUT_S,
     READ_GRACE_S,
@@ -142,7 +142,8 @@ class ShardedSearchClient:
         for builder in self.builders:
             options = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor,
                        "target_recall": target_recall, "allow_ids": allow_ids,
-                       "deny_ids": deny_ids, "min_seq": qc.scalar(seqs.get(builder.index))}  # fmt: skip
+                       "deny_ids": deny_ids,
+                       "min_seq": qc.scalar(seqs.get(builder.index))}  # fmt: skip
             prepared.append(builder.prepare(q, start + k, timeout_s, options))
         answers = self._fan_out(prepared, time.monotonic() + timeout_s)
         return self._merge(prepared, answers, start, k, q.shape[0], partial_ok)

@@ -80,7 +80,7 @@ def send_group(
             kwargs={"index": name, **body},
             queue=keys.task_queue(name),
             kwargsrepr=repr(reprs({"index": name, **body})),
-        )  # fmt: skip
+        )
         for name, body in jobs
     ]
     return ShardedResult(group(sigs).apply_async(), [name for name, _ in jobs])
