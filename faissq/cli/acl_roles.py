@@ -98,7 +98,7 @@ def searcher(index: str) -> RuleSet:
         # keys are granted here with nothing that writes; the selectors below grant the
         # writes the script makes, each on its own key
         commands=(*CONNECTION, "+eval", "+evalsha", "+get", "+exists"),
-        keys=(f"~{rpc}", f"~{keys.alive_key(index)}", f"~{replies}"),
+        keys=(f"~{rpc}", f"~{keys.alive_key(index)}", f"~{replies}", f"%R~{keys.shard_map(index)}"),
         selectors=(
             ("+lpush", "+llen", f"~{rpc}"),  # the request, below the bound
             ("+lpush", "+expire", "+brpop", f"~{replies}"),  # busy/no worker answers; the wait
@@ -130,6 +130,7 @@ def producer(index: str) -> RuleSet:
             f"~{KOMBU_BINDINGS}",  # kombu declares the queue's binding before it publishes
             f"%R~{RESULT_KEYS}",  # AsyncResult.get
             f"%R~{keys.heartbeat_pattern(index)}",  # the CLI warns when no worker beats
+            f"%R~{keys.shard_map(index)}",  # JobClient asks once whether the index is sharded
         ),
         channels=(RESULT_KEYS, EVENT_CHANNELS),  # result notifications; the task-sent event
     )
