@@ -32,6 +32,7 @@ from faissq.errors import (
 from faissq.index.results import merge_topk
 from faissq.rpc import query_client as qc
 from faissq.rpc import resp
+from faissq.rpc.nodes import record_client
 from faissq.rpc.search_client import (
     CONNECT_TIMEOUT_S,
     READ_GRACE_S,
@@ -76,21 +77,20 @@ class ShardedSearchClient:
         shard_count: int | None = None,
         metric: str | None = None,
         partial_ok: bool = False,
-        pool: redis.ConnectionPool | None = None,
     ) -> None:
         """Read the index's definition from Redis unless `shard_count` (and `metric`) are given.
 
-        settings: Settings or a Redis URL, as for SearchClient; index: the sharded index's name;
-        shard_count, metric: its definition, checked against the stored one when there is one;
-        partial_ok: the default of search's partial_ok; pool: a redis-py pool to use.
+        settings: Settings or a Redis URL, as for SearchClient (with rpc.cluster, each shard's
+        node is found from its slot); index: the sharded index's name; shard_count, metric:
+        its definition, checked against the stored one when there is one; partial_ok: the
+        default of search's partial_ok.
         """
-        url, rpc, socket_timeout = rpc_of(settings)
-        self.pool = pool or redis.ConnectionPool.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
-        )
-        self._redis = redis.Redis(connection_pool=self.pool)
+        _, rpc, self._socket_timeout = rpc_of(settings, index)
+        cluster = not isinstance(settings, str) and settings.rpc.cluster
         try:
-            stored = shards.lookup(self._redis, index)
+            records = redis.Redis.from_url(settings) if isinstance(settings, str) \
+                else record_client(settings)  # fmt: skip
+            stored = shards.lookup(records, index)
         except redis.exceptions.NoPermissionError as exc:
             raise permission_denied(str(exc), "searcher") from exc
         if shard_count is None:
@@ -104,8 +104,23 @@ class ShardedSearchClient:
         self.index = index
         self.partial_ok = partial_ok
         self.builders = [RequestBuilder(name, rpc) for name in self.map.names]
-        self._idle: deque[Any] = deque()
+        urls = [rpc_of(settings, name)[0] for name in self.map.names]
+        # one connection waits on several reply keys only where they may share a BRPOP: a
+        # cluster refuses keys of several slots in one command (CROSSSLOT), so there each
+        # shard gets a connection of its own, all written before any is read
+        self.groups: list[tuple[str, list[int]]] = (
+            [(u, [i]) for i, u in enumerate(urls)] if cluster
+            else [(u, [i for i, v in enumerate(urls) if v == u]) for u in dict.fromkeys(urls)]
+        )  # fmt: skip
+        self.pools = {u: self._pool(u) for u in dict.fromkeys(urls)}
+        self._idle: dict[str, deque[Any]] = {u: deque() for u in self.pools}
         self._pid = os.getpid()
+
+    def _pool(self, url: str) -> redis.ConnectionPool:
+        """A connection pool on one Redis (node)."""
+        return redis.ConnectionPool.from_url(
+            url, socket_timeout=self._socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S
+        )
 
     def search(
         self,
@@ -191,31 +206,56 @@ class ShardedSearchClient:
         )
 
     def _fan_out(self, prepared: list[Prepared], deadline: float) -> list[Any]:
-        """Submit every shard's request and wait for all replies: one write, then reads.
-
-        The write holds each shard's submit script, then one `BRPOP <every reply key>` per
-        shard: each pops whichever reply came next. A nil (the deadline passed) leaves the
-        rest missing; the connection is then dropped, since its other BRPOPs are still pending.
-        """
-        conn = self._checkout()
-        replies = [p.reply for p in prepared]
-        block = prepared[0].block_s
-        wait = ("BRPOP", *replies, block)
-        commands = [p.commands[0] for p in prepared] + [wait] * len(prepared)
+        """Submit every shard's request and wait for all replies: one write per connection
+        (all written before any is read), then reads; an answer per shard, or its error."""
         answers: list[Any] = [None] * len(prepared)
+        sent = []
+        for url, members in self.groups:
+            conn = self._checkout(url)
+            sent.append((url, conn, members))
+            try:
+                conn.send_packed_command(resp.pack(commands_of([prepared[i] for i in members])))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                conn.disconnect()
+                for i in members:
+                    answers[i] = RpcError(f"Redis unreachable: {exc}")
+                sent[-1] = (url, None, members)
+        failure: BaseException | None = None
+        for url, conn, members in sent:
+            if conn is None:
+                continue
+            try:
+                got = self._read(conn, [prepared[i] for i in members], deadline)
+                for i, a in zip(members, got, strict=True):
+                    answers[i] = a
+            except BaseException as exc:  # read the other connections first: they hold answers
+                failure = failure or exc
+            finally:
+                self._idle[url].append(conn)
+        if failure is not None:
+            raise failure
+        return answers
+
+    @staticmethod
+    def _read(conn: Any, prepared: list[Prepared], deadline: float) -> list[Any]:
+        """Read a connection's submit answers, then its BRPOP answers, in arrival order.
+
+        A nil BRPOP means the deadline passed: the shards not answered yet are late, and the
+        connection is dropped, since its other BRPOPs are still pending.
+        """
+        answers: list[Any] = [None] * len(prepared)
+        block = prepared[0].block_s
         clean = False
         try:
-            conn.send_packed_command(resp.pack(commands))
             for _ in prepared:
                 try:
                     conn.read_response()  # a submit's answer: its reply key tells the rest
                 except redis.exceptions.NoPermissionError as exc:
                     raise permission_denied(str(exc), "searcher") from exc
                 except redis.ResponseError as exc:  # its reply never comes: no use waiting
-                    raise RemoteSearchError(
-                        f"submit refused by Redis: {exc}", "redis_error"
-                    ) from exc
-            slot = {r.encode(): i for i, r in enumerate(replies)}
+                    message = f"submit refused by Redis: {exc}"
+                    raise RemoteSearchError(message, "redis_error") from exc
+            slot = {p.reply.encode(): i for i, p in enumerate(prepared)}
             for done in range(len(prepared)):
                 left = max(0.0, deadline - time.monotonic())
                 got = read_within(conn, left + READ_GRACE_S)
@@ -235,14 +275,13 @@ class ShardedSearchClient:
         finally:
             if not clean:
                 conn.disconnect()  # answers may still be on their way: the next use reconnects
-            self._idle.append(conn)
 
-    def _checkout(self) -> Any:
-        """A connection of this client: a kept one, else a new one from the pool."""
+    def _checkout(self, url: str) -> Any:
+        """A connection of this client to one Redis: a kept one, else a new one from its pool."""
         if self._pid != os.getpid():  # a forked child must not share its parent's sockets
-            self._idle, self._pid = deque(), os.getpid()
+            self._idle, self._pid = {u: deque() for u in self.pools}, os.getpid()
         try:
-            conn = self._idle.pop()
+            conn = self._idle[url].pop()
         except IndexError:
             pass
         else:
@@ -250,13 +289,14 @@ class ShardedSearchClient:
                 conn.disconnect()
             return conn
         try:
-            return self.pool.get_connection()
+            return self.pools[url].get_connection()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RpcError(f"Redis unreachable: {exc}") from exc
 
     def close(self) -> None:
-        """Close the pool's connections."""
-        self.pool.disconnect()
+        """Close every pool's connections."""
+        for pool in self.pools.values():
+            pool.disconnect()
 
     def __enter__(self) -> ShardedSearchClient:
         """Use in a with block; closed on exit."""
@@ -270,3 +310,10 @@ class ShardedSearchClient:
     ) -> None:
         """Close the pool."""
         self.close()
+
+
+def commands_of(prepared: list[Prepared]) -> list[tuple[Any, ...]]:
+    """The submit scripts of some shards, then as many BRPOPs on all their reply keys: each
+    pops whichever reply came next, so the wait is the slowest shard's, not their sum."""
+    wait = ("BRPOP", *[p.reply for p in prepared], prepared[0].block_s)
+    return [p.commands[0] for p in prepared] + [wait] * len(prepared)

@@ -83,13 +83,14 @@ class JobClient:
         return self._maps[index]
 
     def _redis(self) -> Any:
-        """A Redis client on the broker (the definition records live there), made once."""
-        import redis
+        """A client for the definition records, kept with the search keys (rpc.url, else the
+        broker; a cluster client under rpc.cluster), made once."""
+        from faissq.rpc.nodes import record_client
 
-        if not self.settings.redis.url:
+        if not (self.settings.rpc.url or self.settings.redis.url):
             raise InvalidParameter("settings.redis.url is unset: JobClient needs the broker")
         if self._client is None:
-            self._client = redis.Redis.from_url(self.settings.redis.url)
+            self._client = record_client(self.settings)
         return self._client
 
     def send(self, task: str, index: str, **kwargs: Any) -> Job:
