@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,14 @@ def test_four_shards_answer_like_one_exact_index_and_take_batches_per_shard(
         assert gone["applied"] == 20
         after = sharded.search(new[:20], 1, min_seq=gone["seqs"])
         assert not np.isin(after.ids, new_ids[:20]).any()
+        # a shard that cannot reach a seq in time answers stale: late, so partial when allowed
+        late = {names[0]: 10**12}
+        with pytest.raises(ShardUnavailable) as info:
+            sharded.search(queries[:2], 10, min_seq=late, timeout=0.5)
+        assert info.value.missing == {names[0]: "stale"}
+        part = sharded.search(queries[:2], 10, min_seq=late, timeout=0.5, partial_ok=True)
+        assert part.partial and set(part.versions) == set(names[1:])
+        assert not np.isin(part.ids, ids[shards.shard_of(ids, 4) == 0]).any()
         stats = jobs.stats(index_name).get(timeout=TIMEOUT)
         assert stats["ntotal"] == N + 180 and set(stats["shards"]) == set(names)
     jobs.close()
@@ -92,4 +101,22 @@ def test_a_missing_shard_is_a_typed_error_or_a_flagged_partial_answer(
         assert part.partial and part.missing == {s1: "no_worker"} and list(part.versions) == [s0]
         assert np.isin(part.ids, rows).all()
         assert (np.diff(part.scores, axis=1) >= 0).all()  # l2: nearest first
+
+        # shard 1 served by a worker that stops answering (SIGSTOP): its alive key still
+        # stands, so its request waits in the list and the reply is late (nil BRPOP)
+        other = worker_factory([s1]).start()
+        rows1 = shards.split_rows(np.arange(400), 2)[1]
+        jobs.build(s1, vecs(400, 3)[rows1], rows1, family="flat").get(timeout=TIMEOUT)
+        assert client.search(vecs(2, 4), 3).versions.keys() == {s0, s1}
+        assert other.proc is not None
+        other.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ShardUnavailable) as info:
+                client.search(vecs(2, 4), 3, timeout=0.3)
+            assert info.value.missing == {s1: "timeout"}
+            part = client.search(vecs(2, 4), 3, timeout=0.3, partial_ok=True)
+            assert part.missing == {s1: "timeout"} and np.isin(part.ids, rows).all()
+        finally:
+            other.proc.send_signal(signal.SIGCONT)
+        assert client.search(vecs(2, 4), 3, timeout=5).versions.keys() == {s0, s1}
     jobs.close()
