@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -88,7 +92,8 @@ def test_a_missing_shard_is_a_typed_error_or_a_flagged_partial_answer(
 ) -> None:
     """Shard 1 of 2 is served by nobody: ShardUnavailable, or partial results when allowed."""
     s0, s1 = shards.shard_names(index_name, 2)
-    worker_factory([s0]).start()
+    l2 = {"FAISSQ_INDEX__METRIC": "l2"}  # the shards' own metric: the declaration names it
+    first = worker_factory([s0], env=l2).start()
     jobs = JobClient(job_settings)
     jobs.declare_sharded(index_name, 2, metric="l2")
     rows = shards.split_rows(np.arange(400), 2)[0]
@@ -99,12 +104,31 @@ def test_a_missing_shard_is_a_typed_error_or_a_flagged_partial_answer(
         assert info.value.missing == {s1: "no_worker"}
         part = client.search(vecs(2, 4), 3, partial_ok=True)
         assert part.partial and part.missing == {s1: "no_worker"} and list(part.versions) == [s0]
-        assert np.isin(part.ids, rows).all()
+        x, q = vecs(400, 3), vecs(2, 4)
+        dist = ((q[:, None, :] - x[None, rows, :]) ** 2).sum(-1)
+        assert np.array_equal(part.ids, rows[np.argsort(dist, axis=1)[:, :3]])
         assert (np.diff(part.scores, axis=1) >= 0).all()  # l2: nearest first
+
+        # `faissq status` of the sharded name shows both shards and which one is not ready,
+        # once the shard's heartbeat tells its build (beats come every third of their TTL)
+        with SearchClient(job_settings, s0) as one:
+            deadline = time.monotonic() + 10  # a beat is due within a third of the 5 s TTL
+            while not one.workers()[0]["engine"].get("ready"):
+                assert time.monotonic() < deadline, "the shard's heartbeat never said ready"
+                time.sleep(0.05)
+        done = subprocess.run([sys.executable, "-m", "faissq", "status", "--index", index_name,
+                               "--json"], env=first.env(), capture_output=True, text=True,
+                              timeout=TIMEOUT)  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        status = json.loads(done.stdout)
+        assert [e["index"] for e in status["indexes"]] == [s0, s1]
+        want = {"name": index_name, "shards": 2, "metric": "l2", "ready": [s0],
+                "not_ready": [s1], "ntotal": None}  # fmt: skip
+        assert status["sharded"] == [want]
 
         # shard 1 served by a worker that stops answering (SIGSTOP): its alive key still
         # stands, so its request waits in the list and the reply is late (nil BRPOP)
-        other = worker_factory([s1]).start()
+        other = worker_factory([s1], env=l2).start()
         rows1 = shards.split_rows(np.arange(400), 2)[1]
         jobs.build(s1, vecs(400, 3)[rows1], rows1, family="flat").get(timeout=TIMEOUT)
         assert client.search(vecs(2, 4), 3).versions.keys() == {s0, s1}
