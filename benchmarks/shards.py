@@ -6,7 +6,7 @@
 One run starts a private redis-server and one real `faissq worker` serving every index (the
 unsharded one and the shards of 1, 2 and 4), builds each from the same vectors through
 JobClient (a sharded build is one Celery group; its time is enqueue to the last shard's
-result) and times single-query top-10 searches: SearchClient on the unsharded index,
+result; best of --repeat, interleaved) and times single-query top-10 searches: SearchClient on the unsharded index,
 ShardedSearchClient on the sharded ones, interleaved round by round so load drift on a shared
 machine hits every row alike. Prints one markdown table.
 """
@@ -105,9 +105,14 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         for s in COUNTS:
             jobs.declare_sharded(names[s], s)
         x = vectors(args.n, 0)
-        builds = {"one": timed_build(jobs, "one", x)}
-        for s in COUNTS:
-            builds[names[s]] = timed_build(jobs, names[s], x)
+        order = ["one"] + [names[s] for s in COUNTS]
+        timed_build(jobs, "one", x[: args.n // 10])  # warm-up: the worker's first build
+        builds: dict[str, tuple[float, dict[str, Any]]] = {}
+        for _ in range(args.repeat):  # interleaved, best of each: load drift hits all alike
+            for name in order:
+                seconds, out = timed_build(jobs, name, x)
+                if name not in builds or seconds < builds[name][0]:
+                    builds[name] = (seconds, out)
         one = SearchClient(settings, "one")
         clients: dict[str, Any] = {"one": one}
         clients.update({names[s]: ShardedSearchClient(settings, names[s]) for s in COUNTS})
@@ -146,6 +151,7 @@ def main() -> None:
     """Parse arguments, run, print the table."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--repeat", type=int, default=2, help="builds per index (best is kept)")
     args = ap.parse_args()
     args.n, args.searches = (40_000, 200) if args.quick else (100_000, 400)
     load = os.getloadavg()[0]
