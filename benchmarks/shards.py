@@ -6,9 +6,9 @@
 One run starts a private redis-server and one real `faissq worker` serving every index (the
 unsharded one and the shards of 1, 2 and 4), builds each from the same vectors through
 JobClient (a sharded build is one Celery group; its time is enqueue to the last shard's
-result; best of --repeat, interleaved) and times single-query top-10 searches: SearchClient on the unsharded index,
-ShardedSearchClient on the sharded ones, interleaved round by round so load drift on a shared
-machine hits every row alike. Prints one markdown table.
+result; best of --repeat, interleaved) and times single-query top-10 searches: SearchClient
+on the unsharded index, ShardedSearchClient on the sharded ones, interleaved round by round
+so load drift on a shared machine hits every row alike. Prints one markdown table.
 """
 
 from __future__ import annotations
