@@ -44,8 +44,10 @@ if TYPE_CHECKING:
         WriterConflict,
     )
     from faissq.rpc.aio_client import AsyncSearchClient
+    from faissq.rpc.aio_shard_client import AsyncShardedSearchClient
     from faissq.rpc.search_client import SearchClient, SearchResponse
-    from faissq.rpc.shard_client import ShardedSearchClient, ShardedSearchResponse
+    from faissq.rpc.shard_client import ShardedSearchClient
+    from faissq.rpc.shard_plan import ShardedSearchResponse
     from faissq.tasks.producer import JobClient, put_vectors
 
 __version__ = "0.1.0"
@@ -53,10 +55,11 @@ __version__ = "0.1.0"
 _WHERE = {
     "Settings": "faissq.config",
     "AsyncSearchClient": "faissq.rpc.aio_client",
+    "AsyncShardedSearchClient": "faissq.rpc.aio_shard_client",
     "SearchClient": "faissq.rpc.search_client",
     "SearchResponse": "faissq.rpc.search_client",
     "ShardedSearchClient": "faissq.rpc.shard_client",
-    "ShardedSearchResponse": "faissq.rpc.shard_client",
+    "ShardedSearchResponse": "faissq.rpc.shard_plan",
     "JobClient": "faissq.tasks.producer",
     "put_vectors": "faissq.tasks.producer",
     "ChecksumMismatch": "faissq.errors",
@@ -109,6 +112,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncSearchClient",
+    "AsyncShardedSearchClient",
     "ChecksumMismatch",
     "DeadLettered",
     "DimensionMismatch",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from faissq import shards
 from faissq.config import Settings
 from faissq.errors import ShardUnavailable
+from faissq.rpc.aio_shard_client import AsyncShardedSearchClient
 from faissq.rpc.search_client import SearchClient
 from faissq.rpc.shard_client import ShardedSearchClient
 from faissq.tasks.producer import JobClient
@@ -28,6 +30,13 @@ TIMEOUT = 120
 def vecs(n: int, seed: int) -> np.ndarray:
     """Random float32 vectors."""
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+async def async_search(settings: Settings, name: str, queries: np.ndarray) -> np.ndarray:
+    """The same search from asyncio: concurrent tasks, each merged over the shards."""
+    async with AsyncShardedSearchClient(settings, name) as client:
+        rows = await asyncio.gather(*(client.search(q, 10) for q in queries))
+    return np.vstack([r.ids for r in rows])
 
 
 def test_four_shards_answer_like_one_exact_index_and_take_batches_per_shard(
@@ -56,6 +65,8 @@ def test_four_shards_answer_like_one_exact_index_and_take_batches_per_shard(
         assert got.versions == report["seqs"] and not got.partial
         paged = sharded.search(queries, 5, offset=5)
         assert np.array_equal(paged.ids, want.ids[:, 5:])
+        assert np.array_equal(asyncio.run(async_search(job_settings, index_name, queries)),
+                              want.ids)  # fmt: skip
 
         # one batch, one group: a job per shard it touches, each with a derived batch_id
         new_ids = np.arange(10**9, 10**9 + 200, dtype=np.int64)

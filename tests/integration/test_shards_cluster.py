@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from redis.crc import key_slot
 
 from faissq import keys, shards
 from faissq.config import Settings
+from faissq.rpc.aio_shard_client import AsyncShardedSearchClient
 from faissq.rpc.nodes import search_url
 from faissq.rpc.search_client import SearchClient
 from faissq.rpc.shard_client import ShardedSearchClient
@@ -36,6 +38,12 @@ def spread_name(base: str, count: int) -> str:
         if len({node_of(n) for n in shards.shard_names(name, count)}) == 3:
             return name
     raise AssertionError("no name spreads over the three masters")
+
+
+async def async_ids(settings: Settings, name: str, q: np.ndarray) -> np.ndarray:
+    """The asyncio client's answer: one connection per shard, on its node."""
+    async with AsyncShardedSearchClient(settings, name) as client:
+        return (await client.search(q, 10)).ids
 
 
 def test_searches_fan_out_over_cluster_nodes(
@@ -68,6 +76,7 @@ def test_searches_fan_out_over_cluster_nodes(
         got, want = sharded.search(q, 10), single.search(q, 10)
         assert np.array_equal(got.ids, want.ids)
         assert sorted(got.versions) == sorted(names) and not got.partial
+        assert np.array_equal(asyncio.run(async_ids(settings, name, q)), want.ids)
         up = jobs.upsert(name, [10**6], x[:1] * -1, batch_id="c1").get(timeout=TIMEOUT)
         hit = sharded.search(x[:1] * -1, 1, min_seq=up["seqs"])
         assert hit.ids[0, 0] == 10**6

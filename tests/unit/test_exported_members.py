@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # name exported by faissq -> the module that defines it (faissq re-exports, never redefines)
 EXPORTED = {
     "AsyncSearchClient": "faissq.rpc.aio_client",
+    "AsyncShardedSearchClient": "faissq.rpc.aio_shard_client",
     "JobClient": "faissq.tasks.producer",
     "SearchClient": "faissq.rpc.search_client",
     "SearchResponse": "faissq.rpc.search_client",
     "ShardedSearchClient": "faissq.rpc.shard_client",
-    "ShardedSearchResponse": "faissq.rpc.shard_client",
+    "ShardedSearchResponse": "faissq.rpc.shard_plan",
     "Settings": "faissq.config",
     "put_vectors": "faissq.tasks.producer",
 }
@@ -64,6 +65,7 @@ METHODS = {
     "SearchClient": {"alive", "close", "fetch", "range_search", "search", "workers"},
     "AsyncSearchClient": {"alive", "close", "fetch", "range_search", "search"},
     "ShardedSearchClient": {"close", "search"},
+    "AsyncShardedSearchClient": {"close", "search"},
     "JobClient": {
         "autotune",
         "build",
