@@ -97,10 +97,14 @@ class ShardedSearchClient:
         answers: list[Any] = [None] * len(fan.prepared)
         sent = []
         for url, members in self.plan.groups:
+            conn = None
             try:
                 conn = self._checkout(url)
                 conn.send_packed_command(resp.pack(self.plan.commands(fan, members)))
             except (redis.ConnectionError, redis.TimeoutError, RpcError) as exc:
+                if conn is not None:
+                    conn.disconnect()  # the next use reconnects
+                    self._idle[url].append(conn)
                 for i in members:
                     answers[i] = self.plan.unreachable(exc)
                 continue

@@ -43,6 +43,31 @@ class ShardedResult:
         """Whether every shard job has finished and succeeded."""
         return bool(self.group.successful())
 
+    @property
+    def state(self) -> str:
+        """One Celery state for the group: FAILURE if a shard job failed, SUCCESS when all
+        succeeded, else the furthest along of PROGRESS, STARTED, RETRY, PENDING."""
+        states = {str(r.state) for r in self.group.results}
+        if states == {"SUCCESS"}:
+            return "SUCCESS"
+        for state in ("FAILURE", "REVOKED", "PROGRESS", "STARTED", "RETRY"):
+            if state in states:
+                return state
+        return "PENDING"
+
+    @property
+    def info(self) -> Any:
+        """While shards report progress: their `done` and `total` summed (the first shard's
+        phase); else the first failure's error, or None."""
+        infos = [r.info for r in self.group.results if r.state == "PROGRESS"]
+        infos = [i for i in infos if isinstance(i, dict)]
+        if infos:
+            return {"phase": infos[0].get("phase"),
+                    "done": sum(int(i.get("done") or 0) for i in infos),
+                    "total": sum(int(i.get("total") or 0) for i in infos)}  # fmt: skip
+        failed = [r.info for r in self.group.results if r.state == "FAILURE"]
+        return failed[0] if failed else None
+
     def revoke(self, terminate: bool = False) -> None:
         """Revoke every shard job (Celery's revoke; a started one runs on unless terminated)."""
         self.group.revoke(terminate=terminate)

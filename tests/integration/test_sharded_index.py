@@ -52,6 +52,7 @@ def test_four_shards_answer_like_one_exact_index_and_take_batches_per_shard(
     built = jobs.build(index_name, base, ids, family="flat")
     assert isinstance(built, ShardedResult) and built.names == names
     report = built.get(timeout=TIMEOUT)
+    assert built.state == "SUCCESS" and built.successful()
     assert report["ntotal"] == N and set(report["seqs"]) == set(names)
     assert jobs.build(one, base, ids, family="flat").get(timeout=TIMEOUT)["ntotal"] == N
 
