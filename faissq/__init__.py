@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         RetryableError,
         RpcError,
         SearchTimeout,
+        ShardUnavailable,
         SnapshotCorrupt,
         StaleRead,
         StorageUnavailable,
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
         WriterConflict,
     )
     from faissq.rpc.aio_client import AsyncSearchClient
+    from faissq.rpc.aio_shard_client import AsyncShardedSearchClient
     from faissq.rpc.search_client import SearchClient, SearchResponse
+    from faissq.rpc.shard_client import ShardedSearchClient
+    from faissq.rpc.shard_plan import ShardedSearchResponse
     from faissq.tasks.producer import JobClient, put_vectors
 
 __version__ = "0.1.0"
@@ -52,8 +56,11 @@ __version__ = "0.1.0"
 _WHERE = {
     "Settings": "faissq.config",
     "AsyncSearchClient": "faissq.rpc.aio_client",
+    "AsyncShardedSearchClient": "faissq.rpc.aio_shard_client",
     "SearchClient": "faissq.rpc.search_client",
     "SearchResponse": "faissq.rpc.search_client",
+    "ShardedSearchClient": "faissq.rpc.shard_client",
+    "ShardedSearchResponse": "faissq.rpc.shard_plan",
     "JobClient": "faissq.tasks.producer",
     "put_vectors": "faissq.tasks.producer",
     "ChecksumMismatch": "faissq.errors",
@@ -79,6 +86,7 @@ _WHERE = {
     "RetryableError": "faissq.errors",
     "RpcError": "faissq.errors",
     "SearchTimeout": "faissq.errors",
+    "ShardUnavailable": "faissq.errors",
     "StaleRead": "faissq.errors",
     "SnapshotCorrupt": "faissq.errors",
     "StorageUnavailable": "faissq.errors",
@@ -106,6 +114,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncSearchClient",
+    "AsyncShardedSearchClient",
     "ChecksumMismatch",
     "DeadLettered",
     "DimensionMismatch",
@@ -134,6 +143,9 @@ __all__ = [
     "SearchResponse",
     "SearchTimeout",
     "Settings",
+    "ShardUnavailable",
+    "ShardedSearchClient",
+    "ShardedSearchResponse",
     "SnapshotCorrupt",
     "StaleRead",
     "StorageUnavailable",

@@ -154,6 +154,16 @@ class GpuSettings(BaseModel):
 class RpcSettings(BaseModel):
     """The synchronous search path over Redis lists."""
 
+    url: str | None = Field(
+        default=None,
+        description="Redis of the search path (request lists, replies, heartbeats); "
+        "unset: redis.url. Celery's broker stays on redis.url.",
+    )
+    cluster: bool = Field(
+        default=False,
+        description="url is a node of a Redis Cluster: each index's search keys are used on "
+        "the node owning their slot.",
+    )
     max_batch: int = Field(default=64, ge=1, description="Requests popped per loop turn.")
     batch_window_ms: float = Field(
         default=0.0, ge=0, description="Extra wait for more requests when the queue is busy."

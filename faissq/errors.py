@@ -29,6 +29,7 @@
         ├── NoWorkerAlive
         ├── IndexBusy
         ├── StaleRead
+        ├── ShardUnavailable
         └── RemoteSearchError
 
 Each class carries a stable `code` string used on the wire (RPC replies, task results).
@@ -239,6 +240,17 @@ class StaleRead(RpcError):
     """Raised when the answering worker had not applied a search's min_seq by its deadline."""
 
     code = "stale"
+
+
+class ShardUnavailable(RpcError):
+    """Raised when shards of a sharded index gave no answer in time; `missing` maps each such
+    shard's index name to its error code (timeout, no_worker, index_not_ready, busy, ...)."""
+
+    code = "shard_unavailable"
+
+    def __init__(self, message: str, missing: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = dict(missing or {})
 
 
 class RemoteSearchError(RpcError):

@@ -6,6 +6,7 @@ A fixture that needs a service fails (never skips) when the service cannot start
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import redis
 
 from faissq.config import Settings
 from faissq.worker.app import make_celery_app
-from faissq.worker.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from faissq.worker.embedded_redis import EmbeddedRedis, EmbeddedRedisError, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_START_TIMEOUT_S = 30.0
@@ -36,6 +37,74 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
         pytest.fail(f"cannot start a redis-server for the tests: {exc}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """A real Redis Cluster of 3 masters (redis-server --cluster-enabled, redis-cli --cluster
+    create) on free 127.0.0.1 ports; yields each node's URL, slots 0-5460, 5461-10922, 10923-."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        pytest.fail("redis-server and redis-cli must be on PATH for the Redis Cluster tests")
+    folder = tmp_path_factory.mktemp("cluster")
+    ports = [free_port() for _ in range(3)]
+    # the bus port defaults to port + 10000, past 65535 for a high free port: name one
+    common = ["--bind", "127.0.0.1", "--cluster-enabled", "yes", "--dir", str(folder),
+              "--save", "", "--appendonly", "no"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                server,
+                "--port",
+                str(p),
+                "--cluster-port",
+                str(free_port()),
+                "--cluster-config-file",
+                f"nodes-{p}.conf",
+                *common,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    urls = [f"redis://127.0.0.1:{p}/0" for p in ports]
+    try:
+        for url in urls:
+            wait_for(lambda u=url: redis.Redis.from_url(u).ping(), f"{url} answers PING")
+        made = subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        if made.returncode != 0:
+            pytest.fail(f"redis-cli --cluster create failed: {made.stdout!r} {made.stderr!r}")
+        for url in urls:
+            wait_for(
+                lambda u=url: (
+                    b"cluster_state:ok"
+                    in redis.Redis.from_url(u).execute_command("CLUSTER", "INFO")
+                ),
+                f"{url} sees the cluster ok",
+            )
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+def wait_for(check: Any, what: str, timeout_s: float = 30.0) -> None:
+    """Poll check() until it is true (errors count as not yet); fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"not true after {timeout_s}s: {what}")
 
 
 @pytest.fixture(scope="session")

@@ -74,8 +74,11 @@ class RuleSet:
     def rules(self, db: int = 0) -> list[str]:
         """The ACL rules in order, starting from nothing; db: the Redis database Celery uses."""
         head = ["resetkeys", "resetchannels", "-@all"]
-        channels = [f"&{c.format(db=db)}" for c in self.channels]
-        selectors = ["(" + " ".join(rules).format(db=db) + ")" for rules in self.selectors]
+        # "{db}" by replace, not str.format: key patterns hold the index's {hash tag} braces
+        channels = [f"&{c.replace('{db}', str(db))}" for c in self.channels]
+        selectors = [
+            "(" + " ".join(rules).replace("{db}", str(db)) + ")" for rules in self.selectors
+        ]
         return head + list(self.commands) + list(self.keys) + channels + selectors
 
 
@@ -95,7 +98,7 @@ def searcher(index: str) -> RuleSet:
         # keys are granted here with nothing that writes; the selectors below grant the
         # writes the script makes, each on its own key
         commands=(*CONNECTION, "+eval", "+evalsha", "+get", "+exists"),
-        keys=(f"~{rpc}", f"~{keys.alive_key(index)}", f"~{replies}"),
+        keys=(f"~{rpc}", f"~{keys.alive_key(index)}", f"~{replies}", f"%R~{keys.shard_map(index)}"),
         selectors=(
             ("+lpush", "+llen", f"~{rpc}"),  # the request, below the bound
             ("+lpush", "+expire", "+brpop", f"~{replies}"),  # busy/no worker answers; the wait
@@ -127,6 +130,7 @@ def producer(index: str) -> RuleSet:
             f"~{KOMBU_BINDINGS}",  # kombu declares the queue's binding before it publishes
             f"%R~{RESULT_KEYS}",  # AsyncResult.get
             f"%R~{keys.heartbeat_pattern(index)}",  # the CLI warns when no worker beats
+            f"%R~{keys.shard_map(index)}",  # JobClient asks once whether the index is sharded
         ),
         channels=(RESULT_KEYS, EVENT_CHANNELS),  # result notifications; the task-sent event
     )
@@ -162,7 +166,7 @@ def worker(index: str) -> RuleSet:
             "+time",
         ),
         keys=(
-            f"~{keys.PREFIX}:{index}:*",  # request list, replies, alive, heartbeats, dead letters
+            f"~{keys.index_pattern(index)}",  # request list, replies, alive, heartbeats, dead list
             f"~{queue}",  # its job queue
             f"~{keys.inflight_list(queue)}",  # the at-least-once fetch
             f"~{keys.delivery_key('*')}",  # delivery counters (by task id)

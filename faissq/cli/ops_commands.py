@@ -13,6 +13,7 @@ from faissq import keys
 from faissq.cli.job_commands import as_vectors, heartbeats, load_npy, redis_client, require_redis
 from faissq.config import Settings, masked_url
 from faissq.errors import FaissqError, NoWorkerAlive, PermissionDenied
+from faissq.shards import ShardMap, lookup, parse_shard
 
 if TYPE_CHECKING:
     import redis
@@ -52,27 +53,74 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
     require_redis(settings, "status")
     client = redis_client(settings)
     try:
-        indexes = args.index or discover_indexes(client, settings)
+        indexes, declared = expand_sharded(client, args.index or discover_indexes(client, settings))
         report = [index_status(client, settings, i, args.stats_timeout) for i in indexes]
+        sharded = shard_summaries(declared, report)
     except (redis.RedisError, OSError) as exc:
         raise FaissqError(f"cannot reach Redis at {masked_url(settings.redis.url)}: {exc}") from exc
     finally:
         client.close()
     if args.json:
-        print(json.dumps({"indexes": report}, indent=2, default=str))
+        print(json.dumps({"indexes": report, "sharded": sharded}, indent=2, default=str))
     else:
         print(f"redis {masked_url(settings.redis.url)}  storage {masked_url(settings.storage.url)}")
+        for summary in sharded:
+            print_sharded(summary)
         for entry in report:
             print_status(entry)
     return 0 if report and all(e["ready"] for e in report) else 1
 
 
+def expand_sharded(client: redis.Redis, names: list[str]) -> tuple[list[str], list[ShardMap]]:
+    """The names with each declared sharded index replaced by its shards, and those indexes
+    (a shard's index found alone brings its declared index too)."""
+    declared: dict[str, ShardMap] = {}
+    out: list[str] = []
+    for name in names:
+        parent = parse_shard(name)
+        shard_map = lookup(client, parent[0] if parent else name)
+        if shard_map is None or (parent and name not in shard_map.names):
+            out.append(name)
+            continue
+        declared[shard_map.name] = shard_map
+        out.extend(shard_map.names if parent is None else [name])
+    for shard_map in declared.values():  # every shard shows, served or not
+        out.extend(n for n in shard_map.names if n not in out)
+    return sorted(dict.fromkeys(out)), list(declared.values())
+
+
+def shard_summaries(declared: list[ShardMap], report: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per sharded index: its shards, which are ready, and its vectors in all."""
+    by_name = {e["index"]: e for e in report}
+    out = []
+    for m in declared:
+        entries = [by_name[n] for n in m.names if n in by_name]
+        ready = [e["index"] for e in entries if e["ready"]]
+        sizes = [(e["stats"] or {}).get("ntotal") for e in entries]
+        counted = [s for s in sizes if isinstance(s, int)]
+        out.append({
+            "name": m.name, "shards": m.shards, "metric": m.metric, "ready": ready,
+            "not_ready": [n for n in m.names if n not in ready],
+            "ntotal": sum(counted) if len(counted) == m.shards else None,  # None: shards unknown
+        })  # fmt: skip
+    return out
+
+
+def print_sharded(summary: dict[str, Any]) -> None:
+    """A sharded index in one or two lines; its shards follow as ordinary indexes."""
+    ready = f"{len(summary['ready'])}/{summary['shards']} ready"
+    print(f"sharded {summary['name']}: {summary['shards']} shards, {summary['metric']}, "
+          f"{ready}, ntotal {summary['ntotal']}")  # fmt: skip
+    if summary["not_ready"]:
+        print(f"  not ready   {', '.join(summary['not_ready'])}")
+
+
 def discover_indexes(client: redis.Redis, settings: Settings) -> list[str]:
     """Indexes with a live heartbeat or a snapshot on storage; else the configured ones."""
     found = set()
-    for key in client.scan_iter(match=f"{keys.PREFIX}:*:hb:*", count=1000):
+    for key in client.scan_iter(match=f"{keys.PREFIX}:{{*}}:hb:*", count=1000):
         name = key.decode() if isinstance(key, bytes) else str(key)
-        found.add(name[len(keys.PREFIX) + 1 :].split(":hb:", 1)[0])
+        found.add(name[len(keys.PREFIX) + 1 :].split(":hb:", 1)[0].strip("{}"))
     found.update(stored_indexes(settings))
     return sorted(found) or list(settings.worker.indexes)
 

@@ -48,7 +48,7 @@ class AsyncSearchClient:
         settings: Settings (redis.url and the rpc section are read) or a Redis URL (rpc defaults);
         index: the index to search; pool: a redis.asyncio pool to use instead of a new one.
         """
-        url, rpc, socket_timeout = rpc_of(settings)
+        url, rpc, socket_timeout = rpc_of(settings, index)
         self.builder = RequestBuilder(index, rpc)
         self.index = index
         self.pool = pool or aioredis.ConnectionPool.from_url(

@@ -1,6 +1,6 @@
 """The search RPC wire format (docs/protocol.md): msgpack maps, arrays as raw little-endian bytes.
 
-A request is LPUSHed on ``faissq:<index>:rpc``; exactly one reply is LPUSHed on its reply key,
+A request is LPUSHed on ``faissq:{<index>}:rpc``; exactly one reply is LPUSHed on its reply key,
 by a worker or by the submit script (no worker alive, queue full). Never pickle.
 """
 

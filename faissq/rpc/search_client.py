@@ -34,6 +34,7 @@ from faissq.errors import (
 from faissq.rpc import protocol, replies, resp
 from faissq.rpc import query_client as qc
 from faissq.rpc.coalesce import Coalescer, Pending, merge_key, mergeable
+from faissq.rpc.nodes import search_url
 
 READ_TAKES_TIMEOUT = "timeout" in inspect.signature(Connection.read_response).parameters
 READ_GRACE_S = 1.0  # socket read slack past the BRPOP timeout: a hung Redis still ends in time
@@ -194,13 +195,14 @@ def remote_error(code: str, message: str) -> FaissqError:
     return cls(message or code)
 
 
-def rpc_of(settings: Settings | str) -> tuple[str, RpcSettings, float]:
-    """URL, rpc section and socket timeout from settings or a bare URL (defaults, no env read)."""
+def rpc_of(settings: Settings | str, index: str) -> tuple[str, RpcSettings, float]:
+    """URL (the node holding the index's search keys), rpc section and socket timeout from
+    settings, or a bare URL with rpc defaults (no env read)."""
     if isinstance(settings, str):
         return settings, RpcSettings(), 5.0
-    if not settings.redis.url:
+    if not (settings.rpc.url or settings.redis.url):
         raise InvalidParameter("settings.redis.url is unset: SearchClient needs the worker's Redis")
-    return settings.redis.url, settings.rpc, settings.redis.socket_timeout_s
+    return search_url(settings, index), settings.rpc, settings.redis.socket_timeout_s
 
 
 class SearchClient:
@@ -218,7 +220,7 @@ class SearchClient:
         settings: Settings (redis.url and the rpc section are read) or a Redis URL (rpc defaults);
         index: the index to search; pool: a redis-py connection pool to use instead of a new one.
         """
-        url, rpc, socket_timeout = rpc_of(settings)
+        url, rpc, socket_timeout = rpc_of(settings, index)
         self.builder = RequestBuilder(index, rpc)
         self.index = index
         self.pool = pool or redis.ConnectionPool.from_url(

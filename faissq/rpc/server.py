@@ -30,6 +30,7 @@ from faissq.errors import FaissqError
 from faissq.index.engine import Engine
 from faissq.rpc import protocol, queries, resp
 from faissq.rpc.batch import Outcome
+from faissq.rpc.nodes import forget, search_url
 from faissq.rpc.replies import encode_error, encode_result
 from faissq.rpc.stats import RpcStats, Turn
 from faissq.telemetry.metric_families import Metrics, observe_turn
@@ -69,7 +70,7 @@ class RpcServer:
         worker_id: names this loop in replies and its heartbeat key (default: host:pid:random);
         describe: extra heartbeat fields (the runtime's role and replication position).
         """
-        if not settings.redis.url:
+        if not (settings.rpc.url or settings.redis.url):
             raise FaissqError("settings.redis.url must be set to serve searches")
         self.settings = settings
         self.cfg = settings.rpc
@@ -164,7 +165,7 @@ class RpcServer:
     def _client(self) -> redis.Redis:
         """The loop's connection, made on first use and after a failure."""
         if self._redis is None:
-            url = self.settings.redis.url or ""
+            url = search_url(self.settings, self.index)  # a cluster: the slot's node, now
             sock_timeout = max(self.settings.redis.socket_timeout_s, self._block_s + 1.0)
             # one connection, no pool: each command skips the pool's checkout and bookkeeping
             client = redis.Redis.from_url(
@@ -182,6 +183,8 @@ class RpcServer:
         """Drop the connection so the next turn reconnects (and re-beats at once)."""
         if self._redis is not None:
             self._redis.close()
+        if self.settings.rpc.cluster:
+            forget(self.settings)  # the slot may have moved: read the cluster's map again
         self._redis, self._acks = None, 0
 
     def _pop(self, r: redis.Redis) -> list[bytes]:

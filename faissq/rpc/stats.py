@@ -1,7 +1,7 @@
 """Counters of one RPC loop, updated once per loop turn (the loop's single exit point).
 
 The metrics exporter reads `RpcStats.snapshot()` (or wraps `record`); the heartbeat carries the
-same snapshot so `redis-cli GET faissq:<index>:hb:<worker>` shows it too.
+same snapshot so `redis-cli GET faissq:{<index>}:hb:<worker>` shows it too.
 """
 
 from __future__ import annotations

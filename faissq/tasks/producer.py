@@ -1,4 +1,4 @@
-"""JobClient: how an upstream service enqueues faissq jobs (each call returns a Celery AsyncResult).
+"""JobClient: how an upstream service enqueues faissq jobs (each call returns a Celery result).
 
 Services that do not import faissq send the same messages with ``send_task`` (docs/tasks.md).
 """
@@ -8,17 +8,18 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from typing import Any
+from typing import Any, TypeAlias
 
 import fsspec
 import numpy as np
 import numpy.typing as npt
 from celery.result import AsyncResult
 
-from faissq import codec, keys
+from faissq import codec, keys, shards
 from faissq.config import Settings
-from faissq.errors import StorageUnavailable, permission_denied, refused
+from faissq.errors import InvalidParameter, StorageUnavailable, permission_denied, refused
 from faissq.storage import incoming
+from faissq.tasks.sharded_jobs import ShardedResult, send_group, split_batch
 from faissq.worker.app import make_celery_app
 
 INCOMING = incoming.FOLDER  # under the storage root: where clients drop .npy batches
@@ -50,29 +51,98 @@ def put_vectors(
     return {"path": rel, "shape": list(arr.shape), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+Job: TypeAlias = (
+    AsyncResult | ShardedResult
+)  # a sharded index's jobs return one result for all shards
+
+
 class JobClient:
-    """Enqueue faissq jobs on the right index queue; every method returns an AsyncResult."""
+    """Enqueue faissq jobs on the right index queue; every method returns an AsyncResult, or a
+    ShardedResult (one Celery group over the shards) for an index declared sharded."""
 
     def __init__(self, settings: Settings) -> None:
         """settings: where Redis and the shared storage are (and the inline size cap)."""
         self.settings = settings
         self.app = make_celery_app(settings)
+        self._maps: dict[str, shards.ShardMap | None] = {}  # read once per name: S is fixed
+        self._client: Any = None
 
-    def send(self, task: str, index: str, **kwargs: Any) -> AsyncResult:
-        """Send one job by name to the index's queue (None-valued kwargs are left out)."""
-        body = {"index": index, **{k: v for k, v in kwargs.items() if v is not None}}
-        try:
-            return self.app.send_task(
+    def declare_sharded(
+        self, name: str, shard_count: int, metric: str = "cosine"
+    ) -> shards.ShardMap:
+        """Record `name` as an index of `shard_count` shards (fixed; IndexExists if declared
+        otherwise); its shards are the indexes `<name>.s<s>of<S>` that workers serve."""
+        shard_map = shards.ShardMap(name, shard_count, metric)  # type: ignore[arg-type]
+        self._maps[name] = self._guard(lambda: shards.declare(self._redis(), shard_map))
+        return shard_map
+
+    def shard_map(self, index: str) -> shards.ShardMap | None:
+        """The index's shard definition (None: an ordinary index), read from Redis once."""
+        if index not in self._maps:
+            self._maps[index] = self._guard(lambda: shards.lookup(self._redis(), index))
+        return self._maps[index]
+
+    def _redis(self) -> Any:
+        """A client for the definition records, kept with the search keys (rpc.url, else the
+        broker; a cluster client under rpc.cluster), made once."""
+        from faissq.rpc.nodes import record_client
+
+        if not (self.settings.rpc.url or self.settings.redis.url):
+            raise InvalidParameter("settings.redis.url is unset: JobClient needs the broker")
+        if self._client is None:
+            self._client = record_client(self.settings)
+        return self._client
+
+    def send(self, task: str, index: str, **kwargs: Any) -> Job:
+        """Send one job by name to the index's queue (None-valued kwargs are left out); on a
+        sharded index, the same job to every shard as one group."""
+        body = {k: v for k, v in kwargs.items() if v is not None}
+        shard_map = self.shard_map(index)
+        if shard_map is not None:
+            return self._guard(
+                lambda: send_group(self.app, task, [(n, body) for n in shard_map.names], _summary)
+            )
+        body = {"index": index, **body}
+        return self._guard(
+            lambda: self.app.send_task(
                 task,
                 kwargs=body,
                 queue=keys.task_queue(index),
                 kwargsrepr=repr(_summary(body)),  # events and Flower show sizes, not raw bytes
             )
+        )
+
+    @staticmethod
+    def _guard(call: Any) -> Any:
+        """Run a Redis or broker call; a NOPERM refusal becomes PermissionDenied."""
+        try:
+            return call()
         except Exception as exc:  # kombu wraps Redis errors in its own OperationalError
             message = refused(exc)
             if message is None:
                 raise
             raise permission_denied(message, "producer") from exc
+
+    def _split(
+        self,
+        task: str,
+        shard_map: shards.ShardMap,
+        ids: npt.ArrayLike,
+        vectors: npt.ArrayLike | None,
+        batch_id: str | None,
+        by_reference: bool | None,
+        **rest: Any,
+    ) -> ShardedResult:
+        """A batch cut by shard: one job per shard it touches, sent as one group."""
+        jobs = []
+        parts = split_batch(shard_map, ids, vectors, batch_id, every_shard=task == "faissq.build")
+        for s, part_ids, part_vecs, bid in parts:
+            body = {"ids": _ids(part_ids), "batch_id": bid, **rest}
+            if part_vecs is not None:
+                body.update(self.vectors_kwargs(part_vecs, by_reference))
+            body = {k: v for k, v in body.items() if v is not None}
+            jobs.append((shard_map.names[s], body))
+        return self._guard(lambda: send_group(self.app, task, jobs, _summary))  # type: ignore[no-any-return]
 
     def vectors_kwargs(self, vectors: npt.ArrayLike, by_reference: bool | None) -> dict[str, Any]:
         """Inline below the cap (or when asked), else a .npy reference on shared storage."""
@@ -93,11 +163,18 @@ class JobClient:
         time_limit_s: float | None = None,
         by_reference: bool | None = None,
         force: bool | None = None,
-    ) -> AsyncResult:
-        """Replace the index with a fresh build (ids default to 0..n-1).
+    ) -> Job:
+        """Replace the index with a fresh build (ids default to 0..n-1); a sharded index builds
+        its shards in parallel, each from its own rows (every shard must get some).
 
         force: swap it in even when the recall gate refuses it.
         """
+        shard_map = self.shard_map(index)
+        if shard_map is not None:
+            arr = np.asarray(vectors, dtype=np.float32)
+            all_ids = np.arange(arr.shape[0]) if ids is None else ids
+            return self._split("faissq.build", shard_map, all_ids, arr, None, by_reference,
+                               family=family, time_limit_s=time_limit_s, force=force)  # fmt: skip
         return self.send(
             "faissq.build",
             index,
@@ -116,8 +193,12 @@ class JobClient:
         *,
         batch_id: str | None = None,
         by_reference: bool | None = None,
-    ) -> AsyncResult:
-        """Insert or replace vectors by id; `batch_id` (default: task id) makes it idempotent."""
+    ) -> Job:
+        """Insert or replace vectors by id; `batch_id` (default: task id) makes it idempotent.
+        On a sharded index each shard's job gets `<batch_id>.s<s>of<S>`."""
+        shard_map = self.shard_map(index)
+        if shard_map is not None:
+            return self._split("faissq.upsert", shard_map, ids, vectors, batch_id, by_reference)
         return self.send(
             "faissq.upsert",
             index,
@@ -126,11 +207,14 @@ class JobClient:
             batch_id=batch_id,
         )
 
-    def delete(self, index: str, ids: npt.ArrayLike, *, batch_id: str | None = None) -> AsyncResult:
-        """Delete vectors by id."""
+    def delete(self, index: str, ids: npt.ArrayLike, *, batch_id: str | None = None) -> Job:
+        """Delete vectors by id (on a sharded index, each id on its shard)."""
+        shard_map = self.shard_map(index)
+        if shard_map is not None:
+            return self._split("faissq.delete", shard_map, ids, None, batch_id, None)
         return self.send("faissq.delete", index, ids=_ids(ids), batch_id=batch_id)
 
-    def merge(self, index: str, *, time_limit_s: float | None = None) -> AsyncResult:
+    def merge(self, index: str, *, time_limit_s: float | None = None) -> Job:
         """Fold delta and tombstones into the primary."""
         return self.send("faissq.merge", index, time_limit_s=time_limit_s)
 
@@ -141,7 +225,7 @@ class JobClient:
         family: str | None = None,
         time_limit_s: float | None = None,
         force: bool | None = None,
-    ) -> AsyncResult:
+    ) -> Job:
         """Retrain the primary from the raw vectors (optionally into another family).
 
         force: swap it in even when the recall gate refuses it.
@@ -149,11 +233,11 @@ class JobClient:
         return self.send("faissq.rebuild", index, family=family, time_limit_s=time_limit_s,
                          force=force)  # fmt: skip
 
-    def save(self, index: str) -> AsyncResult:
+    def save(self, index: str) -> Job:
         """Snapshot the index to shared storage."""
         return self.send("faissq.save", index)
 
-    def reload(self, index: str) -> AsyncResult:
+    def reload(self, index: str) -> Job:
         """Reload the index from shared storage."""
         return self.send("faissq.reload", index)
 
@@ -163,18 +247,20 @@ class JobClient:
         *,
         target_recall: float | None = None,
         time_limit_s: float | None = None,
-    ) -> AsyncResult:
+    ) -> Job:
         """Tune search parameters for a target recall."""
         return self.send(
             "faissq.autotune", index, target_recall=target_recall, time_limit_s=time_limit_s
         )
 
-    def stats(self, index: str) -> AsyncResult:
+    def stats(self, index: str) -> Job:
         """Ask the worker for the index's state and sizes."""
         return self.send("faissq.stats", index)
 
     def close(self) -> None:
         """Release broker and backend connections."""
+        if self._client is not None:
+            self._client.close()
         self.app.close()
 
 

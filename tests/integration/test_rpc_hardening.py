@@ -76,7 +76,7 @@ def frame(shape: list[int], data: bytes = b"") -> dict[str, Any]:
 
 def push_all(r: redis.Redis, index: str, msgs: list[bytes]) -> None:
     """One LPUSH of every message, oldest first: a worker blocked on the list pops them at once."""
-    r.lpush(f"faissq:{index}:rpc", *msgs)
+    r.lpush(f"faissq:{{{index}}}:rpc", *msgs)
 
 
 def replies_of(r: redis.Redis, keys: list[str], timeout_s: float = 10) -> list[dict[str, Any]]:
@@ -213,7 +213,7 @@ def test_an_oversized_request_gets_payload_too_large(served: Served, reply_first
     assert got["ok"] is False and got["error"]["code"] == "payload_too_large", got["error"]
     assert got["id"] == msg["id"]
     no_key = {k: v for k, v in msg.items() if k != "reply"}  # nothing to answer on: counted
-    r.lpush(f"faissq:{index}:rpc", msgpack.packb(no_key))
+    r.lpush(f"faissq:{{{index}}}:rpc", msgpack.packb(no_key))
     wait_for(
         lambda: sum(s["dropped"] for s in rpc_stats(r, index)) > dropped_before,
         10,
@@ -346,7 +346,7 @@ def test_ten_thousand_malformed_messages_interleaved_with_valid_searches(served:
             )
             valid[reply] = row
             cases.append(Case(msgpack.packb(msg), reply, None))
-    queue = f"faissq:{index}:rpc"
+    queue = f"faissq:{{{index}}}:rpc"
     for start in range(0, len(cases), 500):
         r.lpush(queue, *(c.raw for c in cases[start : start + 500]))
     sentinel, msg = fuzz.request()  # answered after every message pushed before it
@@ -380,7 +380,7 @@ def test_ten_thousand_malformed_messages_interleaved_with_valid_searches(served:
     assert served.worker.proc.pid == pid and served.worker.starts == 1  # same process throughout
     stats = rpc_stats(r, index)
     assert stats and sum(s["loop_errors"] for s in stats) == 0
-    assert [k for k in r.scan_iter(match=f"faissq:{index}:reply:*")] == []
+    assert [k for k in r.scan_iter(match=f"faissq:{{{index}}}:reply:*")] == []
     print(
         f"fuzz: {len(cases)} messages ({len(valid)} valid), codes {sorted(counts.items())}, "
         f"dropped {sum(1 for c in cases if c.reply is None)}"

@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # name exported by faissq -> the module that defines it (faissq re-exports, never redefines)
 EXPORTED = {
     "AsyncSearchClient": "faissq.rpc.aio_client",
+    "AsyncShardedSearchClient": "faissq.rpc.aio_shard_client",
     "JobClient": "faissq.tasks.producer",
     "SearchClient": "faissq.rpc.search_client",
     "SearchResponse": "faissq.rpc.search_client",
+    "ShardedSearchClient": "faissq.rpc.shard_client",
+    "ShardedSearchResponse": "faissq.rpc.shard_plan",
     "Settings": "faissq.config",
     "put_vectors": "faissq.tasks.producer",
 }
@@ -52,6 +55,7 @@ ERRORS = {
     "RpcError": ("FaissqError", "rpc_error"),
     "SearchTimeout": ("RpcError", "timeout"),
     "StaleRead": ("RpcError", "stale"),
+    "ShardUnavailable": ("RpcError", "shard_unavailable"),
     "NoWorkerAlive": ("RpcError", "no_worker"),
     "IndexBusy": ("RpcError", "busy"),
     "RemoteSearchError": ("RpcError", "remote_error"),
@@ -61,16 +65,20 @@ ERRORS = {
 METHODS = {
     "SearchClient": {"alive", "close", "fetch", "range_search", "search", "workers"},
     "AsyncSearchClient": {"alive", "close", "fetch", "range_search", "search"},
+    "ShardedSearchClient": {"close", "search"},
+    "AsyncShardedSearchClient": {"close", "search"},
     "JobClient": {
         "autotune",
         "build",
         "close",
+        "declare_sharded",
         "delete",
         "merge",
         "rebuild",
         "reload",
         "save",
         "send",
+        "shard_map",
         "stats",
         "upsert",
         "vectors_kwargs",

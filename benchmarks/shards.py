@@ -1,0 +1,170 @@
+"""Shard benchmark: search p50/p99 over 1, 2 and 4 shards vs one index, and build wall time.
+
+    python benchmarks/shards.py            # 100k x 64, IVF-Flat, 400 searches per row
+    python benchmarks/shards.py --quick    # 40k x 64, 200 searches per row, about a minute
+
+One run starts a private redis-server and one real `faissq worker` serving every index (the
+unsharded one and the shards of 1, 2 and 4), builds each from the same vectors through
+JobClient (a sharded build is one Celery group; its time is enqueue to the last shard's
+result; best of --repeat, interleaved) and times single-query top-10 searches: SearchClient
+on the unsharded index, ShardedSearchClient on the sharded ones, interleaved round by round
+so load drift on a shared machine hits every row alike. Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from faissq import shards  # noqa: E402
+from faissq.config import Settings  # noqa: E402
+from faissq.rpc.search_client import SearchClient  # noqa: E402
+from faissq.rpc.shard_client import ShardedSearchClient  # noqa: E402
+from faissq.tasks.producer import JobClient  # noqa: E402
+from faissq.worker.embedded_redis import EmbeddedRedis  # noqa: E402
+
+DIM = 64
+K = 10
+FAMILY = "ivf_flat"
+COUNTS = (1, 2, 4)  # shard counts measured beside the unsharded index
+HOST = "bench-shards@local"
+
+
+def vectors(n: int, seed: int) -> np.ndarray:
+    """Gaussian float32 vectors (n, DIM)."""
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def start_worker(settings: Settings, indexes: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start one `faissq worker` serving every index and wait until it answers a ping."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAISSQ_")}
+    env.update(FAISSQ_REDIS__URL=str(settings.redis.url),
+               FAISSQ_STORAGE__URL=settings.storage.url, FAISSQ_METRICS__ENABLED="false",
+               FAISSQ_GPU__MODE="off", PYTHONPATH=str(REPO))  # fmt: skip
+    argv = [sys.executable, "-m", "faissq", "worker", "-n", HOST, "-l", "WARNING"]
+    for name in indexes:
+        argv += ["--index", name]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    client = JobClient(settings)
+    deadline = time.monotonic() + 120
+    while not client.app.control.ping(destination=[HOST], timeout=0.5, limit=1):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"worker did not start:\n{log.read_text()[-3000:]}")
+    client.close()
+    return proc
+
+
+def timed_build(jobs: JobClient, name: str, x: np.ndarray) -> tuple[float, dict[str, Any]]:
+    """Seconds from sending the build to its (last shard's) result, and the result."""
+    t0 = time.perf_counter()
+    out = jobs.build(name, x, family=FAMILY, by_reference=True).get(timeout=1800)
+    return time.perf_counter() - t0, out
+
+
+def exact_top(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Exact cosine top-K ids (ids are row numbers: builds default to 0..n-1)."""
+    xn, qn = x.copy(), q.copy()
+    faiss.normalize_L2(xn)
+    faiss.normalize_L2(qn)
+    return faiss.knn(qn, xn, K, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    arr = np.asarray(samples) * 1000
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """Build every index, time the searches, return the table rows."""
+    tmp = Path(tempfile.mkdtemp(prefix="faissq-shards-"))
+    server = EmbeddedRedis(tmp / "redis", persistent=False)
+    server.start()
+    settings = Settings(redis={"url": server.url}, storage={"url": str(tmp / "data")})
+    names = {s: f"bench{s}" for s in COUNTS}
+    indexes = ["one"] + [n for s in COUNTS for n in shards.shard_names(names[s], s)]
+    proc = start_worker(settings, indexes, tmp / "worker.log")
+    jobs = JobClient(settings)
+    rows = []
+    try:
+        for s in COUNTS:
+            jobs.declare_sharded(names[s], s)
+        x = vectors(args.n, 0)
+        order = ["one"] + [names[s] for s in COUNTS]
+        timed_build(jobs, "one", x[: args.n // 10])  # warm-up: the worker's first build
+        builds: dict[str, tuple[float, dict[str, Any]]] = {}
+        for _ in range(args.repeat):  # interleaved, best of each: load drift hits all alike
+            for name in order:
+                seconds, out = timed_build(jobs, name, x)
+                if name not in builds or seconds < builds[name][0]:
+                    builds[name] = (seconds, out)
+        one = SearchClient(settings, "one")
+        clients: dict[str, Any] = {"one": one}
+        clients.update({names[s]: ShardedSearchClient(settings, names[s]) for s in COUNTS})
+        queries = vectors(args.searches + 20, 1)
+        lat: dict[str, list[float]] = {n: [] for n in clients}
+        for i, q in enumerate(queries):  # round robin: each row sees the same load drift
+            for name, client in clients.items():
+                t0 = time.perf_counter()
+                client.search(q, K)
+                if i >= 20:  # warm-up
+                    lat[name].append(time.perf_counter() - t0)
+        want = exact_top(x, queries[:100])
+        for name in clients:
+            p50, p99 = percentiles(lat[name])
+            seconds, out = builds[name]
+            got = clients[name].search(queries[:100], K).ids
+            recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(got, want, strict=True)])
+            label = "unsharded" if name == "one" else f"{name.removeprefix('bench')} shards"
+            family = out.get("factory") or ",".join(
+                sorted({str(r["factory"]) for r in out["shards"].values()})
+            )
+            rows.append((label, f"{p50:.2f} / {p99:.2f}", f"{seconds:.2f}",
+                         f"{family}; recall@{K} {recall:.3f}"))  # fmt: skip
+        for c in clients.values():
+            c.close()
+    finally:
+        jobs.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    """Parse arguments, run, print the table."""
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--repeat", type=int, default=2, help="builds per index (best is kept)")
+    args = ap.parse_args()
+    args.n, args.searches = (40_000, 200) if args.quick else (100_000, 400)
+    load = os.getloadavg()[0]
+    rows = run(args)
+    print(f"\nfaiss {faiss.__version__}, {os.cpu_count()} CPUs (load {load:.1f} at start), "
+          f"{args.n:,} x {DIM} cosine, {FAMILY}, one worker process serving every index, "
+          f"single-query top-{K} at the default nprobe, {args.searches} searches per row; "
+          "recall against exact search; shard builds share the worker's job thread\n")  # fmt: skip
+    print("| index | search p50 / p99 ms | build s (enqueue to result) | note |")
+    print("|---|---:|---:|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
