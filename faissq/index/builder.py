@@ -14,10 +14,11 @@ from typing import Any
 import faiss
 import numpy as np
 
+from faissq.config import IndexSettings
 from faissq.errors import InvalidParameter
 from faissq.index import drift
 from faissq.index.params import batch_selector, hnsw_of, ivf_of
-from faissq.index.policy import Plan
+from faissq.index.policy import Plan, nlist_for, with_centroids
 from faissq.index.state import Primary, in_sorted
 from faissq.index.validate import F32, I64
 
@@ -46,6 +47,35 @@ def new_index(plan: Plan, ef_construction: int) -> Any:
     if hnsw is not None:
         hnsw.hnsw.efConstruction = ef_construction
     return index
+
+
+def seed_quantizer(index: Any, centroids: F32) -> None:
+    """Fill an untrained IVF index's coarse quantizer with given centroids: training then
+    skips k-means (FAISS trains a quantizer only when it does not hold nlist centroids)."""
+    ivf = ivf_of(index)
+    if ivf is None or ivf.nlist != centroids.shape[0] or ivf.d != centroids.shape[1]:
+        raise InvalidParameter(f"centroids {centroids.shape} do not fit index {plan_shape(ivf)}")
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):  # OPQ: rotated space
+        raise InvalidParameter("centroids need an IVF index without a vector transform")
+    ivf.quantizer.reset()
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+
+
+def train_centroids(vectors: Any, cfg: IndexSettings, metric: str) -> F32:
+    """Coarse centroids for n vectors by the engine's nlist rule, k-means on its sample size
+    (spherical under cosine): one quantizer a sharded IVF build shares over its shards."""
+    nlist, size = nlist_for(int(vectors.shape[0]), cfg)
+    sample = np.array(train_sample(vectors, size, cfg.seed), dtype=np.float32)
+    if metric == "cosine":
+        faiss.normalize_L2(sample)
+    km = faiss.Kmeans(sample.shape[1], nlist, seed=cfg.seed, spherical=metric == "cosine")
+    km.train(sample)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def plan_shape(ivf: Any) -> str:
+    """An IVF index's (nlist, dim) for messages, or 'without inverted lists'."""
+    return "without inverted lists" if ivf is None else f"({ivf.nlist}, {ivf.d})"
 
 
 def train_sample(vectors: Any, size: int, seed: int) -> Any:
@@ -122,11 +152,13 @@ def build_primary(
     prepare: Prepare = np.ascontiguousarray,
     raw_dir: str | None = None,
     chunk: int = ADD_CHUNK,
+    centroids: F32 | None = None,
 ) -> Primary:
     """Train on a sample and add everything, chunk by chunk; the raw store is sorted by id.
 
     prepare checks and normalises each chunk of vectors (the caller's array is never copied
     whole); the raw store is written before training, so bad input fails before any k-means.
+    centroids: an IVF plan's coarse centroids, used as they are instead of training them.
     """
     n = int(ids.size)
     order = None
@@ -139,7 +171,11 @@ def build_primary(
         store.write(prepare(_rows(vectors, order, start, stop)))
         progress("store", stop, n)
     raw = store.finish()
+    if centroids is not None:
+        plan = with_centroids(plan, int(centroids.shape[0]))
     index = new_index(plan, ef_construction)
+    if centroids is not None:
+        seed_quantizer(index, centroids)
     if not index.is_trained:
         sample = prepare(train_sample(vectors, plan.train_size, seed))
         progress("train", 0, int(sample.shape[0]))

@@ -161,11 +161,12 @@ class Engine:
         family: str | None = None,
         progress: Progress | None = None,
         version: int | None = None,
+        centroids: F32 | None = None,
     ) -> dict[str, Any]:
         """Replace the whole index with a fresh build of (ids, vectors); returns a report.
 
         version: the version the built state carries (the service passes the build's log seq);
-        None: the current version + 1.
+        None: the current version + 1. centroids: an IVF family's coarse centroids (not trained).
         """
         progress = progress or _noop
         with self._write_lock:
@@ -177,7 +178,7 @@ class Engine:
             id_arr = as_ids(ids, arr.shape[0])
             if id_arr.size == 0:
                 raise EmptyBuild(f"build of index {self.name!r} got no vectors")
-            primary = self._build(id_arr, arr, family, progress, self._prepare)
+            primary = self._build(id_arr, arr, family, progress, self._prepare, centroids)
             self._family_request = family
             self._tuning = None
             self._publish(primary, Delta(self.dim), _EMPTY, new_version)
@@ -300,29 +301,17 @@ class Engine:
         return as_vectors(rows, self.dim, self.metric, copy=False)
 
     def _build(
-        self, ids: I64, vectors: Any, family: str | None, progress: Progress, prepare: Any
-    ) -> Primary:
+        self, ids: I64, vectors: Any, family: str | None, progress: Progress, prepare: Any,
+        centroids: F32 | None = None,
+    ) -> Primary:  # fmt: skip
         """Plan (calibrating when auto must choose) and stream a fresh primary."""
-        plan = choose_plan(
-            int(ids.size),
-            self.dim,
-            self.cfg,
-            host_budget(self.cfg),
-            family,
-            calibrator=sample_calibrator(vectors, self.cfg, prepare, progress),
-            gpu_budget=self._device_budget(),
-        )
-        primary = build_primary(
-            ids,
-            vectors,
-            plan,
-            seed=self.cfg.seed,
-            ef_construction=self.cfg.ef_construction,
-            progress=progress,
-            prepare=prepare,
-            raw_dir=self.cfg.raw_dir,
-            chunk=self.cfg.add_chunk,
-        )
+        plan = choose_plan(int(ids.size), self.dim, self.cfg, host_budget(self.cfg), family,
+                           calibrator=sample_calibrator(vectors, self.cfg, prepare, progress),
+                           gpu_budget=self._device_budget())  # fmt: skip
+        primary = build_primary(ids, vectors, plan, seed=self.cfg.seed,
+                                ef_construction=self.cfg.ef_construction, progress=progress,
+                                prepare=prepare, raw_dir=self.cfg.raw_dir,
+                                chunk=self.cfg.add_chunk, centroids=centroids)  # fmt: skip
         return self._with_gpu(primary)
 
     def _device_budget(self) -> int | None:

@@ -8,6 +8,7 @@ compressed IVF-PQ only when none fits. Raw vectors always live on disk, memory-m
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import faiss
 
 from faissq.config import IndexSettings
-from faissq.errors import MemoryBudgetExceeded, UnknownFamily
+from faissq.errors import InvalidParameter, MemoryBudgetExceeded, UnknownFamily
 from faissq.index.calibrate import Calibration, estimate_ms
 from faissq.index.memory import estimate_bytes, format_bytes, raw_store_bytes
 
@@ -155,6 +156,18 @@ def _plan_factory(factory: str, n: int, dim: int, cfg: IndexSettings) -> Plan:
         estimate_bytes=estimate_bytes(plan, code_size=int(probe.sa_code_size())),
         raw_bytes=raw_store_bytes(n, dim),
     )
+
+
+def with_centroids(plan: Plan, nlist: int) -> Plan:
+    """An IVF plan resized to given coarse centroids (a sharded build's shared quantizer), so
+    every shard has the same lists and nprobe means the same on each; InvalidParameter else."""
+    if not plan.is_ivf or plan.opq:
+        raise InvalidParameter(
+            f"centroids need an IVF family without OPQ (ivf_flat, or ivf_pq with index.opq off), "
+            f"not {plan.factory!r}"
+        )
+    factory = re.sub(r"IVF\d+", f"IVF{nlist}", plan.factory, count=1)
+    return replace(plan, factory=factory, nlist=nlist, reason=f"{plan.reason}; shared centroids")
 
 
 def _metric_type(metric: str) -> int:

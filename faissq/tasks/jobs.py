@@ -30,10 +30,13 @@ def build(
     family: Any = None,
     time_limit_s: Any = None,
     force: Any = None,
+    centroids: Any = None,
+    centroids_ref: Any = None,
 ) -> dict[str, Any]:
     """Build the index from scratch (ids default to 0..n-1), snapshot it, then swap it in.
 
-    force: swap it in even when the recall gate refuses it (logged).
+    force: swap it in even when the recall gate refuses it (logged); centroids(_ref): an IVF
+    family's coarse centroids, used instead of training them (a sharded build's shared ones).
     """
     ctx = self.context()
     ctx.runtime.slot(index)
@@ -47,8 +50,15 @@ def build(
         id_arr = np.arange(len(vecs), dtype=np.int64)
     else:
         id_arr = payload.ids_arg(ids, ids_ref, root=cfg.storage.url, n=len(vecs))
+    cents = None
+    if centroids is not None or centroids_ref is not None:
+        cents = payload.vectors_arg(centroids, centroids_ref, root=cfg.storage.url,
+                                    inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
+        if cents.shape[1] != vecs.shape[1]:
+            raise DimensionMismatch(f"centroids have dimension {cents.shape[1]}, not "
+                                    f"{vecs.shape[1]}")  # fmt: skip
     return ctx.runtime.build(index, vecs, id_arr, family=family, progress=self.progress(limit),
-                             force=forced)  # fmt: skip
+                             force=forced, centroids=cents)  # fmt: skip
 
 
 def upsert(

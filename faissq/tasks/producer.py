@@ -18,6 +18,7 @@ from celery.result import AsyncResult
 from faissq import codec, keys, shards
 from faissq.config import Settings
 from faissq.errors import InvalidParameter, StorageUnavailable, permission_denied, refused
+from faissq.index.builder import train_centroids
 from faissq.storage import incoming
 from faissq.tasks.sharded_jobs import ShardedResult, send_group, split_batch
 from faissq.worker.app import make_celery_app
@@ -163,18 +164,25 @@ class JobClient:
         time_limit_s: float | None = None,
         by_reference: bool | None = None,
         force: bool | None = None,
+        centroids: npt.ArrayLike | None = None,
     ) -> Job:
         """Replace the index with a fresh build (ids default to 0..n-1); a sharded index builds
         its shards in parallel, each from its own rows (every shard must get some).
 
-        force: swap it in even when the recall gate refuses it.
+        force: swap it in even when the recall gate refuses it. centroids: an IVF family's
+        coarse centroids (nlist x dim) used instead of training them; a sharded ivf_flat build
+        (or ivf_pq with index.opq off) trains them here on a sample of the whole corpus, so
+        every shard has the same lists.
         """
         shard_map = self.shard_map(index)
         if shard_map is not None:
             arr = np.asarray(vectors, dtype=np.float32)
             all_ids = np.arange(arr.shape[0]) if ids is None else ids
+            if centroids is None and shares_quantizer(family, self.settings):
+                centroids = train_centroids(arr, self.settings.index, shard_map.metric)
             return self._split("faissq.build", shard_map, all_ids, arr, None, by_reference,
-                               family=family, time_limit_s=time_limit_s, force=force)  # fmt: skip
+                               family=family, time_limit_s=time_limit_s, force=force,
+                               centroids_ref=self._centroids_ref(centroids))  # fmt: skip
         return self.send(
             "faissq.build",
             index,
@@ -183,7 +191,14 @@ class JobClient:
             family=family,
             time_limit_s=time_limit_s,
             force=force,
+            centroids_ref=self._centroids_ref(centroids),
         )
+
+    def _centroids_ref(self, centroids: npt.ArrayLike | None) -> dict[str, Any] | None:
+        """Centroids written once to shared storage (every shard job reads the same file)."""
+        if centroids is None:
+            return None
+        return put_vectors(self.settings, np.asarray(centroids, dtype=np.float32))
 
     def upsert(
         self,
@@ -262,6 +277,13 @@ class JobClient:
         if self._client is not None:
             self._client.close()
         self.app.close()
+
+
+def shares_quantizer(family: str | None, settings: Settings) -> bool:
+    """Whether a sharded build of this family gets one coarse quantizer trained client-side:
+    IVF families whose quantizer works on the raw vectors (no OPQ rotation before it)."""
+    wanted = family or settings.index.family
+    return wanted == "ivf_flat" or (wanted.startswith("ivf_pq") and not settings.index.opq)
 
 
 def _ids(ids: npt.ArrayLike) -> dict[str, Any]:

@@ -180,6 +180,7 @@ class IndexRuntime:
         family: str | None,
         progress: Progress | None,
         force: bool = False,
+        centroids: npt.NDArray[np.float32] | None = None,
     ) -> dict[str, Any]:
         """Build, gate on recall (publish.check), snapshot, swap in; the old one serves till then.
 
@@ -194,7 +195,8 @@ class IndexRuntime:
         try:
             seq = self.store.next_seq(name)
             eng = self._new_engine(name, int(vectors.shape[1]))
-            report = eng.build(vectors, ids, family=family, progress=progress, version=seq)
+            report = eng.build(vectors, ids, family=family, progress=progress, version=seq,
+                               centroids=centroids)  # fmt: skip
             report["recall_gate"] = publish.check(self, name, slot.engine, eng, force, progress)
             if progress:
                 progress("save", 0, 1)
