@@ -8,7 +8,9 @@ unsharded one and the shards of 1, 2 and 4), builds each from the same vectors t
 JobClient (a sharded build is one Celery group; its time is enqueue to the last shard's
 result; best of --repeat, interleaved) and times single-query top-10 searches: SearchClient
 on the unsharded index, ShardedSearchClient on the sharded ones, interleaved round by round
-so load drift on a shared machine hits every row alike. Prints one markdown table.
+so load drift on a shared machine hits every row alike. Sharded builds share one coarse
+quantizer that JobClient trains on the whole corpus; the row "4 shards, own quantizers" sends
+each shard its rows as an ordinary build instead, so each trains its own. Prints one table.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ K = 10
 FAMILY = "ivf_flat"
 COUNTS = (1, 2, 4)  # shard counts measured beside the unsharded index
 HOST = "bench-shards@local"
+OWN = "bench4own"  # 4 shards, each with its own quantizer (trained on its rows)
 
 
 def vectors(n: int, seed: int) -> np.ndarray:
@@ -72,6 +75,13 @@ def start_worker(settings: Settings, indexes: list[str], log: Path) -> subproces
 def timed_build(jobs: JobClient, name: str, x: np.ndarray) -> tuple[float, dict[str, Any]]:
     """Seconds from sending the build to its (last shard's) result, and the result."""
     t0 = time.perf_counter()
+    if name == OWN:  # the shards built one by one as ordinary indexes: each trains its own
+        sent = [(n, rows) for n, rows in zip(shards.shard_names(OWN, 4),
+                                              shards.split_rows(np.arange(len(x)), 4),
+                                              strict=True)]  # fmt: skip
+        results = [jobs.build(n, x[r], r, family=FAMILY, by_reference=True) for n, r in sent]
+        per = {n: r.get(timeout=1800) for (n, _), r in zip(sent, results, strict=True)}
+        return time.perf_counter() - t0, {"shards": per}
     out = jobs.build(name, x, family=FAMILY, by_reference=True).get(timeout=1800)
     return time.perf_counter() - t0, out
 
@@ -98,14 +108,16 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     settings = Settings(redis={"url": server.url}, storage={"url": str(tmp / "data")})
     names = {s: f"bench{s}" for s in COUNTS}
     indexes = ["one"] + [n for s in COUNTS for n in shards.shard_names(names[s], s)]
+    indexes += shards.shard_names(OWN, 4)
     proc = start_worker(settings, indexes, tmp / "worker.log")
     jobs = JobClient(settings)
     rows = []
     try:
         for s in COUNTS:
             jobs.declare_sharded(names[s], s)
+        jobs.declare_sharded(OWN, 4)
         x = vectors(args.n, 0)
-        order = ["one"] + [names[s] for s in COUNTS]
+        order = ["one"] + [names[s] for s in COUNTS] + [OWN]
         timed_build(jobs, "one", x[: args.n // 10])  # warm-up: the worker's first build
         builds: dict[str, tuple[float, dict[str, Any]]] = {}
         for _ in range(args.repeat):  # interleaved, best of each: load drift hits all alike
@@ -115,7 +127,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                     builds[name] = (seconds, out)
         one = SearchClient(settings, "one")
         clients: dict[str, Any] = {"one": one}
-        clients.update({names[s]: ShardedSearchClient(settings, names[s]) for s in COUNTS})
+        clients.update({n: ShardedSearchClient(settings, n) for n in order[1:]})
         queries = vectors(args.searches + 20, 1)
         lat: dict[str, list[float]] = {n: [] for n in clients}
         for i, q in enumerate(queries):  # round robin: each row sees the same load drift
@@ -131,6 +143,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             got = clients[name].search(queries[:100], K).ids
             recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(got, want, strict=True)])
             label = "unsharded" if name == "one" else f"{name.removeprefix('bench')} shards"
+            label = "4 shards, own quantizers" if name == OWN else label
             family = out.get("factory") or ",".join(
                 sorted({str(r["factory"]) for r in out["shards"].values()})
             )

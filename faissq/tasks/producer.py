@@ -178,7 +178,7 @@ class JobClient:
         if shard_map is not None:
             arr = np.asarray(vectors, dtype=np.float32)
             all_ids = np.arange(arr.shape[0]) if ids is None else ids
-            if centroids is None and shares_quantizer(family, self.settings):
+            if centroids is None and shares_quantizer(family, self.settings, shard_map.shards):
                 centroids = train_centroids(arr, self.settings.index, shard_map.metric)
             return self._split("faissq.build", shard_map, all_ids, arr, None, by_reference,
                                family=family, time_limit_s=time_limit_s, force=force,
@@ -279,11 +279,13 @@ class JobClient:
         self.app.close()
 
 
-def shares_quantizer(family: str | None, settings: Settings) -> bool:
+def shares_quantizer(family: str | None, settings: Settings, shard_count: int) -> bool:
     """Whether a sharded build of this family gets one coarse quantizer trained client-side:
-    IVF families whose quantizer works on the raw vectors (no OPQ rotation before it)."""
+    IVF families whose quantizer works on the raw vectors (no OPQ rotation before it), over
+    more than one shard (one shard's own quantizer is already the whole corpus's)."""
     wanted = family or settings.index.family
-    return wanted == "ivf_flat" or (wanted.startswith("ivf_pq") and not settings.index.opq)
+    ivf = wanted == "ivf_flat" or (wanted.startswith("ivf_pq") and not settings.index.opq)
+    return ivf and shard_count > 1
 
 
 def _ids(ids: npt.ArrayLike) -> dict[str, Any]:
