@@ -74,7 +74,8 @@ def test_a_delta_past_merge_delta_max_is_merged_by_the_worker_itself(
     """
     port = free_port()
     env = {
-        "FAISSQ_INDEX__MERGE_DELTA_MAX": "100",
+        # only the third upsert (150 delta rows) passes it: an earlier merge would leave 50 behind
+        "FAISSQ_INDEX__MERGE_DELTA_MAX": "120",
         "FAISSQ_MAINTENANCE__INTERVAL_S": "0.05",
         "FAISSQ_METRICS__ENABLED": "true",
         "FAISSQ_METRICS__PORT": str(port),
