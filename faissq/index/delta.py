@@ -229,10 +229,25 @@ def _knn(
     x = np.ascontiguousarray(queries, dtype=np.float32)
     y = np.ascontiguousarray(vectors, dtype=np.float32)
     ptr = faiss.swig_ptr
-    if metric_type == faiss.METRIC_INNER_PRODUCT:
-        faiss.knn_inner_product(ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), rows)
-    else:
-        faiss.knn_L2sqr(ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), None, rows)
+    threads = faiss.omp_get_max_threads()
+    # fewer queries than threads: FAISS would split the rows across OpenMP threads, whose
+    # hand-off costs more than the scan itself (one query over 10,000 rows: 2 ms CPU instead
+    # of 0.14 on 2 shared cores); this thread's setting only, restored after
+    serial = nq < threads
+    if serial:
+        faiss.omp_set_num_threads(1)
+    try:
+        if metric_type == faiss.METRIC_INNER_PRODUCT:
+            faiss.knn_inner_product(
+                ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), rows
+            )
+        else:
+            faiss.knn_L2sqr(
+                ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), None, rows
+            )
+    finally:
+        if serial:
+            faiss.omp_set_num_threads(threads)
     hit = found >= 0
     return scores, np.where(hit, ids[np.maximum(found, 0)], -1) if ids.size else found
 
