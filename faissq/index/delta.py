@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from faissq.index.omp import one_thread
 from faissq.index.validate import F32, I64
 
 DEAD_FRACTION = 0.25  # compact when more than this share of a delta's rows are dead
@@ -229,10 +230,18 @@ def _knn(
     x = np.ascontiguousarray(queries, dtype=np.float32)
     y = np.ascontiguousarray(vectors, dtype=np.float32)
     ptr = faiss.swig_ptr
-    if metric_type == faiss.METRIC_INNER_PRODUCT:
-        faiss.knn_inner_product(ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), rows)
-    else:
-        faiss.knn_L2sqr(ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), None, rows)
+    # fewer queries than threads: FAISS would split the rows across OpenMP threads, whose
+    # hand-off costs more than the scan itself (one query over 10,000 rows: 2 ms CPU instead
+    # of 0.14 on 2 shared cores)
+    with one_thread(nq < faiss.omp_get_max_threads()):
+        if metric_type == faiss.METRIC_INNER_PRODUCT:
+            faiss.knn_inner_product(
+                ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), rows
+            )
+        else:
+            faiss.knn_L2sqr(
+                ptr(x), ptr(y), d, nq, y.shape[0], k, ptr(scores), ptr(found), None, rows
+            )
     hit = found >= 0
     return scores, np.where(hit, ids[np.maximum(found, 0)], -1) if ids.size else found
 

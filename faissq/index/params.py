@@ -10,6 +10,8 @@ import numpy as np
 
 from faissq.index.validate import I64
 
+BITMAP_MIN_BITS = 1 << 20  # ids below this always get a bitmap selector (128 KiB at most)
+
 
 @dataclass
 class CallParams:
@@ -26,9 +28,28 @@ def batch_selector(ids: I64) -> tuple[Any, list[Any]]:
     return sel, [arr, sel]
 
 
+def bitmap_selector(ids: I64) -> tuple[Any, list[Any]] | None:
+    """An IDSelectorBitmap over ids 0..max(ids), when that bitmap is small (at most 128 KiB or
+    one byte per id, so at most what the id array itself takes); None when it is not."""
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.size == 0 or int(arr.min()) < 0:
+        return None
+    bits = int(arr.max()) + 1
+    if bits > max(BITMAP_MIN_BITS, 8 * int(arr.size)):
+        return None
+    member = np.zeros(bits, dtype=bool)
+    member[arr] = True
+    bitmap = np.packbits(member, bitorder="little")  # FAISS reads bit (id & 7) of byte id >> 3
+    sel = faiss.IDSelectorBitmap(int(bitmap.size), faiss.swig_ptr(bitmap))
+    return sel, [bitmap, sel]
+
+
 def not_selector(ids: I64) -> tuple[Any, list[Any]]:
-    """Return a selector that rejects exactly these ids."""
-    inner, keep = batch_selector(ids)
+    """Return a selector that rejects exactly these ids: a bitmap when the ids are dense enough
+    (one bit test per candidate where IDSelectorBatch hashes: IVF search CPU under tombstones,
+    benchmarks/upsert_stream.py), else an IDSelectorBatch."""
+    picked = bitmap_selector(ids)
+    inner, keep = picked if picked is not None else batch_selector(ids)
     sel = faiss.IDSelectorNot(inner)
     return sel, [*keep, sel]
 

@@ -117,3 +117,18 @@ def test_filters_see_live_rows_only() -> None:
     assert set(got[got >= 0].tolist()) == set(range(10, 20))
     got = delta.search(xq, 50, faiss.METRIC_L2, deny=ids[40:])[1]
     assert set(got[got >= 0].tolist()) == set(range(10, 40))
+
+
+def test_a_one_query_scan_is_exact_and_leaves_the_thread_setting_as_it_was() -> None:
+    """One query over 12,000 rows runs on one OpenMP thread, then the setting is restored."""
+    rng = np.random.default_rng(4)
+    ids = np.arange(12_000, dtype=np.int64)
+    vecs = rng.standard_normal((ids.size, DIM), dtype=np.float32)
+    delta = Delta(DIM).appended(ids, vecs)
+    xq = rng.standard_normal((1, DIM), dtype=np.float32)
+    before = faiss.omp_get_max_threads()
+    got_s, got_i = delta.search(xq, 5, faiss.METRIC_L2)
+    assert faiss.omp_get_max_threads() == before
+    want_s, want_i = faiss.knn(xq, vecs, 5, metric=faiss.METRIC_L2)
+    np.testing.assert_array_equal(got_i, ids[want_i])
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5)

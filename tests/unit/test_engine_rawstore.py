@@ -10,6 +10,7 @@ from engine_support import data
 
 from faissq.config import IndexSettings
 from faissq.errors import InvalidVectors
+from faissq.index.builder import _noop, merge_primary
 from faissq.index.engine import Engine
 from faissq.index.validate import as_vectors
 
@@ -74,3 +75,43 @@ def test_ready_input_is_used_as_it_is_and_anything_else_copied() -> None:
     raw[0, 0] = np.inf
     with pytest.raises(InvalidVectors):
         as_vectors(raw, 8, "l2", copy=False)
+
+
+@pytest.mark.parametrize("chunk", [7, 65_536])
+def test_merged_store_holds_every_live_row_in_id_order(chunk: int) -> None:
+    """Replaced, new and deleted ids across chunk edges: each stored row is the live vector."""
+    rng = np.random.default_rng(3)
+    eng = Engine(8, IndexSettings(family="ivf_flat"))
+    ids = rng.permutation(600).astype(np.int64) * 3
+    eng.build(data(600, 8), ids)
+    model = dict(zip(ids.tolist(), as_vectors(data(600, 8), 8, "cosine"), strict=True))
+    st = eng.state
+    up = np.concatenate([rng.choice(ids, 50, replace=False), rng.choice(2_000, 40) * 3 + 1])
+    up = np.unique(up)[rng.permutation(np.unique(up).size)]
+    gone = rng.choice(ids, 30, replace=False)
+    eng.upsert(up, data(up.size, 8, seed=5))
+    eng.delete(gone)
+    model.update(zip(up.tolist(), as_vectors(data(up.size, 8, seed=5), 8, "cosine"), strict=True))
+    for i in gone.tolist():
+        model.pop(i, None)
+    st = eng.state
+    assert st.primary is not None
+    p = merge_primary(st.primary, st.tombstones, st.delta.ids, st.delta.vectors, _noop,
+                      chunk=chunk)  # fmt: skip
+    want = np.array(sorted(model), dtype=np.int64)
+    assert np.array_equal(p.ids, want)
+    np.testing.assert_array_equal(np.asarray(p.vectors), np.stack([model[i] for i in want]))
+
+
+def test_a_merge_after_every_primary_row_is_deleted_keeps_the_delta_alone() -> None:
+    """All primary ids deleted, then new ids: the merged store holds the new rows only."""
+    eng = Engine(8, IndexSettings(family="ivf_flat"))
+    eng.build(data(300, 8), np.arange(300))
+    eng.delete(np.arange(300))
+    eng.merge()
+    eng.upsert([1_000, 7], data(2, 8, seed=2))
+    eng.merge()
+    p = eng.state.primary
+    assert p is not None and p.ids.tolist() == [7, 1_000]
+    want = as_vectors(data(2, 8, seed=2), 8, "cosine")[::-1]
+    np.testing.assert_array_equal(np.asarray(p.vectors), want)
