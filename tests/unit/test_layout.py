@@ -6,7 +6,16 @@ from collections import Counter
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "faissq"
-ROOT_MODULES = {"__init__.py", "__main__.py", "codec.py", "config.py", "errors.py", "keys.py"}
+# shards: shard names and the id-to-shard hash, shared by writes (tasks), fan-out (rpc) and cli
+ROOT_MODULES = {
+    "__init__.py",
+    "__main__.py",
+    "codec.py",
+    "config.py",
+    "errors.py",
+    "keys.py",
+    "shards.py",
+}
 MAX_LINES = 400
 
 
