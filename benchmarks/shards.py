@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from worker_proc import start_worker  # noqa: E402
 
 from faissq import shards  # noqa: E402
 from faissq.config import Settings  # noqa: E402
@@ -50,26 +51,6 @@ OWN = "bench4own"  # 4 shards, each with its own quantizer (trained on its rows)
 def vectors(n: int, seed: int) -> np.ndarray:
     """Gaussian float32 vectors (n, DIM)."""
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-
-
-def start_worker(settings: Settings, indexes: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start one `faissq worker` serving every index and wait until it answers a ping."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAISSQ_")}
-    env.update(FAISSQ_REDIS__URL=str(settings.redis.url),
-               FAISSQ_STORAGE__URL=settings.storage.url, FAISSQ_METRICS__ENABLED="false",
-               FAISSQ_GPU__MODE="off", PYTHONPATH=str(REPO))  # fmt: skip
-    argv = [sys.executable, "-m", "faissq", "worker", "-n", HOST, "-l", "WARNING"]
-    for name in indexes:
-        argv += ["--index", name]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    client = JobClient(settings)
-    deadline = time.monotonic() + 120
-    while not client.app.control.ping(destination=[HOST], timeout=0.5, limit=1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"worker did not start:\n{log.read_text()[-3000:]}")
-    client.close()
-    return proc
 
 
 def timed_build(jobs: JobClient, name: str, x: np.ndarray) -> tuple[float, dict[str, Any]]:
@@ -109,7 +90,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     names = {s: f"bench{s}" for s in COUNTS}
     indexes = ["one"] + [n for s in COUNTS for n in shards.shard_names(names[s], s)]
     indexes += shards.shard_names(OWN, 4)
-    proc = start_worker(settings, indexes, tmp / "worker.log")
+    proc = start_worker(settings, indexes, tmp / "worker.log", HOST)
     jobs = JobClient(settings)
     rows = []
     try:

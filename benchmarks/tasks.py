@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from worker_proc import start_worker  # noqa: E402
 
 from faissq.config import Settings  # noqa: E402
 from faissq.index.engine import Engine  # noqa: E402
@@ -42,39 +43,6 @@ Row = tuple[str, float, str]  # name, seconds, note
 def vectors(n: int, seed: int) -> np.ndarray:
     """Gaussian float32 vectors (n, DIM)."""
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-
-
-def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    """Start `faissq worker --index bench` and wait until it answers a ping."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAISSQ_")}
-    env.update(
-        FAISSQ_REDIS__URL=str(settings.redis.url),
-        FAISSQ_STORAGE__URL=settings.storage.url,
-        FAISSQ_METRICS__ENABLED="false",
-        FAISSQ_GPU__MODE="off",
-        PYTHONPATH=str(REPO),
-    )
-    argv = [
-        sys.executable,
-        "-m",
-        "faissq",
-        "worker",
-        "--index",
-        INDEX,
-        "-n",
-        "bench@local",
-        "-l",
-        "WARNING",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    client = JobClient(settings)
-    deadline = time.monotonic() + 60
-    while not client.app.control.ping(destination=["bench@local"], timeout=0.5, limit=1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"worker did not start:\n{log.read_text()[-3000:]}")
-    client.close()
-    return proc
 
 
 def upsert_jobs(
@@ -119,7 +87,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     redis_server = EmbeddedRedis(tmp / "redis", persistent=False)
     redis_server.start()
     settings = Settings(redis={"url": redis_server.url}, storage={"url": str(tmp / "data")})
-    proc = start_worker(settings, tmp / "worker.log")
+    proc = start_worker(settings, [INDEX], tmp / "worker.log", "bench@local", timeout_s=60)
     client = JobClient(settings)
     try:
         base = vectors(args.base, 0)

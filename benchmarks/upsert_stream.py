@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from worker_proc import start_worker  # noqa: E402
 
 from faissq.cli.demo_data import clustered  # noqa: E402
 from faissq.config import Settings  # noqa: E402
@@ -85,30 +86,6 @@ class Window:
         return {"qps": done / dt, "worker_ms": used[0] * dt / done, "worker_cpu": used[0],
                 "redis_cpu": used[1], "client_cpu": used[2],
                 "busy": (machine_busy_s() - m0) / dt}  # fmt: skip
-
-
-def start_worker(settings: Settings, log: Path, env_extra: dict[str, str]) -> Any:
-    """Start `faissq worker --index stream` and wait until it answers a ping."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAISSQ_")}
-    env.update(
-        FAISSQ_REDIS__URL=str(settings.redis.url),
-        FAISSQ_STORAGE__URL=settings.storage.url,
-        FAISSQ_METRICS__ENABLED="false",
-        FAISSQ_GPU__MODE="off",
-        PYTHONPATH=str(REPO),
-        **env_extra,
-    )
-    argv = [sys.executable, "-m", "faissq", "worker", "--index", INDEX, "-n", "stream@local",
-            "-l", "WARNING"]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    client = JobClient(settings)
-    deadline = time.monotonic() + 90
-    while not client.app.control.ping(destination=["stream@local"], timeout=0.5, limit=1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"worker did not start:\n{log.read_text()[-3000:]}")
-    client.close()
-    return proc
 
 
 class Searchers:
@@ -214,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"FAISSQ_MAINTENANCE__ENABLED": "false"} if args.no_maintenance else {}
     if args.merge_delta_max:
         env["FAISSQ_INDEX__MERGE_DELTA_MAX"] = str(args.merge_delta_max)
-    proc = start_worker(settings, tmp / "worker.log", env)
+    proc = start_worker(settings, [INDEX], tmp / "worker.log", "stream@local", env, 90)
     jobs = JobClient(settings)
     quiet: list[dict[str, float]] = []
     stream: list[dict[str, float]] = []
