@@ -37,7 +37,8 @@ def kill_in_the_fetch_window(
     worker: WorkerProcess, client: redis.Redis, jobs: JobClient, indexes: list[str]
 ) -> list[AsyncResult]:
     """Freeze the worker in its fetch, send one job per index, kill it once Redis handed one
-    over; return the jobs. A fetch that timed out before the jobs came lets them run: retry."""
+    over; return the jobs. A fetch that timed out before the jobs came lets them run: retry
+    (so on a slow host the caught job may be an index's second or later)."""
     assert worker.proc is not None
     for _ in range(20):
         wait_for(lambda: waiting_fetches(client) > 0, "the worker to wait for jobs")
@@ -124,7 +125,10 @@ def test_a_worker_on_tls_redis_loses_no_job_to_a_kill_during_its_fetch(
     try:
         sent = kill_in_the_fetch_window(worker, client, jobs, [index_name])
         worker.start()
-        assert sent[0].get(timeout=TIMEOUT)["seq"] == 1
+        caught = sent[0].get(timeout=TIMEOUT)
+        # Jobs of earlier rounds ran before the kill; the caught one is applied after them.
+        assert caught["seq"] >= 1
+        assert caught["applied"] == 1
     finally:
         jobs.close()
         client.close()
