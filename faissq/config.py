@@ -117,6 +117,14 @@ class IndexSettings(BaseModel):
     default_nprobe: int = Field(default=16, ge=1, description="nprobe when none is asked for.")
     default_ef_search: int = Field(default=64, ge=1, description="efSearch when none is given.")
     max_k: int = Field(default=1024, ge=1, description="Largest k a search may ask for.")
+    attributes: dict[str, Literal["int64", "keyword"]] = Field(
+        default_factory=dict,
+        description="Attribute fields stored with the vectors, for filters: name -> type.",
+    )
+    filter_exact_rows: int = Field(
+        default=20_000, ge=0,
+        description="A filter passing at most this many rows is answered by an exact scan.",
+    )  # fmt: skip
     memory_fraction: float = Field(
         default=0.5, gt=0, le=1, description="Budget = this fraction of available host memory."
     )

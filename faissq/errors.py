@@ -6,6 +6,8 @@
     │   │   └── DimensionMismatch
     │   ├── InvalidIds
     │   ├── InvalidParameter
+    │   │   └── InvalidFilter
+    │   ├── InvalidAttributes
     │   ├── UnknownFamily
     │   ├── EmptyBuild
     │   ├── MemoryBudgetExceeded
@@ -72,6 +74,18 @@ class InvalidParameter(PermanentError):
     """Raised when a search or build parameter is out of range or unknown."""
 
     code = "invalid_parameter"
+
+
+class InvalidFilter(InvalidParameter):
+    """Raised when a search filter is malformed, too large or names an undeclared attribute."""
+
+    code = "invalid_filter"
+
+
+class InvalidAttributes(PermanentError):
+    """Raised when a batch's attribute columns do not match the index's declared fields."""
+
+    code = "invalid_attributes"
 
 
 class UnknownFamily(PermanentError):

@@ -198,9 +198,9 @@ class Delta:
                 if deny is not None:
                     mask &= ~np.isin(ids, deny)
                 ids, vectors = ids[mask], vectors[mask]
-            return _knn(queries, ids, vectors, k, metric_type)
+            return exact_knn(queries, ids, vectors, k, metric_type)
         ids, vectors = self._buf.ids[: self._n], self._buf.vectors[: self._n]
-        return _knn(queries, ids, vectors, k, metric_type, self._live_selector())
+        return exact_knn(queries, ids, vectors, k, metric_type, self._live_selector())
 
     def _live_selector(self) -> Any:
         """A FAISS row selector passing the live rows (None when no row is dead), made once per
@@ -215,7 +215,7 @@ class Delta:
         return self._sel[0]
 
 
-def _knn(
+def exact_knn(
     queries: F32, ids: I64, vectors: F32, k: int, metric_type: int, rows: Any = None
 ) -> tuple[F32, I64]:
     """Exact top-k of queries over (ids, vectors), only rows `rows` passes (a FAISS selector;

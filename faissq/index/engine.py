@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,16 +17,18 @@ import numpy as np
 from faissq.config import GpuSettings, IndexSettings
 from faissq.errors import EmptyBuild, IndexNotReady, InvalidParameter
 from faissq.index import tuning, upkeep
+from faissq.index.attributes import AttrTable, check_batch, check_schema
 from faissq.index.builder import Progress, _noop, build_primary, merge_primary, metric_type
 from faissq.index.calibrate import sample_calibrator
 from faissq.index.delta import Delta
 from faissq.index.export import EngineExport, export_state, restore_parts
-from faissq.index.gpu import GpuCopy, clone_to_gpu, device_budget, probe_once
-from faissq.index.memory import host_budget, index_bytes
+from faissq.index.filters import filtered_allow
+from faissq.index.memory import host_budget
 from faissq.index.params import hnsw_of
+from faissq.index.placement import Cloner, gpu_budget, with_gpu
 from faissq.index.policy import choose_plan
 from faissq.index.reader import Reader
-from faissq.index.state import Primary, State, union_sorted
+from faissq.index.state import Primary, State
 from faissq.index.validate import (
     F32,
     I64,
@@ -37,8 +38,6 @@ from faissq.index.validate import (
     check_positive,
     check_recall,
 )
-
-Cloner = Callable[[Any], tuple[GpuCopy | None, str]]
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,13 @@ class Engine:
         self.name = name
         self.metric = settings.metric
         self._reader = Reader(name, metric_type(settings.metric), settings.metric == "cosine",
-                              settings.k_factor)  # fmt: skip
+                              settings.k_factor, settings.filter_exact_rows)  # fmt: skip
         self._gpu_cfg = gpu
         self._cloner = cloner
         self._write_lock = threading.RLock()
-        self._state = State.make(dim, None, Delta(dim), _EMPTY, 0)
+        self.schema = check_schema(settings.attributes)
+        attrs = AttrTable(self.schema) if self.schema else None
+        self._state = State.make(dim, None, Delta(dim), _EMPTY, 0, attrs=attrs)
         self._tuning: dict[str, Any] | None = None
         self._family_request: str | None = None
         self.last_durations: dict[str, float] = {}
@@ -120,8 +121,13 @@ class Engine:
         target_recall: float | None = None,
         allow_ids: Any = None,
         deny_ids: Any = None,
+        filter: Any = None,
     ) -> SearchResult:
-        """Top-k over primary + delta, tombstones excluded, merged by score, ids de-duplicated."""
+        """Top-k over primary + delta, tombstones excluded, merged by score, ids de-duplicated.
+
+        filter: a condition on attribute fields (faissq.index.filters); the top-k is exact with
+        respect to it (FAISS skips the rows it refuses; few passing rows are scanned exactly).
+        """
         st = self._state
         k = check_k(k, self.cfg.max_k)
         nprobe = check_positive("nprobe", nprobe)
@@ -131,6 +137,8 @@ class Engine:
         xq = as_vectors(queries, self.dim, self.metric)
         allow = None if allow_ids is None else np.unique(as_ids(allow_ids, unique=False))
         deny = None if deny_ids is None else np.unique(as_ids(deny_ids, unique=False))
+        if filter is not None:
+            allow = filtered_allow(st.attrs, self.schema, filter, allow)
         nprobe, ef_search, k_factor, met = tuning.fill(
             self._tuning, target, nprobe, ef_search, k_factor, self.cfg
         )
@@ -162,11 +170,13 @@ class Engine:
         progress: Progress | None = None,
         version: int | None = None,
         centroids: F32 | None = None,
+        attributes: Any = None,
     ) -> dict[str, Any]:
         """Replace the whole index with a fresh build of (ids, vectors); returns a report.
 
         version: the version the built state carries (the service passes the build's log seq);
         None: the current version + 1. centroids: an IVF family's coarse centroids (not trained).
+        attributes: the rows' attribute columns ({field: values}; absent fields are null).
         """
         progress = progress or _noop
         with self._write_lock:
@@ -178,25 +188,34 @@ class Engine:
             id_arr = as_ids(ids, arr.shape[0])
             if id_arr.size == 0:
                 raise EmptyBuild(f"build of index {self.name!r} got no vectors")
+            batch = check_batch(self.schema, attributes, int(id_arr.size))
             primary = self._build(id_arr, arr, family, progress, self._prepare, centroids)
             self._family_request = family
             self._tuning = None
-            self._publish(primary, Delta(self.dim), _EMPTY, new_version)
+            attrs = self._state.attrs
+            attrs = attrs.built(id_arr, batch) if attrs is not None else None
+            self._publish(primary, Delta(self.dim), _EMPTY, new_version, attrs)
             return self._report("build", t0, primary)
 
-    def upsert(self, ids: Any, vectors: Any, *, version: int | None = None) -> int:
+    def upsert(
+        self, ids: Any, vectors: Any, *, version: int | None = None, attributes: Any = None
+    ) -> int:
         """Insert or replace vectors by id (into the delta; older primary copies tombstoned).
 
-        version: the version of the new state (the service passes the batch's log seq).
+        version: the version of the new state (the service passes the batch's log seq);
+        attributes: the rows' attribute columns (absent fields are null; replaces old values).
         """
         with self._write_lock:
             new_version = self._next_version(version)
             st = self._state
             vecs = as_vectors(vectors, self.dim, self.metric)
             id_arr = as_ids(ids, vecs.shape[0])
-            tomb = _tombstone(st, id_arr)
+            batch = check_batch(self.schema, attributes, int(id_arr.size))
+            attrs = st.attrs.upserted(id_arr, batch) if st.attrs is not None else None
+            tomb = st.tombstoned(id_arr)
             delta = st.delta.without(id_arr).appended(id_arr, vecs)
-            self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st)
+            self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st,
+                                     attrs=attrs)  # fmt: skip
             return int(id_arr.size)
 
     def delete(self, ids: Any, *, version: int | None = None) -> int:
@@ -206,11 +225,13 @@ class Engine:
             st = self._state
             id_arr = np.unique(as_ids(ids, unique=False))
             live = int(st.contains(id_arr).sum())
-            tomb = _tombstone(st, id_arr)
+            tomb = st.tombstoned(id_arr)
             delta = st.delta.without(id_arr)
             changed = live or tomb is not st.tombstones or delta is not st.delta
             if changed or new_version != st.version:
-                self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st)
+                attrs = st.attrs.without(id_arr) if st.attrs is not None else None
+                self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st,
+                                         attrs=attrs)  # fmt: skip
             return live
 
     def merge(self, progress: Progress | None = None) -> dict[str, Any]:
@@ -222,16 +243,18 @@ class Engine:
             if st.primary is None:
                 if not len(st.delta):
                     raise IndexNotReady(f"index {self.name!r} is empty: nothing to merge")
-                return self.build(
+                report = self.build(
                     st.delta.vectors, st.delta.ids, progress=progress, version=st.version
                 )
+                self._state = replace(self._state, attrs=st.attrs)  # the same rows: same values
+                return report
             if st.tombstones.size and hnsw_of(st.primary.index) is not None:
                 return self.rebuild(progress)
             delta = st.delta
             primary = merge_primary(
                 st.primary, st.tombstones, delta.ids, delta.vectors, progress, self.cfg.raw_dir
             )
-            primary = self._with_gpu(primary)
+            primary = with_gpu(primary, self._gpu_cfg, self._cloner)
             self._publish(primary, Delta(self.dim), _EMPTY)
             return self._report("merge", t0, primary)
 
@@ -289,12 +312,14 @@ class Engine:
         return version
 
     def _publish(
-        self, primary: Primary, delta: Delta, tombstones: I64, version: int | None = None
-    ) -> None:
-        """Swap in a new state with one reference assignment (merges keep the version: the
-        live vectors are the same)."""
+        self, primary: Primary, delta: Delta, tombstones: I64, version: int | None = None,
+        attrs: AttrTable | None = None,
+    ) -> None:  # fmt: skip
+        """Swap in a new state with one reference assignment (merges keep the version and the
+        attributes: the live vectors are the same)."""
         version = self._state.version if version is None else version
-        self._state = State.make(self.dim, primary, delta, tombstones, version)
+        attrs = attrs if attrs is not None else self._state.attrs
+        self._state = State.make(self.dim, primary, delta, tombstones, version, attrs=attrs)
 
     def _prepare(self, rows: Any) -> F32:
         """Check one chunk of build input (normalised under cosine; no copy when ready)."""
@@ -307,29 +332,12 @@ class Engine:
         """Plan (calibrating when auto must choose) and stream a fresh primary."""
         plan = choose_plan(int(ids.size), self.dim, self.cfg, host_budget(self.cfg), family,
                            calibrator=sample_calibrator(vectors, self.cfg, prepare, progress),
-                           gpu_budget=self._device_budget())  # fmt: skip
+                           gpu_budget=gpu_budget(self._gpu_cfg, self._cloner))  # fmt: skip
         primary = build_primary(ids, vectors, plan, seed=self.cfg.seed,
                                 ef_construction=self.cfg.ef_construction, progress=progress,
                                 prepare=prepare, raw_dir=self.cfg.raw_dir,
                                 chunk=self.cfg.add_chunk, centroids=centroids)  # fmt: skip
-        return self._with_gpu(primary)
-
-    def _device_budget(self) -> int | None:
-        """GPU bytes an index may take when it will be cloned there, else None."""
-        if self._cloner is not None or self._gpu_cfg is None:
-            return None
-        return device_budget(self._gpu_cfg, probe_once())
-
-    def _with_gpu(self, primary: Primary) -> Primary:
-        """Attach a GPU copy when configured and possible; the reason is kept either way."""
-        if self._cloner is not None:
-            copy, reason = self._cloner(primary.index)
-        elif self._gpu_cfg is None:
-            return primary
-        else:
-            need = index_bytes(primary.plan)
-            copy, reason = clone_to_gpu(primary.index, self._gpu_cfg, probe_once(), need)
-        return replace(primary, gpu=copy, gpu_reason=reason)
+        return with_gpu(primary, self._gpu_cfg, self._cloner)
 
     def _report(self, op: str, t0: float, primary: Primary) -> dict[str, Any]:
         """The small dict a build/merge/rebuild returns."""
@@ -355,6 +363,11 @@ class Engine:
         """A consistent view of the current state for snapshots (arrays are not copied)."""
         return export_state(self._state, self.metric, self._tuning)
 
+    def attributes_of(self, ids: Any) -> dict[str, list[Any]]:
+        """Each declared field's value per id (None: null or not live); {} without fields."""
+        attrs = self._state.attrs
+        return {} if attrs is None else attrs.values_of(as_ids(ids, unique=False))
+
     @classmethod
     def from_export(
         cls,
@@ -370,18 +383,13 @@ class Engine:
         eng = cls(exp.dim, settings.model_copy(update={"metric": exp.metric}), name, gpu=gpu,
                   cloner=cloner)  # fmt: skip
         primary, delta, tomb = restore_parts(exp)
-        primary = eng._with_gpu(primary) if primary is not None else None
-        eng._state = State.make(exp.dim, primary, delta, tomb, version)
+        primary = with_gpu(primary, gpu, cloner) if primary is not None else None
+        attrs = eng._state.attrs
+        if attrs is not None and exp.attributes:
+            attrs = AttrTable.from_bytes(eng.schema, exp.attributes)
+        eng._state = State.make(exp.dim, primary, delta, tomb, version, attrs=attrs)
         eng._tuning = exp.tuning
         return eng
 
 
 _EMPTY: I64 = np.empty(0, dtype=np.int64)
-
-
-def _tombstone(st: State, ids: I64) -> I64:
-    """The state's tombstones plus those of ids that have a copy in the primary."""
-    if st.primary is None or ids.size == 0:
-        return st.tombstones
-    in_primary = st.primary.rows_of(ids) >= 0
-    return union_sorted(st.tombstones, ids[in_primary]) if in_primary.any() else st.tombstones

@@ -29,6 +29,7 @@ class EngineExport:
     delta_vectors: F32
     tombstones: I64
     tuning: dict[str, Any] | None
+    attributes: bytes = b""  # the attribute table (AttrTable.to_bytes); b"": no fields
 
 
 def export_state(st: State, metric: str, tuning: dict[str, Any] | None) -> EngineExport:
@@ -45,6 +46,7 @@ def export_state(st: State, metric: str, tuning: dict[str, Any] | None) -> Engin
         delta_vectors=st.delta.vectors,
         tombstones=st.tombstones,
         tuning=tuning,
+        attributes=st.attrs.to_bytes() if st.attrs is not None else b"",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -82,10 +83,15 @@ class GpuCopy:
         return p, keep
 
     def search(
-        self, queries: F32, k: int, nprobe: int | None, exclude: I64
-    ) -> tuple[F32, I64] | None:
-        """Top-k on the device, over-fetching past excluded ids; None: use the CPU copy."""
+        self, queries: F32, k: int, nprobe: int | None, exclude: I64,
+        allow: I64 | None = None, live: int = 0,
+    ) -> tuple[F32, I64] | None:  # fmt: skip
+        """Top-k on the device, over-fetching past excluded ids and ids outside `allow` (a
+        filter's sorted ids, of `live` rows); None: use the CPU copy (also when fewer than k
+        fetched rows pass, so a filtered answer never has holes)."""
         fetch = k + int(exclude.size)
+        if allow is not None:  # expect the allowed share of rows among those fetched, twice
+            fetch = math.ceil(2 * fetch * max(live, 1) / max(int(allow.size), 1))
         if fetch > self.max_k:
             return None
         try:
@@ -100,8 +106,12 @@ class GpuCopy:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("GPU search failed, answering from the CPU copy: %s", self.last_error)
             return None
-        if exclude.size:
-            drop = np.isin(ids, exclude)
+        if exclude.size or allow is not None:
+            drop = np.isin(ids, exclude) if exclude.size else np.zeros(ids.shape, dtype=bool)
+            if allow is not None:
+                drop |= ~np.isin(ids, allow)
+                if bool(((~drop).sum(axis=1) < k).any()):
+                    return None
             if drop.any():
                 order = np.argsort(drop, axis=1, kind="stable")
                 ids = np.where(drop, -1, ids)

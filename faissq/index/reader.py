@@ -6,14 +6,16 @@ given, so a search reads one consistent snapshot while mutations publish new one
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from faissq.errors import IndexNotReady, InvalidParameter
+from faissq.index.delta import exact_knn
 from faissq.index.params import batch_selector, combine, make_params, not_selector
 from faissq.index.results import exact_scores, merge_topk, worst
-from faissq.index.state import Primary, State, union_sorted
+from faissq.index.state import Primary, State, in_sorted, union_sorted
 from faissq.index.validate import F32, I64
 
 
@@ -25,6 +27,7 @@ class Reader:
     metric_type: int  # faiss.METRIC_*
     higher_is_better: bool  # inner product (cosine): larger scores rank first
     k_factor: int  # candidates per result fetched for exact refine, when the plan refines
+    exact_rows: int = 0  # an allow set (a filter's ids) this small is scanned exactly
 
     def top_k(
         self,
@@ -37,7 +40,15 @@ class Reader:
         allow: I64 | None,
         deny: I64 | None,
     ) -> tuple[F32, I64]:
-        """Top-k over primary + delta, tombstones excluded, merged by score, ids de-duplicated."""
+        """Top-k over primary + delta, tombstones excluded, merged by score, ids de-duplicated.
+
+        With an allow set: few ids are scanned exactly; else FAISS skips the others, probing
+        more lists (or a wider graph search) the fewer pass, so the filtered top-k has no holes.
+        """
+        if allow is not None:
+            if allow.size <= self.exact_rows:
+                return self.exact_subset(st, xq, k, allow, deny)
+            nprobe, ef_search = widened(nprobe, ef_search, allow.size, st.ntotal)
         parts: list[tuple[F32, I64]] = []
         if st.primary is not None:
             parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
@@ -49,6 +60,14 @@ class Reader:
         if self._delta_out_of_reach(parts[0], parts[1]):
             return parts[0]
         return merge_topk(parts, k, self.higher_is_better)
+
+    def exact_subset(
+        self, st: State, xq: F32, k: int, allow: I64, deny: I64 | None
+    ) -> tuple[F32, I64]:
+        """Exact top-k over the live vectors of the allowed ids (deny removed)."""
+        ids = allow if deny is None else allow[~in_sorted(deny, allow)]
+        found, vecs = st.vectors_of(ids)
+        return exact_knn(xq, ids[found], vecs[found], k, self.metric_type)
 
     def _delta_out_of_reach(self, primary: tuple[F32, I64], delta: tuple[F32, I64]) -> bool:
         """Whether no delta row would enter any row's top-k: the primary's k slots are all
@@ -79,9 +98,9 @@ class Reader:
         kf = k_factor if k_factor is not None else (self.k_factor if primary.plan.refine else 1)
         fetch = k * kf if lossy else k
         result = None
-        if primary.gpu is not None and allow is None:
+        if primary.gpu is not None:
             exclude = st.tombstones if deny is None else union_sorted(st.tombstones, deny)
-            result = primary.gpu.search(xq, fetch, nprobe, exclude)
+            result = primary.gpu.search(xq, fetch, nprobe, exclude, allow, st.ntotal)
         if result is None and allow is None and deny is None:
             # no per-call selector: the state's parameter trees are shared (FAISS only reads them)
             call = st.params_for(nprobe, ef_search)
@@ -150,3 +169,18 @@ class Reader:
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
         return np.take_along_axis(exact, order, axis=1), ids
+
+
+MAX_WIDEN = 16  # most a filter multiplies nprobe / efSearch by
+
+
+def widened(
+    nprobe: int | None, ef_search: int | None, passing: int, live: int
+) -> tuple[int | None, int | None]:
+    """nprobe and efSearch grown by the inverse share of rows a filter passes (at most
+    MAX_WIDEN times): the filtered neighbours lie further out, in more lists."""
+    if passing <= 0 or live <= passing:
+        return nprobe, ef_search
+    w = min(MAX_WIDEN, live / passing)
+    return (None if nprobe is None else math.ceil(nprobe * w),
+            None if ef_search is None else math.ceil(ef_search * w))  # fmt: skip

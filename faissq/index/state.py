@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq.errors import IndexNotReady
+from faissq.index.attributes import AttrTable
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy
 from faissq.index.params import CallParams, ParamShape, make_params, not_selector, param_shape
@@ -76,6 +77,7 @@ class State:
     tomb_selector: tuple[Any, list[Any]] | None = field(default=None)
     # parameter trees holding tomb_selector, one per (nprobe, ef_search): FAISS only reads them
     tomb_params: dict[tuple[int | None, int | None], CallParams] = field(default_factory=dict)
+    attrs: AttrTable | None = None  # attribute values of the live ids (None: no fields declared)
 
     @classmethod
     def make(
@@ -87,17 +89,21 @@ class State:
         version: int,
         *,
         before: State | None = None,
+        attrs: AttrTable | None = None,
     ) -> State:
         """Build a State, precomputing the tombstone selector once for all its searches.
 
         before: the state this one follows; its selector is reused when the tombstones are the
         same array (a FAISS id set per state would churn the C++ heap on every upsert).
+        attrs: the attribute table (None: the one of `before`, if any).
         """
+        if attrs is None and before is not None:
+            attrs = before.attrs
         if before is not None and before.tombstones is tombstones:
             sel = before.tomb_selector
         else:
             sel = not_selector(tombstones) if tombstones.size else None
-        return cls(dim, primary, delta, tombstones, version, sel)
+        return cls(dim, primary, delta, tombstones, version, sel, attrs=attrs)
 
     def params_for(self, nprobe: int | None, ef_search: int | None) -> CallParams:
         """SearchParameters for a call filtered by the tombstones alone, built once per setting
@@ -143,6 +149,15 @@ class State:
             out[live] = self.primary.vectors[self.primary.rows_of(ids[live])]
             found |= live
         return found, out
+
+    def tombstoned(self, ids: I64) -> I64:
+        """The tombstones plus those of ids that have a copy in the primary."""
+        if self.primary is None or ids.size == 0:
+            return self.tombstones
+        in_primary = self.primary.rows_of(ids) >= 0
+        if not in_primary.any():
+            return self.tombstones
+        return union_sorted(self.tombstones, ids[in_primary])
 
     def live_vectors(self) -> tuple[I64, F32]:
         """All live (ids, vectors) from the raw store and the delta (a copy)."""

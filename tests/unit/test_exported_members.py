@@ -34,6 +34,8 @@ ERRORS = {
     "DimensionMismatch": ("InvalidVectors", "dimension_mismatch"),
     "InvalidIds": ("PermanentError", "invalid_ids"),
     "InvalidParameter": ("PermanentError", "invalid_parameter"),
+    "InvalidFilter": ("InvalidParameter", "invalid_filter"),
+    "InvalidAttributes": ("PermanentError", "invalid_attributes"),
     "UnknownFamily": ("PermanentError", "unknown_family"),
     "EmptyBuild": ("PermanentError", "empty_build"),
     "MemoryBudgetExceeded": ("PermanentError", "memory_budget_exceeded"),
