@@ -122,7 +122,7 @@ class IndexSettings(BaseModel):
         description="Attribute fields stored with the vectors, for filters: name -> type.",
     )
     filter_exact_rows: int = Field(
-        default=20_000, ge=0,
+        default=10_000, ge=0,
         description="A filter passing at most this many rows is answered by an exact scan.",
     )  # fmt: skip
     memory_fraction: float = Field(

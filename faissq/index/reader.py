@@ -64,10 +64,22 @@ class Reader:
     def exact_subset(
         self, st: State, xq: F32, k: int, allow: I64, deny: I64 | None
     ) -> tuple[F32, I64]:
-        """Exact top-k over the live vectors of the allowed ids (deny removed)."""
+        """Exact top-k over the live vectors of the allowed ids (deny removed): their raw rows
+        gathered (FAISS's selector-aware knn would score every row) and the delta's among them."""
         ids = allow if deny is None else allow[~in_sorted(deny, allow)]
-        found, vecs = st.vectors_of(ids)
-        return exact_knn(xq, ids[found], vecs[found], k, self.metric_type)
+        parts: list[tuple[F32, I64]] = []
+        p = st.primary
+        if p is not None:
+            rows = p.rows_of(ids)
+            live = rows >= 0
+            if st.tombstones.size:
+                live &= ~in_sorted(st.tombstones, ids)
+            in_p, rows = ids[live], rows[live]
+            vecs = np.take(np.asarray(p.vectors), rows, axis=0)
+            parts.append(exact_knn(xq, in_p, vecs, k, self.metric_type))
+        if len(st.delta) or not parts:
+            parts.append(st.delta.search(xq, k, self.metric_type, ids, None))
+        return parts[0] if len(parts) == 1 else merge_topk(parts, k, self.higher_is_better)
 
     def _delta_out_of_reach(self, primary: tuple[F32, I64], delta: tuple[F32, I64]) -> bool:
         """Whether no delta row would enter any row's top-k: the primary's k slots are all
