@@ -6,7 +6,8 @@ Nothing registers at import: `make_metrics()` builds the metrics on a fresh Coll
 process (or a test) holds as many independent sets as it likes. Base units (`_seconds`, `_bytes`),
 `_total` counters, histograms for latencies and sizes; labels are low-cardinality only (index,
 outcome, task, op, lifecycle state, and the index's family/factory in one info series) - never
-request values such as k or nprobe, which are gauges of the last request instead.
+request values such as k or nprobe, which are gauges of the last request instead. Every
+per-index family carries INDEX_LABELS: `index` (the serving name), `shard` and `parent`.
 
 Every metric is collected through one `ScrapeCollector`: at each collection it first runs its
 `refresh` (set by worker_telemetry), so the index gauges report the engine's actual state
@@ -31,6 +32,8 @@ from prometheus_client.registry import Collector
 
 from faissq.telemetry.http_endpoint import HealthFn, MetricsServer, readiness, start_http
 from faissq.telemetry.metric_updates import (
+    INDEX_LABELS,
+    index_labels,
     observe_job,
     observe_storage_retry,
     observe_turn,
@@ -39,11 +42,13 @@ from faissq.telemetry.metric_updates import (
 from faissq.telemetry.recall_metrics import RecallMetrics, make_recall_metrics
 
 __all__ = [
+    "INDEX_LABELS",
     "HealthFn",
     "Metrics",
     "MetricsServer",
     "ScrapeCollector",
     "attach_metrics",
+    "index_labels",
     "make_metrics",
     "metric_names",
     "metrics_of",
@@ -147,7 +152,7 @@ class Metrics:
 def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     """Create every faissq metric on `registry` (a new, dedicated one when None)."""
     r = registry if registry is not None else CollectorRegistry(auto_describe=True)
-    ix = ("index",)
+    ix = INDEX_LABELS
     scrape = ScrapeCollector()
     unregistered = None  # every metric is collected through `scrape`, which is registered
 
@@ -187,7 +192,7 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         index_state=gauge(
             "faissq_index_state",
             "1 for the index's lifecycle state (loading/empty/ready/rebuilding/degraded/failed).",
-            ("index", "state"),
+            (*ix, "state"),
         ),
         index_imbalance=gauge(
             "faissq_index_imbalance", "IVF list-size imbalance factor (1 = even; 1 for non-IVF)."
@@ -214,19 +219,19 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         last_duration_seconds=gauge(
             "faissq_index_last_duration_seconds",
             "Duration of the last build, merge, rebuild, save or load of the index (op label).",
-            ("index", "op"),
+            (*ix, "op"),
         ),
         builds_total=counter("faissq_builds_total", "Builds that completed and were swapped in."),
         worker_ready=Gauge(
             "faissq_worker_ready", "1 once every served index was loaded.", registry=unregistered
         ),
         searches_total=counter(
-            "faissq_searches_total", "Search requests by outcome.", ("index", "outcome")
+            "faissq_searches_total", "Search requests by outcome.", (*ix, "outcome")
         ),
         search_errors_total=counter(
             "faissq_search_errors_total",
             "Search requests not answered with results, by outcome.",
-            ("index", "outcome"),
+            (*ix, "outcome"),
         ),
         search_queries_total=counter(
             "faissq_search_queries_total", "Query vectors searched (a request may carry many)."
@@ -273,12 +278,12 @@ def make_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         storage_retries_total=counter(
             "faissq_storage_retries_total",
             "In-place retries of jobs while storage was unavailable (the index's queue waited).",
-            ("index", "task"),
+            (*ix, "task"),
         ),
         maintenance_total=counter(
             "faissq_maintenance_total",
             "Merges and saves run by the background maintenance, by action (merge, save).",
-            ("index", "action"),
+            (*ix, "action"),
         ),
         log_unsaved_bytes=gauge(
             "faissq_log_unsaved_bytes",

@@ -7,9 +7,12 @@ Every observe_* takes `None` for metrics (disabled) and then does nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from faissq.shards import parse_shard
 
 if TYPE_CHECKING:
     from prometheus_client import Gauge
@@ -22,6 +25,20 @@ UNREADABLE = "unreadable"  # the outcome of a request dropped unanswered: no usa
 DURATION_OPS = ("build", "merge", "rebuild", "save", "load")  # values of the `op` label
 # values of the `state` label: those of faissq.worker.runtime.IndexState (a test pins them)
 INDEX_STATES = ("loading", "empty", "ready", "rebuilding", "degraded", "failed")
+# the labels of every per-index family: the serving name, its shard ("2of4"; "" when unsharded)
+# and the index it is part of (the sharded index's name; an unsharded index's own), so
+# `sum by (parent)` adds a sharded index's shards up and `index` queries keep working
+INDEX_LABELS = ("index", "shard", "parent")
+
+
+@functools.lru_cache(maxsize=4096)
+def index_labels(index: str) -> tuple[str, str, str]:
+    """The INDEX_LABELS values of an index: docs.s2of4 -> ("docs.s2of4", "2of4", "docs")."""
+    parsed = parse_shard(index)
+    if parsed is None:
+        return index, "", index
+    parent, shard, shards = parsed
+    return index, f"{shard}of{shards}", parent
 
 
 def _num(value: Any, default: float = 0.0) -> float:
@@ -50,56 +67,56 @@ def update_index_gauges(
     Optional keys beyond Engine.stats(): `code_bytes` and `last_durations` ({op: seconds}).
     Keyword values the caller does not know are left as they were.
     """
-    m, st = metrics, engine_stats or {}
+    m, st, ix = metrics, engine_stats or {}, index_labels(name)
     family, factory = st.get("family"), st.get("factory")
-    m.index_info.labels(name).info(
+    m.index_info.labels(*ix).info(
         {
             "family": str(family or "none"),
             "factory": str(factory or ""),
             "metric": str(st.get("metric") or ""),
         }
     )
-    m.index_vectors.labels(name).set(_num(st.get("ntotal")))
-    m.index_delta_vectors.labels(name).set(_num(st.get("delta")))
-    m.index_tombstones.labels(name).set(_num(st.get("tombstones")))
+    m.index_vectors.labels(*ix).set(_num(st.get("ntotal")))
+    m.index_delta_vectors.labels(*ix).set(_num(st.get("delta")))
+    m.index_tombstones.labels(*ix).set(_num(st.get("tombstones")))
     code = st.get("code_bytes")
-    m.index_code_bytes.labels(name).set(_num(code) + _num(st.get("delta_bytes")))
-    m.index_raw_bytes.labels(name).set(_num(st.get("raw_bytes")))
-    m.index_dim.labels(name).set(_num(st.get("dim")))
-    m.index_version.labels(name).set(_num(st.get("version")))
-    m.index_imbalance.labels(name).set(_num(st.get("imbalance"), 1.0))
-    m.index_merge_due.labels(name).set(_num(st.get("merge_due")))
-    m.index_rebuild_due.labels(name).set(_num(st.get("rebuild_due")))
+    m.index_code_bytes.labels(*ix).set(_num(code) + _num(st.get("delta_bytes")))
+    m.index_raw_bytes.labels(*ix).set(_num(st.get("raw_bytes")))
+    m.index_dim.labels(*ix).set(_num(st.get("dim")))
+    m.index_version.labels(*ix).set(_num(st.get("version")))
+    m.index_imbalance.labels(*ix).set(_num(st.get("imbalance"), 1.0))
+    m.index_merge_due.labels(*ix).set(_num(st.get("merge_due")))
+    m.index_rebuild_due.labels(*ix).set(_num(st.get("rebuild_due")))
     on_gpu = bool(st.get("gpu"))
-    m.gpu_enabled.labels(name).set(1.0 if on_gpu else 0.0)
-    m.cuvs_enabled.labels(name).set(1.0 if on_gpu and "cuVS" in str(st.get("device")) else 0.0)
-    m.gpu_failures.labels(name).set(_num(st.get("gpu_failures")))
+    m.gpu_enabled.labels(*ix).set(1.0 if on_gpu else 0.0)
+    m.cuvs_enabled.labels(*ix).set(1.0 if on_gpu and "cuVS" in str(st.get("device")) else 0.0)
+    m.gpu_failures.labels(*ix).set(_num(st.get("gpu_failures")))
     tuning = st.get("tuning")
     recall = tuning.get("recall") if isinstance(tuning, Mapping) else None
     if isinstance(recall, int | float):
-        m.tuning_recall.labels(name).set(float(recall))
+        m.tuning_recall.labels(*ix).set(float(recall))
     else:  # no active tuning: no series rather than a made-up value
-        _remove(m.tuning_recall, name)
+        _remove(m.tuning_recall, *ix)
     durations = st.get("last_durations")
     if isinstance(durations, Mapping):
         for op, seconds in durations.items():
             if op in DURATION_OPS and isinstance(seconds, int | float):
-                m.last_duration_seconds.labels(name, op).set(float(seconds))
+                m.last_duration_seconds.labels(*ix, op).set(float(seconds))
     if load_s is not None:
-        m.last_duration_seconds.labels(name, "load").set(load_s)
+        m.last_duration_seconds.labels(*ix, "load").set(load_s)
     if ready is not None:
-        m.index_ready.labels(name).set(1.0 if ready else 0.0)
+        m.index_ready.labels(*ix).set(1.0 if ready else 0.0)
     if state is not None:  # one series per state, 1 on the current one: alerts match on the label
         for each in INDEX_STATES:
-            m.index_state.labels(name, each).set(1.0 if each == state else 0.0)
+            m.index_state.labels(*ix, each).set(1.0 if each == state else 0.0)
     if seq is not None:
-        m.index_seq.labels(name).set(seq)
+        m.index_seq.labels(*ix).set(seq)
         if log_seq is not None:
-            m.log_seq_lag.labels(name).set(max(0, log_seq - seq))
+            m.log_seq_lag.labels(*ix).set(max(0, log_seq - seq))
     if snapshot_age_s is not None:
-        m.snapshot_age_seconds.labels(name).set(max(0.0, snapshot_age_s))
+        m.snapshot_age_seconds.labels(*ix).set(max(0.0, snapshot_age_s))
     elif engine_stats is None:
-        _remove(m.snapshot_age_seconds, name)
+        _remove(m.snapshot_age_seconds, *ix)
 
 
 def _remove(metric: Gauge, *labels: str) -> None:
@@ -159,27 +176,27 @@ def observe_turn(
     """
     if metrics is None:
         return
-    m = metrics
+    m, ix = metrics, index_labels(index)
     if turn.popped:
-        m.rpc_batch_size.labels(index).observe(turn.popped)
+        m.rpc_batch_size.labels(*ix).observe(turn.popped)
     if turn.answered:
-        m.searches_total.labels(index, SEARCH_OK).inc(turn.answered)
+        m.searches_total.labels(*ix, SEARCH_OK).inc(turn.answered)
     for seconds in turn.latencies_s:
-        m.search_latency_seconds.labels(index).observe(seconds)
+        m.search_latency_seconds.labels(*ix).observe(seconds)
     for code, n in turn.errors.items():
-        m.searches_total.labels(index, code).inc(n)
-        m.search_errors_total.labels(index, code).inc(n)
+        m.searches_total.labels(*ix, code).inc(n)
+        m.search_errors_total.labels(*ix, code).inc(n)
     if turn.expired:
-        m.rpc_deadline_drops_total.labels(index).inc(turn.expired)
+        m.rpc_deadline_drops_total.labels(*ix).inc(turn.expired)
     if turn.dropped:
-        m.searches_total.labels(index, UNREADABLE).inc(turn.dropped)
-        m.search_errors_total.labels(index, UNREADABLE).inc(turn.dropped)
+        m.searches_total.labels(*ix, UNREADABLE).inc(turn.dropped)
+        m.search_errors_total.labels(*ix, UNREADABLE).inc(turn.dropped)
     queries = sum(int(getattr(getattr(r, "queries", None), "shape", (1,))[0]) for r in requests)
     if queries:
-        m.search_queries_total.labels(index).inc(queries)
+        m.search_queries_total.labels(*ix).inc(queries)
     if requests:
         last = requests[-1]
-        m.search_last_k.labels(index).set(int(last.k))
+        m.search_last_k.labels(*ix).set(int(last.k))
         if callable(engine):  # the loop's engine source: the engine serving now
             try:
                 engine = engine()
@@ -189,9 +206,9 @@ def observe_turn(
             nprobe, ef = search_params(engine, last)
             family = str(_family(engine))
             if nprobe is not None and family.startswith("ivf"):
-                m.search_last_nprobe.labels(index).set(nprobe)
+                m.search_last_nprobe.labels(*ix).set(nprobe)
             if ef is not None and family == "hnsw":
-                m.search_last_ef_search.labels(index).set(ef)
+                m.search_last_ef_search.labels(*ix).set(ef)
 
 
 def _family(engine: Any) -> str | None:
@@ -215,13 +232,14 @@ def observe_job(
     if seconds is not None and math.isfinite(seconds) and seconds >= 0:
         metrics.job_duration_seconds.labels(task).observe(seconds)
     if index and outcome == "success":
+        ix = index_labels(index)
         if task.endswith(".build"):
-            metrics.builds_total.labels(index).inc()
+            metrics.builds_total.labels(*ix).inc()
         if seconds is not None and task.endswith(".save"):
-            metrics.last_duration_seconds.labels(index, "save").set(seconds)
+            metrics.last_duration_seconds.labels(*ix, "save").set(seconds)
 
 
 def observe_storage_retry(metrics: Metrics | None, task: str, index: str | None) -> None:
     """Count one in-place retry of a job that found storage unavailable."""
     if metrics is not None:
-        metrics.storage_retries_total.labels(index or "unknown", task).inc()
+        metrics.storage_retries_total.labels(*index_labels(index or "unknown"), task).inc()

@@ -16,7 +16,9 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
-IP = ("index", "param")
+from faissq.telemetry.metric_updates import INDEX_LABELS, index_labels
+
+IP = (*INDEX_LABELS, "param")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class RecallMetrics:
 
 def make_recall_metrics() -> RecallMetrics:
     """Create the families, registered nowhere: metric_families' collector collects them."""
-    ix = ("index",)
+    ix = INDEX_LABELS
     r = None
     return RecallMetrics(
         live=Gauge(
@@ -99,26 +101,27 @@ def update_recall_gauges(m: RecallMetrics, index: str, summary: Mapping[str, Any
     """Set the families of one index from recall_live's summary (None: nothing sampled here)."""
     if summary is None:
         return
+    ix = index_labels(index)
     params = summary.get("params") or {}
     for label, row in params.items():
-        m.live.labels(index, label).set(float(row["recall"]))
-        m.lower.labels(index, label).set(float(row["recall_lo"]))
-        m.samples.labels(index, label).set(int(row["samples"]))
+        m.live.labels(*ix, label).set(float(row["recall"]))
+        m.lower.labels(*ix, label).set(float(row["recall_lo"]))
+        m.samples.labels(*ix, label).set(int(row["samples"]))
     for gone in m._params.get(index, set()) - set(params):  # settings no longer in the window
         for g in (m.live, m.lower, m.samples):
             with contextlib.suppress(KeyError):
-                g.remove(index, gone)
+                g.remove(*ix, gone)
     m._params[index] = set(params)
     for name, counter in (("sampled", m.sampled_total), ("evaluated", m.evaluated_total),
                           ("cpu_seconds", m.cpu_seconds_total)):  # fmt: skip
         total = float(summary.get(name, 0.0))
         step = total - m._seen.get((index, name), 0.0)
         if step > 0:
-            counter.labels(index).inc(step)
+            counter.labels(*ix).inc(step)
         m._seen[(index, name)] = total
-    m.backlog.labels(index).set(int(summary.get("backlog", 0)))
+    m.backlog.labels(*ix).set(int(summary.get("backlog", 0)))
     drift = summary.get("drift")
     if isinstance(drift, Mapping):
         if isinstance(drift.get("ratio"), int | float):
-            m.drift_ratio.labels(index).set(float(drift["ratio"]))
-        m.rebuild_advised.labels(index).set(1.0 if drift.get("advised") else 0.0)
+            m.drift_ratio.labels(*ix).set(float(drift["ratio"]))
+        m.rebuild_advised.labels(*ix).set(1.0 if drift.get("advised") else 0.0)

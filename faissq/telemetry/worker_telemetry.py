@@ -25,6 +25,7 @@ from faissq.telemetry.metric_families import (
     Metrics,
     MetricsServer,
     attach_metrics,
+    index_labels,
     make_metrics,
     observe_job,
     update_index_gauges,
@@ -150,7 +151,7 @@ class WorkerTelemetry:
         except Exception as exc:
             log.debug("metrics: queue depth of %s unavailable: %s", index, exc)
             return
-        self.metrics.rpc_queue_depth.labels(index).set(depth)
+        self.metrics.rpc_queue_depth.labels(*index_labels(index)).set(depth)
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Readiness of each served index: loaded (and replayed) and serving searches."""

@@ -33,7 +33,7 @@ from faissq.config import Settings
 from faissq.errors import FaissqError, InvalidParameter
 from faissq.index.heap import mmap_large_blocks, release_freed
 from faissq.storage.log import entry_name
-from faissq.telemetry.metric_families import metrics_of
+from faissq.telemetry.metric_families import index_labels, metrics_of
 from faissq.worker import publish
 from faissq.worker.context import context_of
 from faissq.worker.runtime import IndexRuntime
@@ -273,12 +273,12 @@ class Maintenance:
     def _count(self, index: str, action: str) -> None:
         metrics = metrics_of(self._runtime) if self._runtime is not None else None
         if metrics is not None:
-            metrics.maintenance_total.labels(index, action).inc()
+            metrics.maintenance_total.labels(*index_labels(index), action).inc()
 
     def _gauge(self, index: str, backlog: Backlog) -> None:
         metrics = metrics_of(self._runtime) if self._runtime is not None else None
         if metrics is not None:
-            metrics.log_unsaved_bytes.labels(index).set(backlog.bytes)
+            metrics.log_unsaved_bytes.labels(*index_labels(index)).set(backlog.bytes)
 
     def _clear_pending(self, index: str, task_id: str | None) -> None:
         """Drop the pending mark if it is this job's (an operator's own job leaves it alone)."""

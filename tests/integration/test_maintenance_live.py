@@ -34,12 +34,12 @@ def free_port() -> int:
 
 
 def metric(port: int, name: str, **labels: str) -> float | None:
-    """One sample of the worker's /metrics, None when absent."""
+    """The sample of the worker's /metrics whose labels include these, None when absent."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name == name and s.labels == labels:
+            if s.name == name and labels.items() <= s.labels.items():
                 return float(s.value)
     return None
 

@@ -49,8 +49,11 @@ def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def sample(samples: dict[Any, float], name: str, **labels: str) -> float | None:
-    """One sample's value, None when absent."""
-    return samples.get((name, tuple(sorted(labels.items()))))
+    """The value of the one sample whose labels include these, None when there is none."""
+    want = set(labels.items())
+    hits = [v for (n, ls), v in samples.items() if n == name and want <= set(ls)]
+    assert len(hits) <= 1, f"{name} {labels} matches {len(hits)} series"
+    return hits[0] if hits else None
 
 
 def vecs(n: int, seed: int = 0) -> np.ndarray:

@@ -125,13 +125,15 @@ def test_live_recall_shows_what_synthetic_calibration_overstates(live: Live) -> 
     assert live.tuned["source"] == "synthetic" and chosen["recall_lo"] >= TARGET
     param = f"k=10 nprobe={chosen['nprobe']}"
     samples = scrape(live.metrics)
-    shown = samples[("faissq_recall_live", (("index", live.index), ("param", param)))]
-    count = samples[("faissq_recall_live_samples", (("index", live.index), ("param", param)))]
+    ix = (("index", live.index), ("param", param), ("parent", live.index), ("shard", ""))
+    shown = samples[("faissq_recall_live", ix)]
+    count = samples[("faissq_recall_live_samples", ix)]
     offline = recall(live.found, exact_ids(live.xb, live.served, 10))
     assert count == SERVED
     assert abs(shown - offline) <= 0.01, (shown, offline)
     assert shown < chosen["recall_lo"] - 0.02, (shown, chosen)  # synthetic overstated it
-    assert samples[("faissq_recall_sampled_total", (("index", live.index),))] == SERVED
+    ix = (("index", live.index), ("parent", live.index), ("shard", ""))
+    assert samples[("faissq_recall_sampled_total", ix)] == SERVED
     stats = live.jobs.stats(live.index).get(timeout=TIMEOUT)
     assert stats["recall_live"]["params"][param]["samples"] == SERVED
     argv = [sys.executable, "-m", "faissq", "status", "--index", live.index]

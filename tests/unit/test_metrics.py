@@ -29,7 +29,8 @@ from faissq.telemetry.metric_families import (
 )
 from faissq.telemetry.worker_telemetry import code_bytes, job_outcome
 
-LABELS_ALLOWED = {"index", "outcome", "task", "op", "state", "le"}  # le: histogram buckets
+# le: histogram buckets; shard and parent: derived from index (faissq.shards' name rule)
+LABELS_ALLOWED = {"index", "shard", "parent", "outcome", "task", "op", "state", "le"}
 
 
 def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -43,8 +44,11 @@ def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
-    """One sample's value, None when the series does not exist."""
-    return scrape(metrics).get((name, tuple(sorted(labels.items()))))
+    """The value of the one sample whose labels include these, None when there is none."""
+    want = set(labels.items())
+    hits = [v for (n, ls), v in scrape(metrics).items() if n == name and want <= set(ls)]
+    assert len(hits) <= 1, f"{name} {labels} matches {len(hits)} series"
+    return hits[0] if hits else None
 
 
 def engine(n: int = 400, dim: int = 8, family: str = "flat") -> Engine:
@@ -104,9 +108,44 @@ def test_index_gauges_report_the_engines_actual_state() -> None:
     assert value(m, "faissq_gpu_enabled", index="i") == 0
     assert value(m, "faissq_cuvs_enabled", index="i") == 0
     info = ("faissq_index_info", (("factory", "IDMap,Flat"), ("family", "flat"), ("index", "i"),
-                                  ("metric", "l2")))  # fmt: skip
+                                  ("metric", "l2"), ("parent", "i"), ("shard", "")))  # fmt: skip
     assert scrape(m)[info] == 1
     assert value(m, "faissq_tuning_recall", index="i") is None  # no autotune yet: no series
+
+
+def test_a_shards_series_carry_its_shard_and_parent_beside_the_full_index_name() -> None:
+    """Every per-index family labels docs.s1of2 with shard "1of2" and parent "docs"; an
+    unsharded index gets shard "" and itself as parent, so `sum by (parent)` adds up shards."""
+    from faissq.telemetry.recall_metrics import update_recall_gauges
+
+    m = make_metrics()
+    eng = engine()
+    shard_names = ["docs.s0of2", "docs.s1of2"]
+    for name in [*shard_names, "solo", "odd.s2of2"]:  # odd.s2of2: no valid shard (2 >= 2)
+        update_index_gauges(m, name, eng.stats(), ready=True, state="ready", seq=1, log_seq=1,
+                            snapshot_age_s=1.0, load_s=0.1)  # fmt: skip
+        observe_turn(m, name, Turn(popped=1, answered=1, latencies_s=[0.001]), [request(4)], eng)
+        observe_job(m, "faissq.build", "success", 1.0, index=name)
+        update_recall_gauges(m.recall, name, {"params": {"k=4": {"recall": 1.0, "recall_lo": 0.9,
+                             "samples": 3}}, "sampled": 3, "backlog": 0})  # fmt: skip
+    want = {"docs.s0of2": ("0of2", "docs"), "docs.s1of2": ("1of2", "docs"),
+            "solo": ("", "solo"), "odd.s2of2": ("", "odd.s2of2")}  # fmt: skip
+    families = set()
+    for (name, labels), _ in scrape(m).items():
+        got = dict(labels)
+        if "index" in got:
+            families.add(name)
+            assert (got["shard"], got["parent"]) == want[got["index"]], (name, got)
+    assert {
+        "faissq_index_vectors",
+        "faissq_searches_total",
+        "faissq_builds_total",
+        "faissq_recall_live",
+        "faissq_index_state",
+        "faissq_index_info",
+    } <= families
+    vectors = [value(m, "faissq_index_vectors", parent="docs", shard=s) for s in ("0of2", "1of2")]
+    assert vectors == [eng.ntotal, eng.ntotal]
 
 
 def test_ivf_imbalance_tuning_recall_and_a_rebuilt_family_replace_the_old_values() -> None:

@@ -98,9 +98,10 @@ def test_checks_equal_an_offline_exact_recall_per_setting(ivf: Any) -> None:
     assert low < high and params["k=10 nprobe=1"]["samples"] == 32
     m = make_metrics()
     update_recall_gauges(m.recall, "i", s.summary())
-    got = m.registry.get_sample_value("faissq_recall_live", {"index": "i", "param": "k=5 nprobe=8"})
+    ix = {"index": "i", "shard": "", "parent": "i"}
+    got = m.registry.get_sample_value("faissq_recall_live", {**ix, "param": "k=5 nprobe=8"})
     assert got == params["k=5 nprobe=8"]["recall"]
-    assert m.registry.get_sample_value("faissq_recall_evaluated_total", {"index": "i"}) == 64
+    assert m.registry.get_sample_value("faissq_recall_evaluated_total", ix) == 64
 
 
 def test_a_sample_answered_by_an_older_state_is_searched_again_on_the_current_one() -> None:
