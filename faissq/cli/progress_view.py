@@ -116,6 +116,9 @@ def print_profile(profile: dict[str, Any], out: TextIO | None = None) -> None:
     if profile.get("source"):
         print(f"  queries    {profile.get('num_queries')} {profile['source']} (docs/operations.md "
               "5.1)", file=out)  # fmt: skip
+    if isinstance(profile.get("installed"), dict):  # a sharded index, tuned as a whole
+        print(f"  shards     {len(profile['installed'])}, each given this profile (recall of their"
+              " merged top-k; ms/query: the slowest shard's)", file=out)  # fmt: skip
     for row in table:
         params = ", ".join(
             f"{key}={row[key]}" for key in ("nprobe", "ef_search", "k_factor") if key in row

@@ -275,16 +275,9 @@ class Engine:
             self._publish(primary, Delta(self.dim), _EMPTY)
             return self._report("rebuild", t0, primary)
 
-    def autotune(
-        self,
-        *,
-        target_recall: float | None = None,
-        k: int = 10,
-        queries: Any = None,
-        num_queries: int = 1000,
-        progress: Progress | None = None,
-        source: str | None = None,
-    ) -> dict[str, Any]:
+    def autotune(self, *, target_recall: float | None = None, k: int = 10, queries: Any = None,
+                 num_queries: int = 1000, progress: Progress | None = None,
+                 source: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Sweep search parameters against exact ground truth; keep and return the profile.
 
         source: what the queries are, recorded in the profile (default: synthetic or given).
@@ -297,6 +290,14 @@ class Engine:
             )
             self._tuning = profile
             return profile
+
+    def sweep(self, queries: Any, k: int, target_recall: float | None = None,
+              progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
+        """This index's part of a sharded autotune (tuning.sweep); installs nothing."""
+        target = check_recall(target_recall) or self.cfg.target_recall
+        with self._write_lock:
+            xq = as_vectors(queries, self.dim, self.metric)
+            return tuning.sweep(self, xq, check_k(k, self.cfg.max_k), target, progress or _noop)
 
     def set_tuning(self, profile: dict[str, Any] | None) -> None:
         """Install a stored autotune profile (from a snapshot)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -18,6 +18,7 @@ import numpy.typing as npt
 from faissq.config import IndexSettings
 from faissq.errors import IndexNotReady
 from faissq.index.params import hnsw_of, ivf_of
+from faissq.index.results import worst
 from faissq.index.state import State, in_sorted
 from faissq.index.validate import F32, I64
 
@@ -116,6 +117,13 @@ def live_blocks(st: State) -> Iterator[tuple[I64, F32]]:
 
 def exact_knn(queries: F32, blocks: Iterator[tuple[I64, F32]], k: int, metric: int) -> I64:
     """Exact top-k ids over blocks of (ids, vectors), merged block by block (-1 pads)."""
+    return exact_knn_scored(queries, blocks, k, metric)[1]
+
+
+def exact_knn_scored(
+    queries: F32, blocks: Iterator[tuple[I64, F32]], k: int, metric: int
+) -> tuple[F32, I64]:
+    """Exact top-k (scores, ids) over blocks of (ids, vectors), merged block by block."""
     higher = metric == faiss.METRIC_INNER_PRODUCT
     best_d = np.empty((queries.shape[0], 0), dtype=np.float32)
     best_i = np.empty((queries.shape[0], 0), dtype=np.int64)
@@ -131,7 +139,9 @@ def exact_knn(queries: F32, blocks: Iterator[tuple[I64, F32]], k: int, metric: i
     if best_i.shape[1] < k:
         pad = np.full((queries.shape[0], k - best_i.shape[1]), -1, dtype=np.int64)
         best_i = np.hstack([best_i, pad])
-    return best_i
+        fill = np.full(pad.shape, worst(higher), dtype=np.float32)
+        best_d = np.hstack([best_d, fill])
+    return best_d.astype(np.float32, copy=False), best_i
 
 
 def held_out_queries(st: State, num: int, seed: int, cosine: bool) -> F32:
@@ -209,6 +219,68 @@ def _grid(engine: Engine) -> tuple[str, list[dict[str, int]]]:
     return "none", [{"k_factor": 1}]
 
 
+class Swept(NamedTuple):
+    """One grid point searched: the result, milliseconds per query, recall of each query."""
+
+    point: dict[str, int]
+    result: Any  # engine.SearchResult
+    ms: float
+    per_query: npt.NDArray[np.float64]
+
+
+def sweep_points(
+    engine: Engine, queries: F32, truth: I64, k: int, grid: list[dict[str, int]], top: float,
+    progress: Progress,
+) -> Iterator[Swept | None]:  # fmt: skip
+    """Search every grid point in order, or None for a point of a k_factor whose curve has
+    reached `top` (lower bound) or gone flat: larger nprobe/efSearch there only cost more."""
+    done: set[int] = set()
+    last: dict[int, list[float]] = {}
+    progress("autotune", 0, len(grid))
+    for i, point in enumerate(grid):
+        kf = point.get("k_factor", 1)
+        if kf in done:
+            progress("autotune", i + 1, len(grid))
+            yield None
+            continue
+        t0 = time.perf_counter()
+        res = engine.search(queries, k, **point)
+        ms = (time.perf_counter() - t0) * 1000 / queries.shape[0]
+        per_query = recall_per_query(res.ids, truth)
+        seen = last.setdefault(kf, [])
+        seen.append(float(per_query.mean()))
+        flat = len(seen) >= 3 and seen[-1] - seen[-3] < 2 * PLATEAU
+        if lower_bound(per_query) >= top or flat:
+            done.add(kf)
+        progress("autotune", i + 1, len(grid))
+        yield Swept(point, res, ms, per_query)
+
+
+def row(point: dict[str, int], per_query: npt.NDArray[np.float64], ms: float) -> dict[str, Any]:
+    """A profile table row: the setting, its recall, the bound, and milliseconds per query."""
+    rec, lo = float(per_query.mean()), lower_bound(per_query)
+    return {**point, "recall": round(rec, 4), "recall_lo": round(lo, 4),
+            "ms_per_query": round(ms, 4)}  # fmt: skip
+
+
+def profile(
+    table: list[dict[str, Any]], target: float, k: int, param: str, **about: Any
+) -> dict[str, Any]:
+    """The tuning profile of a measured table: the cheapest row meeting the target with
+    confidence (not by sampling luck), and what was measured (`about`)."""
+    chosen = choose(table, target)
+    return {
+        "k": k,
+        "target_recall": target,
+        "met": meets(chosen, target),
+        "max_recall_lo": max(r["recall_lo"] for r in table),
+        "param": param,
+        **about,
+        "chosen": chosen,
+        "table": table,
+    }
+
+
 def autotune(
     engine: Engine,
     target: float,
@@ -232,42 +304,36 @@ def autotune(
         queries = held_out_queries(st, num_queries, seed + 1, engine.metric == "cosine")
     truth = ground_truth(engine, queries, k)
     param, grid = _grid(engine)
-    table: list[dict[str, Any]] = []
     top = max(target, CURVE_TOP)
-    done: set[int] = set()
-    last: dict[int, list[float]] = {}
-    progress("autotune", 0, len(grid))
-    for i, point in enumerate(grid):
-        kf = point.get("k_factor", 1)
-        if kf in done:  # past the curve's top, larger nprobe/efSearch only cost more
-            progress("autotune", i + 1, len(grid))
-            continue
-        t0 = time.perf_counter()
-        res = engine.search(queries, k, **point)
-        ms = (time.perf_counter() - t0) * 1000 / queries.shape[0]
-        per_query = recall_per_query(res.ids, truth)
-        rec, lo = float(per_query.mean()), lower_bound(per_query)
-        row = {**point, "recall": round(rec, 4), "recall_lo": round(lo, 4)}
-        table.append({**row, "ms_per_query": round(ms, 4)})
-        seen = last.setdefault(kf, [])
-        seen.append(rec)
-        flat = len(seen) >= 3 and seen[-1] - seen[-3] < 2 * PLATEAU
-        if lo >= top or flat:
-            done.add(kf)
-        progress("autotune", i + 1, len(grid))
-    # the choice must meet the target with confidence, not by sampling luck
-    chosen = choose(table, target)
-    return {
-        "k": k,
-        "target_recall": target,
-        "met": meets(chosen, target),
-        "max_recall_lo": max(r["recall_lo"] for r in table),
-        "param": param,
-        "num_queries": int(queries.shape[0]),
-        "held_out": held_out,
-        "source": source or ("synthetic" if held_out else "given"),
-        "ntotal": int(st.ntotal),
-        "version": engine.version,
-        "chosen": chosen,
-        "table": table,
-    }
+    swept = sweep_points(engine, queries, truth, k, grid, top, progress)
+    table = [row(s.point, s.per_query, s.ms) for s in swept if s is not None]
+    return profile(
+        table, target, k, param, num_queries=int(queries.shape[0]), held_out=held_out,
+        source=source or ("synthetic" if held_out else "given"), ntotal=int(st.ntotal),
+        version=engine.version,
+    )  # fmt: skip
+
+
+def sweep(
+    engine: Engine, queries: F32, k: int, target: float, progress: Progress
+) -> dict[str, Any]:
+    """One shard's part of a sharded autotune (faissq.index.merged_tuning): its exact top-k and
+    its top-k at each grid setting on the same queries, with scores, so shards' lists merge.
+
+    `found` holds None for a setting past this shard's curve top; the merge carries the
+    shard's last result at the same k_factor forward (for IVF-Flat what it finds at most).
+    """
+    st = engine.state
+    if st.ntotal <= 0:
+        raise IndexNotReady(f"index {engine.name!r} is empty: nothing to tune")
+    mt = faiss.METRIC_INNER_PRODUCT if engine.metric == "cosine" else faiss.METRIC_L2
+    truth_scores, truth = exact_knn_scored(queries, live_blocks(st), k, mt)
+    param, grid = _grid(engine)
+    top = max(target, CURVE_TOP)
+    found = [
+        None if s is None else {"scores": s.result.scores, "ids": s.result.ids, "ms": s.ms}
+        for s in sweep_points(engine, queries, truth, k, grid, top, progress)
+    ]
+    return {"param": param, "grid": grid, "found": found, "truth_ids": truth,
+            "truth_scores": truth_scores, "k": k, "target_recall": target,
+            "ntotal": int(st.ntotal), "version": engine.version}  # fmt: skip

@@ -17,7 +17,11 @@ from faissq.errors import DimensionMismatch, InvalidParameter, InvalidVectors
 from faissq.tasks import payload
 from faissq.tasks.base import FaissqTask
 from faissq.tasks.control import CONTROL_TASKS
+from faissq.worker import publish
 from faissq.worker.maintenance import Maintenance, maintenance_of
+
+SWEEP_QUERIES = 1000  # calibration queries of a sharded autotune (Engine.autotune's default)
+MAX_SWEEP_QUERIES = 100_000
 
 
 def build(
@@ -128,15 +132,51 @@ def reload(self: FaissqTask, index: str) -> dict[str, Any]:
 
 
 def autotune(
-    self: FaissqTask, index: str, target_recall: Any = None, time_limit_s: Any = None
+    self: FaissqTask,
+    index: str,
+    target_recall: Any = None,
+    time_limit_s: Any = None,
+    profile: Any = None,
 ) -> dict[str, Any]:
-    """Choose the fastest search parameters meeting the target recall; snapshot; the profile."""
+    """Choose the fastest search parameters meeting the target recall; snapshot; the profile.
+
+    profile: install this tuning profile as it is (a sharded autotune's, on every shard).
+    """
     from faissq.index.validate import check_recall
 
     ctx = self.context()
     limit = payload.time_limit_arg(time_limit_s, ctx.settings.worker.job_time_limit_s)
     target = check_recall(target_recall)
-    return ctx.runtime.autotune(index, target, self.progress(limit))
+    given = payload.profile_arg(profile)
+    return ctx.runtime.autotune(index, target, self.progress(limit), given)
+
+
+def sweep(
+    self: FaissqTask,
+    index: str,
+    queries: Any = None,
+    queries_ref: Any = None,
+    k: Any = None,
+    num_queries: Any = None,
+    target_recall: Any = None,
+    time_limit_s: Any = None,
+) -> dict[str, Any]:
+    """One shard's part of a sharded autotune: with queries, its exact top-k and its top-k at
+    each autotune setting; without, calibration queries to send to every shard. Changes nothing.
+    """
+    from faissq.index.validate import check_recall
+
+    ctx = self.context()
+    cfg = ctx.settings
+    limit = payload.time_limit_arg(time_limit_s, cfg.worker.job_time_limit_s)
+    target = check_recall(target_recall)
+    top_k = payload.count_arg("k", k, 10, cfg.index.max_k)
+    if queries is None and queries_ref is None:
+        num = payload.count_arg("num_queries", num_queries, SWEEP_QUERIES, MAX_SWEEP_QUERIES)
+        return publish.sweep_queries(ctx.runtime, index, top_k, num)
+    xq = payload.vectors_arg(queries, queries_ref, root=cfg.storage.url,
+                             inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
+    return publish.sweep(ctx.runtime, index, xq, top_k, target, self.progress(limit))
 
 
 def maintain(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, Any]:
@@ -164,6 +204,7 @@ TASKS = {
     "faissq.save": save,
     "faissq.reload": reload,
     "faissq.autotune": autotune,
+    "faissq.sweep": sweep,
     "faissq.maintain": maintain,
     "faissq.stats": stats,
 }

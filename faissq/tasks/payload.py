@@ -114,6 +114,37 @@ def time_limit_arg(value: Any, default_s: float) -> float:
     return float(value)
 
 
+def count_arg(name: str, value: Any, default: int, most: int) -> int:
+    """Return an optional integer parameter in 1..most (the default when None)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidParameter(f"{name} must be an integer in 1..{most}, got {value!r}")
+    return value
+
+
+SETTINGS = ("nprobe", "ef_search", "k_factor")  # the search parameters a tuning profile sets
+
+
+def profile_arg(value: Any) -> dict[str, Any] | None:
+    """Return a tuning profile to install as given (None when absent): a map whose `chosen`
+    row and every `table` row hold a numeric recall and positive integer settings."""
+    if value is None:
+        return None
+    rows = value.get("table") if isinstance(value, dict) else None
+    if not isinstance(rows, list) or not rows or not isinstance(value.get("chosen"), dict):
+        raise InvalidParameter("profile must be a tuning profile: a map with chosen and table")
+    for row in [value["chosen"], *rows]:
+        ok = isinstance(row, dict) and isinstance(row.get("recall"), int | float)
+        for name in SETTINGS:
+            got = row.get(name) if ok else None
+            ok = ok and (got is None or (type(got) is int and got >= 1))
+        if not ok:
+            raise InvalidParameter(f"profile row {row!r} needs a recall and settings >= 1")
+    given: dict[str, Any] = value
+    return given
+
+
 def resolve_ref(path: Any, root: str) -> str:
     """Return the storage path of a reference, refusing anything outside the storage root."""
     if not isinstance(path, str) or not path:

@@ -21,6 +21,7 @@ from faissq.errors import InvalidParameter, StorageUnavailable, permission_denie
 from faissq.index.builder import train_centroids
 from faissq.storage import incoming
 from faissq.tasks.sharded_jobs import ShardedResult, send_group, split_batch
+from faissq.tasks.sharded_tune import ShardedTune
 from faissq.worker.app import make_celery_app
 
 INCOMING = incoming.FOLDER  # under the storage root: where clients drop .npy batches
@@ -53,13 +54,14 @@ def put_vectors(
 
 
 Job: TypeAlias = (
-    AsyncResult | ShardedResult
+    AsyncResult | ShardedResult | ShardedTune
 )  # a sharded index's jobs return one result for all shards
 
 
 class JobClient:
     """Enqueue faissq jobs on the right index queue; every method returns an AsyncResult, or a
-    ShardedResult (one Celery group over the shards) for an index declared sharded."""
+    ShardedResult (one Celery group over the shards) for an index declared sharded (autotune:
+    a ShardedTune)."""
 
     def __init__(self, settings: Settings) -> None:
         """settings: where Redis and the shared storage are (and the inline size cap)."""
@@ -100,9 +102,7 @@ class JobClient:
         body = {k: v for k, v in kwargs.items() if v is not None}
         shard_map = self.shard_map(index)
         if shard_map is not None:
-            return self._guard(
-                lambda: send_group(self.app, task, [(n, body) for n in shard_map.names], _summary)
-            )
+            return self._send_each(task, [(n, body) for n in shard_map.names])
         body = {"index": index, **body}
         return self._guard(
             lambda: self.app.send_task(
@@ -112,6 +112,10 @@ class JobClient:
                 kwargsrepr=repr(_summary(body)),  # events and Flower show sizes, not raw bytes
             )
         )
+
+    def _send_each(self, task: str, jobs: list[tuple[str, dict[str, Any]]]) -> ShardedResult:
+        """Send one job per (index, kwargs), each on its index's queue, as one Celery group."""
+        return self._guard(lambda: send_group(self.app, task, jobs, _summary))  # type: ignore[no-any-return]
 
     @staticmethod
     def _guard(call: Any) -> Any:
@@ -143,7 +147,7 @@ class JobClient:
                 body.update(self.vectors_kwargs(part_vecs, by_reference))
             body = {k: v for k, v in body.items() if v is not None}
             jobs.append((shard_map.names[s], body))
-        return self._guard(lambda: send_group(self.app, task, jobs, _summary))  # type: ignore[no-any-return]
+        return self._send_each(task, jobs)
 
     def vectors_kwargs(self, vectors: npt.ArrayLike, by_reference: bool | None) -> dict[str, Any]:
         """Inline below the cap (or when asked), else a .npy reference on shared storage."""
@@ -263,7 +267,12 @@ class JobClient:
         target_recall: float | None = None,
         time_limit_s: float | None = None,
     ) -> Job:
-        """Tune search parameters for a target recall."""
+        """Tune search parameters for a target recall. A sharded index is tuned as a whole:
+        recall measured on the shards' merged results, one profile installed on every shard
+        (a ShardedTune; docs/tasks.md)."""
+        shard_map = self.shard_map(index)
+        if shard_map is not None:
+            return ShardedTune(self, shard_map, target_recall, time_limit_s)
         return self.send(
             "faissq.autotune", index, target_recall=target_recall, time_limit_s=time_limit_s
         )

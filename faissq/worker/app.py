@@ -20,6 +20,7 @@ TASK_NAMES = (
     "faissq.save",
     "faissq.reload",
     "faissq.autotune",
+    "faissq.sweep",
     "faissq.maintain",
     "faissq.stats",
     "faissq.create_index",

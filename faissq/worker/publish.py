@@ -14,8 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from faissq.errors import RecallRegression
+from faissq import codec
+from faissq.errors import IndexNotReady, RecallRegression
 from faissq.index import recall_gate
+from faissq.index.merged_tuning import pack_sweep
+from faissq.index.tuning import held_out_queries
 from faissq.index.validate import F32
 from faissq.worker.recall_live import recall_of
 from faissq.worker.slots import IndexState, counts, small
@@ -49,8 +52,13 @@ def autotune(
     eng: Engine,
     target: float | None,
     progress: Progress | None,
+    given: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Autotune on sampled real queries when there are enough, else on synthetic ones."""
+    """Autotune on sampled real queries when there are enough, else on synthetic ones; a
+    given profile (a sharded autotune's, measured on merged results) is installed as it is."""
+    if given is not None:
+        eng.set_tuning(given)
+        return given
     queries, k, n = sampled(runtime, name)
     if n >= runtime.settings.recall.min_queries and queries.shape[1] == eng.dim:
         return eng.autotune(target_recall=target, k=k, queries=queries, progress=progress,
@@ -59,6 +67,32 @@ def autotune(
     log.info("index %s: autotune on synthetic queries (%d sampled < recall.min_queries %d)",
              name, n, runtime.settings.recall.min_queries)  # fmt: skip
     return profile
+
+
+def sweep_queries(runtime: IndexRuntime, name: str, k: int, num: int) -> dict[str, Any]:
+    """Calibration queries for a sharded autotune: the index's sampled real queries when
+    there are enough (every fan-out search reaches every shard), else synthetic ones."""
+    eng = runtime.engine(name)
+    queries, live_k, n = sampled(runtime, name)
+    if n >= runtime.settings.recall.min_queries and queries.shape[1] == eng.dim:
+        return {"queries": codec.pack_array(queries), "k": live_k, "source": "live"}
+    if eng.ntotal <= 0:
+        raise IndexNotReady(f"index {name!r} is empty: nothing to tune")
+    cosine = eng.metric == "cosine"
+    made = held_out_queries(eng.state, num, eng.cfg.seed + 1, cosine)
+    return {"queries": codec.pack_array(made), "k": k, "source": "synthetic"}
+
+
+def sweep(
+    runtime: IndexRuntime,
+    name: str,
+    queries: F32,
+    k: int,
+    target: float | None,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """This shard's part of a sharded autotune (Engine.sweep), arrays framed for the result."""
+    return pack_sweep(runtime.engine(name).sweep(queries, k, target, progress))
 
 
 def check(

@@ -327,13 +327,13 @@ class IndexRuntime:
             slot.state = before
         return {**small(report), **counts(slot)}
 
-    def autotune(
-        self, name: str, target_recall: float | None, progress: Progress | None
-    ) -> dict[str, Any]:
-        """Tune search parameters (publish.autotune), then snapshot: the profile survives."""
+    def autotune(self, name: str, target_recall: float | None, progress: Progress | None,
+                 given: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Tune search parameters (publish.autotune; `given`: install that profile), then
+        snapshot: the profile survives."""
         slot = self._writable(name)
         eng = self.engine(name)
-        profile = small(publish.autotune(self, name, eng, target_recall, progress))
+        profile = small(publish.autotune(self, name, eng, target_recall, progress, given))
         if progress:
             progress("save", 0, 1)
         saved = self._save(slot, eng)

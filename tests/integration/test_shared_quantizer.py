@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 
 from faissq import shards
+from faissq.cli.progress_view import wait_with_progress
 from faissq.config import IndexSettings, Settings
 from faissq.index.params import ivf_of
 from faissq.index.policy import nlist_for
@@ -14,11 +16,13 @@ from faissq.rpc.search_client import SearchClient
 from faissq.rpc.shard_client import ShardedSearchClient
 from faissq.storage.durable import DurableStore
 from faissq.tasks.producer import JobClient
+from faissq.tasks.sharded_tune import ShardedTune
 
 DIM = 32
 N = 20_000
 S = 4
 NPROBE = 4
+TARGET = 0.95
 TIMEOUT = 120
 
 
@@ -49,12 +53,13 @@ def recall_at_10(got: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([np.isin(t, g).mean() for g, t in zip(got, truth, strict=True)]))
 
 
-def test_sharded_ivf_build_shares_one_quantizer_and_keeps_recall_at_nprobe(
+def test_sharded_ivf_build_shares_one_quantizer_keeps_recall_and_autotunes_as_one(
     worker_factory: Any, index_name: str, job_settings: Settings
 ) -> None:
     """20k x 32 clustered, 4 IVF-Flat shards: the client trains one quantizer on a sample of
     the whole corpus and every shard builds on it (identical centroids in every snapshot);
-    recall@10 at nprobe 4 is that of one IVF-Flat index with the same centroids."""
+    recall@10 at nprobe 4 is that of one IVF-Flat index with the same centroids. Autotune of
+    the sharded index chooses on the merged recall, and every shard holds its profile."""
     one = f"{index_name}-one"
     names = shards.shard_names(index_name, S)
     worker_factory([one, *names]).start()
@@ -86,4 +91,21 @@ def test_sharded_ivf_build_shares_one_quantizer_and_keeps_recall_at_nprobe(
     assert recall_at_10(exact.ids, truth) > 0.99
     assert r_single < 0.99, "nprobe 4 should miss some neighbours: the test would show nothing"
     assert r_sharded >= r_single - 0.01, (r_sharded, r_single)
+
+    # autotune of the whole sharded index: recall of the merged top-k, one profile everywhere
+    tune = jobs.autotune(index_name, target_recall=TARGET)
+    assert isinstance(tune, ShardedTune)
+    profile = wait_with_progress(tune, TIMEOUT, out=io.StringIO())  # polls ready/state/info
+    installed = {k: v for k, v in profile.items() if k not in ("installed", "seconds")}
+    chosen = profile["chosen"]
+    assert profile["met"] and chosen["recall_lo"] >= TARGET and profile["shards"] == S
+    assert profile["ntotal"] == N and set(profile["installed"]) == set(names)
+    stats = jobs.stats(index_name).get(timeout=TIMEOUT)["shards"]
+    assert all(stats[n]["engine"]["tuning"] == chosen for n in names)
+    for name in names:  # the snapshot each shard wrote holds the same profile
+        rec = DurableStore(job_settings).recover(name, quarantine=False)
+        assert rec.engine is not None and rec.engine.tuning_profile == installed, name
+    with ShardedSearchClient(job_settings, index_name) as sharded:
+        tuned = sharded.search(queries, 10, min_seq=report["seqs"])  # no nprobe: the profile's
+    assert recall_at_10(tuned.ids, truth) >= TARGET - 0.02, (recall_at_10(tuned.ids, truth), chosen)
     jobs.close()

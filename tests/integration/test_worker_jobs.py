@@ -129,6 +129,15 @@ def test_bad_payloads_fail_with_named_errors_and_the_worker_keeps_serving(
         (bld, {"vectors": frame(vecs(0))}, "EmptyBuild"),
         (bld, {"vectors": frame(vecs(10)), "family": "NoSuchFamily"}, "UnknownFamily"),
         ("faissq.autotune", {"target_recall": 2.0}, "InvalidParameter"),
+        ("faissq.autotune", {"profile": {"chosen": {}, "table": []}}, "InvalidParameter"),
+        (
+            "faissq.autotune",
+            {"profile": {"chosen": {"recall": 1.0, "nprobe": 0}, "table": [{"recall": 1.0}]}},
+            "InvalidParameter",
+        ),
+        ("faissq.sweep", {"k": 0}, "InvalidParameter"),
+        ("faissq.sweep", {"num_queries": "1000"}, "InvalidParameter"),
+        ("faissq.sweep", {"queries": frame(vecs(2, dim=DIM + 1))}, "DimensionMismatch"),
     ]
     queue = f"faissq.{index_name}"
     results = [
