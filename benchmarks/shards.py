@@ -2,6 +2,7 @@
 
     python benchmarks/shards.py            # 100k x 64, IVF-Flat, 400 searches per row
     python benchmarks/shards.py --quick    # 40k x 64, 200 searches per row, about a minute
+    python benchmarks/shards.py --n 200000 --repeat 1   # the acceptance size (a few minutes)
 
 One run starts a private redis-server and one real `faissq worker` serving every index (the
 unsharded one and the shards of 1, 2 and 4), builds each from the same vectors through
@@ -10,7 +11,9 @@ result; best of --repeat, interleaved) and times single-query top-10 searches: S
 on the unsharded index, ShardedSearchClient on the sharded ones, interleaved round by round
 so load drift on a shared machine hits every row alike. Sharded builds share one coarse
 quantizer that JobClient trains on the whole corpus; the row "4 shards, own quantizers" sends
-each shard its rows as an ordinary build instead, so each trains its own. Prints one table.
+each shard its rows as an ordinary build instead, so each trains its own. Recall@10 against
+exact search is measured on RECALL_QUERIES queries at each --recall-nprobe, the same nprobe for
+every row. Prints one table.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ K = 10
 FAMILY = "ivf_flat"
 COUNTS = (1, 2, 4)  # shard counts measured beside the unsharded index
 HOST = "bench-shards@local"
+RECALL_QUERIES = 1000  # enough that two rows' recall differ by sampling noise well under 0.01
 OWN = "bench4own"  # 4 shards, each with its own quantizer (trained on its rows)
 
 
@@ -117,19 +121,24 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 client.search(q, K)
                 if i >= 20:  # warm-up
                     lat[name].append(time.perf_counter() - t0)
-        want = exact_top(x, queries[:100])
+        recall_q = vectors(RECALL_QUERIES, 2)
+        want = exact_top(x, recall_q)
         for name in clients:
             p50, p99 = percentiles(lat[name])
             seconds, out = builds[name]
-            got = clients[name].search(queries[:100], K).ids
-            recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(got, want, strict=True)])
-            label = "unsharded" if name == "one" else f"{name.removeprefix('bench')} shards"
+            recalls = []
+            for p in args.recall_nprobe:
+                got = clients[name].search(recall_q, K, nprobe=p, timeout=60).ids
+                hits = [len(set(a) & set(b)) / K for a, b in zip(got, want, strict=True)]
+                recalls.append(f"{np.mean(hits):.3f} (nprobe {p})")
+            count = name.removeprefix("bench")
+            label = "unsharded" if name == "one" else f"{count} shard{'s' * (count != '1')}"
             label = "4 shards, own quantizers" if name == OWN else label
             family = out.get("factory") or ",".join(
                 sorted({str(r["factory"]) for r in out["shards"].values()})
             )
             rows.append((label, f"{p50:.2f} / {p99:.2f}", f"{seconds:.2f}",
-                         f"{family}; recall@{K} {recall:.3f}"))  # fmt: skip
+                         f"{family}; recall@{K} {', '.join(recalls)}"))  # fmt: skip
         for c in clients.values():
             c.close()
     finally:
@@ -146,14 +155,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--repeat", type=int, default=2, help="builds per index (best is kept)")
+    ap.add_argument("--n", type=int, help="vectors (default 100,000; 40,000 with --quick)")
+    ap.add_argument(
+        "--recall-nprobe",
+        type=lambda v: [int(p) for p in v.split(",")],
+        default=[16, 128],
+        help="nprobes recall@10 is measured at (default 16,128)",
+    )
     args = ap.parse_args()
-    args.n, args.searches = (40_000, 200) if args.quick else (100_000, 400)
+    n, args.searches = (40_000, 200) if args.quick else (100_000, 400)
+    args.n = args.n or n
     load = os.getloadavg()[0]
     rows = run(args)
     print(f"\nfaiss {faiss.__version__}, {os.cpu_count()} CPUs (load {load:.1f} at start), "
           f"{args.n:,} x {DIM} cosine, {FAMILY}, one worker process serving every index, "
           f"single-query top-{K} at the default nprobe, {args.searches} searches per row; "
-          "recall against exact search; shard builds share the worker's job thread\n")  # fmt: skip
+          f"recall against exact search on {RECALL_QUERIES} queries; shard builds share the "
+          "worker's job thread\n")  # fmt: skip
     print("| index | search p50 / p99 ms | build s (enqueue to result) | note |")
     print("|---|---:|---:|---|")
     for row in rows:
