@@ -162,6 +162,24 @@ def decode_batch(data: bytes | memoryview) -> dict[str, Any]:
             for k, v in doc.items()}  # fmt: skip
 
 
+def columns_for(schema: Schema, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A checked (logged) batch as columns check_batch takes again under `schema`: int64 nulls
+    as None, all-null columns left out, and fields no longer declared (or of another type) left
+    out, so a log written under an older declaration still replays."""
+    out: dict[str, Any] = {}
+    for name, col in batch.items():
+        kind = schema.get(name)
+        if kind == "int64" and isinstance(col, np.ndarray) and col.dtype == np.int64:
+            null = col == NULL
+            if null.all():
+                continue
+            out[name] = ([None if v == NULL else v for v in col.tolist()]
+                         if null.any() else col)  # fmt: skip
+        elif kind == "keyword" and isinstance(col, list):
+            out[name] = col
+    return out
+
+
 def _in_sorted(sorted_arr: I64, ids: I64) -> npt.NDArray[np.bool_]:
     if sorted_arr.size == 0 or ids.size == 0:
         return np.zeros(ids.shape, dtype=bool)

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from faissq.errors import InvalidParameter, UnknownFamily
+from faissq.index.attributes import AttrType, check_schema
 from faissq.storage.durable import check_index_name
 from faissq.storage.fs import Storage
 
 FOLDER = "_catalog"  # not a valid index name, so never an index's own folder
 MAX_DIM = 65536  # FAISS takes more, but a larger vector is a producer's mistake
-MAX_ATTRIBUTES = 256
 METRICS = ("cosine", "l2")
 
 State = Literal["created", "dropped"]
@@ -33,7 +33,7 @@ class IndexDef:
     dim: int
     metric: str
     family: str
-    attributes: list[Any] = field(default_factory=list)
+    attributes: dict[str, AttrType] = field(default_factory=dict)  # field -> int64 | keyword
     state: State = "created"
     created_at: float = 0.0
     dropped_at: float | None = None
@@ -50,7 +50,8 @@ class IndexDef:
 
 
 def check_definition(name: Any, dim: Any, metric: Any, family: Any, attributes: Any) -> IndexDef:
-    """Validate a create's arguments; InvalidParameter or UnknownFamily names the bad one."""
+    """Validate a create's arguments; InvalidParameter, UnknownFamily or InvalidAttributes (the
+    attribute fields: {name: "int64" | "keyword"}, as index.attributes) names the bad one."""
     if not isinstance(name, str):
         raise InvalidParameter(f"name must be a string, got {type(name).__name__}")
     check_index_name(name)
@@ -62,16 +63,7 @@ def check_definition(name: Any, dim: Any, metric: Any, family: Any, attributes: 
     if not isinstance(family, str) or not family:
         raise UnknownFamily(f"family must be a non-empty string, got {family!r}")
     check_family(family, dim, metric)
-    attrs = [] if attributes is None else attributes
-    if not isinstance(attrs, list) or len(attrs) > MAX_ATTRIBUTES:
-        raise InvalidParameter(f"attributes must be a list of at most {MAX_ATTRIBUTES} items")
-    for a in attrs:
-        if not isinstance(a, str | dict):
-            raise InvalidParameter(f"each attribute is a string or a map, got {a!r}")
-    try:
-        json.dumps(attrs)
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameter(f"attributes must be plain JSON values: {exc}") from None
+    attrs = check_schema(attributes)
     return IndexDef(name=name, dim=dim, metric=metric, family=family, attributes=attrs)
 
 
@@ -109,7 +101,10 @@ class Catalog:
             raw = self.storage.read_bytes(self._path(name))
         except FileNotFoundError:
             return None
-        return IndexDef(**json.loads(raw))
+        rec = json.loads(raw)
+        if isinstance(rec.get("attributes"), list):  # written when fields were free-form, unused
+            rec["attributes"] = {}
+        return IndexDef(**rec)
 
     def all(self) -> list[IndexDef]:
         """Every record, created and dropped, by name."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -108,9 +109,11 @@ class DurableStore:
         ids: npt.NDArray[np.int64],
         vectors: npt.NDArray[np.float32] | None,
         batch_id: str,
+        attributes: Mapping[str, Any] | None = None,
     ) -> Appended:
-        """Durably log a batch before it is applied; a known batch_id returns its first seq."""
-        return self.writer(index).append(op, ids, vectors, batch_id)
+        """Durably log a batch (an upsert with its checked attribute columns) before it is
+        applied; a known batch_id returns its first seq."""
+        return self.writer(index).append(op, ids, vectors, batch_id, attributes)
 
     def save(self, index: str, engine: Engine, seq: int) -> dict[str, Any]:
         """Snapshot `engine`, which holds every logged batch up to `seq`; then trim the log.

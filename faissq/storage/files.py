@@ -132,6 +132,15 @@ def write_bytes(storage: Storage, path: str, data: bytes) -> FileDigest:
     return FileDigest(digest.hexdigest(), len(data))
 
 
+def bytes_match(data: bytes, record: Mapping[str, Any]) -> bool:
+    """Whether bytes read whole agree with their manifest record (they were read after the
+    file's own check, so a change in between is caught before they are used)."""
+    algorithm = recorded_algorithm(record)
+    digest = ALGORITHMS[algorithm]()
+    digest.update(data)
+    return len(data) == int(record["bytes"]) and digest.hexdigest() == record[algorithm]
+
+
 def hash_file(storage: Storage, path: str, algorithm: str = DIGEST) -> FileDigest:
     """Stream a file through a digest, reading into one reused buffer (no fresh pages per chunk)."""
     digest = ALGORITHMS[algorithm]()
@@ -260,7 +269,7 @@ def read_index(storage: Storage, path: str) -> Any:
 
 
 def open_file(storage: Storage, path: str) -> Any:
-    """Open one (verified) snapshot file by kind: FAISS index, .npy, or JSON."""
+    """Open one (verified) snapshot file by kind: FAISS index, .npy, JSON, or msgpack (bytes)."""
     if path.endswith(".faiss"):
         return read_index(storage, path)
     if path.endswith(".npy"):
@@ -270,6 +279,11 @@ def open_file(storage: Storage, path: str) -> Any:
             return json.loads(storage.read_bytes(path))
         except (ValueError, FileNotFoundError) as exc:
             raise SnapshotCorrupt(f"{path} is unreadable: {exc}") from exc
+    if path.endswith(".msgpack"):
+        try:
+            return storage.read_bytes(path)
+        except FileNotFoundError as exc:
+            raise SnapshotCorrupt(f"{path} is missing") from exc
     return None
 
 

@@ -7,43 +7,42 @@ Layout under ``<root>/<index>/log/``::
     writer.lock                  advisory lock held by the single writer (local storage)
     quarantine/                  damaged entries moved aside, each an explicit gap (quarantine.py)
 
-An entry file is ``MAGIC | u32 header length | JSON header | ids int64 | vectors float32 | digest``,
-the 32-byte digest (BLAKE3; sha256 in format-1 entries) covering every byte before it, so a torn
-or flipped byte is detected before anything from the entry is applied. Sequence numbers are
-gap-free: the writer creates ``<seq>.entry`` exclusively, so a second writer fails on its first
-append instead of interleaving. The only gaps a reader accepts are quarantined seqs, which the
-writer never reuses.
+An entry file (log_entry.py) holds one batch, its upsert's attribute columns too, under a digest
+that covers every byte, so a torn or flipped byte is detected before anything from the entry is
+applied. Sequence numbers are gap-free: the writer creates ``<seq>.entry`` exclusively, so a
+second writer fails on its first append instead of interleaving. The only gaps a reader accepts
+are quarantined seqs, which the writer never reuses.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
-import struct
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import blake3
-import numpy as np
-import numpy.typing as npt
-
-from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors, LogCorrupt, WriterConflict
+from faissq.errors import InvalidParameter, LogCorrupt, WriterConflict
 from faissq.storage import quarantine
-from faissq.storage.fs import Storage, Writable, storage_errors
+from faissq.storage.fs import Storage, storage_errors
+from faissq.storage.log_entry import (
+    HEAD,
+    LogEntry,
+    Op,
+    attribute_section,
+    check_batch,
+    decode_entry,
+    parse_header,
+    write_entry,
+)
+
+__all__ = ["LOCK", "MAX_BATCH_ID", "TRUNCATED", "Appended", "LogEntry", "LogWriter", "Op",
+           "Truncation", "UpdateLog", "entry_name"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-Op = Literal["upsert", "delete"]
-MAGIC = b"FQLOG\x00\x02\x00"  # file kind + format version 2 (BLAKE3 trailer)
-# the trailer's algorithm by magic; format 1 (sha256) entries still replay
-_DIGESTS: dict[bytes, Any] = {MAGIC: blake3.blake3, b"FQLOG\x00\x01\x00": hashlib.sha256}
-_HEAD = struct.Struct("<8sI")  # magic, header length
-_DIGEST = 32  # trailer bytes (both algorithms)
 _ENTRY = re.compile(r"^(\d{20})\.entry$")
 TRUNCATED = "TRUNCATED"
 LOCK = "writer.lock"
@@ -54,18 +53,6 @@ REMEMBERED_BATCH_IDS = 100_000  # batch ids kept after truncation, to stay idemp
 def entry_name(seq: int) -> str:
     """File name of the entry holding `seq` (zero-padded so names sort by seq)."""
     return f"{seq:020d}.entry"
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    """One logged batch, verified against its checksum."""
-
-    seq: int
-    batch_id: str
-    op: Op
-    ids: npt.NDArray[np.int64]
-    vectors: npt.NDArray[np.float32]  # (n, dim); (n, 0) for deletes
-    created_at: float
 
 
 @dataclass(frozen=True)
@@ -82,96 +69,6 @@ class Truncation:
 
     upto: int = 0
     batch_ids: dict[str, int] = field(default_factory=dict)
-
-
-def check_batch(
-    op: str, ids: Any, vectors: Any | None
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Validate a batch's shapes and dtypes up front; return contiguous arrays to log."""
-    if op not in ("upsert", "delete"):
-        raise InvalidParameter(f"log op must be 'upsert' or 'delete', got {op!r}")
-    id_arr = np.asarray(ids)
-    if id_arr.ndim != 1 or id_arr.dtype != np.int64:
-        raise InvalidIds(f"ids must be a 1-D int64 array, got {id_arr.dtype} {id_arr.shape}")
-    if op == "delete":
-        if vectors is not None:
-            raise InvalidVectors("a delete carries no vectors")
-        return np.ascontiguousarray(id_arr), np.empty((len(id_arr), 0), np.float32)
-    vec = np.asarray(vectors)
-    if vec.ndim != 2 or vec.dtype != np.float32 or vec.shape[0] != len(id_arr):
-        raise InvalidVectors(
-            f"vectors must be float32 (n, dim) with n = {len(id_arr)}, got {vec.dtype} {vec.shape}"
-        )
-    return np.ascontiguousarray(id_arr), np.ascontiguousarray(vec)
-
-
-def _write_entry(
-    f: Writable,
-    seq: int,
-    batch_id: str,
-    op: str,
-    ids: npt.NDArray[np.int64],
-    vectors: npt.NDArray[np.float32],
-) -> None:
-    header = json.dumps(
-        {
-            "seq": seq,
-            "batch_id": batch_id,
-            "op": op,
-            "n": len(ids),
-            "dim": vectors.shape[1],
-            "created_at": time.time(),
-        }
-    ).encode()
-    digest = _DIGESTS[MAGIC]()
-    # write the arrays' own buffers: no concatenated copy of a large batch
-    arrays = (a.reshape(-1).view(np.uint8).data for a in (ids, vectors))  # bytes, as hashed
-    for part in (_HEAD.pack(MAGIC, len(header)), header, *arrays):
-        digest.update(part)
-        f.write(part)
-    f.write(digest.digest())
-
-
-def _parse_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
-    if len(data) < _HEAD.size:
-        raise LogCorrupt(f"log entry {where} is truncated ({len(data)} bytes)")
-    magic, hlen = _HEAD.unpack_from(data)
-    if magic not in _DIGESTS:
-        raise LogCorrupt(f"log entry {where} has an unknown magic/format {magic!r}")
-    end = _HEAD.size + hlen
-    if len(data) < end:
-        raise LogCorrupt(f"log entry {where} is truncated inside its header")
-    try:
-        header = json.loads(data[_HEAD.size : end])
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-    except ValueError as exc:
-        raise LogCorrupt(f"log entry {where} has an unreadable header: {exc}") from exc
-    return header, end
-
-
-def decode_entry(data: bytes, where: str) -> LogEntry:
-    """Parse and verify one entry file's bytes; LogCorrupt names `where` on any damage."""
-    if len(data) < _HEAD.size + _DIGEST:
-        raise LogCorrupt(f"log entry {where} is truncated ({len(data)} bytes)")
-    body, digest = memoryview(data)[:-_DIGEST], data[-_DIGEST:]  # a view: no copy of the batch
-    algorithm = _DIGESTS.get(data[: len(MAGIC)])
-    if algorithm is None or algorithm(body).digest() != digest:
-        raise LogCorrupt(f"log entry {where} fails its checksum (truncated or corrupted)")
-    header, start = _parse_header(data[: _HEAD.size + _HEAD.unpack_from(data)[1]], where)
-    try:
-        seq, n, dim = int(header["seq"]), int(header["n"]), int(header["dim"])
-        op, batch_id = str(header["op"]), str(header["batch_id"])
-        created_at = float(header["created_at"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LogCorrupt(f"log entry {where} has a malformed header: {exc}") from exc
-    if op not in ("upsert", "delete") or n < 0 or dim < 0 or len(body) != start + n * (8 + 4 * dim):
-        raise LogCorrupt(f"log entry {where} header disagrees with its size")
-    ids = np.frombuffer(body, np.int64, n, start)
-    vectors = np.frombuffer(body, np.float32, n * dim, start + 8 * n).reshape(n, dim)
-    return LogEntry(
-        seq, batch_id, "upsert" if op == "upsert" else "delete", ids, vectors, created_at
-    )
 
 
 class UpdateLog:
@@ -233,10 +130,10 @@ class UpdateLog:
         """Read only the JSON header of an entry (cheap scan of batch ids)."""
         path = f"{self.folder}/{entry_name(seq)}"
         with self.storage.open_read(path) as f:
-            data = f.read(_HEAD.size)
-            if len(data) == _HEAD.size:
-                data += f.read(min(_HEAD.unpack(data)[1], 1 << 20))
-        return _parse_header(data, path)[0]
+            data = f.read(HEAD.size)
+            if len(data) == HEAD.size:
+                data += f.read(min(HEAD.unpack(data)[1], 1 << 20))
+        return parse_header(data, path)[0]
 
     def read(self, after_seq: int = 0) -> Iterator[LogEntry]:
         """Yield verified entries after `after_seq` in order, skipping quarantined seqs;
@@ -336,18 +233,29 @@ class LogWriter:
         """Return the seq a batch id was logged with, or None."""
         return self._batch_ids.get(batch_id)
 
-    def append(self, op: Op, ids: Any, vectors: Any | None, batch_id: str) -> Appended:
-        """Durably log one batch before it is applied; a known batch_id returns its first seq."""
+    def append(
+        self,
+        op: Op,
+        ids: Any,
+        vectors: Any | None,
+        batch_id: str,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> Appended:
+        """Durably log one batch before it is applied; a known batch_id returns its first seq.
+
+        attributes: an upsert's attribute columns, already checked (attributes.check_batch).
+        """
         if not batch_id or len(batch_id) > MAX_BATCH_ID:
             raise InvalidParameter(f"batch_id must have 1..{MAX_BATCH_ID} characters")
         known = self._batch_ids.get(batch_id)
         if known is not None:
             return Appended(known, duplicate=True)
         id_arr, vec = check_batch(op, ids, vectors)
+        attrs = attribute_section(op, attributes)
         seq = self.last_seq + 1
         path = f"{self.log.folder}/{entry_name(seq)}"
         created = self.storage.write_exclusive_stream(
-            path, lambda f: _write_entry(f, seq, batch_id, op, id_arr, vec)
+            path, lambda f: write_entry(f, seq, batch_id, op, id_arr, vec, attrs)
         )
         if not created and not self._is_own_retry(seq, batch_id):
             raise WriterConflict(

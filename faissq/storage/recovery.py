@@ -17,6 +17,7 @@ from typing import Any
 
 from faissq.config import IndexSettings
 from faissq.errors import LogCorrupt, SnapshotCorrupt, StorageUnavailable
+from faissq.index.attributes import columns_for
 from faissq.index.engine import Engine
 from faissq.index.export import EngineExport
 from faissq.storage.fs import Storage
@@ -158,7 +159,8 @@ def _apply(
             return None  # deleting from an index that holds nothing changes nothing
         engine = Engine(dim or entry.vectors.shape[1], settings, index, **options)
     if entry.op == "upsert":
-        engine.upsert(entry.ids, entry.vectors, version=entry.seq)
+        attrs = columns_for(engine.schema, entry.attributes)
+        engine.upsert(entry.ids, entry.vectors, version=entry.seq, attributes=attrs)
     else:
         engine.delete(entry.ids, version=entry.seq)
     return engine

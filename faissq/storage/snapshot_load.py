@@ -31,6 +31,7 @@ CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 TUNING_FILE = "tuning.json"
+ATTRIBUTES_FILE = "attributes.msgpack"  # only when the index declares attribute fields
 ARRAYS = ("primary_ids", "primary_vectors", "delta_ids", "delta_vectors", "tombstones")
 _VERSION = re.compile(r"^v(\d{8})$")
 
@@ -52,12 +53,13 @@ class Snapshot:
     delta_vectors: npt.NDArray[np.float32]
     tombstones: npt.NDArray[np.int64]
     tuning: dict[str, Any] | None
+    attributes: bytes = b""  # the attribute table (AttrTable.to_bytes); b"": none saved
     fallbacks: list[str] = field(default_factory=list)  # "version: reason" of skipped versions
     notes: list[str] = field(default_factory=list)  # why CURRENT was not followed (degraded)
 
     def export_fields(self) -> dict[str, Any]:
         """Return the keyword arguments of an EngineExport holding this snapshot."""
-        names = ("dim", "metric", "plan", "index", *ARRAYS, "tuning")
+        names = ("dim", "metric", "plan", "index", *ARRAYS, "tuning", "attributes")
         return {name: getattr(self, name) for name in names}
 
 
@@ -182,6 +184,9 @@ class SnapshotReader:
         missing = [n for n in (*(f"{a}.npy" for a in ARRAYS), TUNING_FILE) if n not in opened]
         if missing:
             raise SnapshotCorrupt(f"snapshot {version} has no {missing} in its manifest")
+        attributes = opened.get(ATTRIBUTES_FILE) or b""
+        if attributes and not files.bytes_match(attributes, manifest["files"][ATTRIBUTES_FILE]):
+            raise SnapshotCorrupt(f"{folder}/{ATTRIBUTES_FILE} changed after it was verified")
         snap = Snapshot(
             version=version,
             seq=int(manifest["seq"]),
@@ -191,6 +196,7 @@ class SnapshotReader:
             plan=dict(manifest["plan"]),
             index=opened.get(INDEX_FILE),
             tuning=opened[TUNING_FILE],
+            attributes=attributes,
             **{name: opened[f"{name}.npy"] for name in ARRAYS},
         )
         check_consistent(snap)

@@ -7,6 +7,7 @@ Layout under ``<root>/<index>/``::
         index.faiss                 the primary index (CPU), streamed through PyCallbackIOWriter
         primary_ids.npy ...         raw vectors, ids, delta, tombstones (memory-mappable .npy)
         tuning.json                 the tuning profile (JSON null when none)
+        attributes.msgpack          the attribute table, when the index declares fields
         manifest.json               written after every other file: a folder without it is debris
 
 A reader never writes (snapshot_load.py), so a crash at any point of `save` leaves the previous
@@ -31,6 +32,7 @@ from faissq.errors import StorageUnavailable, WriterConflict
 from faissq.storage import files
 from faissq.storage.snapshot_load import (
     ARRAYS,
+    ATTRIBUTES_FILE,
     CURRENT,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -47,6 +49,7 @@ from faissq.storage.snapshot_load import (
 
 __all__ = [
     "ARRAYS",
+    "ATTRIBUTES_FILE",
     "CURRENT",
     "FORMAT_VERSION",
     "INDEX_FILE",
@@ -99,6 +102,9 @@ class ExportLike(Protocol):
     @property
     def tuning(self) -> dict[str, Any] | None: ...
 
+    @property
+    def attributes(self) -> bytes: ...
+
 
 def version_name(number: int) -> str:
     """Folder name of version `number` (zero-padded so names sort by number)."""
@@ -137,6 +143,9 @@ class SnapshotStore(SnapshotReader):
                 out[f"{name}.npy"] = files.write_npy(self.storage, path, getattr(export, name))
             tuning = json.dumps(export.tuning).encode()
             out[TUNING_FILE] = files.write_bytes(self.storage, f"{folder}/{TUNING_FILE}", tuning)
+            if export.attributes:
+                path = f"{folder}/{ATTRIBUTES_FILE}"
+                out[ATTRIBUTES_FILE] = files.write_bytes(self.storage, path, export.attributes)
             return out
 
         # the index and the arrays stream side by side: hashing and file writes release the GIL

@@ -36,11 +36,14 @@ def build(
     force: Any = None,
     centroids: Any = None,
     centroids_ref: Any = None,
+    attributes: Any = None,
+    attributes_ref: Any = None,
 ) -> dict[str, Any]:
     """Build the index from scratch (ids default to 0..n-1), snapshot it, then swap it in.
 
     force: swap it in even when the recall gate refuses it (logged); centroids(_ref): an IVF
-    family's coarse centroids, used instead of training them (a sharded build's shared ones).
+    family's coarse centroids, used instead of training them (a sharded build's shared ones);
+    attributes(_ref): the rows' attribute columns, saved in the build's snapshot.
     """
     ctx = self.context()
     ctx.runtime.slot(index)
@@ -61,8 +64,9 @@ def build(
         if cents.shape[1] != vecs.shape[1]:
             raise DimensionMismatch(f"centroids have dimension {cents.shape[1]}, not "
                                     f"{vecs.shape[1]}")  # fmt: skip
+    attrs = payload.attributes_arg(attributes, attributes_ref, root=cfg.storage.url)
     return ctx.runtime.build(index, vecs, id_arr, family=family, progress=self.progress(limit),
-                             force=forced, centroids=cents)  # fmt: skip
+                             force=forced, centroids=cents, attributes=attrs)  # fmt: skip
 
 
 def upsert(
@@ -73,8 +77,13 @@ def upsert(
     vectors_ref: Any = None,
     ids_ref: Any = None,
     batch_id: Any = None,
+    attributes: Any = None,
+    attributes_ref: Any = None,
 ) -> dict[str, Any]:
-    """Insert or replace vectors by id; logged before applied, a known batch_id is a no-op."""
+    """Insert or replace vectors by id; logged before applied, a known batch_id is a no-op.
+
+    attributes(_ref): the rows' attribute columns (fields left out are null), logged with them.
+    """
     ctx = self.context()
     slot = ctx.runtime.slot(index)
     cfg = ctx.settings
@@ -82,10 +91,11 @@ def upsert(
     vecs = payload.vectors_arg(vectors, vectors_ref, root=cfg.storage.url,
                                inline_max_bytes=cfg.worker.inline_max_bytes)  # fmt: skip
     id_arr = payload.ids_arg(ids, ids_ref, root=cfg.storage.url, n=len(vecs))
+    attrs = payload.attributes_arg(attributes, attributes_ref, root=cfg.storage.url)
     metric = (slot.cfg or cfg.index).metric  # its own when created at runtime
     return ctx.runtime.apply(
         index, "upsert", id_arr, vecs, bid,
-        check=lambda eng: check_vectors(vecs, eng, metric, slot.dim),
+        check=lambda eng: check_vectors(vecs, eng, metric, slot.dim), attributes=attrs,
     )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Decode and check job payloads: inline frames, .npy references under the storage root, ids.
+"""Decode and check job payloads: inline frames, .npy references under the storage root, ids,
+attribute columns (inline or a msgpack file by reference).
 
 Every problem becomes a named PermanentError before anything is logged or applied.
 """
@@ -12,12 +13,14 @@ import re
 from typing import Any
 
 import fsspec
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
 from faissq import codec
 from faissq.errors import (
     ChecksumMismatch,
+    InvalidAttributes,
     InvalidIds,
     InvalidParameter,
     InvalidVectors,
@@ -78,6 +81,24 @@ def ids_arg(ids: Any, ids_ref: Any, *, root: str, n: int | None) -> I64:
     from faissq.index.validate import as_ids
 
     return as_ids(arr, n)
+
+
+def attributes_arg(attributes: Any, attributes_ref: Any, *, root: str) -> Any:
+    """Return the job's attribute columns from at most one of `attributes` (inline) or
+    `attributes_ref` (a msgpack file of the same map); None when neither. The columns are
+    checked against the index's declared fields (InvalidAttributes) before anything is logged."""
+    if attributes is not None and attributes_ref is not None:
+        raise InvalidParameter("give attributes or attributes_ref, not both")
+    if attributes_ref is None:
+        return attributes
+    data = read_blob(attributes_ref, root=root, field="attributes_ref")
+    try:
+        columns = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise InvalidAttributes(f"attributes_ref is not a msgpack map: {exc}") from None
+    if not isinstance(columns, dict):
+        raise InvalidAttributes(f"attributes_ref holds a {type(columns).__name__}, not a map")
+    return columns
 
 
 def batch_id_arg(batch_id: Any, fallback: str | None) -> str:
@@ -201,6 +222,28 @@ def read_ref(ref: Any, *, root: str, field: str, error: type[PermanentError]) ->
     if tuple(arr.shape) != shape:
         raise error(f"{field} holds shape {list(arr.shape)}, the job announced {list(shape)}")
     return np.asarray(arr)
+
+
+def read_blob(ref: Any, *, root: str, field: str) -> bytes:
+    """The bytes of a file named by {path, sha256}, after checking its place and checksum."""
+    if not isinstance(ref, dict):
+        raise InvalidParameter(f"{field} must be a map with path and sha256")
+    missing = {"path", "sha256"} - ref.keys()
+    if missing:
+        raise InvalidParameter(f"{field} lacks {', '.join(sorted(missing))}")
+    digest = ref["sha256"]
+    if not isinstance(digest, str) or not SHA256.match(digest):
+        raise InvalidParameter(f"{field}.sha256 must be 64 lowercase hex digits")
+    full = resolve_ref(ref["path"], root)
+    fs, _ = fsspec.core.url_to_fs(root)
+    try:
+        data = bytes(fs.cat_file(full))
+    except FileNotFoundError as exc:
+        raise InvalidParameter(f"{field} {ref['path']!r} does not exist") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise ChecksumMismatch(f"{field} {ref['path']!r}: sha256 {actual} != {digest}")
+    return data
 
 
 def _sha256_file(fs: Any, path: str) -> str:

@@ -8,16 +8,24 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
+from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import fsspec
+import msgpack
 import numpy as np
 import numpy.typing as npt
 from celery.result import AsyncResult
 
 from faissq import codec, keys, shards
 from faissq.config import Settings
-from faissq.errors import InvalidParameter, StorageUnavailable, permission_denied, refused
+from faissq.errors import (
+    InvalidAttributes,
+    InvalidParameter,
+    StorageUnavailable,
+    permission_denied,
+    refused,
+)
 from faissq.index.builder import train_centroids
 from faissq.storage import incoming
 from faissq.tasks.sharded_jobs import ShardedResult, send_group, split_batch
@@ -38,8 +46,27 @@ def put_vectors(
     arr = np.ascontiguousarray(np.asarray(array))
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    data = buf.getvalue()
-    rel = f"{INCOMING}/{name or uuid.uuid4().hex}.npy"
+    return {**_put(settings, buf.getvalue(), f"{name or uuid.uuid4().hex}.npy"),
+            "shape": list(arr.shape)}  # fmt: skip
+
+
+def put_attributes(settings: Settings, columns: Mapping[str, Any]) -> dict[str, Any]:
+    """Write attribute columns as a msgpack map under ``incoming/``; the ``attributes_ref``."""
+    data = msgpack.packb(attribute_columns(columns), use_bin_type=True)
+    return _put(settings, data, f"{uuid.uuid4().hex}.msgpack")
+
+
+def attribute_columns(columns: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Columns as plain lists (numpy arrays included; None stays null) for msgpack."""
+    if not isinstance(columns, Mapping):
+        raise InvalidAttributes("attributes must map field names to columns of values")
+    return {str(k): (v.tolist() if isinstance(v, np.ndarray) else list(v))
+            for k, v in columns.items()}  # fmt: skip
+
+
+def _put(settings: Settings, data: bytes, name: str) -> dict[str, Any]:
+    """Write bytes atomically (temp name, rename) as incoming/<name>; {"path", "sha256"}."""
+    rel = f"{INCOMING}/{name}"
     fs, root = fsspec.core.url_to_fs(settings.storage.url)
     full = f"{str(root).rstrip('/')}/{rel}"
     tmp = f"{str(root).rstrip('/')}/{INCOMING}/.tmp-{uuid.uuid4().hex}"
@@ -50,7 +77,7 @@ def put_vectors(
         fs.mv(tmp, full)
     except OSError as exc:
         raise StorageUnavailable(f"cannot write {full}: {exc}") from exc
-    return {"path": rel, "shape": list(arr.shape), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"path": rel, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 Job: TypeAlias = (
@@ -136,15 +163,19 @@ class JobClient:
         vectors: npt.ArrayLike | None,
         batch_id: str | None,
         by_reference: bool | None,
+        attributes: Mapping[str, Any] | None = None,
         **rest: Any,
     ) -> ShardedResult:
         """A batch cut by shard: one job per shard it touches, sent as one group."""
         jobs = []
-        parts = split_batch(shard_map, ids, vectors, batch_id, every_shard=task == "faissq.build")
-        for s, part_ids, part_vecs, bid in parts:
+        cols = None if attributes is None else attribute_columns(attributes)
+        parts = split_batch(shard_map, ids, vectors, batch_id, every_shard=task == "faissq.build",
+                            attributes=cols)  # fmt: skip
+        for s, part_ids, part_vecs, part_cols, bid in parts:
             body = {"ids": _ids(part_ids), "batch_id": bid, **rest}
             if part_vecs is not None:
                 body.update(self.vectors_kwargs(part_vecs, by_reference))
+                body.update(self._attributes_kwargs(part_cols, "vectors_ref" in body, by_reference))
             body = {k: v for k, v in body.items() if v is not None}
             jobs.append((shard_map.names[s], body))
         return self._send_each(task, jobs)
@@ -158,6 +189,22 @@ class JobClient:
             return {"vectors_ref": put_vectors(self.settings, arr)}
         return {"vectors": codec.pack_array(arr)}
 
+    def _attributes_kwargs(
+        self, columns: Mapping[str, Any] | None, vectors_by_ref: bool, by_reference: bool | None
+    ) -> dict[str, Any]:
+        """Attribute columns inline, or by reference (`attributes_ref`) when asked, when the
+        vectors went by reference, or when they pass the inline cap themselves."""
+        if columns is None:
+            return {}
+        cols = attribute_columns(columns)
+        if by_reference is None:
+            by_reference = vectors_by_ref or (
+                len(msgpack.packb(cols, use_bin_type=True)) > self.settings.worker.inline_max_bytes
+            )
+        if by_reference:
+            return {"attributes_ref": put_attributes(self.settings, cols)}
+        return {"attributes": cols}
+
     def build(
         self,
         index: str,
@@ -169,6 +216,7 @@ class JobClient:
         by_reference: bool | None = None,
         force: bool | None = None,
         centroids: npt.ArrayLike | None = None,
+        attributes: Mapping[str, Any] | None = None,
     ) -> Job:
         """Replace the index with a fresh build (ids default to 0..n-1); a sharded index builds
         its shards in parallel, each from its own rows (every shard must get some).
@@ -176,7 +224,8 @@ class JobClient:
         force: swap it in even when the recall gate refuses it. centroids: an IVF family's
         coarse centroids (nlist x dim) used instead of training them; a sharded ivf_flat build
         (or ivf_pq with index.opq off) trains them here on a sample of the whole corpus, so
-        every shard has the same lists.
+        every shard has the same lists. attributes: {field: values per row} (None: null),
+        sent by reference with the vectors.
         """
         shard_map = self.shard_map(index)
         if shard_map is not None:
@@ -185,12 +234,14 @@ class JobClient:
             if centroids is None and shares_quantizer(family, self.settings, shard_map.shards):
                 centroids = train_centroids(arr, self.settings.index, shard_map.metric)
             return self._split("faissq.build", shard_map, all_ids, arr, None, by_reference,
-                               family=family, time_limit_s=time_limit_s, force=force,
+                               attributes, family=family, time_limit_s=time_limit_s, force=force,
                                centroids_ref=self._centroids_ref(centroids))  # fmt: skip
+        vecs = self.vectors_kwargs(vectors, by_reference)
         return self.send(
             "faissq.build",
             index,
-            **self.vectors_kwargs(vectors, by_reference),
+            **vecs,
+            **self._attributes_kwargs(attributes, "vectors_ref" in vecs, by_reference),
             ids=_ids(ids) if ids is not None else None,
             family=family,
             time_limit_s=time_limit_s,
@@ -212,17 +263,22 @@ class JobClient:
         *,
         batch_id: str | None = None,
         by_reference: bool | None = None,
+        attributes: Mapping[str, Any] | None = None,
     ) -> Job:
         """Insert or replace vectors by id; `batch_id` (default: task id) makes it idempotent.
-        On a sharded index each shard's job gets `<batch_id>.s<s>of<S>`."""
+        On a sharded index each shard's job gets `<batch_id>.s<s>of<S>`. attributes: {field:
+        values per row} (None: null; fields left out are null), replacing the ids' old values."""
         shard_map = self.shard_map(index)
         if shard_map is not None:
-            return self._split("faissq.upsert", shard_map, ids, vectors, batch_id, by_reference)
+            return self._split("faissq.upsert", shard_map, ids, vectors, batch_id, by_reference,
+                               attributes)  # fmt: skip
+        vecs = self.vectors_kwargs(vectors, by_reference)
         return self.send(
             "faissq.upsert",
             index,
             ids=_ids(ids),
-            **self.vectors_kwargs(vectors, by_reference),
+            **vecs,
+            **self._attributes_kwargs(attributes, "vectors_ref" in vecs, by_reference),
             batch_id=batch_id,
         )
 

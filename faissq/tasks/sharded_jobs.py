@@ -11,8 +11,11 @@ from celery import Celery, group
 from celery.result import GroupResult
 
 from faissq import keys, shards
-from faissq.errors import EmptyBuild, InvalidIds, InvalidVectors
+from faissq.errors import EmptyBuild, InvalidAttributes, InvalidIds, InvalidVectors
 
+# one shard's part of a batch: (shard, ids, vectors, attribute columns, batch_id)
+Part = tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32] | None,
+             dict[str, list[Any]] | None, str | None]  # fmt: skip
 # per-shard results whose figures add up over the shards; `seconds` is the slowest shard's
 SUMMED = ("applied", "ntotal")
 
@@ -118,8 +121,10 @@ def split_batch(
     batch_id: str | None,
     *,
     every_shard: bool = False,
-) -> list[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32] | None, str | None]]:
-    """(shard, its ids, its vectors, its batch_id) for each shard the batch touches.
+    attributes: dict[str, list[Any]] | None = None,
+) -> list[Part]:
+    """(shard, its ids, its vectors, its attribute columns, its batch_id) for each shard the
+    batch touches; attribute columns are cut by the same rows as the ids.
 
     every_shard: a build, where each shard must get rows (EmptyBuild otherwise).
     """
@@ -127,6 +132,10 @@ def split_batch(
     vec = None if vectors is None else np.asarray(vectors, dtype=np.float32)
     if vec is not None and (vec.ndim != 2 or vec.shape[0] != id_arr.shape[0]):
         raise InvalidVectors(f"vectors {vec.shape} do not match {id_arr.shape[0]} ids")
+    cols = {} if attributes is None else attributes
+    short = [k for k, v in cols.items() if len(v) != id_arr.shape[0]]
+    if short:
+        raise InvalidAttributes(f"attribute column(s) {short} do not have {id_arr.shape[0]} values")
     if np.unique(id_arr).size != id_arr.size:
         raise InvalidIds("ids must be unique within a batch")
     out = []
@@ -136,5 +145,7 @@ def split_batch(
                 raise EmptyBuild(f"shard {s} of {shard_map.name!r} gets no vectors from this build")
             continue
         bid = None if batch_id is None else shards.shard_batch_id(batch_id, s, shard_map.shards)
-        out.append((s, id_arr[rows], None if vec is None else vec[rows], bid))
+        part = None if attributes is None else {k: [v[i] for i in rows.tolist()]
+                                                for k, v in cols.items()}  # fmt: skip
+        out.append((s, id_arr[rows], None if vec is None else vec[rows], part, bid))
     return out

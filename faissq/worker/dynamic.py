@@ -198,8 +198,8 @@ class DynamicIndexes:
     # -- helpers ----------------------------------------------------------------------------
 
     def _cfg(self, rec: IndexDef) -> Any:
-        return self.settings.index.model_copy(update={"metric": rec.metric,
-                                                      "family": rec.family})  # fmt: skip
+        return self.settings.index.model_copy(update={"metric": rec.metric, "family": rec.family,
+                                                      "attributes": rec.attributes})  # fmt: skip
 
     def _lock_index(self, name: str) -> None:
         try:

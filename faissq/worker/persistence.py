@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
@@ -41,8 +42,10 @@ class IndexStore(Protocol):
         ids: npt.NDArray[np.int64],
         vectors: npt.NDArray[np.float32] | None,
         batch_id: str,
+        attributes: Mapping[str, Any] | None = None,
     ) -> Appended:
-        """Durably log a batch before it is applied; a known batch_id is a no-op."""
+        """Durably log a batch (an upsert with its checked attribute columns) before it is
+        applied; a known batch_id is a no-op."""
 
     def next_seq(self, index: str) -> int:
         """The seq the next logged batch or build of `index` will take."""

@@ -153,8 +153,9 @@ def rebuild(
     try:
         ids, vecs = eng.state.live_vectors()
         cand = runtime._new_engine(name, eng.dim)
+        attrs = eng.attributes_of(ids) if eng.schema else None  # the same rows keep their values
         report = cand.build(vecs, ids, family=family or eng.family_request, progress=progress,
-                            version=eng.version)  # fmt: skip
+                            version=eng.version, attributes=attrs)  # fmt: skip
         del vecs
         report["op"] = "rebuild"
         cand.last_durations["rebuild"] = cand.last_durations.pop("build", report["seconds"])

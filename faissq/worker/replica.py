@@ -9,6 +9,7 @@ connection beyond the search path. Its threads are the RPC loops (faissq.rpc), t
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ class ReadOnlyStore:
         ids: npt.NDArray[np.int64],
         vectors: npt.NDArray[np.float32] | None,
         batch_id: str,
+        attributes: Mapping[str, Any] | None = None,
     ) -> Appended:
         """Refuse: only the index's writer appends to its log."""
         raise WriterConflict(f"a replica never appends to the log of {index!r}")

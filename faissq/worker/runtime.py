@@ -27,7 +27,7 @@ from faissq.errors import (
     UnknownIndex,
     WriterConflict,
 )
-from faissq.worker import publish
+from faissq.worker import publish, write_ahead
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.persistence import IndexStore, Op
 from faissq.worker.slots import (
@@ -181,11 +181,13 @@ class IndexRuntime:
         progress: Progress | None,
         force: bool = False,
         centroids: npt.NDArray[np.float32] | None = None,
+        attributes: Any = None,
     ) -> dict[str, Any]:
         """Build, gate on recall (publish.check), snapshot, swap in; the old one serves till then.
 
         The build takes the next log seq as its version and its snapshot covers that seq, so
-        versions keep growing and no logged batch before it is replayed on top of it.
+        versions keep growing and no logged batch before it is replayed on top of it. Its
+        attribute columns are checked before the build starts and persisted by that snapshot.
         """
         slot = self._writable(name)
         if slot.dim is not None and vectors.shape[1] != slot.dim:  # created with a dimension
@@ -196,7 +198,7 @@ class IndexRuntime:
             seq = self.store.next_seq(name)
             eng = self._new_engine(name, int(vectors.shape[1]))
             report = eng.build(vectors, ids, family=family, progress=progress, version=seq,
-                               centroids=centroids)  # fmt: skip
+                               centroids=centroids, attributes=attributes)  # fmt: skip
             report["recall_gate"] = publish.check(self, name, slot.engine, eng, force, progress)
             if progress:
                 progress("save", 0, 1)
@@ -219,27 +221,32 @@ class IndexRuntime:
         batch_id: str,
         *,
         check: Callable[[Engine | None], None],
+        attributes: Any = None,
     ) -> dict[str, Any]:
         """Log a batch (write-ahead), then apply it; a logged batch_id is not applied twice.
 
         A batch that is logged is in the engine before any answer: when applying it fails, the
         index recovers from storage (snapshot + log, which holds the batch) before answering.
+        attributes: an upsert's attribute columns ({field: values}), checked against the
+        declared fields before anything is logged, then logged and applied with the vectors.
         """
         slot = self._writable(name)
         if op == "upsert" and vectors is None:
             raise InvalidVectors("an upsert needs vectors")
         check(slot.engine)  # validate against the live index before anything is logged
+        attrs = write_ahead.checked_attributes(self, slot, op, attributes, len(ids))
         t0 = time.perf_counter()
-        logged = self.store.append(name, op, ids, vectors, batch_id)
+        logged = self.store.append(name, op, ids, vectors, batch_id, attrs)
         if logged.duplicate:
-            self._ensure_applied(slot, logged.seq)
+            write_ahead.ensure_applied(self, slot, logged.seq)
             return {"seq": logged.seq, "duplicate": True, "applied": 0, **counts(slot)}
         try:
-            applied = self._apply_batch(slot, ids, vectors, logged.seq)
+            applied = write_ahead.apply_batch(self, slot, ids, vectors, logged.seq, attrs)
         except Exception as exc:
             log.error("index %s: applying logged seq %d failed (%s: %s); recovering from storage",
                       name, logged.seq, type(exc).__name__, exc)  # fmt: skip
-            self._recover_after(slot, logged.seq, f"applying seq {logged.seq} failed: {exc!r}")
+            why = f"applying seq {logged.seq} failed: {exc!r}"
+            write_ahead.recover_after(self, slot, logged.seq, why)
             applied = len(ids)
         if vectors is not None:  # a few rows for the IVF drift measure
             publish.note_added(self, name, vectors)
@@ -251,56 +258,13 @@ class IndexRuntime:
             **counts(slot),
         }
 
-    def _apply_batch(
-        self,
-        slot: IndexSlot,
-        ids: npt.NDArray[np.int64],
-        vectors: npt.NDArray[np.float32] | None,
-        seq: int,
-    ) -> int:
-        """Apply one logged batch to the live engine as version `seq`."""
-        if vectors is not None:  # an upsert
-            eng = slot.engine or self._new_engine(slot.name, int(vectors.shape[1]))
-            applied = eng.upsert(ids, vectors, version=seq)
-            if slot.engine is None:  # published once it holds the batch
-                slot.engine, slot.state = eng, IndexState.READY
-        else:
-            applied = slot.engine.delete(ids, version=seq) if slot.engine is not None else 0
-        slot.seq = seq
-        return int(applied)
-
-    def _ensure_applied(self, slot: IndexSlot, seq: int) -> None:
-        """Before answering for a logged seq, make sure the engine holds it."""
-        if slot.seq < seq:
-            self._recover_after(slot, seq, f"seq {seq} is logged but was not applied")
-
-    def _recover_after(self, slot: IndexSlot, seq: int, why: str) -> None:
-        """Reload snapshot + log (which hold seq) and swap in; FAILED when that fails too.
-
-        Until the reload ends the index answers nothing (LOADING): serving a state without a
-        batch that is logged, and may already be acknowledged, would be a silent loss.
-        """
-        slot.state, slot.reason = IndexState.LOADING, f"recovering: {why}"
-        try:
-            rec = self.store.recover(slot.name)
-        except BaseException as exc:
-            slot.state, slot.reason = IndexState.FAILED, f"{why}; recovery failed: {exc!r}"
-            log.error("index %s FAILED: %s", slot.name, slot.reason)
-            raise
-        if rec.seq < seq or rec.engine is None:
-            slot.state = IndexState.FAILED
-            slot.reason = f"{why}; recovery reached only seq {rec.seq}"
-            raise IndexNotReady(f"index {slot.name!r}: {slot.reason}")
-        install(slot, rec)
-        log.warning("index %s recovered from storage at seq %d after: %s", slot.name, rec.seq, why)
-
     def apply_logged(self, name: str, entry: LogEntry) -> None:
         """Apply an entry the writer already logged (a replica follows the log this way)."""
         slot = self.slot(name)
         if entry.seq <= slot.seq:
             return  # already in the loaded snapshot or applied before
-        self._apply_batch(slot, entry.ids, entry.vectors if entry.op == "upsert" else None,
-                          entry.seq)  # fmt: skip
+        vectors = entry.vectors if entry.op == "upsert" else None
+        write_ahead.apply_batch(self, slot, entry.ids, vectors, entry.seq, entry.attributes)
 
     def merge(self, name: str, progress: Progress | None) -> dict[str, Any]:
         """Fold delta and tombstones into the primary (the engine swaps its own internals)."""

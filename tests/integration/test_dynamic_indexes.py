@@ -38,11 +38,11 @@ def job(app: Celery, task: str, index: str, **kwargs: Any) -> Any:
     return r.get(timeout=TIMEOUT)
 
 
-def upsert(app: Celery, index: str, n: int, seed: int = 0) -> tuple[np.ndarray, Any]:
+def upsert(app: Celery, index: str, n: int, seed: int = 0, **kw: Any) -> tuple[np.ndarray, Any]:
     """Upsert n random vectors with ids 0..n-1; the vectors and the job's result."""
     x = np.random.default_rng(seed).standard_normal((n, DIM)).astype("<f4")
     frame = {"dtype": "<f4", "shape": list(x.shape), "data": x.tobytes()}
-    return x, job(app, "faissq.upsert", index, ids=list(range(n)), vectors=frame)
+    return x, job(app, "faissq.upsert", index, ids=list(range(n)), vectors=frame, **kw)
 
 
 def error_code(exc: BaseException) -> str:
@@ -68,14 +68,14 @@ def test_create_upsert_search_restart_drop(
     worker = dynamic()
     app = plain_app(redis_url)
     made = control(app, "faissq.create_index", name="shoes", dim=DIM, metric="l2",
-                   family="flat", attributes=["color"])  # fmt: skip
+                   family="flat", attributes={"color": "keyword"})  # fmt: skip
     assert made["created"] is True and made["queue"] == "faissq.shoes"
-    assert made["state"] == "created" and made["attributes"] == ["color"]
+    assert made["state"] == "created" and made["attributes"] == {"color": "keyword"}
     again = control(app, "faissq.create_index", name="shoes", dim=DIM, metric="l2",
-                    family="flat", attributes=["color"])  # fmt: skip
+                    family="flat", attributes={"color": "keyword"})  # fmt: skip
     assert again["created"] is False  # the same definition: a no-op
 
-    x, up = upsert(app, "shoes", 50)
+    x, up = upsert(app, "shoes", 50, attributes={"color": ["red", None] * 25})
     assert up["applied"] == 50 and up["ntotal"] == 50
     client = SearchClient(job_settings, "shoes")
     hit = client.search(x[7:8], k=1)
@@ -86,6 +86,9 @@ def test_create_upsert_search_restart_drop(
     hit = client.search(x[9:10], k=1)
     assert int(hit.ids[0][0]) == 9
     assert job(app, "faissq.stats", "shoes")["ntotal"] == 50
+    with pytest.raises(Exception) as undeclared:  # the catalog's fields hold after a restart
+        upsert(app, "shoes", 1, attributes={"size": [42]})
+    assert type(undeclared.value).__name__ == "InvalidAttributes"
 
     dropped = control(app, "faissq.drop_index", name="shoes")
     assert dropped["dropped"] is True and dropped["state"] == "dropped"
@@ -133,7 +136,8 @@ BAD_CREATES = [
     ({"name": "ok", "dim": "8"}, "InvalidParameter"),
     ({"name": "ok", "dim": DIM, "metric": "hamming"}, "InvalidParameter"),
     ({"name": "ok", "dim": DIM, "family": "NoSuchFactory99"}, "UnknownFamily"),
-    ({"name": "ok", "dim": DIM, "attributes": "color"}, "InvalidParameter"),
+    ({"name": "ok", "dim": DIM, "attributes": "color"}, "InvalidAttributes"),
+    ({"name": "ok", "dim": DIM, "attributes": {"color": "float"}}, "InvalidAttributes"),
     ({"name": "base", "dim": DIM + 1}, "IndexExists"),
 ]
 

@@ -19,6 +19,7 @@ from faissq.errors import ShardUnavailable
 from faissq.rpc.aio_shard_client import AsyncShardedSearchClient
 from faissq.rpc.search_client import SearchClient
 from faissq.rpc.shard_client import ShardedSearchClient
+from faissq.storage.durable import DurableStore
 from faissq.tasks.producer import JobClient
 from faissq.tasks.sharded_jobs import ShardedResult
 
@@ -45,7 +46,7 @@ def test_four_shards_answer_like_one_exact_index_and_take_batches_per_shard(
     """20k vectors: 4 Flat shards give one Flat index's top-10; a batch is one group."""
     one = f"{index_name}-one"
     names = shards.shard_names(index_name, 4)
-    worker_factory([one, *names]).start()
+    worker_factory([one, *names], env={"FAISSQ_INDEX__ATTRIBUTES": '{"tenant": "int64"}'}).start()
     jobs = JobClient(job_settings)
     jobs.declare_sharded(index_name, 4)
     base, ids = vecs(N, 0), np.arange(N, dtype=np.int64) * 3 + 7
@@ -72,10 +73,14 @@ def test_four_shards_answer_like_one_exact_index_and_take_batches_per_shard(
         # one batch, one group: a job per shard it touches, each with a derived batch_id
         new_ids = np.arange(10**9, 10**9 + 200, dtype=np.int64)
         new = vecs(200, 2)
-        up = jobs.upsert(index_name, new_ids, new, batch_id="ingest-1")
+        up = jobs.upsert(index_name, new_ids, new, batch_id="ingest-1",
+                         attributes={"tenant": new_ids % 5})  # fmt: skip
         assert isinstance(up, ShardedResult)
         done = up.get(timeout=TIMEOUT)
         assert done["applied"] == 200 and done["duplicate"] is False
+        for name in names:  # each shard logged the attribute values of its own ids
+            (entry,) = DurableStore(job_settings).log(name).read(after_seq=report["seqs"][name])
+            np.testing.assert_array_equal(entry.attributes["tenant"], entry.ids % 5)
         again = jobs.upsert(index_name, new_ids, new, batch_id="ingest-1").get(timeout=TIMEOUT)
         assert again["duplicate"] is True and again["seqs"] == done["seqs"]
         hit = sharded.search(new[:20], 1, min_seq=done["seqs"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,26 +17,27 @@ from faissq.worker.runtime import IndexRuntime
 from faissq.worker.slots import IndexState
 
 
-def settings(root: Path, *, replica: bool, retention: int = 3) -> Settings:
-    """Settings for index 'a' on `root`."""
+def settings(root: Path, *, replica: bool, retention: int = 3, **index: Any) -> Settings:
+    """Settings for index 'a' on `root` (`index`: its settings)."""
     return Settings(
         storage={"url": str(root), "retention": retention},
         gpu={"mode": "off"},
         worker={"indexes": ["a"], "replica": replica},
+        index=index,
     )
 
 
-def writer(root: Path, retention: int = 3) -> IndexRuntime:
+def writer(root: Path, retention: int = 3, **index: Any) -> IndexRuntime:
     """A loaded writer runtime."""
-    s = settings(root, replica=False, retention=retention)
+    s = settings(root, replica=False, retention=retention, **index)
     rt = IndexRuntime(s, DurableStore(s))
     rt.load_all()
     return rt
 
 
-def replica(root: Path) -> tuple[IndexRuntime, Follower]:
+def replica(root: Path, **index: Any) -> tuple[IndexRuntime, Follower]:
     """A loaded replica runtime and its follower (polled by hand, not started)."""
-    rt, follower = make_replica(settings(root, replica=True))
+    rt, follower = make_replica(settings(root, replica=True, **index))
     rt.load_all()
     follower._seen["a"] = rt.slot("a").version  # what start() records
     return rt, follower
@@ -73,6 +75,21 @@ def test_replica_follows_upserts_and_deletes_from_an_empty_start(tmp_path: Path)
     assert 0 <= status["lag_seconds"] < 5 and w.role_status("a") == {"role": "writer", "seq": 3}
     w.close()
     rep.close()
+
+
+def test_replica_applies_the_attributes_logged_with_each_upsert(tmp_path: Path) -> None:
+    """What the writer logged with an upsert, the follower applies (omitted fields: null)."""
+    schema = {"tenant": "int64", "lang": "keyword"}
+    w = writer(tmp_path, attributes=schema)
+    rep, follower = replica(tmp_path, attributes=schema)
+    w.apply("a", "upsert", np.arange(3), vecs(3), "b1", check=no_check,
+            attributes={"tenant": [5, None, 7], "lang": ["en", "de", None]})  # fmt: skip
+    w.apply("a", "upsert", np.arange(1, 2), vecs(1, 1), "b2", check=no_check,
+            attributes={"lang": ["fr"]})  # fmt: skip
+    assert follower.poll_once("a") == 2
+    want = {"tenant": [5, None, 7], "lang": ["en", "fr", None]}
+    assert rep.engine("a").attributes_of(np.arange(3)) == w.engine("a").attributes_of(np.arange(3))
+    assert rep.engine("a").attributes_of(np.arange(3)) == want
 
 
 def test_replica_reloads_a_new_snapshot_then_follows_after_it(tmp_path: Path) -> None:

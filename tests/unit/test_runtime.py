@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 
 from faissq.config import Settings
-from faissq.errors import IndexNotReady, SnapshotCorrupt, UnknownIndex
+from faissq.errors import IndexNotReady, InvalidAttributes, SnapshotCorrupt, UnknownIndex
 from faissq.index.engine import Engine
 from faissq.storage.durable import DurableStore
+from faissq.worker import publish
 from faissq.worker.runtime import IndexRuntime
 from faissq.worker.slots import IndexState
 
 
-def make(tmp_path: Path) -> IndexRuntime:
-    """A runtime over a temp storage root serving index 'a'."""
-    s = Settings(storage={"url": str(tmp_path)}, gpu={"mode": "off"}, worker={"indexes": ["a"]})
+def make(tmp_path: Path, **index: Any) -> IndexRuntime:
+    """A runtime over a temp storage root serving index 'a' (`index`: its settings)."""
+    s = Settings(storage={"url": str(tmp_path)}, gpu={"mode": "off"}, worker={"indexes": ["a"]},
+                 index=index)  # fmt: skip
     rt = IndexRuntime(s, DurableStore(s))
     rt.load_all()
     return rt
@@ -66,6 +68,44 @@ def test_build_is_snapshotted_before_it_is_swapped_in(tmp_path: Path) -> None:
     rt2 = make(tmp_path)
     assert rt2.engine("a").ntotal == 300 and rt2.slot("a").version == report["snapshot"]["version"]
     rt2.close()
+
+
+def test_attributes_are_checked_first_then_logged_snapshotted_and_kept_by_a_rebuild(
+    tmp_path: Path,
+) -> None:
+    """A bad batch leaves nothing behind; good ones come back from the build's snapshot, the
+    log, a later snapshot, and survive a gated rebuild (a new engine built beside the old)."""
+    schema = {"tenant": "int64", "lang": "keyword"}
+    rt = make(tmp_path, attributes=schema)
+    with pytest.raises(InvalidAttributes):
+        rt.build("a", vecs(4), np.arange(4), family="flat", progress=None,
+                 attributes={"tenant": [1, 2]})  # fmt: skip
+    built = {"tenant": [1, 2, None, 4], "lang": ["en", "de", "en", None]}
+    rt.build("a", vecs(4), np.arange(4), family="flat", progress=None, attributes=built)
+    for bad in ({"tenant": ["1", 2, 3, 4]}, {"colour": ["red"] * 4}, ["en"] * 4):
+        with pytest.raises(InvalidAttributes):
+            rt.apply("a", "upsert", np.arange(2, 6), vecs(4, 1), "bad", check=no_check,
+                     attributes=bad)  # fmt: skip
+    assert rt.store.log("a").entry_seqs() == []  # type: ignore[attr-defined]
+    out = rt.apply("a", "upsert", np.arange(2, 6), vecs(4, 1), "b1", check=no_check,
+                   attributes={"tenant": [30, 40, 50, 60]})  # fmt: skip
+    assert out["applied"] == 4
+    want = {"tenant": [1, 2, 30, 40, 50, 60], "lang": ["en", "de", None, None, None, None]}
+    assert rt.engine("a").attributes_of(np.arange(6)) == want
+    rt.close()
+
+    rt = make(tmp_path, attributes=schema)  # the build's snapshot + the logged upsert
+    assert rt.engine("a").attributes_of(np.arange(6)) == want
+    rt.save("a")
+    rt.close()
+    rt = make(tmp_path, attributes=schema)  # the new snapshot alone: it covers the upsert
+    assert rt.store.recover("a").replayed == 0
+    assert rt.engine("a").attributes_of(np.arange(6)) == want
+    publish.rebuild(rt, "a", None, False, None)
+    assert rt.engine("a").attributes_of(np.arange(6)) == want
+    hits = rt.engine("a").search(vecs(1, 1), 6, filter={"field": "tenant", "gte": 40}).ids
+    assert sorted(int(i) for i in hits[0] if i >= 0) == [3, 4, 5]
+    rt.close()
 
 
 def test_failed_build_keeps_the_old_engine(tmp_path: Path) -> None:

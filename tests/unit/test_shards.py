@@ -8,8 +8,9 @@ import redis
 from redis.crc import key_slot
 
 from faissq import keys, shards
-from faissq.errors import IndexExists, InvalidIds, InvalidParameter
+from faissq.errors import IndexExists, InvalidAttributes, InvalidIds, InvalidParameter
 from faissq.storage.durable import check_index_name
+from faissq.tasks.sharded_jobs import split_batch
 
 MASK = (1 << 64) - 1
 
@@ -50,6 +51,21 @@ def test_split_rows_covers_the_batch_once_in_batch_order() -> None:
     for s, rows in enumerate(parts):
         assert rows.tolist() == sorted(rows.tolist())
         assert (shards.shard_of(ids[rows], 3) == s).all()
+
+
+def test_a_sharded_batch_cuts_its_attribute_columns_by_the_same_rows() -> None:
+    """Each shard's job gets the attribute values of exactly its own ids."""
+    shard_map = shards.ShardMap("docs", 3, "cosine")
+    ids = np.array([5, 9, 1, 42, 77, 3, 8], dtype=np.int64)
+    cols = {"tenant": [int(i) * 10 for i in ids], "lang": [None, "en"] * 3 + ["de"]}
+    parts = split_batch(shard_map, ids, None, "b", attributes=cols)
+    assert sum(len(p[1]) for p in parts) == 7
+    for _, part_ids, _, part_cols, _ in parts:
+        assert part_cols is not None
+        assert part_cols["tenant"] == [int(i) * 10 for i in part_ids]
+        assert part_cols["lang"] == [cols["lang"][ids.tolist().index(i)] for i in part_ids]
+    with pytest.raises(InvalidAttributes):
+        split_batch(shard_map, ids, None, "b", attributes={"tenant": [1, 2]})
 
 
 def test_bad_ids_and_counts_are_refused() -> None:

@@ -21,8 +21,11 @@ from faissq.errors import (
     StorageUnavailable,
     WriterConflict,
 )
+from faissq.index.attributes import check_batch as check_attrs
+from faissq.index.attributes import columns_for, encode_batch
 from faissq.storage.fs import Storage
-from faissq.storage.log import MAGIC, TRUNCATED, UpdateLog, entry_name
+from faissq.storage.log import TRUNCATED, UpdateLog, entry_name
+from faissq.storage.log_entry import MAGIC
 
 DIM = 8
 
@@ -71,6 +74,37 @@ def test_a_format_1_entry_with_a_sha256_trailer_still_replays(ulog: UpdateLog) -
     path.write_bytes(old + blake3.blake3(old).digest())  # a trailer of the wrong algorithm
     with pytest.raises(LogCorrupt, match="fails its checksum"):
         list(ulog.read())
+
+
+def test_an_upsert_carries_its_attribute_columns_under_the_same_digest(ulog: UpdateLog) -> None:
+    """Attributes ride after the vectors (header attrs_bytes); an entry without them keeps the
+    layout entries had before attributes existed; a flipped attribute byte fails the digest."""
+    schema: dict[str, Any] = {"tenant": "int64", "lang": "keyword"}
+    cols = check_attrs(
+        schema, {"tenant": [7, None, -3, 2**62, 0], "lang": ["en", None, "", "é", "de"]}, 5
+    )
+    with ulog.open_writer() as w:
+        w.append("upsert", *batch(0), "b1", attributes=cols)
+        w.append("upsert", *batch(10), "b2")
+        with pytest.raises(InvalidParameter):
+            w.append("delete", batch(0)[0], None, "b3", attributes=cols)
+    with_attrs, plain = ulog.read()
+    assert set(with_attrs.attributes) == {"tenant", "lang"}
+    np.testing.assert_array_equal(with_attrs.attributes["tenant"], cols["tenant"])
+    assert with_attrs.attributes["lang"] == ["en", None, "", "é", "de"]
+    assert columns_for(schema, with_attrs.attributes) == {
+        "tenant": [7, None, -3, 2**62, 0],
+        "lang": ["en", None, "", "é", "de"],
+    }
+    assert plain.attributes == {} and "attrs_bytes" not in ulog.read_header(2)
+    size = ulog.read_header(1)["attrs_bytes"]
+    assert size == len(encode_batch(cols))
+    path = entry_path(ulog, 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) - 32 - size // 2] ^= 0x01  # inside the attribute section
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupt, match="fails its checksum"):
+        ulog.read_entry(1)
 
 
 def test_known_batch_id_returns_original_seq_and_logs_nothing(ulog: UpdateLog) -> None:

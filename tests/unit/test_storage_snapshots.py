@@ -14,10 +14,12 @@ import pytest
 from storage_support import can_make_read_only, faulty_storage, read_only
 
 from faissq.errors import ManifestMismatch, SnapshotCorrupt, StorageUnavailable
+from faissq.index.attributes import AttrTable
 from faissq.storage.fs import Storage
 from faissq.storage.snapshots import CURRENT, MANIFEST, SnapshotStore
 
 DIM = 16
+SCHEMA: dict[str, Any] = {"tenant": "int64", "lang": "keyword"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,15 @@ class Export:
     delta_vectors: np.ndarray
     tombstones: np.ndarray
     tuning: dict[str, Any] | None
+    attributes: bytes = b""
+
+
+def table_bytes(ids: np.ndarray) -> bytes:
+    """An attribute table of these ids (a keyword field with nulls, an int64 field)."""
+    table = AttrTable(SCHEMA).built(
+        ids, {"tenant": ids % 7, "lang": ["en", None] * (len(ids) // 2)}
+    )
+    return table.to_bytes()
 
 
 def make_export(n: int = 2000, seed: int = 0) -> Export:
@@ -54,6 +65,7 @@ def make_export(n: int = 2000, seed: int = 0) -> Export:
         delta_vectors=rng.random((2, DIM), dtype=np.float32),
         tombstones=ids[:3].copy(),
         tuning={"chosen": {"nprobe": 4}, "recall": 0.97},
+        attributes=table_bytes(ids),
     )
 
 
@@ -71,6 +83,7 @@ def assert_same(snap: Any, exp: Export) -> None:
         np.testing.assert_array_equal(getattr(snap, name), getattr(exp, name))
     assert snap.tuning == exp.tuning
     assert snap.plan == exp.plan
+    assert snap.attributes == exp.attributes
     q = exp.primary_vectors[:5]
     np.testing.assert_array_equal(snap.index.search(q, 3)[1], exp.index.search(q, 3)[1])
 
@@ -97,6 +110,7 @@ def test_save_then_load_round_trips_every_part(store: SnapshotStore) -> None:
         "delta_vectors.npy",
         "tombstones.npy",
         "tuning.json",
+        "attributes.msgpack",
     }
     # raw vectors are memory-mappable .npy files
     mm = np.load(version_dir(store, "v00000001") / "primary_vectors.npy", mmap_mode="r")
@@ -117,6 +131,24 @@ def test_unbuilt_index_saves_delta_only(store: SnapshotStore) -> None:
     snap = store.load()
     assert snap is not None and snap.index is None and snap.tuning is None
     np.testing.assert_array_equal(snap.delta_vectors, exp.delta_vectors)
+
+
+def test_attributes_round_trip_and_snapshots_without_them_still_load(
+    store: SnapshotStore,
+) -> None:
+    """The table is one more checked file; an export without fields writes none and loads as
+    before (every snapshot saved before attributes existed)."""
+    exp = make_export()
+    store.save(exp, seq=1)
+    snap = store.load()
+    assert snap is not None and snap.export_fields()["attributes"] == exp.attributes
+    table = AttrTable.from_bytes(SCHEMA, snap.attributes)
+    assert table.values_of(exp.primary_ids[:3]) == {"tenant": [0, 3, 6],
+                                                    "lang": ["en", None, "en"]}  # fmt: skip
+    store.save(replace(exp, attributes=b""), seq=2)
+    assert "attributes.msgpack" not in store.read_manifest("v00000002")["files"]
+    snap = store.load()
+    assert snap is not None and snap.version == "v00000002" and snap.attributes == b""
 
 
 def test_versions_chain_and_retention_keeps_the_last_n(store: SnapshotStore) -> None:
@@ -152,6 +184,7 @@ FILE_KINDS = [
     "delta_vectors.npy",
     "tombstones.npy",
     "tuning.json",
+    "attributes.msgpack",
     MANIFEST,
 ]
 

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 from faissq.config import Settings
-from faissq.errors import ChecksumMismatch, InvalidIds, InvalidParameter, InvalidVectors
+from faissq.errors import (
+    ChecksumMismatch,
+    InvalidAttributes,
+    InvalidIds,
+    InvalidParameter,
+    InvalidVectors,
+)
 from faissq.tasks import payload
-from faissq.tasks.producer import put_vectors
+from faissq.tasks.producer import put_attributes, put_vectors
 
 
 @pytest.fixture
@@ -114,3 +120,27 @@ def test_vectors_the_engine_would_refuse_never_reach_the_log() -> None:
     check_vectors(zero, engine, "l2")  # a zero vector is a fine point under L2
     with pytest.raises(DimensionMismatch):
         check_vectors(np.ones((3, 5), np.float32), engine, "cosine")
+
+
+def test_attributes_come_inline_or_by_a_checked_reference(settings: Settings) -> None:
+    """attributes_ref names a msgpack map under the root (put_attributes), checked like the
+    other references; one form at most; a file that is no map is InvalidAttributes."""
+    root = settings.storage.url
+    cols = {"tenant": [1, None], "lang": ["en", None]}
+    assert payload.attributes_arg(None, None, root=root) is None
+    assert payload.attributes_arg(cols, None, root=root) == cols
+    ref = put_attributes(settings, {"tenant": np.array([1, 2]), "lang": ("en", None)})
+    assert set(ref) == {"path", "sha256"} and ref["path"].endswith(".msgpack")
+    got = payload.attributes_arg(None, ref, root=root)
+    assert got == {"tenant": [1, 2], "lang": ["en", None]}
+    with pytest.raises(InvalidParameter, match="not both"):
+        payload.attributes_arg(cols, ref, root=root)
+    with pytest.raises(ChecksumMismatch):
+        payload.attributes_arg(None, {**ref, "sha256": "f" * 64}, root=root)
+    with pytest.raises(InvalidParameter, match="outside"):
+        payload.attributes_arg(None, {**ref, "path": "../x.msgpack"}, root=root)
+    with pytest.raises(InvalidParameter, match="lacks"):
+        payload.attributes_arg(None, {"path": ref["path"]}, root=root)
+    npy = put_vectors(settings, np.ones((2, 2), np.float32))
+    with pytest.raises(InvalidAttributes):
+        payload.attributes_arg(None, npy, root=root)
