@@ -320,9 +320,25 @@ class AttrTable:
         ids = np.frombuffer(doc["ids"], dtype="<i8").astype(np.int64)
         cols = doc["cols"]
         out.base_ids = ids
-        out.base_cols = {k: (np.frombuffer(cols[k], dtype="<i8").astype(np.int64) if k in cols
-                             else np.full(ids.size, NULL, np.int64)) for k in schema}  # fmt: skip
+        stored_keywords = set(doc["vocab"])
+        out.base_cols = {}
+        for k, t in schema.items():
+            # a field declared again with another type starts null: codes are not numbers
+            same_type = (t == "keyword") == (k in stored_keywords)
+            if k in cols and same_type:
+                out.base_cols[k] = np.frombuffer(cols[k], dtype="<i8").astype(np.int64)
+            else:
+                out.base_cols[k] = np.full(ids.size, NULL, np.int64)
         return out
+
+    def covering(self, ids: I64) -> AttrTable:
+        """This table plus a null row for each of ids it holds no row for (a snapshot written
+        before its index declared these fields)."""
+        have = _in_sorted(self.base_ids, ids) & ~_in_sorted(self.gone, ids)
+        missing = ids[~(have | _in_sorted(self.over_ids, ids))]
+        if missing.size == 0:
+            return self
+        return self.upserted(missing, check_batch(self.schema, None, int(missing.size)))
 
 
 def _positions(sorted_ids: I64, ids: I64) -> npt.NDArray[np.intp]:

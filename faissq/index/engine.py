@@ -385,10 +385,12 @@ class Engine:
                   cloner=cloner)  # fmt: skip
         primary, delta, tomb = restore_parts(exp)
         primary = with_gpu(primary, gpu, cloner) if primary is not None else None
+        st = State.make(exp.dim, primary, delta, tomb, version)
         attrs = eng._state.attrs
-        if attrs is not None and exp.attributes:
-            attrs = AttrTable.from_bytes(eng.schema, exp.attributes)
-        eng._state = State.make(exp.dim, primary, delta, tomb, version, attrs=attrs)
+        if attrs is not None:  # live ids a snapshot holds no values for are null
+            saved = AttrTable.from_bytes(eng.schema, exp.attributes) if exp.attributes else attrs
+            attrs = saved.covering(st.live_ids())
+        eng._state = replace(st, attrs=attrs)
         eng._tuning = exp.tuning
         return eng
 

@@ -159,6 +159,13 @@ class State:
             return self.tombstones
         return union_sorted(self.tombstones, ids[in_primary])
 
+    def live_ids(self) -> I64:
+        """Every live id: the primary's not tombstoned, then the delta's."""
+        if self.primary is None:
+            return self.delta.ids
+        kept = self.primary.ids[~in_sorted(self.tombstones, self.primary.ids)]
+        return np.concatenate([kept, self.delta.ids])
+
     def live_vectors(self) -> tuple[I64, F32]:
         """All live (ids, vectors) from the raw store and the delta (a copy)."""
         parts_ids: list[I64] = []
