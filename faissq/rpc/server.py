@@ -352,7 +352,8 @@ class RpcServer:
         engine: dict[str, object]
         try:
             eng = self.engine()
-            engine = {"ready": True, "version": eng.version, "ntotal": eng.ntotal, "dim": eng.dim}
+            engine = {"ready": True, "version": eng.version, "ntotal": eng.ntotal, "dim": eng.dim,
+                      "attributes": eng.schema}  # fmt: skip
         except FaissqError as exc:
             engine = {"ready": False, "code": exc.code, "reason": str(exc)}
         return json.dumps(

@@ -146,3 +146,5 @@ def test_fetch_returns_the_attributes_of_the_found_ids(served: Served) -> None:
             return await aio.fetch(asked)
 
     assert asyncio.run(run()).attributes == got.attributes
+    (beat,) = served.client.workers()  # a client learns the fields from the heartbeat
+    assert beat["engine"]["attributes"] == {"tenant": "int64", "lang": "keyword"}
