@@ -199,6 +199,9 @@ class RpcSettings(BaseModel):
     max_fetch_ids: int = Field(
         default=1000, ge=1, description="Largest id list of one fetch request (vectors by id)."
     )
+    max_filter_bytes: int = Field(
+        default=1 << 16, ge=1, description="Largest attribute filter of one request, as msgpack."
+    )
     coalesce: bool = Field(
         default=True,
         description="Clients merge concurrent searches with equal k and options into one request.",

@@ -146,19 +146,18 @@ class Engine:
         return SearchResult(scores, ids, st.version, met)
 
     def range_search(
-        self, queries: Any, radius: float, *, nprobe: int | None = None
+        self, queries: Any, radius: float, *, nprobe: int | None = None, filter: Any = None
     ) -> tuple[list[F32], list[I64]]:
-        """Every live vector within radius (cosine: score > radius; L2: distance < radius).
-
-        Returns per-query score and id arrays, best first. Exact over the delta; the primary
-        answers through FAISS range_search (IVF probes nprobe lists; PQ scores are approximate).
-        """
+        """Every live vector within radius (cosine: score > radius; L2: distance < radius) that
+        passes `filter` (as for search), per query: scores and ids, best first. Exact over the
+        delta; the primary answers through FAISS range_search (IVF probes nprobe lists)."""
         st = self._state
         nprobe = check_positive("nprobe", nprobe) or self.cfg.default_nprobe
         if isinstance(radius, bool) or not isinstance(radius, float | int):
             raise InvalidParameter(f"radius must be a number, got {type(radius).__name__}")
         xq = as_vectors(queries, self.dim, self.metric)
-        return self._reader.within(st, xq, radius, nprobe)
+        allow = None if filter is None else filtered_allow(st.attrs, self.schema, filter, None)
+        return self._reader.within(st, xq, radius, nprobe, allow)
 
     # ----------------------------------------------------------------- writing
     def build(

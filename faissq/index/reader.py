@@ -18,6 +18,8 @@ from faissq.index.results import exact_scores, merge_topk, worst
 from faissq.index.state import Primary, State, in_sorted, union_sorted
 from faissq.index.validate import F32, I64
 
+_NO_IDS: I64 = np.empty(0, np.int64)
+
 
 @dataclass(frozen=True)
 class Reader:
@@ -132,13 +134,20 @@ class Reader:
             scores, ids = self.refine(primary, xq, ids, k)
         return scores, ids
 
-    def within(self, st: State, xq: F32, radius: float, nprobe: int) -> tuple[list[F32], list[I64]]:
-        """Per-query scores and ids within radius, best first (see Engine.range_search)."""
+    def within(
+        self, st: State, xq: F32, radius: float, nprobe: int, allow: I64 | None = None
+    ) -> tuple[list[F32], list[I64]]:
+        """Per-query scores and ids within radius, best first, only ids in `allow` when given
+        (see Engine.range_search)."""
         nq = xq.shape[0]
         out_s: list[list[F32]] = [[] for _ in range(nq)]
         out_i: list[list[I64]] = [[] for _ in range(nq)]
+        if allow is not None and allow.size == 0:  # nothing passes: no selector over no ids
+            return [np.empty(0, np.float32) for _ in range(nq)], [_NO_IDS for _ in range(nq)]
         if st.primary is not None:
             sels = [st.tomb_selector] if st.tomb_selector is not None else []
+            if allow is not None:
+                sels.append(batch_selector(allow))
             sel, keep = combine(sels)
             call = make_params(st.primary.shape, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
             try:
@@ -156,6 +165,8 @@ class Reader:
             if not self.higher_is_better:
                 scores = (xq * xq).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2 * scores
             hit = scores > radius if self.higher_is_better else scores < radius
+            if allow is not None:
+                hit &= in_sorted(allow, st.delta.ids)[None, :]
             for q in range(nq):
                 out_s[q].append(scores[q][hit[q]])
                 out_i[q].append(st.delta.ids[hit[q]])

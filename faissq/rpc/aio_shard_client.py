@@ -16,6 +16,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from faissq import keys, shards
 from faissq.config import Settings
 from faissq.errors import RemoteSearchError, SearchTimeout, permission_denied
+from faissq.rpc import query_client as qc
 from faissq.rpc import resp
 from faissq.rpc.nodes import base_url
 from faissq.rpc.search_client import CONNECT_TIMEOUT_S, READ_GRACE_S
@@ -84,14 +85,15 @@ class AsyncShardedSearchClient:
         deny_ids: npt.ArrayLike | None = None,
         offset: int | None = None,
         min_seq: Mapping[str, int] | None = None,
+        filter: dict[str, Any] | None = None,
         timeout: float | None = None,
         partial_ok: bool | None = None,
     ) -> ShardedSearchResponse:
         """Top-k of each query row over every shard; as ShardedSearchClient.search."""
         plan = await self._ready()
-        options = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor,
-                   "target_recall": target_recall, "allow_ids": allow_ids,
-                   "deny_ids": deny_ids}  # fmt: skip
+        options = qc.search_options(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
+                                    target_recall=target_recall, allow_ids=allow_ids,
+                                    deny_ids=deny_ids, filter=filter)  # fmt: skip
         fan = plan.prepare(queries, k, offset, min_seq, timeout, options)
         return plan.merge(fan, await self._fan_out(plan, fan), partial_ok)
 

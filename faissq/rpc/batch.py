@@ -1,4 +1,4 @@
-"""Micro-batching: requests with the same k and parameters share one engine.search call."""
+"""Micro-batching: requests with the same k, parameters and filter share one engine.search call."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from faissq.errors import DimensionMismatch, FaissqError
 from faissq.index.engine import Engine
+from faissq.index.filters import Filter, compile_filter
 from faissq.rpc.protocol import Request
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,14 @@ def search_all(
 
     calls, when given, receives the number of requests of each engine.search call made;
     max_candidates, when given, bounds rows x k x k_factor of one batched call (k_factor: the
-    group's, else default_k_factor), as the protocol bounds it for one request.
+    group's, else default_k_factor), as the protocol bounds it for one request. A filter is
+    checked against the index's fields here, once per request: a bad one fails its request.
     """
     calls = calls if calls is not None else []
     if len(requests) == 1 and requests[0].queries.shape[1] == engine.dim:
         return [_one(engine, requests[0], calls)]  # the idle-server case: nothing to group
     groups: dict[tuple[Any, ...], list[Request]] = {}
+    filters: dict[tuple[Any, ...], Filter] = {}
     out: list[Outcome] = []
     for req in requests:
         if req.queries.shape[1] != engine.dim:
@@ -61,13 +64,25 @@ def search_all(
             )
             out.append(Outcome(req, error=(err.code, str(err))))
         elif req.allow_ids is not None or req.deny_ids is not None:
-            out.append(_one(engine, req, calls))  # filters are per request: never merged
-        else:
+            out.append(_one(engine, req, calls))  # id lists are per request: never merged
+        elif req.filter is None:
             groups.setdefault(req.params(), []).append(req)
-    for group in groups.values():
+        else:
+            try:
+                flt = compile_filter(req.filter, engine.schema)
+            except FaissqError as exc:
+                out.append(Outcome(req, error=(exc.code, str(exc))))
+                continue
+            key = (*req.params(), flt.key)  # equal filters (after checking) share a call
+            filters[key] = flt
+            groups.setdefault(key, []).append(req)
+    for key, group in groups.items():
+        shared = filters.get(key)
         for part in _split(group, max_candidates, default_k_factor):
             out.extend(
-                _group(engine, part, calls) if len(part) > 1 else [_one(engine, part[0], calls)]
+                _group(engine, part, calls, shared)
+                if len(part) > 1
+                else [_one(engine, part[0], calls, shared)]
             )
     return out
 
@@ -90,16 +105,19 @@ def _split(group: list[Request], max_candidates: int | None, k_factor: int) -> l
     return parts
 
 
-def _group(engine: Engine, group: list[Request], calls: list[int]) -> list[Outcome]:
-    """One stacked search for the group, split back by rows; per-request on any error."""
+def _group(
+    engine: Engine, group: list[Request], calls: list[int], flt: Filter | None
+) -> list[Outcome]:
+    """One stacked search for the group (which shares `flt`), split back by rows; per-request
+    on any error."""
     first = group[0]
     t0 = time.perf_counter()
     calls.append(len(group))
     try:
         res = engine.search(np.concatenate([r.queries for r in group]), first.k + first.offset,
-                            **_params(first))  # fmt: skip
+                            filter=flt, **_params(first))  # fmt: skip
     except Exception:  # one request (NaN after all, a GPU fault) must not fail the others
-        return [_one(engine, r, calls) for r in group]
+        return [_one(engine, r, calls, flt) for r in group]
     took = time.perf_counter() - t0
     out: list[Outcome] = []
     row = 0
@@ -120,13 +138,15 @@ def _group(engine: Engine, group: list[Request], calls: list[int]) -> list[Outco
     return out
 
 
-def _one(engine: Engine, req: Request, calls: list[int]) -> Outcome:
-    """Search one request alone; every failure becomes an error outcome."""
+def _one(engine: Engine, req: Request, calls: list[int], flt: Filter | None = None) -> Outcome:
+    """Search one request alone (flt: its filter, already checked); every failure becomes an
+    error outcome."""
     t0 = time.perf_counter()
     calls.append(1)
     try:
         res = engine.search(req.queries, req.k + req.offset, allow_ids=req.allow_ids,
-                            deny_ids=req.deny_ids, **_params(req))  # fmt: skip
+                            deny_ids=req.deny_ids, filter=req.filter if flt is None else flt,
+                            **_params(req))  # fmt: skip
     except FaissqError as exc:
         return Outcome(req, error=(exc.code, str(exc)))
     except Exception as exc:

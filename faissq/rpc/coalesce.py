@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq.errors import PermanentError, RpcError, SearchTimeout
+from faissq.rpc.query_client import filter_key
 
 if TYPE_CHECKING:
     from faissq.rpc.search_client import SearchResponse
@@ -287,5 +288,9 @@ def mergeable(options: dict[str, Any]) -> bool:
 
 
 def merge_key(k: int, dim: int, options: dict[str, Any]) -> Hashable | None:
-    """The merge key of a search, or None when it must travel alone (allow or deny lists)."""
-    return (k, dim, tuple(sorted(options.items()))) if mergeable(options) else None
+    """The merge key of a search, or None when it must travel alone (allow or deny lists); an
+    attribute filter is part of it in canonical form, so only equal filters merge."""
+    if not mergeable(options):
+        return None
+    plain = tuple(sorted((n, v) for n, v in options.items() if n != "filter"))
+    return (k, dim, plain, filter_key(options.get("filter")))

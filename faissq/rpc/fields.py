@@ -12,7 +12,13 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq import codec
-from faissq.errors import InvalidIds, InvalidParameter, InvalidVectors, PayloadTooLarge
+from faissq.errors import (
+    InvalidFilter,
+    InvalidIds,
+    InvalidParameter,
+    InvalidVectors,
+    PayloadTooLarge,
+)
 
 F32 = frozenset({"<f4"})
 I64 = frozenset({"<i8"})
@@ -81,3 +87,16 @@ def id_frame(name: str, value: Any, cap: int) -> npt.NDArray[np.int64] | None:
     if arr.size and int(arr.min()) < 0:
         raise InvalidIds(f"{name} must hold ids >= 0")
     return arr
+
+
+def filter_expr(value: Any, cap: int) -> dict[str, Any] | None:
+    """The optional `filter`: a map of at most `cap` bytes as msgpack. Its terms are checked
+    against the index's fields before it is searched (batch.py, faissq.index.filters)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidFilter(f"filter must be a map, got {type(value).__name__}")
+    size = len(codec.dumps(value))  # msgpack unpacks less nesting than it packs: this packs
+    if size > cap:
+        raise InvalidFilter(f"filter holds {size} bytes as msgpack, cap {cap}")
+    return value

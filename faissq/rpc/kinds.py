@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from faissq.rpc.protocol import Limits
 
 RANGE_REQUIRED = frozenset({"v", "id", "reply", "deadline", "radius", "queries"})
-RANGE_ALLOWED = RANGE_REQUIRED | {"nprobe", "min_seq", "sent", "op"}
+RANGE_ALLOWED = RANGE_REQUIRED | {"nprobe", "min_seq", "sent", "op", "filter"}
 FETCH_REQUIRED = frozenset({"v", "id", "reply", "deadline", "op", "ids"})
 FETCH_ALLOWED = FETCH_REQUIRED | {"min_seq", "sent"}
 NO_QUERIES = np.empty((0, 0), dtype=np.float32)
@@ -50,6 +50,7 @@ def check_kind(msg: dict[str, Any], limits: Limits) -> dict[str, Any]:
         "queries": queries,
         "radius": fields.number("radius", msg["radius"]),
         "nprobe": fields.capped("nprobe", msg.get("nprobe"), limits.max_nprobe),
+        "filter": fields.filter_expr(msg.get("filter"), limits.max_filter_bytes),
         **_common(msg),
     }
 

@@ -26,6 +26,7 @@ REQUIRED = frozenset({"v", "id", "reply", "deadline", "k", "queries"})
 OPTIONAL = frozenset(
     {"nprobe", "ef_search", "k_factor", "target_recall", "allow_ids", "deny_ids", "sent"}
     | {"offset", "min_seq", "op", "radius"}  # radius given (not nil): a range search (kinds.py)
+    | {"filter"}  # a condition on attribute fields (faissq.index.filters)
 )
 FRAMES = frozenset({"allow_ids", "deny_ids", "ids"})  # fields whose values travel as frames
 MAX_ID_CHARS = 128  # request ids are opaque strings; a uuid4 hex is 32
@@ -69,6 +70,7 @@ class Limits:
     max_k_factor: int = 32
     max_candidates: int = 1 << 18  # rows x (offset + k) x k_factor of one request; range rows
     max_fetch_ids: int = 1000  # ids of one fetch request
+    max_filter_bytes: int = 1 << 16  # a request's filter, packed as msgpack
     default_k_factor: int = 4  # the index's k_factor: what a request that names none refines
 
 
@@ -93,6 +95,7 @@ class Request:
     kind: str = "knn"  # "knn", "range" or "fetch"
     radius: float | None = None  # range: the score bound
     fetch_ids: npt.NDArray[np.int64] | None = None  # fetch: the ids whose vectors are asked
+    filter: dict[str, Any] | None = None  # top-k and range: a map, checked against the fields
 
     def params(self) -> tuple[Any, ...]:
         """The search parameters two requests must share to run in one batched call."""
@@ -247,4 +250,5 @@ def _check_request(msg: dict[str, Any], rid: str, reply: str, limits: Limits) ->
     fields.check_work(rows, k + req.offset, k_factor, limits.max_candidates)
     req.allow_ids = fields.id_frame("allow_ids", msg.get("allow_ids"), limits.max_filter_ids)
     req.deny_ids = fields.id_frame("deny_ids", msg.get("deny_ids"), limits.max_filter_ids)
+    req.filter = fields.filter_expr(msg.get("filter"), limits.max_filter_bytes)
     return req

@@ -59,7 +59,7 @@ def answer(eng: Engine, req: Request, limits: Limits) -> Outcome:
 def _range(eng: Engine, req: Request, radius: float, limits: Limits, t0: float) -> Outcome:
     """Range search; each query keeps its best max_candidates // rows results (truncated)."""
     version = eng.version  # read first: the searched state holds at least this seq
-    scores, ids = eng.range_search(req.queries, radius, nprobe=req.nprobe)
+    scores, ids = eng.range_search(req.queries, radius, nprobe=req.nprobe, filter=req.filter)
     per_query = max(1, limits.max_candidates // max(1, len(scores)))
     truncated = any(len(s) > per_query for s in scores)
     counts = np.array([min(len(s), per_query) for s in scores], dtype=np.int64)
@@ -73,13 +73,16 @@ def _range(eng: Engine, req: Request, radius: float, limits: Limits, t0: float) 
 
 
 def _fetch(eng: Engine, req: Request, fetch_ids: Any, t0: float) -> Outcome:
-    """The stored vectors of the asked ids that are live, and the ids that are not."""
+    """The stored vectors and attributes of the asked ids that are live, and the ids that are
+    not (no attributes when the index declares no fields)."""
     ids = np.ascontiguousarray(fetch_ids, dtype=np.int64)
-    st = eng.state  # one committed state: vectors and version agree
+    st = eng.state  # one committed state: vectors, attributes and version agree
     found, vectors = st.vectors_of(ids)
+    extra: dict[str, Any] = {"vectors": vectors[found], "missing": ids[~found]}
+    if st.attrs is not None:
+        extra["attributes"] = st.attrs.values_of(ids[found])
     return Outcome(req, scores=None, ids=ids[found], version=st.version,
-                   search_s=time.perf_counter() - t0,
-                   extra={"vectors": vectors[found], "missing": ids[~found]})  # fmt: skip
+                   search_s=time.perf_counter() - t0, extra=extra)  # fmt: skip
 
 
 class Held:

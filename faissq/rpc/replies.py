@@ -1,7 +1,8 @@
 """Search RPC replies (docs/protocol.md, Reply): encoded by the worker, decoded by the clients.
 
 Three result shapes share one map: top-k (`scores`, `ids` of shape [n, k]), range (`lims`,
-then flat `scores` and `ids`) and fetch (`ids`, `vectors`, `missing`); errors carry `error`.
+then flat `scores` and `ids`) and fetch (`ids`, `vectors`, `missing`, `attributes`); errors carry
+`error`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Reply:
     truncated: bool = False  # range: results were cut at the worker's cap
     vectors: npt.NDArray[np.float32] | None = None  # fetch: one row per found id
     missing: npt.NDArray[np.int64] | None = None  # fetch: requested ids not live in the index
+    attributes: dict[str, list[Any]] = field(default_factory=dict)  # fetch: field -> per id
 
 
 def encode_result(
@@ -136,10 +138,15 @@ def _range_fields(msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fetch_fields(msg: dict[str, Any]) -> dict[str, Any]:
-    """ids, vectors and missing of a fetch reply, checked against each other."""
+    """ids, vectors, missing and attributes of a fetch reply, checked against each other."""
     ids = codec.unpack_array(msg.get("ids"), field="ids", dtypes=I64, ndim=1)
     vectors = codec.unpack_array(msg.get("vectors"), field="vectors", dtypes=F32, ndim=2)
     missing = codec.unpack_array(msg.get("missing"), field="missing", dtypes=I64, ndim=1)
     if vectors.shape[0] != ids.size:
         raise InvalidParameter(f"fetch reply has {ids.size} ids and {vectors.shape[0]} vectors")
-    return {"ids": ids, "vectors": vectors, "missing": missing}
+    attrs = msg.get("attributes") or {}
+    if not isinstance(attrs, dict) or any(
+        not isinstance(col, list) or len(col) != ids.size for col in attrs.values()
+    ):
+        raise InvalidParameter(f"fetch reply attributes are not one list of {ids.size} per field")
+    return {"ids": ids, "vectors": vectors, "missing": missing, "attributes": attrs}

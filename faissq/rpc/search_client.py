@@ -250,20 +250,16 @@ class SearchClient:
         deny_ids: npt.ArrayLike | None = None,
         offset: int | None = None,
         min_seq: int | None = None,
+        filter: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> SearchResponse:
-        """Top-k of each query row; raises NoWorkerAlive, IndexBusy, SearchTimeout or the
-        worker's typed error (InvalidParameter, DimensionMismatch, ...)."""
-        options = {
-            "nprobe": nprobe,
-            "ef_search": ef_search,
-            "k_factor": k_factor,
-            "target_recall": target_recall,
-            "allow_ids": allow_ids,
-            "deny_ids": deny_ids,
-            "offset": qc.scalar(offset),  # ranks offset .. offset + k - 1
-            "min_seq": qc.scalar(min_seq),  # wait for this update-log seq (read your writes)
-        }
+        """Top-k of each query row among the ids passing `filter` (attribute conditions,
+        docs/protocol.md#filters); raises NoWorkerAlive, IndexBusy, SearchTimeout or the
+        worker's typed error (InvalidParameter, InvalidFilter, DimensionMismatch, ...)."""
+        options = qc.search_options(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
+                                    target_recall=target_recall, allow_ids=allow_ids,
+                                    deny_ids=deny_ids, offset=offset, min_seq=min_seq,
+                                    filter=filter)  # fmt: skip
         merging = self.coalescer
         if merging is None or not mergeable(options):
             return self._once(queries, k, timeout, options)
@@ -284,18 +280,21 @@ class SearchClient:
         *,
         nprobe: int | None = None,
         min_seq: int | None = None,
+        filter: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> qc.RangeResponse:
         """Every live vector within radius of each query row (cosine: score > radius; L2:
-        squared distance < radius), best first; the same typed errors as search."""
-        prepared = self.builder.prepare(queries, None, timeout,
-                                        qc.range_options(radius, nprobe, min_seq))  # fmt: skip
+        squared distance < radius) passing `filter`, best first; the same typed errors as
+        search."""
+        options = qc.range_options(radius, nprobe, min_seq, filter)
+        prepared = self.builder.prepare(queries, None, timeout, options)
         return qc.to_range(self.builder.reply(self._round_trip(prepared), prepared))
 
     def fetch(
         self, ids: npt.ArrayLike, *, min_seq: int | None = None, timeout: float | None = None
     ) -> qc.FetchResponse:
-        """The stored vectors of these ids (at most rpc.max_fetch_ids); missing: not live."""
+        """The stored vectors and attributes of these ids (at most rpc.max_fetch_ids);
+        missing: not live."""
         prepared = self.builder.prepare(None, None, timeout, qc.fetch_options(ids, min_seq))
         return qc.to_fetch(self.builder.reply(self._round_trip(prepared), prepared))
 

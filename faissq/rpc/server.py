@@ -90,6 +90,7 @@ class RpcServer:
             max_candidates=self.cfg.max_candidates,
             default_k_factor=settings.index.k_factor,
             max_fetch_ids=self.cfg.max_fetch_ids,
+            max_filter_bytes=self.cfg.max_filter_bytes,
         )
         self.held = queries.Held()  # requests waiting for their min_seq
         self.stats = RpcStats()
@@ -351,7 +352,8 @@ class RpcServer:
         engine: dict[str, object]
         try:
             eng = self.engine()
-            engine = {"ready": True, "version": eng.version, "ntotal": eng.ntotal, "dim": eng.dim}
+            engine = {"ready": True, "version": eng.version, "ntotal": eng.ntotal, "dim": eng.dim,
+                      "attributes": eng.schema}  # fmt: skip
         except FaissqError as exc:
             engine = {"ready": False, "code": exc.code, "reason": str(exc)}
         return json.dumps(

@@ -19,6 +19,7 @@ import redis
 from faissq import shards
 from faissq.config import Settings
 from faissq.errors import RemoteSearchError, RpcError, SearchTimeout, permission_denied
+from faissq.rpc import query_client as qc
 from faissq.rpc import resp
 from faissq.rpc.nodes import record_client
 from faissq.rpc.search_client import CONNECT_TIMEOUT_S, READ_GRACE_S, read_within, readable_now
@@ -76,18 +77,20 @@ class ShardedSearchClient:
         deny_ids: npt.ArrayLike | None = None,
         offset: int | None = None,
         min_seq: Mapping[str, int] | None = None,
+        filter: dict[str, Any] | None = None,
         timeout: float | None = None,
         partial_ok: bool | None = None,
     ) -> ShardedSearchResponse:
         """Top-k of each query row over every shard.
 
         min_seq: per shard index, the seq to wait for (a ShardedResult's `seqs`); offset: each
-        shard returns its top offset + k, the merge keeps ranks offset .. offset + k - 1.
+        shard returns its top offset + k, the merge keeps ranks offset .. offset + k - 1;
+        filter: an attribute condition (docs/protocol.md#filters), the same for every shard.
         Raises ShardUnavailable when a shard is missing or late, unless partial_ok.
         """
-        options = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor,
-                   "target_recall": target_recall, "allow_ids": allow_ids,
-                   "deny_ids": deny_ids}  # fmt: skip
+        options = qc.search_options(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
+                                    target_recall=target_recall, allow_ids=allow_ids,
+                                    deny_ids=deny_ids, filter=filter)  # fmt: skip
         fan = self.plan.prepare(queries, k, offset, min_seq, timeout, options)
         return self.plan.merge(fan, self._fan_out(fan), partial_ok)
 

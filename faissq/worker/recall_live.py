@@ -216,10 +216,10 @@ class IndexSampler:
 def _plain(req: Any) -> bool:
     """Whether a request is a plain top-k search from rank 0: what an exact top-k checks.
 
-    Filtered searches (allow/deny ids) have another truth; range searches, fetches and later
-    pages (offset) answer other questions.
+    Filtered searches (allow/deny ids, attribute filters) have another truth; range searches,
+    fetches and later pages (offset) answer other questions.
     """
-    return (req.allow_ids is None and req.deny_ids is None
+    return (req.allow_ids is None and req.deny_ids is None and getattr(req, "filter", None) is None
             and getattr(req, "kind", "knn") == "knn" and not getattr(req, "offset", 0))  # fmt: skip
 
 

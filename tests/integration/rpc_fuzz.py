@@ -24,6 +24,7 @@ DOCUMENTED = {
     "invalid_vectors",
     "dimension_mismatch",
     "invalid_ids",
+    "invalid_filter",
     "payload_too_large",
     "timeout",
 }
@@ -79,6 +80,7 @@ class Fuzzer:
             self.too_much_work,
             self.bad_recall,
             self.bad_filter,
+            self.bad_attribute_filter,
             self.bad_version,
             self.unknown_field,
             self.missing_field,
@@ -220,6 +222,14 @@ class Fuzzer:
             ]
         )
         return self.case("invalid_ids", **{name: bad})
+
+    def bad_attribute_filter(self) -> Case:
+        """A filter that is no map, too deep, or names a field the index does not declare."""
+        deep: dict[str, Any] = {"field": "tenant", "eq": 1}
+        for _ in range(int(self.rng.integers(17, 1000))):
+            deep = {"not": deep}
+        bad = self.pick([*NO_TYPE, deep, {"field": "tenant", "eq": 1}, {"and": []}])
+        return self.case("invalid_filter", filter=bad)
 
     def bad_version(self) -> Case:
         """A protocol version this worker does not speak."""

@@ -234,6 +234,7 @@ def test_fetch_returns_live_vectors_and_names_the_missing(served: Served) -> Non
     _, want = served.engine.state.vectors_of(live)
     np.testing.assert_array_equal(got.vectors, want)
     assert got.vectors.shape == (4, DIM) and got.version == served.engine.version
+    assert got.attributes == {}  # the index declares no attribute fields
 
     async def run() -> Any:
         async with AsyncSearchClient(served.settings, served.index) as aio:

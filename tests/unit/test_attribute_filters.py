@@ -186,6 +186,26 @@ def test_upserts_and_deletes_change_what_a_filter_passes() -> None:
     assert eng.attributes_of([1, 600])["tenant"] == [777, 777]
 
 
+def test_a_filtered_range_search_is_the_unfiltered_one_cut_to_the_passing_ids() -> None:
+    eng, xb, attrs = _engine(800)
+    eng.upsert([900, 901], data(2, 16, seed=8), attributes={"tenant": [5, 6]})  # in the delta
+    eng.delete([3])
+    xq = np.concatenate([xb[[0, 1]], data(1, 16, seed=8)])
+    radius = 40.0  # l2: catches about a fifth of the 800
+    flt = {"field": "tenant", "in": [5, 6, 40]}
+    passing = {i for i, t in enumerate(attrs["tenant"]) if t in (5, 6, 40)} | {900, 901}
+    every_s, every_i = eng.range_search(xq, radius)
+    got_s, got_i = eng.range_search(xq, radius, filter=flt)
+    for row in range(3):
+        keep = np.isin(every_i[row], sorted(passing))
+        assert got_i[row].tolist() == every_i[row][keep].tolist() and got_i[row].size
+        np.testing.assert_allclose(got_s[row], every_s[row][keep])
+    none = eng.range_search(xq, radius, filter={"field": "lang", "eq": "nowhere"})
+    assert [r.size for r in none[1]] == [0, 0, 0]
+    with pytest.raises(InvalidFilter):
+        eng.range_search(xq, radius, filter={"field": "colour", "eq": "red"})
+
+
 def test_the_table_agrees_with_a_dict_model_through_many_changes_and_compactions() -> None:
     rng = np.random.default_rng(11)
     schema = check_schema({"a": "int64", "b": "keyword"})

@@ -76,9 +76,10 @@ def test_the_sampled_fraction_matches_the_rate_and_the_ring_stays_bounded(ivf: A
         [
             Out(request(xb[:50], offset=10), page.ids, page.version),
             Out(request(xb[:50], k=0, kind="range", radius=0.5), page.ids, page.version),
+            Out(request(xb[:50], filter={"field": "tenant", "eq": 7}), page.ids, page.version),
         ]
     )
-    assert s.sampled == before  # later pages and range searches answer other questions
+    assert s.sampled == before  # later pages, range and attribute-filtered searches: not plain
 
 
 def test_checks_equal_an_offline_exact_recall_per_setting(ivf: Any) -> None:
