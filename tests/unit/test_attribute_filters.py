@@ -273,3 +273,23 @@ def test_filtered_searches_go_through_the_gpu_seam_without_holes() -> None:
     rare = {"field": "tenant", "eq": 3}
     got = eng.search(xq, 10, filter=rare).ids  # a tenth pass: over-fetch may fall short
     np.testing.assert_array_equal(got, _truth(xb, tenant == 3, xq, 10))
+
+
+def test_a_snapshot_saved_before_fields_were_declared_restores_null_rows() -> None:
+    """`not` matches nulls, so ids restored without values must still have (null) rows."""
+    plain = Engine(16, IndexSettings(metric="l2", family="flat"))
+    plain.build(data(50, 16), np.arange(50, dtype=np.int64))
+    plain.upsert([70], data(1, 16, seed=8))
+    declared = plain.cfg.model_copy(update={"attributes": {"tenant": "int64"}})
+    eng = Engine.from_export(plain.export(), declared, version=plain.version)
+    got = eng.search(data(1, 16), 100, filter={"not": {"field": "tenant", "eq": 1}}).ids[0]
+    assert sorted(got[got >= 0].tolist()) == [*range(50), 70]
+
+
+def test_a_field_declared_again_with_another_type_starts_null() -> None:
+    schema = check_schema({"tag": "keyword"})
+    table = AttrTable(schema).upserted(np.arange(3, dtype=np.int64), {"tag": ["a", "b", None]})
+    retyped = AttrTable.from_bytes(check_schema({"tag": "int64"}), table.to_bytes())
+    assert retyped.values_of(np.arange(3, dtype=np.int64)) == {"tag": [None, None, None]}
+    same = AttrTable.from_bytes(schema, table.to_bytes())
+    assert same.values_of(np.arange(3, dtype=np.int64)) == {"tag": ["a", "b", None]}
