@@ -26,7 +26,8 @@ MAX_NODES = 256  # conditions and operators in one filter
 MAX_DEPTH = 16
 MAX_IN = 1024  # values in one `in`
 RANGE_OPS = ("gt", "gte", "lt", "lte")
-_CACHED = 32  # filter results kept per attribute table (tables are immutable)
+_CACHED = 32  # filter results kept per attribute table (tables are immutable) ...
+_CACHED_BYTES = 64 << 20  # ... holding at most this many bytes of ids
 _INT_MAX = int(np.iinfo(np.int64).max)
 Mask = npt.NDArray[np.bool_]
 
@@ -131,7 +132,8 @@ def select(table: AttrTable, flt: Filter) -> I64:
     over = evaluate(flt.node, table, table.over_cols, table.over_ids.size)
     ids = np.concatenate([table.base_ids[base], table.over_ids[over]])
     ids.sort(kind="stable")  # two sorted runs: a linear merge
-    if sum(1 for k in table._cache if k[0] == "filter") < _CACHED:
+    held = [v for k, v in table._cache.items() if k[0] == "filter"]
+    if len(held) < _CACHED and sum(h.nbytes for h in held) + ids.nbytes <= _CACHED_BYTES:
         table._cache[key] = ids
     return ids
 

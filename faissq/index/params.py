@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,32 @@ def bitmap_selector(ids: I64) -> tuple[Any, list[Any]] | None:
     bitmap = np.packbits(member, bitorder="little")  # FAISS reads bit (id & 7) of byte id >> 3
     sel = faiss.IDSelectorBitmap(int(bitmap.size), faiss.swig_ptr(bitmap))
     return sel, [bitmap, sel]
+
+
+_ALLOWED: dict[int, tuple[I64, Any, list[Any]]] = {}  # id(ids) -> (ids, selector, keep)
+_ALLOWED_LOCK = threading.Lock()
+ALLOWED_CACHED = 8  # allow sets whose selectors are kept (a filter's ids repeat per table) ...
+ALLOWED_BYTES = 64 << 20  # ... holding at most this many bytes of ids
+
+
+def allow_selector(ids: I64) -> tuple[Any, list[Any]]:
+    """A selector passing exactly these sorted ids: a bitmap when they are dense enough, else
+    an IDSelectorBatch; kept for the same array object, since a filter's result is one cached
+    array per attribute table (an IDSelectorBatch of 100k ids costs milliseconds to build)."""
+    key = id(ids)
+    with _ALLOWED_LOCK:
+        hit = _ALLOWED.get(key)
+        if hit is not None and hit[0] is ids:
+            return hit[1], hit[2]
+    picked = bitmap_selector(ids)
+    sel, keep = picked if picked is not None else batch_selector(ids)
+    with _ALLOWED_LOCK:
+        _ALLOWED[key] = (ids, sel, keep)  # the entry holds ids, so the id is not reused
+        while len(_ALLOWED) > ALLOWED_CACHED or (
+            len(_ALLOWED) > 1 and sum(v[0].nbytes for v in _ALLOWED.values()) > ALLOWED_BYTES
+        ):
+            _ALLOWED.pop(next(iter(_ALLOWED)))
+    return sel, keep
 
 
 def not_selector(ids: I64) -> tuple[Any, list[Any]]:
