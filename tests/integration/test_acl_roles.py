@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import redis
 from conftest import REPO, WorkerProcess, make_settings
+from test_write_integrity import wait_for
 
 from faissq import keys
 from faissq.cli import acl_roles as acl
@@ -98,10 +99,18 @@ def writer(
         jobs.build(INDEX, vectors(200)).get(timeout=TIMEOUT)
     finally:
         jobs.close()
+    # the heartbeat reports the built index at its next beat: status must not read an older one
+    wait_for(lambda: _beats_ready(acl_server.admin), "the heartbeat of the built index")
     yield w
     w.stop(timeout_s=10)
     w.app.close()
     assert acl_server.refusals("worker") == [], w.all_logs()[-3000:]
+
+
+def _beats_ready(admin: redis.Redis) -> bool:
+    """Whether every heartbeat of INDEX reports a ready engine."""
+    beats = [admin.get(k) for k in admin.scan_iter(match=keys.heartbeat_pattern(INDEX))]
+    return bool(beats) and all(b and json.loads(b)["engine"]["ready"] for b in beats)
 
 
 def vectors(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
