@@ -87,6 +87,17 @@ def test_queries_travel_as_raw_little_endian_float32() -> None:
         msgpack.packb({1: 2}),
         b"\x00" * (2 << 20),  # over the byte cap
     ],
+    # explicit ids: request() draws a fresh request id, and parallel runs need equal ids
+    ids=[
+        "not-msgpack",
+        "a-list",
+        "no-reply",
+        "foreign-reply",
+        "bare-prefix",
+        "bytes-reply",
+        "int-keys",
+        "over-cap",
+    ],
 )
 def test_requests_without_a_usable_reply_key_are_unreadable(raw: bytes) -> None:
     with pytest.raises(protocol.Unreadable):
