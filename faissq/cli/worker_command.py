@@ -83,6 +83,7 @@ def worker_argv(
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Start an index worker (and an embedded Redis when no URL is configured)."""
+    from faissq.tasks.jobs import register_tasks
     from faissq.worker.lifecycle import exit_code, make_worker_app
 
     dynamic = bool(getattr(args, "dynamic", False)) or settings.worker.dynamic
@@ -100,6 +101,6 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         run_replica(settings)  # a replica joins the writer's Redis: never an embedded one
         return 0
     with redis_for(settings) as settings:
-        app = make_worker_app(settings)
+        app = make_worker_app(settings, register_tasks)
         app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle, dynamic))
     return exit_code(app)

@@ -10,7 +10,7 @@ request values such as k or nprobe, which are gauges of the last request instead
 per-index family carries INDEX_LABELS: `index` (the serving name), `shard` and `parent`.
 
 Every metric is collected through one `ScrapeCollector`: at each collection it first runs its
-`refresh` (set by worker_telemetry), so the index gauges report the engine's actual state
+`refresh` (set by worker/process_telemetry.py), so the index gauges report the engine's actual state
 (`Engine.stats()`) at scrape time, never estimates or configuration flags. The HTTP endpoint
 (/metrics, /healthz, /readyz) lives in http_endpoint; `start_http` is re-exported here.
 """

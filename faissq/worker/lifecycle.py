@@ -29,8 +29,6 @@ from faissq.config import Settings
 from faissq.errors import InvalidParameter, WriterConflict
 from faissq.rpc.server_set import RpcService
 from faissq.storage.durable import DurableStore
-from faissq.tasks.jobs import register_tasks
-from faissq.telemetry.worker_telemetry import WorkerTelemetry, start_telemetry
 from faissq.worker.app import make_celery_app, redis_url
 from faissq.worker.backoff import wait_out_storage
 from faissq.worker.context import WorkerContext, attach_context
@@ -39,6 +37,7 @@ from faissq.worker.dynamic import DynamicIndexes
 from faissq.worker.follower import Follower
 from faissq.worker.maintenance import Maintenance
 from faissq.worker.persistence import IndexStore
+from faissq.worker.process_telemetry import WorkerTelemetry, start_telemetry
 from faissq.worker.recall_live import LiveRecall, attach_recall
 from faissq.worker.replica import make_replica
 from faissq.worker.runtime import IndexRuntime
@@ -56,11 +55,15 @@ def make_store(settings: Settings) -> IndexStore:
     return DurableStore(settings, engine_options={"gpu": gpu})
 
 
-def make_worker_app(settings: Settings) -> Celery:
-    """A Celery app that serves settings.worker.indexes: tasks registered, lifecycle added."""
+def make_worker_app(settings: Settings, register: Callable[[Celery, Settings], None]) -> Celery:
+    """A Celery app that serves settings.worker.indexes: tasks registered, lifecycle added.
+
+    register: adds the jobs (tasks/jobs.py's register_tasks); the tasks call into worker/, so
+    worker/ never imports them.
+    """
     app = make_celery_app(settings)
     use_inflight_fetch(app, redis_url(settings))
-    register_tasks(app, settings)
+    register(app, settings)
     # queues merges and saves when due; built before loading (its heap settings apply to it)
     maintenance = Maintenance(app, settings)
     step = type("FaissqWriter", (WriterStep,), {"settings": settings, "maintenance": maintenance})

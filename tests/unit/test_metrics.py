@@ -27,7 +27,7 @@ from faissq.telemetry.metric_families import (
     start_http,
     update_index_gauges,
 )
-from faissq.telemetry.worker_telemetry import code_bytes, job_outcome
+from faissq.worker.process_telemetry import code_bytes, job_outcome
 
 # le: histogram buckets; shard and parent: derived from index (faissq.shards' name rule)
 LABELS_ALLOWED = {"index", "shard", "parent", "outcome", "task", "op", "state", "le"}

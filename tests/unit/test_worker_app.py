@@ -6,7 +6,9 @@ import pytest
 
 from faissq.config import Settings
 from faissq.errors import InvalidParameter
+from faissq.tasks.jobs import register_tasks
 from faissq.worker.app import celery_url, make_celery_app, route_by_index
+from faissq.worker.lifecycle import WriterStep, make_worker_app
 
 
 def settings(**worker: object) -> Settings:
@@ -47,3 +49,12 @@ def test_urls() -> None:
     assert celery_url("rediss://h:6380/0") == "rediss://h:6380/0"
     with pytest.raises(InvalidParameter, match="FAISSQ_REDIS__URL"):
         make_celery_app(Settings())
+
+
+def test_the_worker_app_carries_the_writer_step() -> None:
+    """The lifecycle runs as the worker's bootstep (so before its consumer), with the jobs."""
+    app = make_worker_app(settings(), register_tasks)
+    steps = [s for s in app.steps["worker"] if isinstance(s, type) and issubclass(s, WriterStep)]
+    assert len(steps) == 1 and steps[0].settings.worker.indexes == ["a", "b"]
+    assert steps[0].maintenance is not None
+    assert {"faissq.build", "faissq.upsert", "faissq.maintain"} <= set(app.tasks)
