@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from faissq import keys
-from faissq.errors import IndexExists, InvalidIds, InvalidParameter, UnknownIndex
+from faissq.errors import IndexExists, InvalidIds, InvalidParameter
 
 MAX_SHARDS = 1024  # a search sends one request per shard: beyond this the fan-out dominates
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # storage/durable.py's index names
@@ -147,9 +147,3 @@ def lookup(client: Any, name: str) -> ShardMap | None:
     """The stored definition of a sharded index, or None when the name is not sharded."""
     raw = client.get(keys.shard_map(name))
     return None if raw is None else ShardMap.from_json(raw)
-
-
-def undeclare(client: Any, name: str) -> None:
-    """Remove a sharded index's definition (its shard indexes are dropped on their own)."""
-    if not client.delete(keys.shard_map(name)):
-        raise UnknownIndex(f"{name!r} is not a declared sharded index")

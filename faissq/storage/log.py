@@ -229,10 +229,6 @@ class LogWriter:
         """Never hand out `seq` or below again (a build's snapshot took it)."""
         self.last_seq = max(self.last_seq, seq)
 
-    def seq_of(self, batch_id: str) -> int | None:
-        """Return the seq a batch id was logged with, or None."""
-        return self._batch_ids.get(batch_id)
-
     def append(
         self,
         op: Op,

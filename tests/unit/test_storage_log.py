@@ -24,7 +24,7 @@ from faissq.errors import (
 from faissq.index.attributes import check_batch as check_attrs
 from faissq.index.attributes import columns_for, encode_batch
 from faissq.storage.fs import Storage
-from faissq.storage.log import TRUNCATED, UpdateLog, entry_name
+from faissq.storage.log import TRUNCATED, Appended, UpdateLog, entry_name
 from faissq.storage.log_entry import MAGIC
 
 DIM = 8
@@ -283,8 +283,8 @@ def test_a_quarantined_seq_is_an_explicit_gap_never_reused(ulog: UpdateLog) -> N
     assert ulog.quarantined()[3].reason == "checked by hand"
     assert ulog.quarantined()[3].batch_id == "b2"
     with ulog.open_writer() as w:
-        assert w.seq_of("b2") is None  # its batch was not applied: it may be sent again
-        assert w.append("upsert", *batch(20), "b2").seq == 4
+        # its batch was not applied: sent again, it is logged anew, not answered as a duplicate
+        assert w.append("upsert", *batch(20), "b2") == Appended(seq=4, duplicate=False)
     assert [e.seq for e in ulog.read()] == [1, 2, 4]
 
 
@@ -297,6 +297,7 @@ def test_a_move_aside_interrupted_by_a_crash_is_finished_by_the_next_one(ulog: U
     entry_path(ulog, 2).write_bytes(kept)  # as if the crash came before the log copy's removal
     assert [e.seq for e in ulog.read()] == [1, 3]  # quarantined: skipped wherever it lies
     with ulog.open_writer() as w:
-        assert w.last_seq == 3 and w.seq_of("b1") is None
+        assert w.last_seq == 3
+        assert w.append("upsert", *batch(10), "b1") == Appended(seq=4, duplicate=False)
     ulog.quarantine(2, "damaged")
-    assert ulog.entry_seqs() == [1, 3]
+    assert ulog.entry_seqs() == [1, 3, 4]
