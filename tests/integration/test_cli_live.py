@@ -18,7 +18,8 @@ from faissq.tasks.producer import JobClient
 REPO = Path(__file__).resolve().parents[2]
 DIM = 32
 N = 30_000  # IVF-Flat: training takes long enough for PROGRESS states to be seen
-BAR = re.compile(r"^  (train|add|save)\s+\[[#.]+\] \d+/\d+$", re.M)
+# a finished bar of a phase that counts vectors: full, and its count at its total
+FULL_BAR = re.compile(r"^  (store|train|add)\s+\[#{30}\] (\d+)/\2$", re.M)
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -58,7 +59,7 @@ def test_jobs_search_status_and_snapshots_through_the_cli(
 
     # an explicit family: auto would calibrate and may well pick Flat for 30k x 32
     out = ok(env, "build", "--index", index_name, xb, "--family", "ivf_flat")
-    assert BAR.search(out), out
+    assert FULL_BAR.search(out), out
     assert field(out, "family") == "ivf_flat" and field(out, "ntotal") == str(N)
     assert field(out, "factory").startswith("IVF") and field(out, "reason")
 
