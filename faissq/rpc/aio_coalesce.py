@@ -42,7 +42,8 @@ async def aserve(batch: list[Pending], search: AsyncSearch) -> None:
 class Flag:
     """A one-shot asyncio signal: one future, set once (woken by AsyncCoalescer's one timer).
 
-    Measured: 80 vs 104 µs client CPU per search with asyncio.Event, docs/benchmarks.md#rpc.
+    Measured: 80 vs 104 µs client CPU per search with asyncio.Event,
+    docs/benchmarks.md#rpc-fast-paths.
     """
 
     __slots__ = ("future",)
@@ -65,7 +66,7 @@ class Flag:
 class AsyncCoalescer:
     """Merges the concurrent searches of one AsyncSearchClient (tasks of one event loop).
 
-    Measured: 3,158 vs 1,352 QPS of 16 tasks with merging off, docs/benchmarks.md#rpc.
+    Measured: 3,158 vs 1,352 QPS of 16 tasks with merging off, docs/benchmarks.md#rpc-fast-paths.
     """
 
     def __init__(

@@ -176,7 +176,8 @@ class Waiting:
 class ThreadFlag:
     """A one-shot thread signal: one held lock that set() releases (the coalescer orders sets).
 
-    Measured: 61 vs 78 µs client CPU per search with threading.Event, docs/benchmarks.md#rpc.
+    Measured: 61 vs 78 µs client CPU per search with threading.Event,
+    docs/benchmarks.md#rpc-fast-paths.
     """
 
     __slots__ = ("_lock", "_set")
@@ -204,7 +205,7 @@ class ThreadFlag:
 class Coalescer:
     """Merges the concurrent searches of one SearchClient (threads).
 
-    Measured: 6,175 vs 2,250 QPS of 16 threads with merging off, docs/benchmarks.md#rpc.
+    Measured: 6,175 vs 2,250 QPS of 16 threads with merging off, docs/benchmarks.md#rpc-fast-paths.
     """
 
     def __init__(self, search: Search, *, max_in_flight: int, max_rows: int = MAX_ROWS) -> None:

@@ -344,7 +344,8 @@ class SearchClient:
     def _checkout(self) -> Any:
         """A connection of this client: a kept one, else a new one from the pool.
 
-        Measured: 0.518 vs 0.561 ms p50 with a pool checkout per search, docs/benchmarks.md#rpc.
+        Measured: 0.518 vs 0.561 ms p50 with a pool checkout per search,
+        docs/benchmarks.md#rpc-fast-paths.
         """
         if self._pid != os.getpid():  # a forked child must not share its parent's sockets
             self._idle, self._pid = deque(), os.getpid()

@@ -28,3 +28,36 @@ def test_quick_start_has_exactly_two_commands_that_exist() -> None:
         assert script.is_file() and script.stat().st_mode & 0o111, cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/check" in ci
+
+
+def test_benchmarks_doc_is_at_most_300_lines() -> None:
+    """Per benchmark: the command, the machine, one current table; the history lives in git."""
+    assert len((ROOT / "docs" / "benchmarks.md").read_text().splitlines()) <= 300
+
+
+def anchor(title: str) -> str:
+    """A heading's anchor as GitHub spells it: "RPC fast paths" -> "rpc-fast-paths"."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def doc_sections(text: str) -> dict[str, str]:
+    """Each heading's anchor -> the text up to the next heading, of any level."""
+    parts = re.split(r"^#+ (.+)$", text, flags=re.M)
+    return {anchor(title): body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def test_every_measured_figure_in_the_code_sits_under_the_heading_it_links() -> None:
+    """A fast path's "Measured: A vs B" line points at the table that holds both figures."""
+    sections = doc_sections((ROOT / "docs" / "benchmarks.md").read_text())
+    claim = re.compile(r"Measured: (.*?)docs/benchmarks\.md#([\w-]+)")
+    claims = []
+    for path in sorted((ROOT / "faissq").rglob("*.py")):
+        text = " ".join(path.read_text().split())  # a docstring may wrap the line
+        claims += [(path.name, said, link) for said, link in claim.findall(text)]
+    assert len(claims) >= 6
+    for name, said, link in claims:
+        assert link in sections, f"{name}: no heading #{link}"
+        pairs = re.findall(r"([\d.,]*\d) vs ([\d.,]*\d)", said)
+        assert pairs, f"{name}: {said}"
+        for figure in (f for pair in pairs for f in pair):
+            assert figure in sections[link], f"{name}: {figure} is not under #{link}"
