@@ -24,20 +24,6 @@ from faissq.config import Settings
 DEMO_INDEX = "demo"
 
 
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq demo`."""
-    p.add_argument("--n", type=int, default=40_000, help="generated vectors (default 40000)")
-    p.add_argument("--dim", type=int, default=128, help="dimension of generated vectors")
-    p.add_argument("--vectors", type=Path, help="a .npy (n, d) float array to index instead")
-    p.add_argument("--queries", type=int, default=500, help="RPC searches to time")
-    p.add_argument("--k", type=int, default=10, help="neighbours per search")
-    p.add_argument("--target-recall", type=float, default=0.95, help="autotune target")
-    p.add_argument("--no-flower", action="store_true", help="do not start Flower")
-    p.add_argument(
-        "--serve", action="store_true", help="keep the worker and Flower up until Ctrl-C"
-    )
-
-
 def _free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:

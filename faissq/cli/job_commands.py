@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from faissq.tasks.producer import JobClient
 
 ID_LIST = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*,?\s*$")
-FORCE_HELP = "publish even when the recall gate refuses it (docs/operations.md 5.1)"
 Send = Callable[["Sender"], "AsyncResult"]
 
 
@@ -136,18 +135,6 @@ def parse_ids(text: str) -> npt.NDArray[np.int64]:
 
 
 # -- sending and showing a job -----------------------------------------------------------------
-
-
-def add_job_args(p: argparse.ArgumentParser) -> None:
-    """Arguments every job command takes: the index, --no-wait, --timeout."""
-    p.add_argument("--index", required=True, metavar="NAME", help="the index the job is for")
-    p.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        metavar="S",
-        help="stop waiting after S seconds (the job goes on; default: wait until it ends)",
-    )
 
 
 def run_job(
@@ -262,26 +249,6 @@ def print_report(report: dict[str, Any], fields: tuple[str, ...] = ()) -> None:
 # -- the commands ------------------------------------------------------------------------------
 
 
-def add_build_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq build`."""
-    add_job_args(p)
-    p.add_argument(
-        "file",
-        type=Path,
-        metavar="FILE",
-        help="a .npy (n, d) array, or an .npz with arrays `vectors` (else its first) and `ids`",
-    )
-    p.add_argument(
-        "--ids", type=Path, metavar="FILE", help="a .npy of n int64 ids (default 0..n-1)"
-    )
-    p.add_argument(
-        "--family",
-        help="auto, flat, ivf_flat, ivf_pq, ivf_pq_refine, hnsw or a FAISS factory string "
-        "(default: FAISSQ_INDEX__FAMILY of the worker)",
-    )
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
-
-
 def run_build(args: argparse.Namespace, settings: Settings) -> int:
     """Replace the index with a fresh build from a file."""
     vectors, ids = load_vectors(args.file)
@@ -298,18 +265,6 @@ def run_build(args: argparse.Namespace, settings: Settings) -> int:
     return run_job(args, settings, send, lambda r: print_report(r, fields))
 
 
-def add_upsert_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq upsert`."""
-    add_job_args(p)
-    p.add_argument("--ids", required=True, metavar="FILE|ID,ID", help="a .npy of ids or 7,8,9")
-    p.add_argument("--vectors", required=True, type=Path, metavar="FILE", help="a .npy (n, d)")
-    p.add_argument(
-        "--batch-id",
-        metavar="ID",
-        help="idempotency key: a batch id already logged is not applied again (default: task id)",
-    )
-
-
 def run_upsert(args: argparse.Namespace, settings: Settings) -> int:
     """Insert or replace vectors by id."""
     ids = parse_ids(args.ids)
@@ -321,13 +276,6 @@ def run_upsert(args: argparse.Namespace, settings: Settings) -> int:
 
     fields = ("applied", "duplicate", "ntotal", "seq", "version", "seconds")
     return run_job(args, settings, send, lambda r: print_report(r, fields))
-
-
-def add_delete_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq delete`."""
-    add_job_args(p)
-    p.add_argument("--ids", required=True, metavar="FILE|ID,ID", help="a .npy of ids or 7,8,9")
-    p.add_argument("--batch-id", metavar="ID", help="idempotency key (default: task id)")
 
 
 def run_delete(args: argparse.Namespace, settings: Settings) -> int:
@@ -346,17 +294,6 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
     return run_job(args, settings, lambda s: s.jobs.merge(args.index), print_report)
 
 
-def add_rebuild_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq rebuild`."""
-    add_job_args(p)
-    p.add_argument(
-        "--family",
-        help="retrain into this family (default: the one the last build asked for, else "
-        "FAISSQ_INDEX__FAMILY of the worker)",
-    )
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
-
-
 def run_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     """Retrain the primary from the raw vectors."""
     force = args.force or None
@@ -372,17 +309,6 @@ def run_save(args: argparse.Namespace, settings: Settings) -> int:
 def run_reload(args: argparse.Namespace, settings: Settings) -> int:
     """Reload the index from shared storage (after `faissq snapshot restore`)."""
     return run_job(args, settings, lambda s: s.jobs.reload(args.index), print_report)
-
-
-def add_autotune_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq autotune`."""
-    add_job_args(p)
-    p.add_argument(
-        "--target-recall",
-        type=float,
-        metavar="R",
-        help="recall@k to reach, in (0, 1] (default: FAISSQ_INDEX__TARGET_RECALL of the worker)",
-    )
 
 
 def run_autotune(args: argparse.Namespace, settings: Settings) -> int:

@@ -9,37 +9,6 @@ from typing import Any
 from faissq.config import Settings
 
 
-def add_log_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq log verify | quarantine --seq N [--force] | resolve --seq N`."""
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    verify = sub.add_parser(
-        "verify",
-        help="check every entry's checksum; list damaged, missing and quarantined entries; "
-        "exit 1 if any needs an operator",
-    )
-    verify.add_argument("--json", action="store_true", help="print one JSON object")
-    quarantine = sub.add_parser(
-        "quarantine",
-        help="move a damaged entry into log/quarantine/ (kept, never deleted): the index then "
-        "serves without its batch, degraded; reload the worker afterwards",
-    )
-    quarantine.add_argument("--seq", type=int, required=True, help="the entry's seq")
-    quarantine.add_argument(
-        "--force", action="store_true", help="quarantine an entry that verifies (drops its batch)"
-    )
-    resolve = sub.add_parser(
-        "resolve",
-        help="record that a quarantined entry was dealt with (its batch re-sent or not needed); "
-        "the index reports ready again at its next reload",
-    )
-    resolve.add_argument("--seq", type=int, required=True, help="the quarantined entry's seq")
-    resolve.add_argument(
-        "--note", default="resolved by an operator", help="what was done (kept in the record)"
-    )
-    for q in (verify, quarantine, resolve):
-        q.add_argument("--index", required=True, metavar="NAME", help="the index")
-
-
 def run_log(args: argparse.Namespace, settings: Settings) -> int:
     """Log operations on shared storage (FAISSQ_STORAGE__URL); no worker or Redis needed."""
     from faissq.storage import admin

@@ -1,7 +1,8 @@
 """The `faissq` command: a parser that imports a subcommand's module only when it runs.
 
-Each COMMANDS entry names its help text and where its argument set-up and runner live, so
-`faissq --help` loads neither pydantic, numpy, Celery nor redis.
+Each COMMANDS entry names its help text, its argument set-up (command_args.py, standard library
+only) and its runner, so `faissq --help` and `faissq CMD --help` load neither pydantic, numpy,
+FAISS, Celery nor redis.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from faissq.config import Settings
@@ -18,23 +19,35 @@ if TYPE_CHECKING:
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace, "Settings"], int]
 
+ARGS = "faissq.cli.command_args"
+JOBS = "faissq.cli.job_commands"
+OPS = "faissq.cli.ops_commands"
+
 
 class Command(NamedTuple):
-    """One subcommand: its help line and the module holding its `add` and `run` functions."""
+    """One subcommand: its help line, its `add` function (in `args`), its `run` (in `module`)."""
 
     help: str
     module: str
     add: str
     run: str
+    args: str = ARGS  # where `add` lives: a light module, imported to build the parser
 
-    def load(self) -> tuple[AddArgs, Run]:
-        """Import the module and return (add_arguments, run)."""
-        mod = importlib.import_module(self.module)
-        return getattr(mod, self.add), getattr(mod, self.run)
+    def add_args(self) -> AddArgs:
+        """The function that adds this command's arguments to its parser."""
+        add: AddArgs = load(self.args, self.add)
+        return add
+
+    def runner(self) -> Run:
+        """Import the command's module and return its `run` (only once it is about to run)."""
+        run: Run = load(self.module, self.run)
+        return run
 
 
-JOBS = "faissq.cli.job_commands"
-OPS = "faissq.cli.ops_commands"
+def load(module: str, name: str) -> Any:
+    """`name` of `module`, imported now."""
+    return getattr(importlib.import_module(module), name)
+
 
 COMMANDS: dict[str, Command] = {
     "worker": Command(
@@ -74,7 +87,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "acl": Command(
         "print the Redis ACL user of a role (least privilege)",
-        "faissq.cli.acl_commands", "add_acl_args", "run_acl",
+        "faissq.cli.acl_commands", "add_acl_args", "run_acl", args="faissq.cli.acl_commands",
     ),
     "log": Command(
         "verify / quarantine / resolve entries of the update log on shared storage",
@@ -94,9 +107,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         if only is None or only == name:
-            add_args, run = command.load()
-            add_args(p)
-            p.set_defaults(run=run)
+            command.add_args()(p)
     return parser
 
 
@@ -107,15 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(only=first)
     args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
+    if args.command is None:
         parser.print_help()
         return 2
+    run = COMMANDS[args.command].runner()
     from faissq.config import Settings
     from faissq.errors import FaissqError
 
     try:
         settings = Settings()
-        return int(args.run(args, settings))
+        return int(run(args, settings))
     except FaissqError as exc:
         print(f"faissq: {exc.code}: {exc}", file=sys.stderr)
         return 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,30 +17,8 @@ from faissq.shards import ShardMap, lookup, parse_shard
 if TYPE_CHECKING:
     import redis
 
-STATS_TIMEOUT_S = 5.0  # the stats job waits behind a running job: do not hang the command on it
-
 
 # -- status ------------------------------------------------------------------------------------
-
-
-def add_status_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq status`."""
-    p.epilog = "exit status 0 when every shown index has a live, ready worker; 1 otherwise"
-    p.add_argument(
-        "--index",
-        action="append",
-        metavar="NAME",
-        help="index to show (repeatable; default: every index with a heartbeat or a snapshot, "
-        "else FAISSQ_WORKER__INDEXES)",
-    )
-    p.add_argument(
-        "--stats-timeout",
-        type=float,
-        default=STATS_TIMEOUT_S,
-        metavar="S",
-        help=f"wait this long for the worker's stats job (default {STATS_TIMEOUT_S:g})",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def run_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -274,23 +251,6 @@ def print_recall(live: dict[str, Any] | None) -> None:
 # -- search ------------------------------------------------------------------------------------
 
 
-def add_search_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq search`."""
-    p.add_argument("--index", required=True, metavar="NAME", help="the index to search")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--vector", type=Path, metavar="FILE", help="a .npy query (d) or (n, d)")
-    src.add_argument(
-        "--random", action="store_true", help="random queries of the index's dimension"
-    )
-    p.add_argument("--queries", type=int, default=1, metavar="N", help="--random: how many rows")
-    p.add_argument("--seed", type=int, default=0, help="--random: the generator's seed")
-    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the tuned value)")
-    p.add_argument("--ef-search", type=int, help="HNSW efSearch (default: the tuned value)")
-    p.add_argument("--target-recall", type=float, metavar="R", help="use the tuned row for R")
-    p.add_argument("--timeout", type=float, metavar="S", help="default FAISSQ_RPC__TIMEOUT_S")
-
-
 def run_search(args: argparse.Namespace, settings: Settings) -> int:
     """Search through the RPC queue and print (query row, rank, id, score)."""
     from faissq.rpc.search_client import SearchClient
@@ -332,26 +292,6 @@ def random_queries(client: Any, index: str, n: int, seed: int) -> np.ndarray[Any
 
 
 # -- snapshot ----------------------------------------------------------------------------------
-
-
-def add_snapshot_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq snapshot ls | verify [VERSION] | restore VERSION`."""
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = sub.add_parser(
-        "ls",
-        help="list complete versions, oldest first, and which is CURRENT "
-        "(primary: vectors in the saved FAISS index, without delta and tombstones)",
-    )
-    verify = sub.add_parser(
-        "verify", help="check the checksum of every file of a version (all); exit 1 if one fails"
-    )
-    verify.add_argument("version", nargs="?", help="e.g. v00000007 (default: every version)")
-    restore = sub.add_parser(
-        "restore", help="point CURRENT at an older verified version; then reload the worker"
-    )
-    restore.add_argument("version", help="e.g. v00000007")
-    for q in (ls, verify, restore):
-        q.add_argument("--index", required=True, metavar="NAME", help="the index")
 
 
 def run_snapshot(args: argparse.Namespace, settings: Settings) -> int:

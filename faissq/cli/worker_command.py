@@ -33,33 +33,6 @@ def redis_for(settings: Settings) -> Iterator[Settings]:
         server.stop()
 
 
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `faissq worker`."""
-    p.add_argument(
-        "--index",
-        action="append",
-        metavar="NAME",
-        help="index to serve (repeatable; default: FAISSQ_WORKER__INDEXES or 'default')",
-    )
-    p.add_argument("--hostname", "-n", help="Celery node name (default: faissq-<index>@<host>)")
-    p.add_argument("--loglevel", "-l", default="INFO", help="log level (default INFO)")
-    p.add_argument(
-        "--mingle", action="store_true", help="sync with other workers at start (slower start)"
-    )
-    p.add_argument(
-        "--replica",
-        action="store_true",
-        help="search-only replica: no job queue, follows the writer's log "
-        "(also FAISSQ_WORKER__REPLICA=true; needs FAISSQ_REDIS__URL)",
-    )
-    p.add_argument(
-        "--dynamic",
-        action="store_true",
-        help="consume faissq.control: serve the indexes created at runtime (faissq.create_index) "
-        "besides any --index; one per storage root (also FAISSQ_WORKER__DYNAMIC=true)",
-    )
-
-
 def worker_argv(
     indexes: Sequence[str], hostname: str, loglevel: str, mingle: bool, dynamic: bool = False
 ) -> list[str]:

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from faissq.cli.main import COMMANDS
+
 HEAVY = ("celery", "kombu", "redis")
 
 
@@ -45,3 +47,15 @@ def test_help_imports_nothing_heavy() -> None:
     code = "import contextlib\nfrom faissq.cli.main import main\n"
     code += "with contextlib.suppress(SystemExit):\n    main(['--help'])"
     assert not loaded_after(code) & {"pydantic", "numpy", "faiss", *HEAVY}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_help_imports_nothing_heavy(command: str) -> None:
+    """`faissq CMD --help` reads only the command's arguments, never the command's own stack."""
+    code = "import contextlib, io\nfrom faissq.cli.main import main\n"
+    code += "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+    code += f"    main([{command!r}, '--help'])"
+    heavy = {"numpy", "faiss", *HEAVY}
+    if command != "acl":  # acl's arguments sit beside its Settings-reading runner
+        heavy.add("pydantic")
+    assert not loaded_after(code) & heavy
