@@ -134,12 +134,12 @@ def test_only_the_lifecycle_touches_worker_signals_and_steps() -> None:
     """Start and stop have one owner (worker/lifecycle.py), readable top to bottom.
 
     Worker signals and bootsteps appear in the lifecycle only. A job signal (counting jobs,
-    releasing the heap after one) is connected by a worker/ component that the lifecycle
-    imports and starts and stops, never by a module of its own at import time.
+    releasing the heap after one) is used only by a worker/ component that the lifecycle
+    imports, and so starts and stops, never by a module elsewhere.
     """
     lifecycle = "worker/lifecycle.py"
-    imported = imported_modules(PACKAGE / lifecycle)
-    started = {m[7:].replace(".", "/") + ".py" for m in imported if m.startswith("faissq.worker.")}
+    imported = [m for m in imported_modules(PACKAGE / lifecycle) if m.startswith("faissq.worker.")]
+    started = {m.removeprefix("faissq.").replace(".", "/") + ".py" for m in imported}
     users = {str(p.relative_to(PACKAGE)): names for p in modules() if (names := celery_names(p))}
     owning = {"bootsteps", "steps"}
     owners = {path for path, names in users.items()
