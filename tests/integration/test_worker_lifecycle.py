@@ -219,3 +219,21 @@ def test_redis_passwords_are_never_printed(
         worker.stop()
         worker.app.close()
     assert "s3cret" not in worker.all_logs()
+
+
+def test_the_demo_never_shows_the_redis_password(
+    password_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """`faissq demo` on a Redis with a password prints it masked; neither its output nor the
+    logs of the worker and Flower it starts hold the password (Flower gets it by environment)."""
+    host = f"127.0.0.1:{password_redis.port}/0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAISSQ_")}
+    env.update(FAISSQ_REDIS__URL=f"redis://:s3cret@{host}", PYTHONPATH=str(REPO),
+               FAISSQ_STORAGE__URL=str(tmp_path / "demo"), FAISSQ_METRICS__PORT="0",
+               FAISSQ_GPU__MODE="off")  # fmt: skip
+    argv = [sys.executable, "-m", "faissq", "demo", "--n", "2000", "--dim", "16", "--queries", "20"]
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"  redis      redis://:***@{host}" in done.stdout
+    logs = [(tmp_path / "demo" / name).read_text() for name in ("worker.log", "flower.log")]
+    assert "s3cret" not in "".join([done.stdout, done.stderr, *logs])
