@@ -261,6 +261,12 @@ class WorkerSettings(BaseModel):
         ge=0,
         description="Seconds a dropped index's data is kept before it is removed (0: at once).",
     )
+    writer_lease_s: float = Field(
+        default=15.0,
+        ge=1,
+        description="TTL of a writer's Redis lease (renewed each third): a crashed writer's "
+        "successor on object storage waits this long at most.",
+    )
 
 
 class MaintenanceSettings(BaseModel):

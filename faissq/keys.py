@@ -54,6 +54,11 @@ def heartbeat_key(index: str, worker_id: str) -> str:
     return f"{index_tag(index)}:hb:{worker_id}"
 
 
+def writer_lease(index: str) -> str:
+    """Key naming the index's one writer, with a TTL its writer renews (worker/lease.py)."""
+    return f"{index_tag(index)}:writer"
+
+
 def heartbeat_pattern(index: str) -> str:
     """SCAN pattern matching every live heartbeat of one index."""
     return f"{index_tag(index)}:hb:*"

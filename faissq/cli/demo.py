@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from faissq.cli.demo_data import clustered, queries_like
 from faissq.cli.progress_view import print_profile, wait_with_progress
-from faissq.config import Settings
+from faissq.config import Settings, masked_url
 
 DEMO_INDEX = "demo"
 
@@ -46,6 +46,13 @@ def _process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def flower_command(env: dict[str, str], port: int) -> tuple[list[str], dict[str, str]]:
+    """Flower's argv and environment: the broker URL, which may hold a password, goes through
+    the environment (Celery reads CELERY_BROKER_URL), never on the command line `ps` shows."""
+    argv = [sys.executable, "-m", "celery", "flower", f"--port={port}"]
+    return argv, {**env, "CELERY_BROKER_URL": env["FAISSQ_REDIS__URL"]}
 
 
 F32 = npt.NDArray[np.float32]
@@ -88,7 +95,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
             "FAISSQ_STORAGE__URL": str(root),
             "FAISSQ_METRICS__PORT": str(metrics_port),
         }
-        print(f"  redis      {url}")
+        print(f"  redis      {masked_url(url)}")
         stack.enter_context(
             _process(
                 [sys.executable, "-m", "faissq", "worker", "--index", DEMO_INDEX],
@@ -99,13 +106,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         flower_url = None
         if not args.no_flower:
             port = _free_port()
-            stack.enter_context(
-                _process(
-                    [sys.executable, "-m", "celery", f"--broker={url}", "flower", f"--port={port}"],
-                    env,
-                    root / "flower.log",
-                )
-            )
+            stack.enter_context(_process(*flower_command(env, port), root / "flower.log"))
             flower_url = f"http://127.0.0.1:{port}"
         jobs = JobClient(settings)
         stack.callback(jobs.close)

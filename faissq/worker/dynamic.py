@@ -32,6 +32,7 @@ from faissq.storage.durable import check_index_name
 from faissq.storage.fs import Storage
 from faissq.worker.app import index_queue
 from faissq.worker.backoff import wait_out_storage
+from faissq.worker.lease import WriterLease, take_writer
 from faissq.worker.runtime import IndexRuntime
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class DynamicIndexes:
         self.runtime = runtime
         self.rpc = rpc
         self.hostname = ""  # the Celery node name, set before the consumer starts
+        self.lease: WriterLease | None = None  # the writer's Redis leases, set before prepare
         self.catalog = Catalog(
             Storage.from_url(
                 settings.storage.url, fsync=settings.storage.fsync, **settings.storage.options
@@ -134,7 +136,7 @@ class DynamicIndexes:
                     rec = IndexDef(**{**new.describe(), "created_at": time.time()})
                     self.catalog.put(rec)
             except BaseException:
-                self.runtime.store.release(new.name)
+                self._release(new.name)
                 raise
             self.runtime.add(rec.name, self._cfg(rec), rec.dim, load=True)
             self.rpc.add(self.runtime, rec.name)
@@ -164,6 +166,8 @@ class DynamicIndexes:
                                      "run one dynamic worker per storage root")  # fmt: skip
             rec = self.catalog.mark_dropped(rec, self.grace_s)
             self.runtime.remove(name)
+            if self.lease is not None:
+                self.lease.release(name)
             self.tombstones.add(name)
             log.warning("index %s dropped; data removed after %.0fs", name, self.grace_s)
             self._purge_if_due(rec)
@@ -203,9 +207,15 @@ class DynamicIndexes:
 
     def _lock_index(self, name: str) -> None:
         try:
-            self.runtime.store.lock(name)
+            take_writer(self.runtime.store, self.lease, name)
         except WriterConflict as exc:
             raise WriterConflict(f"index {name!r} already has a writer ({exc})") from exc
+
+    def _release(self, name: str) -> None:
+        """Give up the storage lock and the lease of an index this worker no longer writes."""
+        self.runtime.store.release(name)
+        if self.lease is not None:
+            self.lease.release(name)
 
     def _lock_or_skip(self, name: str) -> bool:
         try:

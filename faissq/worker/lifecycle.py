@@ -1,7 +1,8 @@
 """The index worker process: a Celery app with the faissq tasks, started in one fixed order.
 
 `Lifecycle` is the one owner of a worker's start and stop, top to bottom: telemetry, each
-index's writer lock (a second writer stops here, before it touches anything), load (snapshot +
+index's writer lock and Redis lease (`worker/lease.py`: a second writer stops here, before it
+touches anything), load (snapshot +
 log; storage trouble is waited out), the jobs a dead predecessor left, the search loops,
 maintenance; a dynamic worker first adds the created indexes of its catalog
 (`worker/dynamic.py`); a replica loads, serves and follows instead. The `WriterStep` bootstep
@@ -35,6 +36,7 @@ from faissq.worker.context import WorkerContext, attach_context
 from faissq.worker.delivery import REDIS_BACKOFF
 from faissq.worker.dynamic import DynamicIndexes
 from faissq.worker.follower import Follower
+from faissq.worker.lease import WriterLease, holder_id, take_writer
 from faissq.worker.maintenance import Maintenance
 from faissq.worker.persistence import IndexStore
 from faissq.worker.process_telemetry import WorkerTelemetry, start_telemetry
@@ -106,6 +108,7 @@ class Lifecycle:
         self.recall: LiveRecall | None = None
         self.follower: Follower | None = None
         self.dynamic: DynamicIndexes | None = None
+        self.lease: WriterLease | None = None  # a writer's Redis leases, one per index
         self.hostname = ""  # the Celery node name (a dynamic worker subscribes itself by it)
 
     def start(self, should_stop: Callable[[], bool]) -> None:
@@ -134,12 +137,15 @@ class Lifecycle:
             log.info("replica of %s: loading", ", ".join(self.settings.worker.indexes))
             runtime.load_all()
             return
+        ttl = self.settings.worker.writer_lease_s
+        self.lease = WriterLease(client, ttl, holder_id(self.hostname))
         for index in self.settings.worker.indexes:  # 1. lock: before anything is read or moved
             if not self.lock(ctx, index, should_stop):
                 return
         if self.settings.worker.dynamic:  # 1b. the created indexes this worker can lock
             self.dynamic = ctx.dynamic = DynamicIndexes(self.app, self.settings, runtime, self.rpc)
             self.dynamic.hostname = self.hostname
+            self.dynamic.lease = self.lease
             if self.dynamic.prepare(should_stop) is None:
                 return
         runtime.load_all(should_stop)  # 2. load: snapshot + log, storage waited out
@@ -159,24 +165,24 @@ class Lifecycle:
             self.maintenance.start(runtime)  # 5. maintain: merges and saves when due
 
     def lock(self, ctx: WorkerContext, index: str, should_stop: Callable[[], bool]) -> bool:
-        """Take the index's writer lock, waiting out storage; False when asked to stop first."""
+        """Take the index's writer lock and lease, waiting out storage; False when asked to stop
+        first."""
 
         def take() -> bool:
             try:
-                ctx.runtime.store.lock(index)
+                return take_writer(ctx.runtime.store, self.lease, index, should_stop)
             except WriterConflict as exc:
                 raise WriterConflict(
                     f"index {index!r} already has a writer ({exc}): this worker does not start. "
                     "Stop the other `faissq worker` of the index first (docs/operations.md, "
                     "rolling restarts); add search capacity with --replica"
                 ) from exc
-            return True
 
         def note(reason: str) -> None:
             ctx.runtime.slot(index).reason = reason  # /readyz shows why it is still loading
 
         cfg, what = self.settings.worker, f"locking index {index}"
-        return wait_out_storage(take, cfg, what, should_stop, note) is not None
+        return bool(wait_out_storage(take, cfg, what, should_stop, note))
 
     def stop(self) -> None:
         """Stop maintenance, following and the search loops, then telemetry; release the locks."""
@@ -194,6 +200,8 @@ class Lifecycle:
             self.telemetry.close()
         if self.ctx is not None:
             self.ctx.runtime.close()
+            if self.lease is not None:  # after the storage locks: the next writer starts at once
+                self.lease.close()
             self.ctx.redis.close()
 
 

@@ -108,11 +108,16 @@ def test_kill9_during_a_stream_of_upserts_loses_and_doubles_nothing(
     store = DurableStore(job_settings)
     entries = list(store.log(index_name).read())
     by_batch = {e.batch_id: e for e in entries}
+    rec = store.recover(index_name)
+    assert rec.engine is not None
+    lost = int((~rec.engine.contains(np.arange(next_id))).sum())
+    print(f"\nkill -9 during upserts: kills {kills}, during a running job {running_kills} "
+          f"(requeued {requeued}), jobs {len(jobs)}, vectors {next_id}, lost {lost}, "
+          f"duplicated {len(entries) - len(by_batch)} (log entries of one batch_id)")  # fmt: skip
     assert len(entries) == len(jobs) == len(by_batch)
     for result, ids in jobs:
         np.testing.assert_array_equal(np.sort(by_batch[result.id].ids), ids)
-    rec = store.recover(index_name)
-    assert rec.engine is not None and rec.engine.ntotal == next_id
+    assert rec.engine.ntotal == next_id
     assert rec.engine.contains(np.arange(next_id)).all()
     client.close()
 
@@ -188,7 +193,13 @@ def test_kill9_during_saves_loses_and_doubles_nothing(
     worker.stop()
     store = DurableStore(job_settings)
     rec = store.recover(index_name)
-    assert rec.engine is not None and rec.engine.ntotal == next_id and rec.seq == len(upserts)
+    assert rec.engine is not None
+    lost = int((~rec.engine.contains(np.arange(next_id))).sum())
+    print(f"\nkill -9 during saves: kills {kills}, each during a running save, at "
+          f"{len(set(killed_at))} save steps, "
+          f"jobs {len(upserts)} upserts + {rounds} saves, vectors {next_id}, lost {lost}, "
+          f"duplicated {rec.seq - len(upserts)} (seqs beyond one per upsert)")  # fmt: skip
+    assert rec.engine.ntotal == next_id and rec.seq == len(upserts)
     assert rec.engine.contains(np.arange(next_id)).all()
     assert rec.version is not None, "no snapshot was ever completed"
     client.close()

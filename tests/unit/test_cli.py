@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,41 @@ def test_urls_are_printed_without_their_passwords() -> None:
     assert masked_url("unix:///run/redis.sock?db=0") == "unix:///run/redis.sock?db=0"
     assert masked_url("s3://key:secret@bucket/x") == "s3://key:***@bucket/x"
     assert masked_url(None) == "None"
+
+
+def test_the_demo_hands_flower_its_broker_password_through_the_environment(
+    tmp_path: Path,
+) -> None:
+    """Flower started as the demo starts it reaches a Redis that needs a password, while its
+    command line (what `ps` shows) and its log carry no password; the demo prints it masked."""
+    from faissq.cli.demo import flower_command
+    from faissq.config import masked_url
+    from faissq.worker.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis", unix_socket=False, persistent=False)
+    server.start()
+    try:
+        redis.Redis.from_url(server.url).config_set("requirepass", "s3cret")
+        url = server.url.replace("redis://", "redis://:s3cret@", 1)
+        assert masked_url(url) == server.url.replace("redis://", "redis://:***@", 1)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv, env = flower_command({**os.environ, "FAISSQ_REDIS__URL": url}, port)
+        log = tmp_path / "flower.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            shown = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            deadline = time.monotonic() + 60
+            while "Broker:" not in log.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    finally:
+        server.stop()
+    text = log.read_text()
+    assert f"Broker: {server.url.replace('redis://', 'redis://:**@', 1)}" in text
+    assert b"s3cret" not in shown and "s3cret" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,32 +154,68 @@ def test_a_corrupt_store_marks_the_index_failed_not_the_process(tmp_path: Path) 
     rt2.close()
 
 
+class Interrupted(BaseException):
+    """What `except Exception` lets through (as KeyboardInterrupt or a shutdown's SystemExit)."""
+
+
 class FailingEngine(Engine):
-    """An engine whose next `fail` applies raise MemoryError, as a delta that cannot grow does."""
+    """An engine whose next `fail` upserts raise `fault`: MemoryError, as a delta that cannot grow
+    does, or an exception that escapes the apply without its in-place recovery."""
 
     fail = 0
+    fault: type[BaseException] = MemoryError
 
-    def upsert(self, ids: Any, vectors: Any, *, version: int | None = None) -> int:
+    def upsert(self, ids: Any, vectors: Any, **kw: Any) -> int:
         if FailingEngine.fail:
             FailingEngine.fail -= 1
-            raise MemoryError("injected: the delta cannot grow")
-        return super().upsert(ids, vectors, version=version)
+            raise FailingEngine.fault("injected: the delta cannot grow")
+        return super().upsert(ids, vectors, **kw)
 
 
-def test_a_batch_logged_but_not_applied_is_never_lost(tmp_path: Path) -> None:
+@pytest.fixture
+def failing_engine() -> Iterator[type[FailingEngine]]:
+    """FailingEngine with no fault armed, disarmed again afterwards."""
+    FailingEngine.fail, FailingEngine.fault = 0, MemoryError
+    yield FailingEngine
+    FailingEngine.fail, FailingEngine.fault = 0, MemoryError
+
+
+@pytest.mark.parametrize(
+    ("fault", "logged"),
+    [
+        (MemoryError, "applying logged seq 2 failed (MemoryError"),
+        (Interrupted, "after: seq 2 is logged but was not applied"),
+    ],
+    ids=["recovered-in-place", "duplicate-while-missing"],
+)
+def test_a_batch_logged_but_not_applied_is_never_lost(
+    tmp_path: Path,
+    failing_engine: type[FailingEngine],
+    caplog: pytest.LogCaptureFixture,
+    fault: type[BaseException],
+    logged: str,
+) -> None:
     """Apply fails after the append: the index holds the batch before it answers again.
 
     A redelivery of the batch (same batch_id) must not answer "duplicate" while the batch is
-    missing, and the next save must not mark its seq covered.
+    missing, and the next save must not mark its seq covered. MemoryError is recovered before
+    the failed apply returns; an exception that escapes leaves the batch missing until the
+    redelivered duplicate recovers it.
     """
     s = Settings(storage={"url": str(tmp_path)}, gpu={"mode": "off"}, worker={"indexes": ["a"]})
-    rt = IndexRuntime(s, DurableStore(s), engine_class=FailingEngine)
+    rt = IndexRuntime(s, DurableStore(s), engine_class=failing_engine)
     rt.load_all()
     rt.apply("a", "upsert", np.arange(5), vecs(5), "b1", check=no_check)
-    FailingEngine.fail = 1
-    with contextlib.suppress(MemoryError):  # answered or failed: either way nothing may be lost
-        rt.apply("a", "upsert", np.arange(5, 10), vecs(5, 1), "b2", check=no_check)
-    again = rt.apply("a", "upsert", np.arange(5, 10), vecs(5, 1), "b2", check=no_check)
+    assert rt.slot("a").seq == 1  # the first batch applied: the fault is not armed yet
+    failing_engine.fail, failing_engine.fault = 1, fault
+    with caplog.at_level("WARNING"):
+        with contextlib.suppress(fault):  # answered or failed: either way nothing may be lost
+            rt.apply("a", "upsert", np.arange(5, 10), vecs(5, 1), "b2", check=no_check)
+        assert failing_engine.fail == 0, "the injected fault never fired"
+        if fault is MemoryError:  # recovered before the failed apply answered
+            assert rt.engine("a").contains(np.arange(10)).all()
+        again = rt.apply("a", "upsert", np.arange(5, 10), vecs(5, 1), "b2", check=no_check)
+    assert logged in caplog.text
     assert again["duplicate"] is True and again["seq"] == 2
     assert rt.engine("a").contains(np.arange(10)).all()
     assert rt.save("a")["snapshot"]["seq"] == 2
