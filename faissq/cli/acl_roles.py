@@ -26,10 +26,13 @@ KOMBU_BINDINGS = "_kombu.binding*"
 UNACKED = ("unacked", "unacked_index", "unacked_mutex")  # delivered, not yet acked jobs
 RESULT_KEYS = "celery-task-meta-*"  # the Redis result backend: one key (and channel) per task
 PIDBOX_QUEUES = "*.celery.pidbox"  # a node's control inbox; *.reply.celery.pidbox: the replies
+REPLY_QUEUES = "*.reply.celery.pidbox"  # the reply queue of one inspect or control call
 EVENT_QUEUES = "celeryev.*"  # a consumer's own fanout queue of events (gossip, monitors)
-EVENT_BINDINGS = "_kombu.binding*.celeryev"  # the celeryev exchange's binding sets
+# an exchange's binding set, and the set of its members that never expire
+EVENT_BINDINGS = ("_kombu.binding.celeryev", "_kombu.binding_permanent.celeryev")
+PIDBOX_BINDINGS = ("_kombu.binding.reply.celery.pidbox",
+                   "_kombu.binding_permanent.reply.celery.pidbox")  # fmt: skip
 BINDING_DEADLINES = "_kombu.binding_deadlines"  # when an expiring queue's binding is swept
-PIDBOX_BINDINGS = "_kombu.binding*.reply.celery.pidbox"  # where control replies are routed
 # kombu's fanout exchanges are pub/sub channels /<db>.<exchange>/<routing key>; it consumes
 # them with PSUBSCRIBE, whose pattern Redis checks literally, so those patterns are exact here
 EVENT_CHANNELS = "/{db}.celeryev/*"  # task and worker events; also Flower's PSUBSCRIBE
@@ -199,14 +202,16 @@ def flower(index: str) -> RuleSet:
     authentication.
     """
     base = monitor(index)
-    # +set: kombu marks an expiring reply binding with SET on a _kombu.* key
-    listener = (*BINDING_WRITES, "+srem", "+del", "+set", f"~{EVENT_BINDINGS}", f"~{EVENT_QUEUES}",
-                f"~{BINDING_DEADLINES}")  # fmt: skip
+    # its event queue's binding: declared and refreshed by kombu's script, swept when overdue,
+    # removed at close (exact keys: a glob here could also match an index's job binding)
+    listener = (*BINDING_WRITES, "+srem", "+zrem", "+del", *(f"~{k}" for k in EVENT_BINDINGS),
+                f"~{EVENT_QUEUES}", f"~{BINDING_DEADLINES}")  # fmt: skip
     control = ("+publish", f"&{PIDBOX_CHANNEL}")
-    replies = (*BINDING_WRITES, "+brpop", "+lpop", "+rpop", "+del", "+set", f"~{PIDBOX_QUEUES}",
-               f"~{PIDBOX_BINDINGS}", f"~{BINDING_DEADLINES}")  # fmt: skip
-    marks = ("+set", "~_kombu*")  # kombu's own bookkeeping keys, seen SET during inspect calls
-    return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies, marks))
+    # an inspect call's reply queue: declared, read, deleted, and its binding removed
+    replies = (*BINDING_WRITES, "+srem", "+zrem", "+brpop", "+lpop", "+rpop", "+del",
+               f"~{REPLY_QUEUES}", *(f"~{k}" for k in PIDBOX_BINDINGS),
+               f"~{BINDING_DEADLINES}")  # fmt: skip
+    return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies))
 
 
 BUILDERS = {
