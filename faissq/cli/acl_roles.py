@@ -21,21 +21,20 @@ ALL = "*"  # the index argument that grants a role on every index
 INDEX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # no glob or ACL syntax inside a key pattern
 
 # kombu's Redis transport (kombu/transport/redis.py), shared by every queue on the server
-# one set per exchange (which queues it routes to), their deadlines and permanent members
-KOMBU_BINDINGS = "_kombu.binding*"
+# one set per exchange (which queues it routes to), and the set of its members that never expire
+BINDING_SETS = ("_kombu.binding.{}", "_kombu.binding_permanent.{}")
+# the exchanges of Celery's own expiring queues: events, control inboxes, control replies
+CELERY_EXCHANGES = ("celeryev", "celery.pidbox", "reply.celery.pidbox")
 UNACKED = ("unacked", "unacked_index", "unacked_mutex")  # delivered, not yet acked jobs
 RESULT_KEYS = "celery-task-meta-*"  # the Redis result backend: one key (and channel) per task
 PIDBOX_QUEUES = "*.celery.pidbox"  # a node's control inbox; *.reply.celery.pidbox: the replies
 REPLY_QUEUES = "*.reply.celery.pidbox"  # the reply queue of one inspect or control call
 EVENT_QUEUES = "celeryev.*"  # a consumer's own fanout queue of events (gossip, monitors)
-# an exchange's binding set, and the set of its members that never expire
-EVENT_BINDINGS = ("_kombu.binding.celeryev", "_kombu.binding_permanent.celeryev")
-PIDBOX_BINDINGS = ("_kombu.binding.reply.celery.pidbox",
-                   "_kombu.binding_permanent.reply.celery.pidbox")  # fmt: skip
 BINDING_DEADLINES = "_kombu.binding_deadlines"  # when an expiring queue's binding is swept
 # kombu's fanout exchanges are pub/sub channels /<db>.<exchange>/<routing key>; it consumes
 # them with PSUBSCRIBE, whose pattern Redis checks literally, so those patterns are exact here
 EVENT_CHANNELS = "/{db}.celeryev/*"  # task and worker events; also Flower's PSUBSCRIBE
+SENT_CHANNEL = "/{db}.celeryev/task.sent"  # the event a producer sends with each job
 GOSSIP_CHANNELS = "/{db}.celeryev/worker.*"  # a worker's PSUBSCRIBE to other workers' events
 PIDBOX_CHANNEL = "/{db}.celery.pidbox"  # control broadcasts (revoke, ping, shutdown, ...)
 
@@ -92,6 +91,11 @@ def check_index(index: str) -> str:
     return index
 
 
+def bindings(exchange: str) -> tuple[str, ...]:
+    """The ~patterns of kombu's binding sets of one exchange (Celery names it as its queue)."""
+    return tuple(f"~{k.format(exchange)}" for k in BINDING_SETS)
+
+
 def searcher(index: str) -> RuleSet:
     """Submit script on the request list, the alive key, its reply keys, BRPOP; heartbeats read."""
     index = check_index(index)
@@ -113,29 +117,22 @@ def searcher(index: str) -> RuleSet:
 def producer(index: str) -> RuleSet:
     """Celery's send_task onto the index queues and the result backend's reads; nothing else."""
     index = check_index(index)
+    queue = keys.task_queue(index)
     return RuleSet(
-        commands=(
-            *CONNECTION,
-            "+lpush",
-            "+llen",
-            "+sadd",
-            "+smembers",
-            "+multi",
-            "+exec",
-            "+publish",
-            "+get",
-            "+mget",
-            "+scan",
-            *SUBSCRIBER,
-        ),
+        # reads only: each write below is a selector, allowed on its own keys alone
+        commands=(*CONNECTION, "+get", "+mget", "+scan", *SUBSCRIBER),
         keys=(
-            f"~{keys.task_queue(index)}",  # LPUSH, LLEN (queue declare): it can never pop a job
-            f"~{KOMBU_BINDINGS}",  # kombu declares the queue's binding before it publishes
             f"%R~{RESULT_KEYS}",  # AsyncResult.get
             f"%R~{keys.heartbeat_pattern(index)}",  # the CLI warns when no worker beats
             f"%R~{keys.shard_map(index)}",  # JobClient asks once whether the index is sharded
         ),
-        channels=(RESULT_KEYS, EVENT_CHANNELS),  # result notifications; the task-sent event
+        channels=(RESULT_KEYS,),  # result notifications
+        selectors=(
+            ("+lpush", "+llen", f"~{queue}"),  # the job, and the queue declare; never a pop
+            # kombu declares the queue's binding (a transaction) and routes by reading it
+            ("+sadd", "+smembers", "+multi", "+exec", *bindings(queue)),
+            ("+publish", f"&{SENT_CHANNEL}"),  # the task-sent event, for Flower's task list
+        ),
     )
 
 
@@ -173,7 +170,9 @@ def worker(index: str) -> RuleSet:
             f"~{queue}",  # its job queue
             f"~{keys.inflight_list(queue)}",  # the at-least-once fetch
             f"~{keys.delivery_key('*')}",  # delivery counters (by task id)
-            f"~{KOMBU_BINDINGS}",
+            *bindings(queue),  # its queue's, and those of Celery's event and control queues
+            *(b for exchange in CELERY_EXCHANGES for b in bindings(exchange)),
+            f"~{BINDING_DEADLINES}",  # when its expiring queues' bindings are swept
             *(f"~{k}" for k in UNACKED),
             f"~{RESULT_KEYS}",
             f"~{PIDBOX_QUEUES}",
@@ -204,12 +203,12 @@ def flower(index: str) -> RuleSet:
     base = monitor(index)
     # its event queue's binding: declared and refreshed by kombu's script, swept when overdue,
     # removed at close (exact keys: a glob here could also match an index's job binding)
-    listener = (*BINDING_WRITES, "+srem", "+zrem", "+del", *(f"~{k}" for k in EVENT_BINDINGS),
+    listener = (*BINDING_WRITES, "+srem", "+zrem", "+del", *bindings("celeryev"),
                 f"~{EVENT_QUEUES}", f"~{BINDING_DEADLINES}")  # fmt: skip
     control = ("+publish", f"&{PIDBOX_CHANNEL}")
     # an inspect call's reply queue: declared, read, deleted, and its binding removed
     replies = (*BINDING_WRITES, "+srem", "+zrem", "+brpop", "+lpop", "+rpop", "+del",
-               f"~{REPLY_QUEUES}", *(f"~{k}" for k in PIDBOX_BINDINGS),
+               f"~{REPLY_QUEUES}", *bindings("reply.celery.pidbox"),
                f"~{BINDING_DEADLINES}")  # fmt: skip
     return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies))
 

@@ -240,6 +240,12 @@ def test_producer_cannot_search_take_jobs_or_clear_dead_letters(
     assert "keys" in refused(r.lpush, keys.task_queue(OTHER), b"{}")
     assert "flushall" in refused(r.flushall)
     assert acl_server.admin.llen(keys.dead_letter_list(INDEX)) == 1
+    # a result notification is the result to Celery's waiting clients: only workers send them
+    assert "channel" in refused(r.publish, "celery-task-meta-" + "0" * 36, b"forged")
+    assert "channel" in refused(r.publish, "/0.celery.pidbox", b"{}")  # no control commands
+    # another index's routing, and its own queue turned into a set the worker cannot read
+    assert "keys" in refused(r.sadd, f"_kombu.binding.{keys.task_queue(OTHER)}", b"x")
+    assert "keys" in refused(r.sadd, keys.task_queue(INDEX), b"x")
     with (
         SearchClient(acl_server.url("producer"), INDEX) as client,
         pytest.raises(PermissionDenied, match="'eval' command"),

@@ -51,6 +51,13 @@ def test_producer_and_worker_patterns_follow_the_key_functions() -> None:
                 keys.dead_letter_list("products"), keys.delivery_key("t1"), "unacked"):  # fmt: skip
         assert allowed("worker", "products", key), key
     assert not allowed("worker", "products", keys.task_queue("other"))
+    # kombu's routing table of each queue: its own index's only
+    for role in ("producer", "worker"):
+        assert allowed(role, "products", f"_kombu.binding.{keys.task_queue('products')}")
+        assert not allowed(role, "products", f"_kombu.binding.{keys.task_queue('other')}"), role
+    # it publishes the task-sent event alone, never a result notification or a control command
+    publishing = [r for r in acl.rules("producer", "products") if "+publish" in r]
+    assert publishing == ["(+publish &/0.celeryev/task.sent)"]
 
 
 def test_monitor_writes_nothing_and_no_role_gets_admin_commands() -> None:
