@@ -261,13 +261,21 @@ def test_producer_cannot_search_take_jobs_or_clear_dead_letters(
 def test_monitor_reads_status_and_changes_nothing(
     acl_server: AclServer, writer: WorkerProcess, storage: Path
 ) -> None:
-    out = cli(acl_server, "monitor", storage, "status", "--index", INDEX, "--json")
+    acl_server.admin.acl_log_reset()
+    out = cli(acl_server, "monitor", storage, "status", "--index", INDEX, "--json", "--no-stats")
     assert out.returncode == 0, out.stderr
-    assert f'"index": "{INDEX}"' in out.stdout and '"alive": true' in out.stdout
-    assert "permission_denied" in out.stdout  # the stats job is a producer's; it is named
-    text = cli(acl_server, "monitor", storage, "status", "--index", INDEX)
+    report = json.loads(out.stdout)["indexes"][0]
+    assert report["index"] == INDEX and report["alive"] and report["ready"], report
+    assert report["stats"] is None and "--no-stats" in report["stats_error"]
+    text = cli(acl_server, "monitor", storage, "status", "--index", INDEX, "--no-stats")
     assert text.returncode == 0 and f"index {INDEX}" in text.stdout, text.stderr
     assert "monitor-pw" not in text.stdout + text.stderr
+    assert acl_server.refusals("monitor") == []  # the monitor's own command stays in its role
+    # the stats job is a producer's right: without --no-stats, status says so and goes on
+    full = cli(acl_server, "monitor", storage, "status", "--index", INDEX)
+    assert full.returncode == 0, full.stderr
+    assert "stats       permission_denied: the stats job needs the producer role" in full.stdout
+    assert "--no-stats" in full.stdout
     r = acl_server.client("monitor")
     assert r.llen(keys.task_queue(INDEX)) == 0
     assert "lpush" in refused(r.lpush, keys.task_queue(INDEX), b"{}")
@@ -279,7 +287,29 @@ def test_monitor_reads_status_and_changes_nothing(
     r.close()
 
 
+def test_status_as_searcher_is_one_permission_denied_line(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path
+) -> None:
+    out = cli(acl_server, "searcher", storage, "status", "--index", INDEX)
+    assert out.returncode == 1
+    assert out.stderr.startswith("faissq: permission_denied: Redis ACL refused this monitor client")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 # -- worker: the writer is the module's fixture; a replica beside it --------------------------
+
+
+@pytest.mark.parametrize("user", ["searcher", "producer", "monitor"])
+@pytest.mark.parametrize("replica", [False, True], ids=["writer", "replica"])
+def test_a_worker_without_the_worker_role_fails_with_one_line(
+    acl_server: AclServer, writer: WorkerProcess, tmp_path: Path, user: str, replica: bool
+) -> None:
+    argv = ["worker", "--index", INDEX] + (["--replica"] if replica else [])
+    out = cli(acl_server, user, tmp_path, *argv)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("faissq: permission_denied: Redis ACL refused this worker client")
+    assert "Traceback" not in out.stderr and "CRITICAL" not in out.stderr, out.stderr
 
 
 def test_replica_serves_searches_as_the_worker_user(
