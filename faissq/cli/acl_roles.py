@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from faissq import keys
+from faissq import keys, shards
 from faissq.errors import InvalidParameter
 
 ALL = "*"  # the index argument that grants a role on every index
 INDEX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # no glob or ACL syntax inside a key pattern
+# an index name or a glob of names: '*' is the one glob character, since '?', '[' or '\\' and
+# ACL syntax (spaces, parentheses, ~ % &) could reach keys no index name can have
+INDEX_GLOB = re.compile(r"[A-Za-z0-9_.*-]{1,128}")
 
 # kombu's Redis transport (kombu/transport/redis.py), shared by every queue on the server
 # one set per exchange (which queues it routes to), and the set of its members that never expire
@@ -85,10 +89,30 @@ class RuleSet:
 
 
 def check_index(index: str) -> str:
-    """Return the index name, or raise InvalidParameter when it cannot go into a key pattern."""
-    if index != ALL and not INDEX_NAME.fullmatch(index):
+    """Return the index name or glob, or raise InvalidParameter when it cannot go into a key
+    pattern."""
+    if not INDEX_GLOB.fullmatch(index):
         raise InvalidParameter(f"index {index!r}: use letters, digits, '_', '.', '-' or '*'")
     return index
+
+
+def merge(sets: Sequence[RuleSet]) -> RuleSet:
+    """One user's rules on several indexes: a role's commands, every index's patterns.
+
+    A role's rule sets differ only in their patterns, so the n-th selector of each gives one
+    selector: its commands once, the patterns of all.
+    """
+    first = sets[0]
+    selectors = tuple(
+        tuple(dict.fromkeys(w for s in sets for w in s.selectors[i]))
+        for i in range(len(first.selectors))
+    )
+    return RuleSet(
+        first.commands,
+        tuple(dict.fromkeys(k for s in sets for k in s.keys)),
+        tuple(dict.fromkeys(c for s in sets for c in s.channels)),
+        selectors,
+    )
 
 
 def bindings(exchange: str) -> tuple[str, ...]:
@@ -222,11 +246,30 @@ BUILDERS = {
 }
 
 
-def rules(role: Role | str, index: str = ALL, db: int = 0) -> list[str]:
-    """The ACL rules of a role on one index (or every index with "*") and Redis database."""
+Indexes = str | Sequence[str]  # one index name or glob, or several
+
+
+def rules(
+    role: Role | str, index: Indexes = ALL, db: int = 0, sharded: Mapping[str, int] | None = None
+) -> list[str]:
+    """The ACL rules of a role on some indexes (names or globs; "*": every index) and Redis
+    database; sharded: each sharded index's name and shard count (its shards are indexes)."""
     if not 0 <= db < 1 << 16:
         raise InvalidParameter(f"db must be a Redis database number, got {db}")
-    return BUILDERS[Role(role)](index).rules(db)
+    names = [index] if isinstance(index, str) else list(index)
+    for name, count in (sharded or {}).items():
+        if not INDEX_NAME.fullmatch(name):
+            raise InvalidParameter(f"sharded index {name!r}: give its declared name, not a glob")
+        names += shards.shard_names(name, count)
+    if not names:
+        raise InvalidParameter("name at least one index (or '*')")
+    build = BUILDERS[Role(role)]
+    ruleset = merge([build(name) for name in dict.fromkeys(names)])
+    if sharded and Role(role) in (Role.searcher, Role.producer):
+        # their clients read a sharded index's definition before they reach its shards
+        maps = tuple(f"%R~{keys.shard_map(name)}" for name in sharded)
+        ruleset = replace(ruleset, keys=ruleset.keys + maps)
+    return ruleset.rules(db)
 
 
 def password_hash(password: str) -> str:
@@ -236,11 +279,25 @@ def password_hash(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
 
 
-def setuser(user: str, role: Role | str, index: str, password: str, db: int = 0) -> list[str]:
+def setuser(
+    user: str,
+    role: Role | str,
+    index: Indexes,
+    password: str,
+    db: int = 0,
+    sharded: Mapping[str, int] | None = None,
+) -> list[str]:
     """The ACL SETUSER arguments of one user: reset, enabled, password, the role's rules."""
-    return [user, "reset", "on", password_hash(password), *rules(role, index, db)]
+    return [user, "reset", "on", password_hash(password), *rules(role, index, db, sharded)]
 
 
-def aclfile_line(user: str, role: Role | str, index: str, password: str, db: int = 0) -> str:
+def aclfile_line(
+    user: str,
+    role: Role | str,
+    index: Indexes,
+    password: str,
+    db: int = 0,
+    sharded: Mapping[str, int] | None = None,
+) -> str:
     """One ``user ...`` line of a Redis aclfile."""
-    return "user " + " ".join(setuser(user, role, index, password, db))
+    return "user " + " ".join(setuser(user, role, index, password, db, sharded))

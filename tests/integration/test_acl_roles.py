@@ -26,11 +26,12 @@ import redis
 from conftest import REPO, WorkerProcess, make_settings
 from test_write_integrity import wait_for
 
-from faissq import keys
+from faissq import keys, shards
 from faissq.cli import acl_roles as acl
 from faissq.errors import PermissionDenied
 from faissq.rpc.aio_client import AsyncSearchClient
 from faissq.rpc.search_client import SearchClient
+from faissq.rpc.shard_client import ShardedSearchClient
 from faissq.tasks.producer import JobClient
 from faissq.worker.embedded_redis import EmbeddedRedis, free_port
 
@@ -334,6 +335,50 @@ def test_replica_serves_searches_as_the_worker_user(
         replica.stop(timeout_s=10)
         writer.start()
     assert acl_server.refusals("worker") == [], replica.all_logs()[-3000:]
+
+
+# -- a sharded index: one user per role covers every shard ----------------------------------
+
+
+def test_sharded_search_and_upsert_under_role_users(acl_server: AclServer, tmp_path: Path) -> None:
+    name = f"sharded{uuid.uuid4().hex[:6]}"
+    names = shards.shard_names(name, 2)
+    for role in (acl.Role.searcher, acl.Role.producer, acl.Role.worker):
+        user = f"sharded-{role}"
+        acl_server.admin.execute_command(
+            "ACL", "SETUSER", *acl.setuser(user, role, [], f"{user}-pw", sharded={name: 2})
+        )
+    shards.declare(acl_server.admin, shards.ShardMap(name, 2, "l2"))  # an admin declares it
+    acl_server.admin.acl_log_reset()
+    storage = tmp_path / "storage"
+    w = WorkerProcess(acl_server.url("sharded-worker"), storage, names, tmp_path,
+                      {"FAISSQ_INDEX__METRIC": "l2"})  # fmt: skip
+    w.start()
+    try:
+        jobs = JobClient(make_settings(acl_server.url("sharded-producer"), storage, names))
+        try:
+            assert (
+                jobs.build(name, vectors(100), family="flat").get(timeout=TIMEOUT)["ntotal"] == 100
+            )
+            more = np.arange(1000, 1010, dtype=np.int64)
+            assert (
+                jobs.upsert(name, more, vectors(10, seed=7)).get(timeout=TIMEOUT)["applied"] == 10
+            )
+        finally:
+            jobs.close()
+        with ShardedSearchClient(acl_server.url("sharded-searcher"), name) as client:
+            res = client.search(vectors(3, seed=8), 5, timeout=TIMEOUT)
+            assert res.ids.shape == (3, 5) and (res.ids >= 0).all() and not res.partial
+    finally:
+        w.stop(timeout_s=10)
+        w.app.close()
+    for role in ("searcher", "producer", "worker"):
+        assert acl_server.refusals(f"sharded-{role}") == [], (role, w.all_logs()[-3000:])
+    with (
+        SearchClient(acl_server.url("sharded-searcher"), INDEX) as other,
+        pytest.raises(PermissionDenied, match="searcher client"),
+    ):
+        other.search(vectors(1), 1, timeout=5)  # the shards of its index, nothing else
 
 
 # -- flower: its task list ---------------------------------------------------------------
