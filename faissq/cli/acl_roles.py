@@ -1,4 +1,4 @@
-"""Redis ACL roles (searcher, producer, worker, monitor) built from `faissq.keys`, so they match.
+"""Redis ACL roles (searcher, producer, worker, monitor, flower) built from `faissq.keys`.
 
 Each role is the least a party needs on a Redis 7 server: the commands it sends and the keys and
 pub/sub channels it touches. Keys named by `faissq.keys` come from its functions; Celery's and

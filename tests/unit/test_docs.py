@@ -1,10 +1,15 @@
-"""Docs stay true to the code: the README's settings table and its two quick-start commands."""
+"""Docs stay true to the code: the README's settings table, its two quick-start commands and
+the ACL user that docs/operations.md shows."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
+from faissq.cli import acl_roles
+from faissq.cli.main import main
 from faissq.cli.settings_table import BEGIN, END, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,3 +33,17 @@ def test_quick_start_has_exactly_two_commands_that_exist() -> None:
         assert script.is_file() and script.stat().st_mode & 0o111, cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/check" in ci
+
+
+def test_operations_acl_example_matches_faissq_acl(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    command = "faissq acl --role searcher --index products --user search-api"
+    assert command in doc
+    monkeypatch.setenv("FAISSQ_ACL_PASSWORD", "any-password")
+    assert main(command.split()[1:]) == 0
+    printed = capsys.readouterr().out.strip()
+    shown = printed.replace(acl_roles.password_hash("any-password"), "#<sha256>")
+    blocks = re.findall(r"```text\n(ACL SETUSER .*?)\n```", doc, re.S)
+    assert blocks == [shown]
