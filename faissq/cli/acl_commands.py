@@ -16,8 +16,19 @@ def add_acl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--role", required=True, choices=[r.value for r in acl.Role])
     p.add_argument(
         "--index",
-        default=acl.ALL,
-        help="index the role is limited to ('*', the default: every index)",
+        action="append",
+        metavar="NAME",
+        help="index the role is limited to: a name, or a glob of names with '*' (repeatable, "
+        "all in one user; default '*': every index); no effect on monitor and flower, which "
+        "read every key",
+    )
+    p.add_argument(
+        "--sharded",
+        action="append",
+        metavar="NAME:S",
+        type=sharded_arg,
+        help="a sharded index and its shard count: its S shard indexes, and for searcher and "
+        "producer the read of its definition (repeatable)",
     )
     p.add_argument(
         "--db", type=int, default=0, help="Redis database of FAISSQ_REDIS__URL (default 0)"
@@ -38,6 +49,14 @@ def add_acl_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def sharded_arg(value: str) -> tuple[str, int]:
+    """NAME:S of --sharded as (name, shard count)."""
+    name, _, count = value.rpartition(":")
+    if not name or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: give NAME:S, e.g. products:4")
+    return name, int(count)
+
+
 def run_acl(args: argparse.Namespace, settings: Settings) -> int:
     """Print the user's definition; the password comes from the environment, never argv."""
     user = args.user or f"faissq-{args.role}"
@@ -46,9 +65,11 @@ def run_acl(args: argparse.Namespace, settings: Settings) -> int:
     password = os.environ.get(args.password_env, "")
     if not password:
         raise InvalidParameter(f"set the user's password in ${args.password_env}")
+    sharded = dict(args.sharded or [])
+    indexes = args.index or ([] if sharded else [acl.ALL])
+    words = acl.setuser(user, args.role, indexes, password, args.db, sharded)
     if args.format == "aclfile":
-        print(acl.aclfile_line(user, args.role, args.index, password, args.db))
+        print("user " + " ".join(words))
     else:
-        words = ["ACL", "SETUSER", *acl.setuser(user, args.role, args.index, password, args.db)]
-        print(" ".join(shlex.quote(w) for w in words))
+        print(" ".join(shlex.quote(w) for w in ["ACL", "SETUSER", *words]))
     return 0

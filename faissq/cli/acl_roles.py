@@ -1,4 +1,4 @@
-"""Redis ACL roles (searcher, producer, worker, monitor) built from `faissq.keys`, so they match.
+"""Redis ACL roles (searcher, producer, worker, monitor, flower) built from `faissq.keys`.
 
 Each role is the least a party needs on a Redis 7 server: the commands it sends and the keys and
 pub/sub channels it touches. Keys named by `faissq.keys` come from its functions; Celery's and
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from faissq import keys
@@ -19,20 +20,25 @@ from faissq.errors import InvalidParameter
 
 ALL = "*"  # the index argument that grants a role on every index
 INDEX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # no glob or ACL syntax inside a key pattern
+# an index name or a glob of names: '*' is the one glob character, since '?', '[' or '\\' and
+# ACL syntax (spaces, parentheses, ~ % &) could reach keys no index name can have
+INDEX_GLOB = re.compile(r"[A-Za-z0-9_.*-]{1,128}")
 
 # kombu's Redis transport (kombu/transport/redis.py), shared by every queue on the server
-# one set per exchange (which queues it routes to), their deadlines and permanent members
-KOMBU_BINDINGS = "_kombu.binding*"
+# one set per exchange (which queues it routes to), and the set of its members that never expire
+BINDING_SETS = ("_kombu.binding.{}", "_kombu.binding_permanent.{}")
+# the exchanges of Celery's own expiring queues: events, control inboxes, control replies
+CELERY_EXCHANGES = ("celeryev", "celery.pidbox", "reply.celery.pidbox")
 UNACKED = ("unacked", "unacked_index", "unacked_mutex")  # delivered, not yet acked jobs
 RESULT_KEYS = "celery-task-meta-*"  # the Redis result backend: one key (and channel) per task
 PIDBOX_QUEUES = "*.celery.pidbox"  # a node's control inbox; *.reply.celery.pidbox: the replies
+REPLY_QUEUES = "*.reply.celery.pidbox"  # the reply queue of one inspect or control call
 EVENT_QUEUES = "celeryev.*"  # a consumer's own fanout queue of events (gossip, monitors)
-EVENT_BINDINGS = "_kombu.binding*.celeryev"  # the celeryev exchange's binding sets
 BINDING_DEADLINES = "_kombu.binding_deadlines"  # when an expiring queue's binding is swept
-PIDBOX_BINDINGS = "_kombu.binding*.reply.celery.pidbox"  # where control replies are routed
 # kombu's fanout exchanges are pub/sub channels /<db>.<exchange>/<routing key>; it consumes
 # them with PSUBSCRIBE, whose pattern Redis checks literally, so those patterns are exact here
 EVENT_CHANNELS = "/{db}.celeryev/*"  # task and worker events; also Flower's PSUBSCRIBE
+SENT_CHANNEL = "/{db}.celeryev/task.sent"  # the event a producer sends with each job
 GOSSIP_CHANNELS = "/{db}.celeryev/worker.*"  # a worker's PSUBSCRIBE to other workers' events
 PIDBOX_CHANNEL = "/{db}.celery.pidbox"  # control broadcasts (revoke, ping, shutdown, ...)
 
@@ -83,10 +89,35 @@ class RuleSet:
 
 
 def check_index(index: str) -> str:
-    """Return the index name, or raise InvalidParameter when it cannot go into a key pattern."""
-    if index != ALL and not INDEX_NAME.fullmatch(index):
+    """Return the index name or glob, or raise InvalidParameter when it cannot go into a key
+    pattern."""
+    if not INDEX_GLOB.fullmatch(index):
         raise InvalidParameter(f"index {index!r}: use letters, digits, '_', '.', '-' or '*'")
     return index
+
+
+def merge(sets: Sequence[RuleSet]) -> RuleSet:
+    """One user's rules on several indexes: a role's commands, every index's patterns.
+
+    A role's rule sets differ only in their patterns, so the n-th selector of each gives one
+    selector: its commands once, the patterns of all.
+    """
+    first = sets[0]
+    selectors = tuple(
+        tuple(dict.fromkeys(w for s in sets for w in s.selectors[i]))
+        for i in range(len(first.selectors))
+    )
+    return RuleSet(
+        first.commands,
+        tuple(dict.fromkeys(k for s in sets for k in s.keys)),
+        tuple(dict.fromkeys(c for s in sets for c in s.channels)),
+        selectors,
+    )
+
+
+def bindings(exchange: str) -> tuple[str, ...]:
+    """The ~patterns of kombu's binding sets of one exchange (Celery names it as its queue)."""
+    return tuple(f"~{k.format(exchange)}" for k in BINDING_SETS)
 
 
 def searcher(index: str) -> RuleSet:
@@ -110,29 +141,22 @@ def searcher(index: str) -> RuleSet:
 def producer(index: str) -> RuleSet:
     """Celery's send_task onto the index queues and the result backend's reads; nothing else."""
     index = check_index(index)
+    queue = keys.task_queue(index)
     return RuleSet(
-        commands=(
-            *CONNECTION,
-            "+lpush",
-            "+llen",
-            "+sadd",
-            "+smembers",
-            "+multi",
-            "+exec",
-            "+publish",
-            "+get",
-            "+mget",
-            "+scan",
-            *SUBSCRIBER,
-        ),
+        # reads only: each write below is a selector, allowed on its own keys alone
+        commands=(*CONNECTION, "+get", "+mget", "+scan", *SUBSCRIBER),
         keys=(
-            f"~{keys.task_queue(index)}",  # LPUSH, LLEN (queue declare): it can never pop a job
-            f"~{KOMBU_BINDINGS}",  # kombu declares the queue's binding before it publishes
             f"%R~{RESULT_KEYS}",  # AsyncResult.get
             f"%R~{keys.heartbeat_pattern(index)}",  # the CLI warns when no worker beats
             f"%R~{keys.shard_map(index)}",  # JobClient asks once whether the index is sharded
         ),
-        channels=(RESULT_KEYS, EVENT_CHANNELS),  # result notifications; the task-sent event
+        channels=(RESULT_KEYS,),  # result notifications
+        selectors=(
+            ("+lpush", "+llen", f"~{queue}"),  # the job, and the queue declare; never a pop
+            # kombu declares the queue's binding (a transaction) and routes by reading it
+            ("+sadd", "+smembers", "+multi", "+exec", *bindings(queue)),
+            ("+publish", f"&{SENT_CHANNEL}"),  # the task-sent event, for Flower's task list
+        ),
     )
 
 
@@ -170,7 +194,9 @@ def worker(index: str) -> RuleSet:
             f"~{queue}",  # its job queue
             f"~{keys.inflight_list(queue)}",  # the at-least-once fetch
             f"~{keys.delivery_key('*')}",  # delivery counters (by task id)
-            f"~{KOMBU_BINDINGS}",
+            *bindings(queue),  # its queue's, and those of Celery's event and control queues
+            *(b for exchange in CELERY_EXCHANGES for b in bindings(exchange)),
+            f"~{BINDING_DEADLINES}",  # when its expiring queues' bindings are swept
             *(f"~{k}" for k in UNACKED),
             f"~{RESULT_KEYS}",
             f"~{PIDBOX_QUEUES}",
@@ -199,14 +225,16 @@ def flower(index: str) -> RuleSet:
     authentication.
     """
     base = monitor(index)
-    # +set: kombu marks an expiring reply binding with SET on a _kombu.* key
-    listener = (*BINDING_WRITES, "+srem", "+del", "+set", f"~{EVENT_BINDINGS}", f"~{EVENT_QUEUES}",
-                f"~{BINDING_DEADLINES}")  # fmt: skip
+    # its event queue's binding: declared and refreshed by kombu's script, swept when overdue,
+    # removed at close (exact keys: a glob here could also match an index's job binding)
+    listener = (*BINDING_WRITES, "+srem", "+zrem", "+del", *bindings("celeryev"),
+                f"~{EVENT_QUEUES}", f"~{BINDING_DEADLINES}")  # fmt: skip
     control = ("+publish", f"&{PIDBOX_CHANNEL}")
-    replies = (*BINDING_WRITES, "+brpop", "+lpop", "+rpop", "+del", "+set", f"~{PIDBOX_QUEUES}",
-               f"~{PIDBOX_BINDINGS}", f"~{BINDING_DEADLINES}")  # fmt: skip
-    marks = ("+set", "~_kombu*")  # kombu's own bookkeeping keys, seen SET during inspect calls
-    return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies, marks))
+    # an inspect call's reply queue: declared, read, deleted, and its binding removed
+    replies = (*BINDING_WRITES, "+srem", "+zrem", "+brpop", "+lpop", "+rpop", "+del",
+               f"~{REPLY_QUEUES}", *bindings("reply.celery.pidbox"),
+               f"~{BINDING_DEADLINES}")  # fmt: skip
+    return RuleSet(base.commands, base.keys, base.channels, (listener, control, replies))
 
 
 BUILDERS = {
@@ -218,11 +246,32 @@ BUILDERS = {
 }
 
 
-def rules(role: Role | str, index: str = ALL, db: int = 0) -> list[str]:
-    """The ACL rules of a role on one index (or every index with "*") and Redis database."""
+Indexes = str | Sequence[str]  # one index name or glob, or several
+
+
+def rules(
+    role: Role | str, index: Indexes = ALL, db: int = 0, sharded: Mapping[str, int] | None = None
+) -> list[str]:
+    """The ACL rules of a role on some indexes (names or globs; "*": every index) and Redis
+    database; sharded: each sharded index's name and shard count (its shards are indexes)."""
     if not 0 <= db < 1 << 16:
         raise InvalidParameter(f"db must be a Redis database number, got {db}")
-    return BUILDERS[Role(role)](index).rules(db)
+    from faissq.shards import shard_names  # numpy-backed: kept off `faissq acl --help`
+
+    names = [index] if isinstance(index, str) else list(index)
+    for name, count in (sharded or {}).items():
+        if not INDEX_NAME.fullmatch(name):
+            raise InvalidParameter(f"sharded index {name!r}: give its declared name, not a glob")
+        names += shard_names(name, count)
+    if not names:
+        raise InvalidParameter("name at least one index (or '*')")
+    build = BUILDERS[Role(role)]
+    ruleset = merge([build(name) for name in dict.fromkeys(names)])
+    if sharded and Role(role) in (Role.searcher, Role.producer):
+        # their clients read a sharded index's definition before they reach its shards
+        maps = tuple(f"%R~{keys.shard_map(name)}" for name in sharded)
+        ruleset = replace(ruleset, keys=ruleset.keys + maps)
+    return ruleset.rules(db)
 
 
 def password_hash(password: str) -> str:
@@ -232,11 +281,25 @@ def password_hash(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
 
 
-def setuser(user: str, role: Role | str, index: str, password: str, db: int = 0) -> list[str]:
+def setuser(
+    user: str,
+    role: Role | str,
+    index: Indexes,
+    password: str,
+    db: int = 0,
+    sharded: Mapping[str, int] | None = None,
+) -> list[str]:
     """The ACL SETUSER arguments of one user: reset, enabled, password, the role's rules."""
-    return [user, "reset", "on", password_hash(password), *rules(role, index, db)]
+    return [user, "reset", "on", password_hash(password), *rules(role, index, db, sharded)]
 
 
-def aclfile_line(user: str, role: Role | str, index: str, password: str, db: int = 0) -> str:
+def aclfile_line(
+    user: str,
+    role: Role | str,
+    index: Indexes,
+    password: str,
+    db: int = 0,
+    sharded: Mapping[str, int] | None = None,
+) -> str:
     """One ``user ...`` line of a Redis aclfile."""
-    return "user " + " ".join(setuser(user, role, index, password, db))
+    return "user " + " ".join(setuser(user, role, index, password, db, sharded))

@@ -161,6 +161,12 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"wait this long for the worker's stats job (default {STATS_TIMEOUT_S:g})",
     )
+    p.add_argument(
+        "--no-stats",
+        action="store_true",
+        help="send no stats job (it needs a producer's right to enqueue; heartbeats still show "
+        "readiness): for a monitor user",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from faissq import keys
 from faissq.cli.job_commands import as_vectors, heartbeats, load_npy, redis_client, require_redis
 from faissq.config import Settings, masked_url
-from faissq.errors import FaissqError, NoWorkerAlive, PermissionDenied
+from faissq.errors import FaissqError, NoWorkerAlive, PermissionDenied, permission_denied, refused
 from faissq.shards import ShardMap, lookup, parse_shard
 
 if TYPE_CHECKING:
@@ -31,9 +31,12 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
     client = redis_client(settings)
     try:
         indexes, declared = expand_sharded(client, args.index or discover_indexes(client, settings))
-        report = [index_status(client, settings, i, args.stats_timeout) for i in indexes]
+        timeout = None if args.no_stats else args.stats_timeout
+        report = [index_status(client, settings, i, timeout) for i in indexes]
         sharded = shard_summaries(declared, report)
     except (redis.RedisError, OSError) as exc:
+        if message := refused(exc):  # reachable, but this user may not read what status reads
+            raise permission_denied(message, "monitor") from exc
         raise FaissqError(f"cannot reach Redis at {masked_url(settings.redis.url)}: {exc}") from exc
     finally:
         client.close()
@@ -117,9 +120,9 @@ def stored_indexes(settings: Settings) -> list[str]:
 
 
 def index_status(
-    client: redis.Redis, settings: Settings, index: str, stats_timeout_s: float
+    client: redis.Redis, settings: Settings, index: str, stats_timeout_s: float | None
 ) -> dict[str, Any]:
-    """Heartbeats, queue depths, the worker's stats (when one is alive) and the stored snapshot."""
+    """Heartbeats, queue depths, the worker's stats (alive; timeout None: none) and the snapshot."""
     now = time.time()
     workers = []
     for key, beat in sorted(heartbeats(client, index).items()):
@@ -148,8 +151,10 @@ def index_status(
         "stats_error": "",
         "snapshot": stored_snapshot(settings, index),
     }
-    if workers:
+    if workers and stats_timeout_s is not None:
         out["stats"], out["stats_error"] = worker_stats(settings, index, stats_timeout_s)
+    elif workers:
+        out["stats_error"] = "not asked for (--no-stats)"
     stats = out["stats"] or {}
     out["ready"] = any(w["ready"] for w in workers) and stats.get("state", "ready") == "ready"
     return out
@@ -166,7 +171,7 @@ def worker_stats(settings: Settings, index: str, timeout_s: float) -> tuple[dict
         try:
             result = jobs.stats(index)
         except PermissionDenied as exc:  # a read-only (monitor) user: the rest still shows
-            return {}, f"{exc.code}: {exc}"
+            return {}, f"{exc.code}: the stats job needs the producer role (--no-stats skips it)"
         try:
             return dict(result.get(timeout=timeout_s)), ""
         except CeleryTimeout:

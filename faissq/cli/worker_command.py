@@ -54,6 +54,41 @@ def worker_argv(
     return argv
 
 
+PROBE = "faissq:role-probe"  # a value no request or job message ever equals
+
+
+def check_worker_role(settings: Settings) -> None:
+    """Raise PermissionDenied, before anything starts, when the Redis user is not a worker's.
+
+    LREM of a value no message has writes nothing, yet ACL checks it as a write on the lists
+    only the worker role may write: each index's request list and its jobs' in-flight list.
+    Any other Redis error is left to the worker's own connection retries.
+    """
+    import redis
+
+    from faissq import keys
+    from faissq.errors import permission_denied, refused
+    from faissq.worker.app import redis_url
+
+    queues = [keys.task_queue(i) for i in settings.worker.indexes]
+    if settings.worker.dynamic:
+        queues.append(keys.CONTROL_QUEUE)
+    lists = [keys.rpc_queue(i) for i in settings.worker.indexes]
+    if not settings.worker.replica:
+        lists += [keys.inflight_list(q) for q in queues]
+    client = redis.Redis.from_url(
+        redis_url(settings), socket_timeout=settings.redis.socket_timeout_s, retry=None
+    )
+    try:
+        for name in lists:
+            client.lrem(name, 0, PROBE)
+    except redis.RedisError as exc:
+        if message := refused(exc):
+            raise permission_denied(message, "worker") from exc
+    finally:
+        client.close()
+
+
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Start an index worker (and an embedded Redis when no URL is configured)."""
     from faissq.tasks.jobs import register_tasks
@@ -71,9 +106,13 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.replica or settings.worker.replica:
         from faissq.worker.lifecycle import run_replica
 
+        if settings.redis.url:  # else run_replica says why it needs one
+            replica = settings.worker.model_copy(update={"replica": True})
+            check_worker_role(settings.model_copy(update={"worker": replica}))
         run_replica(settings)  # a replica joins the writer's Redis: never an embedded one
         return 0
     with redis_for(settings) as settings:
+        check_worker_role(settings)
         app = make_worker_app(settings, register_tasks)
         app.worker_main(worker_argv(indexes, hostname, args.loglevel, args.mingle, dynamic))
     return exit_code(app)

@@ -21,5 +21,11 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(name)
     if _app is None:
-        _app = make_celery_app(Settings(), main="faissq-monitor", set_as_current=True)
+        app = make_celery_app(Settings(), main="faissq-monitor", set_as_current=True)
+        # it consumes only its own event and reply queues, which need no acks; with kombu's ack
+        # emulation its poller would also restore other consumers' unacked jobs (the
+        # unacked_mutex lock, then requeues), which the flower and monitor roles refuse
+        options = app.conf.broker_transport_options
+        app.conf.broker_transport_options = {**options, "ack_emulation": False}
+        _app = app
     return _app

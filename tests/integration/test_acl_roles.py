@@ -26,11 +26,12 @@ import redis
 from conftest import REPO, WorkerProcess, make_settings
 from test_write_integrity import wait_for
 
-from faissq import keys
+from faissq import keys, shards
 from faissq.cli import acl_roles as acl
 from faissq.errors import PermissionDenied
 from faissq.rpc.aio_client import AsyncSearchClient
 from faissq.rpc.search_client import SearchClient
+from faissq.rpc.shard_client import ShardedSearchClient
 from faissq.tasks.producer import JobClient
 from faissq.worker.embedded_redis import EmbeddedRedis, free_port
 
@@ -240,6 +241,12 @@ def test_producer_cannot_search_take_jobs_or_clear_dead_letters(
     assert "keys" in refused(r.lpush, keys.task_queue(OTHER), b"{}")
     assert "flushall" in refused(r.flushall)
     assert acl_server.admin.llen(keys.dead_letter_list(INDEX)) == 1
+    # a result notification is the result to Celery's waiting clients: only workers send them
+    assert "channel" in refused(r.publish, "celery-task-meta-" + "0" * 36, b"forged")
+    assert "channel" in refused(r.publish, "/0.celery.pidbox", b"{}")  # no control commands
+    # another index's routing, and its own queue turned into a set the worker cannot read
+    assert "keys" in refused(r.sadd, f"_kombu.binding.{keys.task_queue(OTHER)}", b"x")
+    assert "keys" in refused(r.sadd, keys.task_queue(INDEX), b"x")
     with (
         SearchClient(acl_server.url("producer"), INDEX) as client,
         pytest.raises(PermissionDenied, match="'eval' command"),
@@ -255,13 +262,21 @@ def test_producer_cannot_search_take_jobs_or_clear_dead_letters(
 def test_monitor_reads_status_and_changes_nothing(
     acl_server: AclServer, writer: WorkerProcess, storage: Path
 ) -> None:
-    out = cli(acl_server, "monitor", storage, "status", "--index", INDEX, "--json")
+    acl_server.admin.acl_log_reset()
+    out = cli(acl_server, "monitor", storage, "status", "--index", INDEX, "--json", "--no-stats")
     assert out.returncode == 0, out.stderr
-    assert f'"index": "{INDEX}"' in out.stdout and '"alive": true' in out.stdout
-    assert "permission_denied" in out.stdout  # the stats job is a producer's; it is named
-    text = cli(acl_server, "monitor", storage, "status", "--index", INDEX)
+    report = json.loads(out.stdout)["indexes"][0]
+    assert report["index"] == INDEX and report["alive"] and report["ready"], report
+    assert report["stats"] is None and "--no-stats" in report["stats_error"]
+    text = cli(acl_server, "monitor", storage, "status", "--index", INDEX, "--no-stats")
     assert text.returncode == 0 and f"index {INDEX}" in text.stdout, text.stderr
     assert "monitor-pw" not in text.stdout + text.stderr
+    assert acl_server.refusals("monitor") == []  # the monitor's own command stays in its role
+    # the stats job is a producer's right: without --no-stats, status says so and goes on
+    full = cli(acl_server, "monitor", storage, "status", "--index", INDEX)
+    assert full.returncode == 0, full.stderr
+    assert "stats       permission_denied: the stats job needs the producer role" in full.stdout
+    assert "--no-stats" in full.stdout
     r = acl_server.client("monitor")
     assert r.llen(keys.task_queue(INDEX)) == 0
     assert "lpush" in refused(r.lpush, keys.task_queue(INDEX), b"{}")
@@ -273,7 +288,29 @@ def test_monitor_reads_status_and_changes_nothing(
     r.close()
 
 
+def test_status_as_searcher_is_one_permission_denied_line(
+    acl_server: AclServer, writer: WorkerProcess, storage: Path
+) -> None:
+    out = cli(acl_server, "searcher", storage, "status", "--index", INDEX)
+    assert out.returncode == 1
+    assert out.stderr.startswith("faissq: permission_denied: Redis ACL refused this monitor client")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 # -- worker: the writer is the module's fixture; a replica beside it --------------------------
+
+
+@pytest.mark.parametrize("user", ["searcher", "producer", "monitor"])
+@pytest.mark.parametrize("replica", [False, True], ids=["writer", "replica"])
+def test_a_worker_without_the_worker_role_fails_with_one_line(
+    acl_server: AclServer, writer: WorkerProcess, tmp_path: Path, user: str, replica: bool
+) -> None:
+    argv = ["worker", "--index", INDEX] + (["--replica"] if replica else [])
+    out = cli(acl_server, user, tmp_path, *argv)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("faissq: permission_denied: Redis ACL refused this worker client")
+    assert "Traceback" not in out.stderr and "CRITICAL" not in out.stderr, out.stderr
 
 
 def test_replica_serves_searches_as_the_worker_user(
@@ -298,6 +335,50 @@ def test_replica_serves_searches_as_the_worker_user(
         replica.stop(timeout_s=10)
         writer.start()
     assert acl_server.refusals("worker") == [], replica.all_logs()[-3000:]
+
+
+# -- a sharded index: one user per role covers every shard ----------------------------------
+
+
+def test_sharded_search_and_upsert_under_role_users(acl_server: AclServer, tmp_path: Path) -> None:
+    name = f"sharded{uuid.uuid4().hex[:6]}"
+    names = shards.shard_names(name, 2)
+    for role in (acl.Role.searcher, acl.Role.producer, acl.Role.worker):
+        user = f"sharded-{role}"
+        acl_server.admin.execute_command(
+            "ACL", "SETUSER", *acl.setuser(user, role, [], f"{user}-pw", sharded={name: 2})
+        )
+    shards.declare(acl_server.admin, shards.ShardMap(name, 2, "l2"))  # an admin declares it
+    acl_server.admin.acl_log_reset()
+    storage = tmp_path / "storage"
+    w = WorkerProcess(acl_server.url("sharded-worker"), storage, names, tmp_path,
+                      {"FAISSQ_INDEX__METRIC": "l2"})  # fmt: skip
+    w.start()
+    try:
+        jobs = JobClient(make_settings(acl_server.url("sharded-producer"), storage, names))
+        try:
+            assert (
+                jobs.build(name, vectors(100), family="flat").get(timeout=TIMEOUT)["ntotal"] == 100
+            )
+            more = np.arange(1000, 1010, dtype=np.int64)
+            assert (
+                jobs.upsert(name, more, vectors(10, seed=7)).get(timeout=TIMEOUT)["applied"] == 10
+            )
+        finally:
+            jobs.close()
+        with ShardedSearchClient(acl_server.url("sharded-searcher"), name) as client:
+            res = client.search(vectors(3, seed=8), 5, timeout=TIMEOUT)
+            assert res.ids.shape == (3, 5) and (res.ids >= 0).all() and not res.partial
+    finally:
+        w.stop(timeout_s=10)
+        w.app.close()
+    for role in ("searcher", "producer", "worker"):
+        assert acl_server.refusals(f"sharded-{role}") == [], (role, w.all_logs()[-3000:])
+    with (
+        SearchClient(acl_server.url("sharded-searcher"), INDEX) as other,
+        pytest.raises(PermissionDenied, match="searcher client"),
+    ):
+        other.search(vectors(1), 1, timeout=5)  # the shards of its index, nothing else
 
 
 # -- flower: its task list ---------------------------------------------------------------
@@ -336,16 +417,23 @@ def test_flower_lists_jobs_as_the_flower_user(
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.1)
         assert get_json(f"{base}/api/tasks")[done.id]["name"] == "faissq.stats"
-        # Flower's worker-inspect calls and kombu's unacked-restore at channel close (not its
-        # task list) are sometimes refused kombu bookkeeping writes under load: harmless for a
-        # monitor that takes no jobs; anything else refused is a bug of the role
-        kombu_own = ("set", "evalsha", "unacked_mutex")
-        unexpected = [r for r in acl_server.refusals("flower")
-                      if not (r[1].startswith("_kombu") or r[1] in kombu_own)]  # fmt: skip
-        assert unexpected == [], log_path.read_text()[-3000:]
+        # the worker pages: Flower's inspect broadcast, its reply queue and the replies
+        inspected = get_json(f"{base}/api/workers?refresh=1")
+        assert "stats" in inspected.get(writer.hostname, {}), log_path.read_text()[-3000:]
     finally:
         proc.terminate()
         proc.wait(10)
+    # kombu's bookkeeping of Flower's own queues included, up to its exit
+    assert acl_server.refusals("flower") == [], log_path.read_text()[-3000:]
+    fl = acl_server.client("flower")
+    binding = f"_kombu.binding.{keys.task_queue(INDEX)}"  # where producers' jobs are routed
+    refused(fl.set, binding, "x")  # a string there would stop every send
+    assert "keys" in refused(fl.sadd, binding, "x")
+    assert "keys" in refused(fl.delete, binding)
+    assert "keys" in refused(fl.lpop, f"{writer.hostname}.celery.pidbox")  # a worker's inbox
+    refused(fl.set, "unacked_mutex", "x")  # cannot hold up the restore of unacked jobs
+    assert acl_server.admin.type(binding) == b"set"
+    fl.close()
 
 
 def get_json(url: str) -> Any:

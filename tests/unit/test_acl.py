@@ -12,22 +12,23 @@ from pathlib import Path
 import pytest
 import redis
 
-from faissq import keys
+from faissq import keys, shards
 from faissq.cli import acl_roles as acl
 from faissq.cli.main import main
 from faissq.errors import InvalidParameter
 from faissq.worker.embedded_redis import find_redis_server, free_port
 
 
-def patterns(role: str, index: str) -> list[str]:
+def patterns(role: str, index: acl.Indexes, sharded: dict[str, int] | None = None) -> list[str]:
     """The key patterns (without ~ or %R~) of a role's rules, selectors included."""
-    words = " ".join(acl.rules(role, index)).replace("(", " ").replace(")", " ").split()
+    rules = acl.rules(role, index, sharded=sharded)
+    words = " ".join(rules).replace("(", " ").replace(")", " ").split()
     return [w.split("~", 1)[1] for w in words if "~" in w]
 
 
-def allowed(role: str, index: str, key: str) -> bool:
+def allowed(role: str, index: acl.Indexes, key: str, sharded: dict[str, int] | None = None) -> bool:
     """Whether some key pattern of the role matches the key (as Redis's glob would)."""
-    return any(fnmatch.fnmatchcase(key, p) for p in patterns(role, index))
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns(role, index, sharded))
 
 
 def test_searcher_patterns_follow_the_key_functions() -> None:
@@ -51,6 +52,13 @@ def test_producer_and_worker_patterns_follow_the_key_functions() -> None:
                 keys.dead_letter_list("products"), keys.delivery_key("t1"), "unacked"):  # fmt: skip
         assert allowed("worker", "products", key), key
     assert not allowed("worker", "products", keys.task_queue("other"))
+    # kombu's routing table of each queue: its own index's only
+    for role in ("producer", "worker"):
+        assert allowed(role, "products", f"_kombu.binding.{keys.task_queue('products')}")
+        assert not allowed(role, "products", f"_kombu.binding.{keys.task_queue('other')}"), role
+    # it publishes the task-sent event alone, never a result notification or a control command
+    publishing = [r for r in acl.rules("producer", "products") if "+publish" in r]
+    assert publishing == ["(+publish &/0.celeryev/task.sent)"]
 
 
 def test_monitor_writes_nothing_and_no_role_gets_admin_commands() -> None:
@@ -61,10 +69,51 @@ def test_monitor_writes_nothing_and_no_role_gets_admin_commands() -> None:
         assert "+@all" not in rules and "+@admin" not in rules and "allkeys" not in rules
 
 
-@pytest.mark.parametrize("index", ["", "a b", "a*", "x]", "a\nb", "p:q", "x" * 129, "~x"])
+@pytest.mark.parametrize(
+    "index", ["", "a b", "a?", "[ab]", "a\\*", "x]", "a\nb", "p:q", "{p}", "x" * 129, "~x", "(a"]
+)
 def test_an_index_that_could_widen_a_pattern_is_refused(index: str) -> None:
     with pytest.raises(InvalidParameter):
         acl.rules("searcher", index)
+    with pytest.raises(InvalidParameter):
+        acl.rules("searcher", ["products", index])
+
+
+def test_several_indexes_and_a_pattern_in_one_user() -> None:
+    rules = acl.rules("searcher", ["products", "tenant-*"])
+    assert rules.count("resetkeys") == 1  # one user, not one reset per index
+    assert len([r for r in rules if r.startswith("(")]) == len(
+        [r for r in acl.rules("searcher", "products") if r.startswith("(")]
+    )  # each selector once, with the patterns of every index
+    for index in ("products", "tenant-a", "tenant-eu.2"):
+        assert allowed("searcher", ["products", "tenant-*"], keys.rpc_queue(index)), index
+        assert allowed("searcher", ["products", "tenant-*"], keys.reply_key(index, "r1")), index
+    for index in ("other", "tenant", "products2"):
+        assert not allowed("searcher", ["products", "tenant-*"], keys.rpc_queue(index)), index
+    assert allowed("producer", ["products", "tenant-*"], keys.task_queue("tenant-a"))
+    assert not allowed("producer", ["products", "tenant-*"], keys.task_queue("other"))
+
+
+def test_a_sharded_index_grants_its_shards_and_its_definition() -> None:
+    names = shards.shard_names("products", 3)
+    for role in ("searcher", "producer", "worker"):
+        rules = acl.rules(role, [], sharded={"products": 3})
+        own = keys.rpc_queue if role == "searcher" else keys.task_queue  # what each must reach
+        for name in names:
+            assert allowed(role, [], own(name), sharded={"products": 3}), (role, name)
+        for name in ("products", "products.s0of4", "products.s3of3"):
+            assert not allowed(role, [], own(name), sharded={"products": 3}), (role, name)
+        assert (f"%R~{keys.shard_map('products')}" in rules) == (role != "worker")
+    # with other indexes in the same user
+    both = acl.rules("searcher", ["plain"], sharded={"products": 2})
+    assert f"~{keys.rpc_queue('plain')}" in both and f"~{keys.rpc_queue(names[0])}" not in both
+    assert f"~{keys.rpc_queue('products.s1of2')}" in both
+    with pytest.raises(InvalidParameter):
+        acl.rules("searcher", [], sharded={"prod*": 2})  # a glob has no declared shard count
+    with pytest.raises(InvalidParameter):
+        acl.rules("searcher", [], sharded={"products": 0})
+    with pytest.raises(InvalidParameter):
+        acl.rules("searcher", [])
 
 
 def test_a_bad_db_or_empty_password_is_refused() -> None:
@@ -141,3 +190,33 @@ def test_cli_without_a_password_fails_with_a_typed_error(
     monkeypatch.delenv("FAISSQ_ACL_PASSWORD", raising=False)
     assert main(["acl", "--role", "worker"]) == 1
     assert "faissq: invalid_parameter: set the user's password" in capsys.readouterr().err
+
+
+def test_cli_gives_one_user_several_indexes_a_glob_and_a_sharded_index(
+    acl_redis: tuple[int, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, _ = acl_redis
+    monkeypatch.setenv("FAISSQ_ACL_PASSWORD", "pw-2")
+    argv = ["acl", "--role", "searcher", "--index", "plain", "--index", "tenant-*"]
+    assert main([*argv, "--sharded", "products:2"]) == 0
+    admin = redis.Redis(port=port)
+    assert admin.execute_command(*shlex.split(capsys.readouterr().out)) in (b"OK", "OK", True)
+    user = redis.Redis(port=port, username="faissq-searcher", password="pw-2")
+    for index in ("plain", "tenant-7", "products.s0of2", "products.s1of2"):
+        assert user.exists(keys.alive_key(index)) == 0
+    assert user.get(keys.shard_map("products")) is None
+    for index in ("other", "products", "products.s2of4"):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            user.exists(keys.alive_key(index))
+    admin.close()
+    user.close()
+
+
+@pytest.mark.parametrize("value", ["products", "products:x", ":4", "products:-1"])
+def test_cli_refuses_a_sharded_index_without_its_count(
+    value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAISSQ_ACL_PASSWORD", "pw")
+    with pytest.raises(SystemExit):
+        main(["acl", "--role", "searcher", "--sharded", value])
+    assert "give NAME:S" in capsys.readouterr().err

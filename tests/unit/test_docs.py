@@ -1,10 +1,15 @@
-"""Docs stay true to the code: the README's settings table and its two quick-start commands."""
+"""Docs stay true to the code: the README's settings table, its two quick-start commands and
+the ACL user that docs/operations.md shows."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
+from faissq.cli import acl_roles
+from faissq.cli.main import main
 from faissq.cli.settings_table import BEGIN, END, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,3 +66,17 @@ def test_every_measured_figure_in_the_code_sits_under_the_heading_it_links() -> 
         assert pairs, f"{name}: {said}"
         for figure in (f for pair in pairs for f in pair):
             assert figure in sections[link], f"{name}: {figure} is not under #{link}"
+
+
+def test_operations_acl_example_matches_faissq_acl(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    command = "faissq acl --role searcher --index products --user search-api"
+    assert command in doc
+    monkeypatch.setenv("FAISSQ_ACL_PASSWORD", "any-password")
+    assert main(command.split()[1:]) == 0
+    printed = capsys.readouterr().out.strip()
+    shown = printed.replace(acl_roles.password_hash("any-password"), "#<sha256>")
+    blocks = re.findall(r"```text\n(ACL SETUSER .*?)\n```", doc, re.S)
+    assert blocks == [shown]
