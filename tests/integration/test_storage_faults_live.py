@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from faissq.config import Settings
+from faissq.errors import SnapshotCorrupt
 from faissq.rpc.search_client import SearchClient
 from faissq.storage import admin
 from faissq.storage.log import entry_name
@@ -142,4 +144,37 @@ def test_a_damaged_newest_log_entry_is_quarantined_and_the_rest_served(
     jobs.reload(index_name).get(timeout=TIMEOUT)
     stats = jobs.stats(index_name).get(timeout=TIMEOUT)
     assert (stats["state"], stats["seq"], stats["ntotal"]) == ("ready", 4, 340)
+    jobs.close()
+
+
+def test_mapped_vectors_changed_on_storage_are_never_saved(
+    worker_factory: Any, storage_root: Path, index_name: str, job_settings: Settings
+) -> None:
+    """A byte flipped in the memory-mapped raw vectors: rebuild and save refuse, CURRENT stays."""
+    port = free_port()
+    worker = worker_factory([index_name], env=metrics_env(port)).start()
+    jobs = JobClient(job_settings)
+    built = jobs.build(index_name, vecs(300), np.arange(300), family="flat").get(timeout=TIMEOUT)
+    version = built["snapshot"]["version"]
+    worker.stop()
+    worker.start()  # the raw vectors are now memory-mapped from the verified snapshot
+    assert jobs.stats(index_name).get(timeout=TIMEOUT)["state"] == "ready"
+    raw = storage_root / index_name / "snapshots" / version / "primary_vectors.npy"
+    with raw.open("r+b") as f:  # in place, as a bad disk or a stray writer would change it
+        f.seek(-7, 2)
+        byte = f.read(1)[0]
+        f.seek(-7, 2)
+        f.write(bytes([byte ^ 0x40]))
+    current = (storage_root / index_name / "CURRENT").read_text()
+
+    jobs.upsert(index_name, np.arange(1000, 1010), vecs(10, seed=5)).get(timeout=TIMEOUT)
+    with pytest.raises(SnapshotCorrupt, match="changed on storage"):
+        jobs.rebuild(index_name).get(timeout=TIMEOUT)
+    with pytest.raises(SnapshotCorrupt, match="changed on storage"):
+        jobs.save(index_name).get(timeout=TIMEOUT)
+    stats = jobs.stats(index_name).get(timeout=TIMEOUT)
+    assert stats["state"] == "degraded" and "changed on storage" in stats["reason"]
+    assert state_gauges(port, index_name)["degraded"] == 1
+    assert (storage_root / index_name / "CURRENT").read_text() == current
+    assert nearest(job_settings, index_name, vecs(10, seed=5)[3]) == 1003  # it still serves
     jobs.close()
