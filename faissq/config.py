@@ -337,6 +337,11 @@ class RecallSettings(BaseModel):
     drift_rebuild: bool = Field(
         default=False, description="Maintenance rebuilds an IVF index when drift advises it."
     )
+    drift_hold_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Wait after the recall gate refused a drift rebuild before trying another.",
+    )
     drift_interval_s: float = Field(
         default=10.0, gt=0, description="How often the writer measures IVF drift."
     )
