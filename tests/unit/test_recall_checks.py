@@ -170,11 +170,18 @@ def test_drift_advises_a_rebuild_only_for_vectors_from_elsewhere() -> None:
     s.note_added(xb[15_000:])
     s.check_drift()
     assert s.drift is not None and s.drift["ratio"] < 1.15 and not s.drift["advised"]
+    m, ix = make_metrics(), {"index": "i", "shard": "", "parent": "i"}
+    update_recall_gauges(m.recall, "i", s.summary())
+    assert m.registry.get_sample_value("faissq_index_drift_ratio", ix) == s.drift["ratio"]
+    assert m.registry.get_sample_value("faissq_index_rebuild_advised", ix) == 0.0
     other = clustered(5_000, DIM, clusters=CLUSTERS, seed=9)  # another corpus's clusters
     for start in range(0, 5_000, 100):
         s.note_added(other[start : start + 100])
     s.check_drift()
     assert s.drift["ratio"] > 1.25 and s.drift["advised"]
+    update_recall_gauges(m.recall, "i", s.summary())
+    assert m.registry.get_sample_value("faissq_index_drift_ratio", ix) == s.drift["ratio"]
+    assert m.registry.get_sample_value("faissq_index_rebuild_advised", ix) == 1.0
     assert eng.state.primary is not None
     assert eng.state.primary.plan.centroid_dist == pytest.approx(s.drift["baseline"])
     settings = Settings(recall={"drift_rebuild": True})
