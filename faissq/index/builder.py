@@ -1,7 +1,8 @@
 """Build a primary index from raw vectors, and merge a delta into a copy of one.
 
-Builds stream: validation, the raw store (written to disk and memory-mapped) and the adds go
-chunk by chunk, so a build holds the index, a bounded training sample and one chunk at a time.
+Builds stream: validation, the raw store (written to disk and memory-mapped) and IVF adds go
+chunk by chunk, so a build holds the index, a bounded training sample and one chunk at a time
+(Flat and HNSW add in one call: see build_primary).
 """
 
 from __future__ import annotations
