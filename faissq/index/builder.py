@@ -202,9 +202,7 @@ def build_primary(
     # the drift baseline: how far the vectors the index was built with lie from its centroids,
     # on a sample of the caller's rows: gathering rows of the mapped store would make it all
     # resident (readahead around each row), nearly doubling the build's peak
-    if ivf_of(index) is not None:
-        sample = prepare(train_sample(vectors, drift.SAMPLE, seed))
-        plan = replace(plan, centroid_dist=drift.baseline(index, sample, seed))
+    plan = replace(plan, centroid_dist=drift.baseline(index, vectors, seed, prepare))
     return Primary(index=index, ids=ids_s, vectors=raw, plan=plan)
 
 

@@ -9,6 +9,7 @@ built with, together with the list imbalance, says when a rebuild (retraining) i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -18,6 +19,7 @@ from faissq.index.params import ivf_of
 from faissq.index.validate import F32
 
 SAMPLE = 4_096  # vectors a baseline is measured on: a few thousand fix the mean to ~1%
+BATCH = 256  # sample rows gathered and measured at a time (bounds the baseline's memory)
 
 
 def centroids(index: Any) -> F32 | None:
@@ -56,14 +58,26 @@ def mean_distance(cents: F32, vectors: F32) -> float:
     return float(np.sqrt(np.maximum(dist[:, 0], 0.0)).mean())
 
 
-def baseline(index: Any, vectors: Any, seed: int) -> float:
-    """Mean centroid distance of a seeded sample of the build's vectors (0.0: not IVF)."""
+def baseline(
+    index: Any, vectors: Any, seed: int, prepare: Callable[[Any], F32] | None = None
+) -> float:
+    """Mean centroid distance of a seeded sample of the build's vectors (0.0: not IVF).
+
+    The sample is gathered and measured BATCH rows at a time: at the end of a build the index
+    is at its largest, and a whole sample with its distance blocks would raise the build's peak
+    memory by several times the sample's size. prepare: checks and normalises each batch.
+    """
     cents = centroids(index)
     n = int(vectors.shape[0])
     if cents is None or n == 0:
         return 0.0
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, SAMPLE), replace=False))
-    return round(mean_distance(cents, coarse_space(index, vectors[rows])), 6)
+    total = 0.0
+    for start in range(0, rows.size, BATCH):
+        part = vectors[rows[start : start + BATCH]]
+        part = prepare(part) if prepare is not None else part
+        total += mean_distance(cents, coarse_space(index, part)) * int(part.shape[0])
+    return round(total / rows.size, 6)
 
 
 def measure(primary: Any, added: F32, ratio_max: float, imbalance_max: float) -> dict[str, Any]:

@@ -43,12 +43,14 @@ class _Watched(np.ndarray):
     """A raw store that counts the rows read out of it."""
 
     rows_read = 0
+    largest = 0  # rows of the largest single read
 
     def __getitem__(self, key: Any) -> Any:
         """The rows asked for, counted."""
         out = super().__getitem__(key)
         if isinstance(out, np.ndarray) and out.size:
             _Watched.rows_read += out.size // self.shape[-1]
+            _Watched.largest = max(_Watched.largest, out.size // self.shape[-1])
         return out
 
 
@@ -67,6 +69,10 @@ def test_a_build_reads_nothing_back_from_its_mapped_store(monkeypatch: pytest.Mo
     # the baseline from the caller's rows equals one over the stored rows (the same vectors)
     whole = drift.baseline(p.index, np.asarray(p.vectors).copy(), 1)
     assert p.plan.centroid_dist == pytest.approx(whole, rel=0.03) and whole > 0
+    # and it gathers its sample a bounded batch at a time: the index is at its largest then
+    _Watched.rows_read = _Watched.largest = 0
+    assert drift.baseline(p.index, xb.view(_Watched), 0) > 0
+    assert _Watched.rows_read == drift.SAMPLE and 0 < _Watched.largest <= drift.BATCH
 
 
 def test_merge_rewrites_the_mapped_store_in_id_order(tmp_path: Path) -> None:
