@@ -86,7 +86,8 @@ class IndexSettings(BaseModel):
     calibration_sample: int = Field(
         default=5_000,
         ge=0,
-        description="auto: vectors the build-time calibration measures on (0: none, IVF-Flat).",
+        description="auto: vectors the build-time calibration measures on, at most a quarter "
+        "of the corpus (0: none, IVF-Flat).",
     )
     add_chunk: int = Field(
         default=65_536, ge=1, description="Rows per streamed build step (progress granularity)."
