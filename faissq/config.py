@@ -86,7 +86,8 @@ class IndexSettings(BaseModel):
     calibration_sample: int = Field(
         default=5_000,
         ge=0,
-        description="auto: vectors the build-time calibration measures on (0: none, IVF-Flat).",
+        description="auto: vectors the build-time calibration measures on, at most a quarter "
+        "of the corpus (0: none, IVF-Flat).",
     )
     add_chunk: int = Field(
         default=65_536, ge=1, description="Rows per streamed build step (progress granularity)."
@@ -342,6 +343,11 @@ class RecallSettings(BaseModel):
     )
     drift_rebuild: bool = Field(
         default=False, description="Maintenance rebuilds an IVF index when drift advises it."
+    )
+    drift_hold_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Wait after the recall gate refused a drift rebuild before trying another.",
     )
     drift_interval_s: float = Field(
         default=10.0, gt=0, description="How often the writer measures IVF drift."

@@ -9,6 +9,7 @@ built with, together with the list imbalance, says when a rebuild (retraining) i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -18,14 +19,34 @@ from faissq.index.params import ivf_of
 from faissq.index.validate import F32
 
 SAMPLE = 4_096  # vectors a baseline is measured on: a few thousand fix the mean to ~1%
+BATCH = 256  # sample rows gathered and measured at a time (bounds the baseline's memory)
 
 
 def centroids(index: Any) -> F32 | None:
-    """The coarse centroids of an IVF index (None: not IVF, or vectors transformed first)."""
+    """The coarse centroids of an IVF index, in its own space (see coarse_space); None: not IVF."""
     ivf = ivf_of(index)
-    if ivf is None or isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
-        return None  # an OPQ rotation: the centroids live in the rotated space
+    if ivf is None:
+        return None
     return np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
+
+
+def coarse_space(index: Any, vectors: Any) -> F32:
+    """vectors moved into the space of the IVF's centroids: through the transforms (an OPQ
+    rotation, a PCA) the index applies before its inverted lists, under a refine or an id map."""
+    out = np.ascontiguousarray(vectors, dtype=np.float32)
+    node = faiss.downcast_index(index)
+    while not isinstance(node, faiss.IndexIVF):
+        if isinstance(node, faiss.IndexPreTransform):
+            for i in range(node.chain.size()):
+                out = faiss.downcast_VectorTransform(node.chain.at(i)).apply(out)
+            node = faiss.downcast_index(node.index)
+        elif isinstance(node, faiss.IndexRefine):
+            node = faiss.downcast_index(node.base_index)
+        elif isinstance(node, faiss.IndexIDMap | faiss.IndexIDMap2):
+            node = faiss.downcast_index(node.index)
+        else:
+            break
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def mean_distance(cents: F32, vectors: F32) -> float:
@@ -37,14 +58,26 @@ def mean_distance(cents: F32, vectors: F32) -> float:
     return float(np.sqrt(np.maximum(dist[:, 0], 0.0)).mean())
 
 
-def baseline(index: Any, vectors: Any, seed: int) -> float:
-    """Mean centroid distance of a seeded sample of the build's vectors (0.0: not IVF)."""
+def baseline(
+    index: Any, vectors: Any, seed: int, prepare: Callable[[Any], F32] | None = None
+) -> float:
+    """Mean centroid distance of a seeded sample of the build's vectors (0.0: not IVF).
+
+    The sample is gathered and measured BATCH rows at a time: at the end of a build the index
+    is at its largest, and a whole sample with its distance blocks would raise the build's peak
+    memory by several times the sample's size. prepare: checks and normalises each batch.
+    """
     cents = centroids(index)
     n = int(vectors.shape[0])
     if cents is None or n == 0:
         return 0.0
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, SAMPLE), replace=False))
-    return round(mean_distance(cents, np.asarray(vectors[rows], dtype=np.float32)), 6)
+    total = 0.0
+    for start in range(0, rows.size, BATCH):
+        part = vectors[rows[start : start + BATCH]]
+        part = prepare(part) if prepare is not None else part
+        total += mean_distance(cents, coarse_space(index, part)) * int(part.shape[0])
+    return round(total / rows.size, 6)
 
 
 def measure(primary: Any, added: F32, ratio_max: float, imbalance_max: float) -> dict[str, Any]:
@@ -56,7 +89,7 @@ def measure(primary: Any, added: F32, ratio_max: float, imbalance_max: float) ->
     if cents is None:
         return {}
     base = float(primary.plan.centroid_dist) or baseline(primary.index, primary.vectors, 0)
-    current = mean_distance(cents, added)
+    current = mean_distance(cents, coarse_space(primary.index, added))
     ratio = current / base if base > 0 and added.shape[0] else 1.0
     ivf = ivf_of(primary.index)
     imb = float(ivf.invlists.imbalance_factor()) if ivf is not None and ivf.ntotal else 1.0

@@ -30,7 +30,7 @@ from celery import Celery, signals
 
 from faissq import keys
 from faissq.config import Settings
-from faissq.errors import FaissqError, InvalidParameter
+from faissq.errors import FaissqError, InvalidParameter, RecallRegression
 from faissq.index.heap import mmap_large_blocks, release_freed
 from faissq.storage.log import entry_name
 from faissq.telemetry.metric_families import index_labels, metrics_of
@@ -63,6 +63,8 @@ class Record:
     merges: int = 0
     saves: int = 0
     rebuilds: int = 0
+    refused: int = 0  # drift rebuilds the recall gate refused
+    held_until: float = 0.0  # monotonic time until which drift rebuilds wait after a refusal
     enqueued: int = 0
     failures: int = 0
     last_error: str = ""
@@ -197,7 +199,7 @@ class Maintenance:
             rec = self.records.setdefault(name, Record())
             rec.backlog = self._measure(name, slot.seq)
             self._gauge(name, rec.backlog)
-            if not due(eng.stats(), rec.backlog, self.settings, publish.drift_due(runtime, name)):
+            if not due(eng.stats(), rec.backlog, self.settings, self._drifted(runtime, name)):
                 continue
             waited = time.monotonic() - rec.failed_at
             if rec.failed_at and waited < self.settings.maintenance.retry_after_s:
@@ -237,7 +239,7 @@ class Maintenance:
     # -- the job (Celery task thread) --------------------------------------------------------
 
     def run(self, index: str, task_id: str | None, progress: Progress | None) -> dict[str, Any]:
-        """Merge and/or save, whichever is due now; clears this job's pending mark."""
+        """Rebuild, merge and/or save, whichever is due now; clears this job's pending mark."""
         runtime = self._runtime or _runtime_of(self.app)
         rec = self.records.setdefault(index, Record())
         out: dict[str, Any] = {"index": index, "rebuilt": None, "merged": None, "saved": None}
@@ -245,14 +247,12 @@ class Maintenance:
             eng = runtime.engine(index)
             backlog = self._backlog or LogBacklog(runtime.store)
             todo = due(eng.stats(), backlog.measure(index, runtime.slot(index).seq), self.settings,
-                       publish.drift_due(runtime, index))  # fmt: skip
-            if "rebuild" in todo:  # gated on recall like any rebuild
-                try:
-                    out["rebuilt"] = runtime.rebuild(index, None, progress)
-                finally:  # a measure taken meanwhile saw the old centroids: measure again
-                    publish.drift_measured_again(runtime, index)
-                rec.rebuilds += 1
-                self._count(index, "rebuild")
+                       self._drifted(runtime, index))  # fmt: skip
+            if "rebuild" in todo:
+                out["rebuilt"] = self._rebuild(runtime, index, rec, progress)
+                if out["rebuilt"] is None:  # refused: the merge it would have folded in is due
+                    todo = due(eng.stats(), backlog.measure(index, runtime.slot(index).seq),
+                               self.settings)  # fmt: skip
             if "merge" in todo:
                 out["merged"] = runtime.merge(index, progress)
                 rec.merges += 1
@@ -269,6 +269,37 @@ class Maintenance:
         finally:
             self._clear_pending(index, task_id)
         return out
+
+    def _drifted(self, runtime: IndexRuntime, index: str) -> bool:
+        """Drift advises a rebuild (recall.drift_rebuild on) and no refused one holds it back."""
+        rec = self.records.get(index)
+        if rec is not None and time.monotonic() < rec.held_until:
+            return False
+        return publish.drift_due(runtime, index)
+
+    def _rebuild(
+        self, runtime: IndexRuntime, index: str, rec: Record, progress: Progress | None
+    ) -> dict[str, Any] | None:
+        """A drift rebuild, gated on recall like any rebuild; None when the gate refused it.
+
+        A refusal holds drift rebuilds for recall.drift_hold_s: the same data would be refused
+        again, and each try costs a whole build. Merges and saves go on meanwhile.
+        """
+        try:
+            report = runtime.rebuild(index, None, progress)
+        except RecallRegression as exc:
+            hold = self.settings.recall.drift_hold_s
+            rec.refused, rec.held_until = rec.refused + 1, time.monotonic() + hold
+            rec.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("index %s: drift rebuild refused by the recall gate (%s); the next in "
+                        "%.0f s at the earliest", index, exc, hold)  # fmt: skip
+            self._count(index, "rebuild_refused")
+            return None
+        finally:  # a measure taken meanwhile saw the old centroids: measure again
+            publish.drift_measured_again(runtime, index)
+        rec.rebuilds += 1
+        self._count(index, "rebuild")
+        return report
 
     def _count(self, index: str, action: str) -> None:
         metrics = metrics_of(self._runtime) if self._runtime is not None else None
@@ -298,6 +329,7 @@ class Maintenance:
             "merges": rec.merges,
             "saves": rec.saves,
             "rebuilds": rec.rebuilds,
+            "rebuilds_refused": rec.refused,
             "enqueued": rec.enqueued,
             "failures": rec.failures,
             "last_error": rec.last_error,

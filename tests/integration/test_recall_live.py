@@ -156,6 +156,22 @@ def test_a_worse_rebuild_is_refused_and_the_old_index_serves_on(live: Live) -> N
     assert np.array_equal(live.search.search(live.served[:50], 10).ids, before)
 
 
+def test_a_worse_build_job_is_refused_and_the_old_index_serves_on(live: Live) -> None:
+    """A build job of the same rows into a lossy IVF-PQ is gated like a rebuild: refused, and
+    neither swapped in nor saved (a restart would load it otherwise)."""
+    before = live.search.search(live.served[:50], 10).ids
+    snapshot = live.jobs.stats(live.index).get(timeout=TIMEOUT)["snapshot_version"]
+    with pytest.raises(RecallRegression) as info:
+        live.jobs.build(live.index, live.xb, family="IVF64,PQ2").get(timeout=TIMEOUT)
+    report = info.value.report
+    assert report["samples"] >= 300 and report["passed"] is False
+    assert report["candidate"]["recall"] < report["serving"]["recall"] - report["margin"]
+    stats = live.jobs.stats(live.index).get(timeout=TIMEOUT)
+    assert stats["state"] == "ready" and stats["engine"]["family"] == "ivf_flat"
+    assert stats["snapshot_version"] == snapshot and stats["ntotal"] == N
+    assert np.array_equal(live.search.search(live.served[:50], 10).ids, before)
+
+
 def test_autotune_on_sampled_queries_meets_the_target_on_new_queries(live: Live) -> None:
     """With enough sampled queries autotune uses them; unseen real queries then meet the target."""
     profile = live.jobs.autotune(live.index, target_recall=TARGET).get(timeout=TIMEOUT)

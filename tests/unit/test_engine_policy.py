@@ -98,12 +98,20 @@ def test_auto_without_refine_and_explicit_ivf_pq_keeps_opq() -> None:
 
 
 def test_auto_build_reports_its_calibration() -> None:
-    eng = Engine(32, IndexSettings(flat_max=1_000, calibration_sample=3_000))
+    eng = Engine(32, IndexSettings(flat_max=1_000, calibration_sample=1_500))
     report = eng.build(data(8_000), np.arange(8_000))
     cal = report["calibration"]
-    assert cal["sample"] == 3_000 and cal["seconds"] > 0
+    assert cal["sample"] == 1_500 and cal["seconds"] > 0
     assert report["family"] in ("flat", "ivf_flat", "hnsw")
-    assert "calibrated on 3000 of 8000" in report["reason"]
+    assert "calibrated on 1500 of 8000" in report["reason"]
+
+
+def test_calibration_measures_at_most_a_quarter_of_a_small_corpus() -> None:
+    """Three indexes over the whole corpus would triple a small build's peak memory."""
+    eng = Engine(32, IndexSettings(flat_max=1_000))
+    report = eng.build(data(4_000), np.arange(4_000))
+    assert report["calibration"]["sample"] == 1_000
+    assert "calibrated on 1000 of 4000" in report["reason"]
 
 
 @pytest.mark.parametrize("n", [5_000, 20_000, 1_000_000, 10_000_000])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from engine_support import data
 
 from faissq.config import IndexSettings
 from faissq.errors import InvalidVectors
+from faissq.index import builder, drift
 from faissq.index.builder import _noop, merge_primary
 from faissq.index.engine import Engine
 from faissq.index.validate import as_vectors
@@ -35,6 +37,42 @@ def test_build_streams_the_raw_store_to_an_unlinked_mapped_file(tmp_path: Path) 
     adds = [d for ph, d, _ in phases if ph == "add"]
     assert adds == [0, 1_000, 2_000, 3_000, 3_500]
     assert eng.search(xb[:3], 1).ids[:, 0].tolist() == ids[:3].tolist()
+
+
+class _Watched(np.ndarray):
+    """A raw store that counts the rows read out of it."""
+
+    rows_read = 0
+    largest = 0  # rows of the largest single read
+
+    def __getitem__(self, key: Any) -> Any:
+        """The rows asked for, counted."""
+        out = super().__getitem__(key)
+        if isinstance(out, np.ndarray) and out.size:
+            _Watched.rows_read += out.size // self.shape[-1]
+            _Watched.largest = max(_Watched.largest, out.size // self.shape[-1])
+        return out
+
+
+def test_a_build_reads_nothing_back_from_its_mapped_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gathering rows of the mapping (the drift baseline once did) makes the whole store
+    resident: the build's peak memory then doubles. Everything comes from the caller's rows."""
+    finish = builder.RawStore.finish
+    monkeypatch.setattr(builder.RawStore, "finish", lambda self: finish(self).view(_Watched))
+    _Watched.rows_read = 0
+    xb = data(6_000, 16)
+    eng = Engine(16, IndexSettings(family="ivf_flat", add_chunk=1_000))
+    eng.build(xb, np.arange(6_000))
+    p = eng.state.primary
+    assert p is not None and isinstance(p.vectors, _Watched)
+    assert _Watched.rows_read == 0
+    # the baseline from the caller's rows equals one over the stored rows (the same vectors)
+    whole = drift.baseline(p.index, np.asarray(p.vectors).copy(), 1)
+    assert p.plan.centroid_dist == pytest.approx(whole, rel=0.03) and whole > 0
+    # and it gathers its sample a bounded batch at a time: the index is at its largest then
+    _Watched.rows_read = _Watched.largest = 0
+    assert drift.baseline(p.index, xb.view(_Watched), 0) > 0
+    assert _Watched.rows_read == drift.SAMPLE and 0 < _Watched.largest <= drift.BATCH
 
 
 def test_merge_rewrites_the_mapped_store_in_id_order(tmp_path: Path) -> None:

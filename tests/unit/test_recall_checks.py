@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 from engine_support import exact, recall
@@ -170,11 +171,18 @@ def test_drift_advises_a_rebuild_only_for_vectors_from_elsewhere() -> None:
     s.note_added(xb[15_000:])
     s.check_drift()
     assert s.drift is not None and s.drift["ratio"] < 1.15 and not s.drift["advised"]
+    m, ix = make_metrics(), {"index": "i", "shard": "", "parent": "i"}
+    update_recall_gauges(m.recall, "i", s.summary())
+    assert m.registry.get_sample_value("faissq_index_drift_ratio", ix) == s.drift["ratio"]
+    assert m.registry.get_sample_value("faissq_index_rebuild_advised", ix) == 0.0
     other = clustered(5_000, DIM, clusters=CLUSTERS, seed=9)  # another corpus's clusters
     for start in range(0, 5_000, 100):
         s.note_added(other[start : start + 100])
     s.check_drift()
     assert s.drift["ratio"] > 1.25 and s.drift["advised"]
+    update_recall_gauges(m.recall, "i", s.summary())
+    assert m.registry.get_sample_value("faissq_index_drift_ratio", ix) == s.drift["ratio"]
+    assert m.registry.get_sample_value("faissq_index_rebuild_advised", ix) == 1.0
     assert eng.state.primary is not None
     assert eng.state.primary.plan.centroid_dist == pytest.approx(s.drift["baseline"])
     settings = Settings(recall={"drift_rebuild": True})
@@ -183,3 +191,29 @@ def test_drift_advises_a_rebuild_only_for_vectors_from_elsewhere() -> None:
     flat = Engine(DIM, IndexSettings(family="flat"))
     flat.build(xb[:100], np.arange(100))
     assert drift.centroids(flat.state.primary.index) is None  # not IVF: no drift figure
+
+
+def test_drift_is_measured_in_the_rotated_space_of_an_opq_family() -> None:
+    """OPQ rotates vectors before the inverted lists: drift applies the rotation first (none
+    was measured under an IndexPreTransform)."""
+    xb = clustered(7_000, DIM, clusters=CLUSTERS, seed=1)
+    eng = Engine(DIM, IndexSettings(family="ivf_pq", metric="l2", opq=True))
+    eng.build(xb[:6_000], np.arange(6_000))
+    assert eng.state.primary is not None and eng.state.primary.plan.opq
+    assert eng.state.primary.plan.centroid_dist > 0
+    s = sampler(eng, drift_ratio=1.25)
+    s.note_added(xb[6_000:])
+    s.check_drift()
+    assert s.drift is not None and 0.85 < s.drift["ratio"] < 1.15 and not s.drift["advised"]
+    other = clustered(1_000, DIM, clusters=CLUSTERS, seed=9)  # another corpus's clusters
+    for start in range(0, 1_000, 100):
+        s.note_added(other[start : start + 100])
+    s.check_drift()
+    assert s.drift["ratio"] > 1.25 and s.drift["advised"]
+    # under a refine too, vectors reach the centroids' space through the same rotation
+    refined = faiss.index_factory(DIM, "OPQ8,IVF16,PQ8x4,RFlat")
+    refined.train(xb[:2_000])
+    x = xb[:5]
+    inner = faiss.downcast_index(refined).base_index
+    np.testing.assert_allclose(drift.coarse_space(refined, x), drift.coarse_space(inner, x))
+    assert not np.allclose(drift.coarse_space(refined, x), x)
