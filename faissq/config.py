@@ -74,9 +74,10 @@ class IndexSettings(BaseModel):
         default=5_000, ge=1, description="auto: Flat without calibration below this many vectors."
     )
     flat_max_ms: float = Field(
-        default=0.2,
+        default=0.1,
         ge=0,
-        description="auto: Flat while exact search costs at most this per query (~an RPC trip).",
+        description="auto: Flat while exact search costs at most this per query (a third of "
+        "an RPC trip).",
     )
     hnsw_min_speedup: float = Field(
         default=1.3,
