@@ -98,6 +98,7 @@ class NoopEngine:
 
     def __init__(self, dim: int) -> None:
         self.dim, self.version, self.ntotal = dim, 1, 0
+        self.schema: dict[str, str] = {}  # no attribute fields, as the heartbeat reports
 
     def search(self, queries: Any, k: int, **_: Any) -> Any:
         """Zeros of the right shape."""
