@@ -80,6 +80,12 @@ def fill(
     )
 
 
+def tuned_k_factor(profile: dict[str, Any] | None, target: float | None) -> int | None:
+    """The k_factor the tuned row for target sets (None: no profile, or its row sets none)."""
+    kf = pick(profile, target).get("k_factor") if profile else None
+    return None if kf is None else int(kf)
+
+
 def meets(row: dict[str, Any], target: float) -> bool:
     """Whether a profile row reaches target with confidence."""
     return float(row.get("recall_lo", row.get("recall", 0.0))) >= target
