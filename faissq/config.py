@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Metric = Literal["cosine", "l2"]
@@ -113,7 +113,9 @@ class IndexSettings(BaseModel):
     refine: bool = Field(
         default=True, description="auto: a compressed choice refines exactly from raw vectors."
     )
-    k_factor: int = Field(default=4, ge=1, description="Refine k x k_factor candidates.")
+    k_factor: int = Field(
+        default=4, ge=1, description="Refine k x k_factor candidates (at most rpc.max_k_factor)."
+    )
     hnsw_m: int = Field(default=32, ge=4, description="HNSW graph degree.")
     ef_construction: int = Field(default=40, ge=1, description="HNSW efConstruction.")
     default_nprobe: int = Field(default=16, ge=1, description="nprobe when none is asked for.")
@@ -196,7 +198,8 @@ class RpcSettings(BaseModel):
         default=1 << 18,
         ge=1,
         description="Largest rows x k x k_factor of one request (k_factor: asked, else the "
-        "index's): bounds the candidates one search holds, about 4 x dim + 16 bytes each.",
+        "larger of the index's and the autotuned one): bounds the candidates one search holds, "
+        "about 4 x dim + 16 bytes each.",
     )
     max_fetch_ids: int = Field(
         default=1000, ge=1, description="Largest id list of one fetch request (vectors by id)."
@@ -371,3 +374,13 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
     recall: RecallSettings = Field(default_factory=RecallSettings)
+
+    @model_validator(mode="after")
+    def _k_factor_within_the_request_cap(self) -> Settings:
+        """The index's k_factor refines every request naming none: no more than one may name."""
+        if self.index.k_factor > self.rpc.max_k_factor:
+            raise ValueError(
+                f"index.k_factor {self.index.k_factor} is over rpc.max_k_factor "
+                f"{self.rpc.max_k_factor}"
+            )
+        return self

@@ -68,16 +68,25 @@ def fill(
 ) -> tuple[int, int, int | None, bool | None]:
     """Each search parameter not given, on its own: the tuned row's value, else the default.
 
-    Returns (nprobe, ef_search, k_factor, target_met); target_met is None without a target.
+    Returns (nprobe, ef_search, k_factor, target_met). target_met is the row's verdict only
+    when the search runs the row's setting: None without a target, without a profile, or when
+    a given parameter differs from the row's (the table measured no such setting).
     """
     chosen = pick(profile, target) if profile else {}
-    met = meets(chosen, target) if target is not None and chosen else None
-    return (
-        nprobe if nprobe is not None else chosen.get("nprobe") or cfg.default_nprobe,
-        ef_search if ef_search is not None else chosen.get("ef_search") or cfg.default_ef_search,
-        k_factor if k_factor is not None else chosen.get("k_factor"),
-        met,
-    )
+    nprobe = nprobe if nprobe is not None else chosen.get("nprobe") or cfg.default_nprobe
+    ef_search = ef_search if ef_search is not None else chosen.get("ef_search")
+    ef_search = ef_search or cfg.default_ef_search
+    k_factor = k_factor if k_factor is not None else chosen.get("k_factor")
+    used = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor}
+    ran = all(chosen[name] == value for name, value in used.items() if name in chosen)
+    met = meets(chosen, target) if target is not None and chosen and ran else None
+    return nprobe, ef_search, k_factor, met
+
+
+def tuned_k_factor(profile: dict[str, Any] | None, target: float | None) -> int | None:
+    """The k_factor the tuned row for target sets (None: no profile, or its row sets none)."""
+    kf = pick(profile, target).get("k_factor") if profile else None
+    return None if kf is None else int(kf)
 
 
 def meets(row: dict[str, Any], target: float) -> bool:

@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from faissq.errors import DimensionMismatch, FaissqError
+from faissq.errors import DimensionMismatch, FaissqError, PayloadTooLarge
+from faissq.index import tuning
 from faissq.index.engine import Engine
 from faissq.index.filters import Filter, compile_filter
+from faissq.rpc import fields
 from faissq.rpc.protocol import Request
 
 log = logging.getLogger(__name__)
@@ -47,24 +49,22 @@ def search_all(
     """Answer every request, batching compatible ones; one bad request never fails another.
 
     calls, when given, receives the number of requests of each engine.search call made;
-    max_candidates, when given, bounds rows x k x k_factor of one batched call (k_factor: the
-    group's, else default_k_factor), as the protocol bounds it for one request. A filter is
-    checked against the index's fields here, once per request: a bad one fails its request.
+    max_candidates, when given, bounds rows x k x k_factor of one request and of one batched
+    call (see _Refine for the k_factor counted). A filter is checked against the index's fields
+    here, once per request: a bad one fails its request.
     """
     calls = calls if calls is not None else []
-    if len(requests) == 1 and requests[0].queries.shape[1] == engine.dim:
-        return [_one(engine, requests[0], calls)]  # the idle-server case: nothing to group
+    refine = _Refine(engine.tuning_profile, default_k_factor)
     groups: dict[tuple[Any, ...], list[Request]] = {}
     filters: dict[tuple[Any, ...], Filter] = {}
     out: list[Outcome] = []
     for req in requests:
-        if req.queries.shape[1] != engine.dim:
-            err = DimensionMismatch(
-                f"queries have dimension {req.queries.shape[1]}, the index has {engine.dim}"
-            )
-            out.append(Outcome(req, error=(err.code, str(err))))
-        elif req.allow_ids is not None or req.deny_ids is not None:
-            out.append(_one(engine, req, calls))  # id lists are per request: never merged
+        refused = _refused(engine, req, refine, max_candidates)
+        if refused is not None:
+            out.append(Outcome(req, error=(refused.code, str(refused))))
+        elif len(requests) == 1 or req.allow_ids is not None or req.deny_ids is not None:
+            # the idle-server case has nothing to group; id lists are per request: never merged
+            out.append(_one(engine, req, calls, refine))
         elif req.filter is None:
             groups.setdefault(req.params(), []).append(req)
         else:
@@ -78,21 +78,71 @@ def search_all(
             groups.setdefault(key, []).append(req)
     for key, group in groups.items():
         shared = filters.get(key)
-        for part in _split(group, max_candidates, default_k_factor):
+        for part in _split(group, max_candidates, refine):
             out.extend(
-                _group(engine, part, calls, shared)
+                _group(engine, part, calls, refine, shared)
                 if len(part) > 1
-                else [_one(engine, part[0], calls, shared)]
+                else [_one(engine, part[0], calls, refine, shared)]
             )
     return out
 
 
-def _split(group: list[Request], max_candidates: int | None, k_factor: int) -> list[list[Request]]:
+class _Refine:
+    """The k_factor each request refines with, read from one tuning profile for the whole turn.
+
+    A request naming none runs the tuned row's for its target_recall (else the engine's own
+    default) and is counted against the cap at the larger of that and the index's k_factor: the
+    decoder, which sees no profile, already counted the index's. The tuned value is passed to
+    the engine as it was counted, so a profile installed meanwhile cannot raise the work.
+    """
+
+    def __init__(self, profile: dict[str, Any] | None, default: int) -> None:
+        self.profile = profile
+        self.default = default
+        self._tuned: dict[float | None, int | None] = {}
+
+    def runs(self, req: Request) -> int | None:
+        """The k_factor passed to the engine for req (None: the engine's default)."""
+        if req.k_factor is not None:
+            return req.k_factor
+        target = req.target_recall
+        if target not in self._tuned:
+            self._tuned[target] = tuning.tuned_k_factor(self.profile, target)
+        return self._tuned[target]
+
+    def counted(self, req: Request) -> int:
+        """The k_factor req is counted at against max_candidates."""
+        if req.k_factor is not None:
+            return req.k_factor
+        return max(self.default, self.runs(req) or 0)
+
+
+def _refused(
+    engine: Engine, req: Request, refine: _Refine, max_candidates: int | None
+) -> FaissqError | None:
+    """Why req cannot be searched at all: queries of another dimension, or more candidates
+    than max_candidates at the k_factor it is counted at."""
+    if req.queries.shape[1] != engine.dim:
+        return DimensionMismatch(
+            f"queries have dimension {req.queries.shape[1]}, the index has {engine.dim}"
+        )
+    if max_candidates is not None:
+        rows, k = req.queries.shape[0], req.k + req.offset
+        try:
+            fields.check_work(rows, k, refine.counted(req), max_candidates)
+        except PayloadTooLarge as exc:
+            return exc
+    return None
+
+
+def _split(
+    group: list[Request], max_candidates: int | None, refine: _Refine
+) -> list[list[Request]]:
     """The group in runs whose rows x k x k_factor stay within max_candidates (None: whole)."""
     if max_candidates is None or len(group) == 1:
         return [group]
     first = group[0]
-    per_row = (first.k + first.offset) * (first.k_factor or k_factor)
+    per_row = (first.k + first.offset) * refine.counted(first)
     parts: list[list[Request]] = [[]]
     rows = 0
     for req in group:
@@ -106,7 +156,7 @@ def _split(group: list[Request], max_candidates: int | None, k_factor: int) -> l
 
 
 def _group(
-    engine: Engine, group: list[Request], calls: list[int], flt: Filter | None
+    engine: Engine, group: list[Request], calls: list[int], refine: _Refine, flt: Filter | None
 ) -> list[Outcome]:
     """One stacked search for the group (which shares `flt`), split back by rows; per-request
     on any error."""
@@ -115,9 +165,9 @@ def _group(
     calls.append(len(group))
     try:
         res = engine.search(np.concatenate([r.queries for r in group]), first.k + first.offset,
-                            filter=flt, **_params(first))  # fmt: skip
+                            filter=flt, **_params(first, refine))  # fmt: skip
     except Exception:  # one request (NaN after all, a GPU fault) must not fail the others
-        return [_one(engine, r, calls, flt) for r in group]
+        return [_one(engine, r, calls, refine, flt) for r in group]
     took = time.perf_counter() - t0
     out: list[Outcome] = []
     row = 0
@@ -138,7 +188,9 @@ def _group(
     return out
 
 
-def _one(engine: Engine, req: Request, calls: list[int], flt: Filter | None = None) -> Outcome:
+def _one(
+    engine: Engine, req: Request, calls: list[int], refine: _Refine, flt: Filter | None = None
+) -> Outcome:
     """Search one request alone (flt: its filter, already checked); every failure becomes an
     error outcome."""
     t0 = time.perf_counter()
@@ -146,7 +198,7 @@ def _one(engine: Engine, req: Request, calls: list[int], flt: Filter | None = No
     try:
         res = engine.search(req.queries, req.k + req.offset, allow_ids=req.allow_ids,
                             deny_ids=req.deny_ids, filter=req.filter if flt is None else flt,
-                            **_params(req))  # fmt: skip
+                            **_params(req, refine))  # fmt: skip
     except FaissqError as exc:
         return Outcome(req, error=(exc.code, str(exc)))
     except Exception as exc:
@@ -162,11 +214,11 @@ def _one(engine: Engine, req: Request, calls: list[int], flt: Filter | None = No
     )
 
 
-def _params(req: Request) -> dict[str, Any]:
+def _params(req: Request, refine: _Refine) -> dict[str, Any]:
     """The engine keyword arguments of a request."""
     return {
         "nprobe": req.nprobe,
         "ef_search": req.ef_search,
-        "k_factor": req.k_factor,
+        "k_factor": refine.runs(req),
         "target_recall": req.target_recall,
     }

@@ -71,7 +71,9 @@ class Limits:
     max_candidates: int = 1 << 18  # rows x (offset + k) x k_factor of one request; range rows
     max_fetch_ids: int = 1000  # ids of one fetch request
     max_filter_bytes: int = 1 << 16  # a request's filter, packed as msgpack
-    default_k_factor: int = 4  # the index's k_factor: what a request that names none refines
+    # the index's k_factor, counted for a request naming none (the search counts the tuned one
+    # too: rpc/batch.py)
+    default_k_factor: int = 4
 
 
 @dataclass

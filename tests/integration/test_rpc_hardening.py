@@ -184,6 +184,29 @@ def test_a_turn_of_requests_each_within_the_cap_is_answered_in_bounded_calls(
     assert max(g["timings"]["batch"] for g in got) <= 3  # never more than the cap in one call
 
 
+def _install_profile(jobs: JobClient, index: str, k_factor: int) -> None:
+    """Install, through the autotune job, a profile whose one row is nprobe 16 (the default)
+    and `k_factor`: IVF-Flat reads no k_factor, so only the candidates counted change."""
+    row = {"nprobe": 16, "k_factor": k_factor, "recall": 0.99, "recall_lo": 0.98,
+           "ms_per_query": 0.01}  # fmt: skip
+    profile = {"chosen": row, "table": [row], "target_recall": 0.95, "k": 10, "param": "nprobe"}
+    jobs.send("faissq.autotune", index, profile=profile).get(timeout=TIMEOUT)
+
+
+def test_the_autotuned_k_factor_counts_against_the_candidates_cap(served: Served) -> None:
+    q = vecs(64, seed=45)
+    jobs = JobClient(served.settings)
+    try:
+        _install_profile(jobs, served.index, 8)
+        with pytest.raises(PayloadTooLarge, match="k_factor 8 ="):  # x 4 passed the decoder
+            served.client.search(q, 1024)
+        assert served.client.search(q[:32], 1024).ids.shape == (32, 1024)
+    finally:
+        _install_profile(jobs, served.index, 1)  # the index's 4 counts again, as before
+        jobs.close()
+    assert served.client.search(q, 1024).ids.shape == (64, 1024)  # exactly the cap at 4
+
+
 # -- 3. every parameter not given falls back on its own ---------------------------------------
 
 

@@ -8,8 +8,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from faissq.config import IndexSettings
+from faissq.config import IndexSettings, Settings
+from faissq.index import tuning
 from faissq.index.engine import Engine
 from faissq.rpc import protocol
 from faissq.rpc.batch import search_all
@@ -139,3 +141,56 @@ def test_naming_one_parameter_leaves_the_others_at_their_defaults(named: dict[st
     q = rng.standard_normal((20, 16)).astype(np.float32)
     np.testing.assert_array_equal(eng.search(q, 10, **named).ids, eng.search(q, 10).ids)
     assert not np.array_equal(eng.search(q, 10, nprobe=1).ids, eng.search(q, 10).ids)
+
+
+def _tuned(family: str, setting: dict[str, int], **cfg: Any) -> Engine:
+    """An engine over 4000 x 8 vectors whose installed autotune profile chose `setting`."""
+    rng = np.random.default_rng(1)
+    eng = Engine(8, IndexSettings(family=family, **cfg))
+    eng.build(rng.standard_normal((4000, 8)).astype(np.float32), np.arange(4000))
+    table = [{**setting, "recall": 0.99, "recall_lo": 0.98, "ms_per_query": 0.01}]
+    eng.set_tuning(tuning.profile(table, 0.95, 10, "nprobe"))
+    return eng
+
+
+def test_the_tuned_k_factor_counts_against_the_candidates_cap() -> None:
+    eng = _tuned("ivf_pq_refine", {"nprobe": 4, "k_factor": 8}, pq_bytes=4, opq=False, k_factor=4)
+    cap = 4 * 64 * 4  # 4 rows x k 64 at the index's k_factor: what the decoder lets through
+    (out,) = search_all(eng, [_req(4)], max_candidates=cap, default_k_factor=4)
+    assert out.error is not None and out.error[0] == "payload_too_large"
+    assert "k_factor 8" in out.error[1]
+    (out,) = search_all(eng, [_req(4)], max_candidates=2 * cap, default_k_factor=4)
+    assert out.error is None and out.ids is not None
+    np.testing.assert_array_equal(out.ids, eng.search(out.request.queries, 64).ids)
+    named = search_all(eng, [_req(4, k_factor=4)], max_candidates=cap, default_k_factor=4)
+    assert named[0].error is None  # a named k_factor is the one counted
+
+
+def test_batched_calls_count_the_tuned_k_factor() -> None:
+    eng = _tuned("ivf_pq_refine", {"nprobe": 4, "k_factor": 8}, pq_bytes=4, opq=False, k_factor=4)
+    reqs = [_req(n) for n in (4, 4, 8, 1, 16, 2)]
+    calls: list[int] = []
+    outs = search_all(eng, reqs, calls, max_candidates=16 * 64 * 8, default_k_factor=4)
+    assert calls == [3, 1, 1, 1]  # 16 rows at most at k_factor 8, not 32 at the index's 4
+    assert all(o.error is None for o in outs)
+
+
+def test_index_k_factor_is_bounded_by_the_requests_cap() -> None:
+    with pytest.raises(ValidationError, match="max_k_factor"):
+        Settings(index={"k_factor": 33})
+    with pytest.raises(ValidationError, match="max_k_factor"):
+        Settings(index={"k_factor": 9}, rpc={"max_k_factor": 8})
+    assert Settings(index={"k_factor": 8}, rpc={"max_k_factor": 8}).index.k_factor == 8
+
+
+@pytest.mark.parametrize("named", [{"k_factor": 4}, {"k_factor": 1}])
+def test_naming_one_parameter_keeps_the_tuned_others(named: dict[str, Any]) -> None:
+    eng = _tuned("ivf_flat", {"nprobe": 3, "k_factor": 1}, default_nprobe=16)
+    q = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
+    req = protocol.Request(id="x", reply=PREFIX + "x", deadline=0.0, k=10, queries=q, **named)
+    (out,) = search_all(eng, [req])
+    tuned = eng.search(q, 10, nprobe=3).ids
+    np.testing.assert_array_equal(out.ids, tuned)
+    np.testing.assert_array_equal(eng.search(q, 10, **named).ids, tuned)
+    assert not np.array_equal(tuned, eng.search(q, 10, nprobe=16).ids)  # not the default
+    assert not np.array_equal(tuned, eng.search(q, 10, nprobe=1).ids)  # nor FAISS's 1
