@@ -184,9 +184,12 @@ class LogWriter:
                     continue
                 if seq in moved:
                     continue  # a move aside interrupted by a crash: recovery finishes it
-                header = log.read_header(seq)
-                self._batch_ids[str(header.get("batch_id"))] = seq
                 self.last_seq = max(self.last_seq, seq)
+                with contextlib.suppress(LogCorrupt):
+                    # a damaged entry is recovery's to judge (quarantined when newest), and
+                    # a writer locks before recovering: refusing the lock would stop that
+                    header = log.read_header(seq)
+                    self._batch_ids[str(header.get("batch_id"))] = seq
             self.forget_quarantined()
         except BaseException:
             self.close()
@@ -255,16 +258,18 @@ class LogWriter:
         )
         if not created and not self._is_own_retry(seq, batch_id):
             raise WriterConflict(
-                f"log entry {seq} of {self.log.index!r} was written by another writer"
+                f"log entry {seq} of {self.log.index!r} exists and is not this batch: another "
+                f"writer's, or a damaged one (`faissq log verify --index {self.log.index}`)"
             )
         self.last_seq = seq
         self._batch_ids[batch_id] = seq
         return Appended(seq, duplicate=False)
 
     def _is_own_retry(self, seq: int, batch_id: str) -> bool:
-        # an earlier attempt may have created the entry and then failed on the folder fsync
+        # an earlier attempt may have created the entry and then failed on the folder fsync;
+        # the whole entry is verified, as a torn one with an intact header must not be acked
         with contextlib.suppress(LogCorrupt, FileNotFoundError):
-            return self.log.read_header(seq).get("batch_id") == batch_id
+            return self.log.read_entry(seq).batch_id == batch_id
         return False
 
     def truncate(self, upto: int) -> int:

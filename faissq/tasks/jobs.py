@@ -120,7 +120,8 @@ def merge(self: FaissqTask, index: str, time_limit_s: Any = None) -> dict[str, A
 def rebuild(
     self: FaissqTask, index: str, family: Any = None, time_limit_s: Any = None, force: Any = None
 ) -> dict[str, Any]:
-    """Retrain and rebuild the primary from the raw vectors (after drift or imbalance).
+    """Retrain and rebuild the primary from the raw vectors (after drift or imbalance), then
+    snapshot it so a restart keeps it.
 
     force: swap it in even when the recall gate refuses it (logged).
     """

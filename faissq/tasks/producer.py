@@ -301,7 +301,8 @@ class JobClient:
         time_limit_s: float | None = None,
         force: bool | None = None,
     ) -> Job:
-        """Retrain the primary from the raw vectors (optionally into another family).
+        """Retrain the primary from the raw vectors (optionally into another family); the
+        worker saves a snapshot of it once swapped in (its result's `snapshot`).
 
         force: swap it in even when the recall gate refuses it.
         """

@@ -257,7 +257,7 @@ class Maintenance:
                 out["merged"] = runtime.merge(index, progress)
                 rec.merges += 1
                 self._count(index, "merge")
-            if "save" in todo:
+            if "save" in todo and not (out["rebuilt"] or {}).get("snapshot"):  # it saved
                 out["saved"] = runtime.save(index)
                 rec.saves += 1
                 self._count(index, "save")

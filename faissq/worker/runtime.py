@@ -273,10 +273,19 @@ class IndexRuntime:
     def rebuild(
         self, name: str, family: str | None, progress: Progress | None, force: bool = False
     ) -> dict[str, Any]:
-        """Retrain from the raw vectors (another family when given); gated: publish.rebuild."""
+        """Retrain from the raw vectors (another family when given; gated: publish.rebuild),
+        then snapshot: the log holds no trace of a rebuild, so only a snapshot keeps it."""
         if self.settings.recall.gate and publish.enough(self, name):
-            return publish.rebuild(self, name, family, force, progress)
-        return self._maintain(name, lambda eng: eng.rebuild(progress=progress, family=family))
+            report = publish.rebuild(self, name, family, force, progress)
+        else:
+            report = self._maintain(name, lambda e: e.rebuild(progress=progress, family=family))
+        if progress:
+            progress("save", 0, 1)
+        slot = self.slot(name)
+        saved = self._save(slot, self.engine(name))
+        if isinstance(saved.get("version"), str):
+            slot.version = saved["version"]  # stats and status report the snapshot just written
+        return {**report, "snapshot": saved}
 
     def _maintain(self, name: str, run: Callable[[Engine], Any]) -> dict[str, Any]:
         """Run a merge or rebuild on the live engine; searches keep using the old primary."""

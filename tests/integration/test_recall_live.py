@@ -196,3 +196,7 @@ def test_force_publishes_a_refused_rebuild_and_says_so(live: Live) -> None:
     assert "published anyway (force)" in live.worker.log_tail(20_000)
     back = live.jobs.rebuild(live.index, family="ivf_flat").get(timeout=TIMEOUT)
     assert back["recall_gate"]["passed"] is True and back["family"] == "ivf_flat"
+    # each gated rebuild is snapshotted once swapped in, so a restart keeps it
+    assert back["snapshot"]["version"] > forced["snapshot"]["version"]
+    stats = live.jobs.stats(live.index).get(timeout=TIMEOUT)
+    assert stats["snapshot_version"] == back["snapshot"]["version"]

@@ -106,7 +106,8 @@ def test_a_lost_current_serves_every_vector_degraded_until_repaired(
 def test_a_damaged_newest_log_entry_is_quarantined_and_the_rest_served(
     worker_factory: Any, storage_root: Path, index_name: str, job_settings: Settings
 ) -> None:
-    worker = worker_factory([index_name]).start()
+    port = free_port()
+    worker = worker_factory([index_name], env=metrics_env(port)).start()
     jobs = JobClient(job_settings)
     jobs.build(index_name, vecs(300), np.arange(300)).get(timeout=TIMEOUT)
     first, lost = vecs(20, seed=1), vecs(20, seed=2)
@@ -128,6 +129,7 @@ def test_a_damaged_newest_log_entry_is_quarantined_and_the_rest_served(
     assert stats["state"] == "degraded" and (stats["seq"], stats["ntotal"]) == (2, 320)
     assert stats["reason"].startswith("newest log entry 3 is damaged")
     assert "served up to seq 2; moved to log/quarantine/" in stats["reason"]
+    assert state_gauges(port, index_name)["degraded"] == 1
     assert not (log_dir / entry_name(3)).exists()
     assert (log_dir / "quarantine" / entry_name(3)).read_bytes() == bytes(data)
     assert "quarantined to" in worker.all_logs()
@@ -144,6 +146,8 @@ def test_a_damaged_newest_log_entry_is_quarantined_and_the_rest_served(
     jobs.reload(index_name).get(timeout=TIMEOUT)
     stats = jobs.stats(index_name).get(timeout=TIMEOUT)
     assert (stats["state"], stats["seq"], stats["ntotal"]) == ("ready", 4, 340)
+    gauges = state_gauges(port, index_name)
+    assert (gauges["ready"], gauges["degraded"]) == (1, 0)
     jobs.close()
 
 
