@@ -156,7 +156,9 @@ def test_a_log_past_its_size_limit_is_saved_and_trimmed(
     """Once the unsaved log passes save_log_bytes the worker snapshots and the log is trimmed."""
     env = {
         "FAISSQ_MAINTENANCE__INTERVAL_S": "0.05",
-        "FAISSQ_MAINTENANCE__SAVE_LOG_BYTES": str(3 * 50 * (8 + 4 * DIM)),
+        # four entries' vectors and ids: only the last upsert's entry (with the headers) crosses it,
+        # so no save can start before it and leave a later entry unsaved below the limit
+        "FAISSQ_MAINTENANCE__SAVE_LOG_BYTES": str(4 * 50 * (8 + 4 * DIM)),
         "FAISSQ_MAINTENANCE__SAVE_LOG_AGE_S": "0",
         "FAISSQ_STORAGE__RETENTION": "1",
     }
