@@ -145,18 +145,18 @@ class TurnLike(Protocol):
 def search_params(engine: Any, request: Any) -> tuple[int | None, int | None]:
     """The (nprobe, efSearch) a request ran with: its own, else what the engine chose for it.
 
-    Mirrors Engine.search: with no parameter given, the autotuned row for the request's
-    target_recall applies, else the configured defaults.
+    Mirrors Engine.search: each parameter the request leaves unnamed comes from the autotuned
+    row for its target_recall, else from the configured default.
     """
     nprobe, ef = getattr(request, "nprobe", None), getattr(request, "ef_search", None)
-    if nprobe is None and ef is None and getattr(request, "k_factor", None) is None:
+    if nprobe is None or ef is None:
         from faissq.index.tuning import pick
 
         profile = getattr(engine, "tuning_profile", None)
         chosen = pick(profile, getattr(request, "target_recall", None)) if profile else {}
         cfg = engine.cfg
-        nprobe = chosen.get("nprobe") or cfg.default_nprobe
-        ef = chosen.get("ef_search") or cfg.default_ef_search
+        nprobe = nprobe if nprobe is not None else chosen.get("nprobe") or cfg.default_nprobe
+        ef = ef if ef is not None else chosen.get("ef_search") or cfg.default_ef_search
     return nprobe, ef
 
 

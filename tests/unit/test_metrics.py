@@ -174,10 +174,11 @@ def test_code_bytes_counts_the_encoded_vectors_of_each_family() -> None:
     assert 0 < code_bytes(pq.state.primary.index) <= 1000 * 2
 
 
-def request(k: int, nprobe: int | None = None) -> Request:
+def request(k: int, nprobe: int | None = None, k_factor: int | None = None) -> Request:
     """A decoded search request of two 16-d queries."""
     q = np.zeros((2, 16), np.float32)
-    return Request(id="r", reply="faissq:i:reply:r", deadline=0.0, k=k, queries=q, nprobe=nprobe)
+    return Request(id="r", reply="faissq:i:reply:r", deadline=0.0, k=k, queries=q, nprobe=nprobe,
+                   k_factor=k_factor)  # fmt: skip
 
 
 def test_an_rpc_turn_records_batch_outcomes_and_the_parameters_actually_used() -> None:
@@ -205,6 +206,9 @@ def test_an_rpc_turn_records_batch_outcomes_and_the_parameters_actually_used() -
     assert value(m, "faissq_search_last_nprobe", index="i") == tuned
     observe_turn(m, "i", Turn(popped=1, answered=1), [request(5, nprobe=3)], eng)
     assert value(m, "faissq_search_last_nprobe", index="i") == 3
+    observe_turn(m, "i", Turn(popped=1, answered=1), [request(5, nprobe=tuned + 7)], eng)
+    observe_turn(m, "i", Turn(popped=1, answered=1), [request(5, k_factor=1)], eng)
+    assert value(m, "faissq_search_last_nprobe", index="i") == tuned  # each parameter on its own
 
     def not_ready() -> Engine:
         raise IndexNotReady("loading")
