@@ -69,7 +69,8 @@ def _node(expr: Any, schema: Schema, depth: int, count: list[int]) -> tuple[Any,
         raise InvalidFilter(f"unknown filter operator {op!r}: and, or, not, or a field condition")
     if not isinstance(arg, list | tuple) or not arg:
         raise InvalidFilter(f"{op!r} takes a non-empty list of filters")
-    return (op, tuple(_node(a, schema, depth + 1, count) for a in arg))
+    # and / or do not depend on order: sorted children give one cache key per condition set
+    return (op, tuple(sorted((_node(a, schema, depth + 1, count) for a in arg), key=repr)))
 
 
 def _condition(expr: Mapping[str, Any], schema: Schema) -> tuple[Any, ...]:

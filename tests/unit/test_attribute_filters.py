@@ -293,3 +293,18 @@ def test_a_field_declared_again_with_another_type_starts_null() -> None:
     assert retyped.values_of(np.arange(3, dtype=np.int64)) == {"tag": [None, None, None]}
     same = AttrTable.from_bytes(schema, table.to_bytes())
     assert same.values_of(np.arange(3, dtype=np.int64)) == {"tag": ["a", "b", None]}
+
+
+def test_the_same_conditions_in_another_order_share_one_cached_result() -> None:
+    schema = check_schema(SCHEMA)
+    a, b = {"field": "tenant", "gte": 3}, {"field": "lang", "in": ["en", "de"]}
+    c = {"not": {"field": "tenant", "eq": 5}}
+    one = compile_filter({"and": [a, {"or": [b, c]}]}, schema)
+    other = compile_filter({"and": [{"or": [c, b]}, a]}, schema)
+    assert one.key == other.key
+    table = AttrTable(schema).upserted(
+        np.arange(6, dtype=np.int64), {"tenant": np.arange(6, dtype=np.int64),
+                                       "lang": ["en", "fr", "de", None, "en", "de"]}
+    )  # fmt: skip
+    assert select(table, one).tolist() == select(table, other).tolist() == [3, 4, 5]
+    assert sum(k[0] == "filter" for k in table._cache) == 1
