@@ -84,6 +84,18 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
         "(default: FAISSQ_INDEX__FAMILY of the worker)",
     )
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    add_attributes_arg(p)
+
+
+def add_attributes_arg(p: argparse.ArgumentParser) -> None:
+    """--attributes of build and upsert: the rows' attribute values from a JSON file."""
+    p.add_argument(
+        "--attributes",
+        type=Path,
+        metavar="FILE",
+        help="a JSON map {field: [one value per row, null for none]} for an index that declares "
+        "attribute fields (docs/tasks.md#attributes)",
+    )
 
 
 def add_upsert_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +103,7 @@ def add_upsert_args(p: argparse.ArgumentParser) -> None:
     add_job_args(p)
     p.add_argument("--ids", required=True, metavar="FILE|ID,ID", help="a .npy of ids or 7,8,9")
     p.add_argument("--vectors", required=True, type=Path, metavar="FILE", help="a .npy (n, d)")
+    add_attributes_arg(p)
     p.add_argument(
         "--batch-id",
         metavar="ID",

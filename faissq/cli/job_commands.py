@@ -127,6 +127,23 @@ def as_id_array(arr: npt.ArrayLike, source: str) -> npt.NDArray[np.int64]:
     return out.astype(np.int64)
 
 
+def load_attributes(path: Path | None) -> dict[str, Any] | None:
+    """Attribute columns from a JSON file (the worker checks them against its fields)."""
+    import json
+
+    from faissq.errors import InvalidAttributes
+
+    if path is None:
+        return None
+    try:
+        columns = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidAttributes(f"{path}: cannot read a JSON map of columns ({exc})") from exc
+    if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
+        raise InvalidAttributes(f"{path}: give a JSON map {{field: [value per row]}}")
+    return columns
+
+
 def parse_ids(text: str) -> npt.NDArray[np.int64]:
     """Ids from a .npy file or an inline list `7,8,9`."""
     if ID_LIST.match(text) and not Path(text).exists():
@@ -206,6 +223,13 @@ class Sender:
             self.refs.append(out["vectors_ref"]["path"])
         return out
 
+    def attributes(self, columns: dict[str, Any] | None, vectors: dict[str, Any]) -> dict[str, Any]:
+        """Attribute columns inline, or by reference beside vectors sent by reference."""
+        out = self.jobs.attributes_kwargs(columns, "vectors_ref" in vectors, None)
+        if "attributes_ref" in out:
+            self.refs.append(out["attributes_ref"]["path"])
+        return out
+
     def ids(self, ids: npt.NDArray[np.int64]) -> dict[str, Any]:
         """Ids inline below worker.inline_max_bytes, else as an int64 .npy reference."""
         from faissq.tasks.producer import put_vectors
@@ -252,13 +276,16 @@ def print_report(report: dict[str, Any], fields: tuple[str, ...] = ()) -> None:
 def run_build(args: argparse.Namespace, settings: Settings) -> int:
     """Replace the index with a fresh build from a file."""
     vectors, ids = load_vectors(args.file)
+    columns = load_attributes(args.attributes)
     if args.ids is not None:
         ids = as_id_array(load_npy(args.ids, "ids"), str(args.ids))
 
     def send(s: Sender) -> AsyncResult:
         id_kwargs = {} if ids is None else s.ids(ids)
-        return s.jobs.send("faissq.build", args.index, **s.vectors(vectors), **id_kwargs,
-                           family=args.family, force=args.force or None)  # fmt: skip
+        vecs = s.vectors(vectors)
+        return s.jobs.send("faissq.build", args.index, **vecs, **id_kwargs,
+                           **s.attributes(columns, vecs), family=args.family,
+                           force=args.force or None)  # fmt: skip
 
     print(f"build {args.index}: {vectors.shape[0]} x {vectors.shape[1]} vectors from {args.file}")
     fields = ("family", "factory", "reason", "ntotal", "seconds", "save_seconds", "version")
@@ -269,10 +296,12 @@ def run_upsert(args: argparse.Namespace, settings: Settings) -> int:
     """Insert or replace vectors by id."""
     ids = parse_ids(args.ids)
     vectors = as_vectors(load_npy(args.vectors, "vectors"), args.vectors)
+    columns = load_attributes(args.attributes)
 
     def send(s: Sender) -> AsyncResult:
-        return s.jobs.send("faissq.upsert", args.index, **s.ids(ids), **s.vectors(vectors),
-                           batch_id=args.batch_id)  # fmt: skip
+        vecs = s.vectors(vectors)
+        return s.jobs.send("faissq.upsert", args.index, **s.ids(ids), **vecs,
+                           **s.attributes(columns, vecs), batch_id=args.batch_id)  # fmt: skip
 
     fields = ("applied", "duplicate", "ntotal", "seq", "version", "seconds")
     return run_job(args, settings, send, lambda r: print_report(r, fields))

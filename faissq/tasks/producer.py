@@ -175,7 +175,7 @@ class JobClient:
             body = {"ids": _ids(part_ids), "batch_id": bid, **rest}
             if part_vecs is not None:
                 body.update(self.vectors_kwargs(part_vecs, by_reference))
-                body.update(self._attributes_kwargs(part_cols, "vectors_ref" in body, by_reference))
+                body.update(self.attributes_kwargs(part_cols, "vectors_ref" in body, by_reference))
             body = {k: v for k, v in body.items() if v is not None}
             jobs.append((shard_map.names[s], body))
         return self._send_each(task, jobs)
@@ -189,7 +189,7 @@ class JobClient:
             return {"vectors_ref": put_vectors(self.settings, arr)}
         return {"vectors": codec.pack_array(arr)}
 
-    def _attributes_kwargs(
+    def attributes_kwargs(
         self, columns: Mapping[str, Any] | None, vectors_by_ref: bool, by_reference: bool | None
     ) -> dict[str, Any]:
         """Attribute columns inline, or by reference (`attributes_ref`) when asked, when the
@@ -241,7 +241,7 @@ class JobClient:
             "faissq.build",
             index,
             **vecs,
-            **self._attributes_kwargs(attributes, "vectors_ref" in vecs, by_reference),
+            **self.attributes_kwargs(attributes, "vectors_ref" in vecs, by_reference),
             ids=_ids(ids) if ids is not None else None,
             family=family,
             time_limit_s=time_limit_s,
@@ -278,7 +278,7 @@ class JobClient:
             index,
             ids=_ids(ids),
             **vecs,
-            **self._attributes_kwargs(attributes, "vectors_ref" in vecs, by_reference),
+            **self.attributes_kwargs(attributes, "vectors_ref" in vecs, by_reference),
             batch_id=batch_id,
         )
 

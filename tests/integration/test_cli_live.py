@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from faissq.config import Settings
+from faissq.rpc.search_client import SearchClient
 from faissq.tasks.producer import JobClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +107,50 @@ def test_jobs_search_status_and_snapshots_through_the_cli(
     assert done.stderr.splitlines() == [
         f"faissq: dimension_mismatch: vectors have dimension {DIM // 2}, the index has {DIM}"
     ]
+
+
+def test_build_and_upsert_carry_attributes_from_a_json_file(
+    worker_factory: Any, index_name: str, job_settings: Settings, tmp_path: Path
+) -> None:
+    """--attributes FILE: the rows' values reach the index; a bad file is one typed line."""
+    env = (
+        worker_factory(
+            [index_name], env={"FAISSQ_INDEX__ATTRIBUTES": '{"tenant": "int64", "lang": "keyword"}'}
+        )
+        .start()
+        .env()
+    )
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((200, DIM)).astype(np.float32)
+    columns = tmp_path / "attrs.json"
+    columns.write_text(json.dumps({"tenant": [i % 4 for i in range(200)], "lang": ["en"] * 200}))
+    ok(env, "build", "--index", index_name, save(tmp_path / "xb.npy", xb), "--family", "flat",
+       "--attributes", str(columns))  # fmt: skip
+    extra = rng.standard_normal((2, DIM)).astype(np.float32)
+    columns.write_text(json.dumps({"tenant": [9, None], "lang": ["de", None]}))
+    out = ok(env, "upsert", "--index", index_name, "--ids", "500,501", "--vectors",
+             save(tmp_path / "extra.npy", extra), "--attributes", str(columns))  # fmt: skip
+    assert field(out, "applied") == "2"
+
+    with SearchClient(job_settings, index=index_name) as client:
+        nine = client.search(extra, 3, filter={"field": "tenant", "eq": 9})
+        assert nine.ids[:, 0].tolist() == [500, 500] and (nine.ids[:, 1:] == -1).all()
+        two = client.search(xb[:1], 60, filter={"field": "tenant", "eq": 2}).ids[0]
+        assert sorted(two[two >= 0].tolist()) == [i for i in range(200) if i % 4 == 2]
+        fetched = client.fetch([7, 501])
+        assert fetched.attributes == {"tenant": [3, None], "lang": ["en", None]}
+
+    columns.write_text(json.dumps({"tenant": [1]}))  # one value for two rows
+    done = cli(env, "upsert", "--index", index_name, "--ids", "600,601", "--vectors",
+               save(tmp_path / "two.npy", extra))  # fmt: skip
+    assert done.returncode == 0
+    done = cli(env, "upsert", "--index", index_name, "--ids", "700,701", "--vectors",
+               str(tmp_path / "two.npy"), "--attributes", str(columns))  # fmt: skip
+    assert done.returncode == 1 and done.stderr.startswith("faissq: invalid_attributes: "), done
+    (tmp_path / "not.json").write_text("[1, 2]")
+    done = cli(env, "upsert", "--index", index_name, "--ids", "700,701", "--vectors",
+               str(tmp_path / "two.npy"), "--attributes", str(tmp_path / "not.json"))  # fmt: skip
+    assert done.returncode == 1 and done.stderr.startswith("faissq: invalid_attributes: "), done
 
 
 def test_status_without_a_worker_and_without_a_redis_url(
