@@ -70,6 +70,7 @@ METHODS = {
     "ShardedSearchClient": {"close", "search"},
     "AsyncShardedSearchClient": {"close", "search"},
     "JobClient": {
+        "attributes_kwargs",
         "autotune",
         "build",
         "close",
