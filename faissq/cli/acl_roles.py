@@ -291,15 +291,3 @@ def setuser(
 ) -> list[str]:
     """The ACL SETUSER arguments of one user: reset, enabled, password, the role's rules."""
     return [user, "reset", "on", password_hash(password), *rules(role, index, db, sharded)]
-
-
-def aclfile_line(
-    user: str,
-    role: Role | str,
-    index: Indexes,
-    password: str,
-    db: int = 0,
-    sharded: Mapping[str, int] | None = None,
-) -> str:
-    """One ``user ...`` line of a Redis aclfile."""
-    return "user " + " ".join(setuser(user, role, index, password, db, sharded))

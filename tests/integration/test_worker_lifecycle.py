@@ -29,6 +29,15 @@ from faissq.worker.embedded_redis import EmbeddedRedis
 TIMEOUT = 60
 
 
+def hold_a_job(jobs: JobClient, index: str, control: Path, redis_client: redis.Redis) -> Any:
+    """An upsert the running writer has started and holds, retrying a failing storage write."""
+    faults.set_faults(str(control), ["write"], errno="EIO")
+    job = jobs.upsert(index, [1], vec(1), by_reference=False)
+    wait_for(lambda: redis_client.exists(keys.delivery_key(job.id)), "the job to start")
+    wait_for(lambda: faults.hits(str(control)) >= 1, "the job to meet the storage fault")
+    return job
+
+
 def test_a_second_writer_refuses_to_start_and_leaves_the_running_job_alone(
     worker_factory: Any, storage_root: Path, tmp_path: Path, index_name: str,
     job_settings: Settings, redis_client: redis.Redis,
@@ -39,10 +48,7 @@ def test_a_second_writer_refuses_to_start_and_leaves_the_running_job_alone(
     env = faulty_env(storage_root, control)
     first = worker_factory([index_name], env=env).start()
     jobs = JobClient(job_settings)
-    faults.set_faults(str(control), ["write"], errno="EIO")  # holds the job, retrying in place
-    job = jobs.upsert(index_name, [1], vec(1), by_reference=False)
-    wait_for(lambda: redis_client.exists(keys.delivery_key(job.id)), "the job to start")
-    wait_for(lambda: faults.hits(str(control)) >= 1, "the job to meet the storage fault")
+    job = hold_a_job(jobs, index_name, control, redis_client)
 
     second = worker_factory([index_name], env=env).start(wait=False)
     assert second.proc is not None
@@ -85,10 +91,7 @@ def test_a_second_writer_on_a_lockless_store_refuses_to_start_and_leaves_the_run
     holder = redis_client.get(keys.writer_lease(index_name))
     assert holder is not None and first.hostname in holder.decode()
     jobs = JobClient(job_settings)
-    faults.set_faults(str(control), ["write"], errno="EIO")  # holds the job, retrying in place
-    job = jobs.upsert(index_name, [1], vec(1), by_reference=False)
-    wait_for(lambda: redis_client.exists(keys.delivery_key(job.id)), "the job to start")
-    wait_for(lambda: faults.hits(str(control)) >= 1, "the job to meet the storage fault")
+    job = hold_a_job(jobs, index_name, control, redis_client)
 
     second = worker_factory([index_name], env=env).start(wait=False)
     assert second.proc is not None
