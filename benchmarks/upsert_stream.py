@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"FAISSQ_MAINTENANCE__ENABLED": "false"} if args.no_maintenance else {}
     if args.merge_delta_max:
         env["FAISSQ_INDEX__MERGE_DELTA_MAX"] = str(args.merge_delta_max)
+    env.update(kv.split("=", 1) for kv in args.worker_env)
     proc = start_worker(settings, [INDEX], tmp / "worker.log", "stream@local", env, 90)
     jobs = JobClient(settings)
     quiet: list[dict[str, float]] = []
@@ -235,6 +236,13 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=30.0, help="seconds per stream window")
     ap.add_argument("--quiet", type=float, default=15.0, help="seconds per no-write window")
     ap.add_argument("--merge-delta-max", type=int, default=0, help="0: the setting's default")
+    ap.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the worker (repeatable)",
+    )
     ap.add_argument("--no-maintenance", action="store_true", help="no merges during the stream")
     args = ap.parse_args()
     r = run(args)

@@ -212,7 +212,10 @@ class Engine:
             batch = check_batch(self.schema, attributes, int(id_arr.size))
             attrs = st.attrs.upserted(id_arr, batch) if st.attrs is not None else None
             tomb = st.tombstoned(id_arr)
-            delta = st.delta.without(id_arr).appended(id_arr, vecs)
+            p = st.primary
+            lists = p.lists_of(vecs) if p is not None else None
+            coarse = p.serial if p is not None else None
+            delta = st.delta.without(id_arr).appended(id_arr, vecs, lists, coarse)
             self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st,
                                      attrs=attrs)  # fmt: skip
             return int(id_arr.size)

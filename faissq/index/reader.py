@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import faiss
 import numpy as np
 
 from faissq.errors import IndexNotReady, InvalidParameter
@@ -52,9 +54,16 @@ class Reader:
                 return self.exact_subset(st, xq, k, allow, deny)
             nprobe, ef_search = widened(nprobe, ef_search, allow.size, st.ntotal)
         parts: list[tuple[F32, I64]] = []
+        probe = None if allow is not None or deny is not None else coarse_probe(st, xq, nprobe)
         if st.primary is not None:
-            parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
-        if len(st.delta) or not parts:
+            parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny, probe))
+        if probe is not None and st.primary is not None and st.delta.coarse == st.primary.serial:
+            if len(st.delta):
+                found = st.delta.search_probed(xq, k, self.metric_type, probe[1],
+                                               st.primary.shape.nlist)  # fmt: skip
+                if found is not None:
+                    parts.append(found)
+        elif len(st.delta) or not parts:
             parts.append(st.delta.search(xq, k, self.metric_type, allow, deny))
         if len(parts) == 1:
             # one source: FAISS already returns k sorted, unique ids padded with -1
@@ -103,8 +112,11 @@ class Reader:
         k_factor: int | None,
         allow: I64 | None,
         deny: I64 | None,
+        probe: tuple[F32, I64] | None = None,
     ) -> tuple[F32, I64]:
-        """Search the primary (GPU copy when usable), then refine lossy codes exactly."""
+        """Search the primary (GPU copy when usable), then refine lossy codes exactly.
+
+        probe: the coarse search already done for these queries (coarse_probe)."""
         primary = st.primary
         if primary is None:
             raise IndexNotReady(f"index {self.name!r} has no primary")
@@ -118,7 +130,10 @@ class Reader:
         if result is None and allow is None and deny is None:
             # no per-call selector: the state's parameter trees are shared (FAISS only reads them)
             call = st.params_for(nprobe, ef_search)
-            result = primary.index.search(xq, fetch, params=call.params)
+            if probe is not None:
+                result = preassigned(primary.coarse, xq, fetch, probe, call.params)
+            else:
+                result = primary.index.search(xq, fetch, params=call.params)
         if result is None:
             sels = [st.tomb_selector] if st.tomb_selector is not None else []
             if allow is not None:
@@ -192,6 +207,36 @@ class Reader:
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
         return np.take_along_axis(exact, order, axis=1), ids
+
+
+def coarse_probe(st: State, xq: F32, nprobe: int | None) -> tuple[F32, I64] | None:
+    """The lists a plain IVF primary on the CPU probes for each query (distances, lists), found
+    once for the primary's search and the delta's; None for other primaries (a GPU copy probes
+    on the device, the delta is then scanned whole)."""
+    p = st.primary
+    if p is None or p.gpu is not None or p.coarse is None:
+        return None
+    width = int(st.params_for(nprobe, None).params.nprobe)
+    n = xq.shape[0]
+    dq = np.empty((n, width), dtype=np.float32)
+    iq = np.empty((n, width), dtype=np.int64)
+    x = np.ascontiguousarray(xq, dtype=np.float32)
+    ptr = faiss.swig_ptr  # the C++ call: FAISS's wrapper checks and allocates again
+    p.quantizer.search_c(n, ptr(x), width, ptr(dq), ptr(iq))
+    return dq, iq
+
+
+def preassigned(ivf: Any, xq: F32, k: int, probe: tuple[F32, I64], params: Any) -> tuple[F32, I64]:
+    """IndexIVF search over lists already chosen (FAISS's Python wrapper takes no parameters,
+    so the C++ call is made here: the tombstone selector travels in `params`)."""
+    dq, iq = probe
+    n = xq.shape[0]
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    x = np.ascontiguousarray(xq, dtype=np.float32)
+    ptr = faiss.swig_ptr
+    ivf.search_preassigned_c(n, ptr(x), k, ptr(iq), ptr(dq), ptr(scores), ptr(ids), False, params)
+    return scores, ids
 
 
 MAX_WIDEN = 16  # most a filter multiplies nprobe / efSearch by

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import faiss
 import numpy as np
 import numpy.typing as npt
 
@@ -16,6 +18,8 @@ from faissq.index.gpu import GpuCopy
 from faissq.index.params import CallParams, ParamShape, make_params, not_selector, param_shape
 from faissq.index.policy import Plan
 from faissq.index.validate import F32, I64
+
+_SERIALS = itertools.count(1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,6 +32,27 @@ class Primary:
     plan: Plan
     gpu: GpuCopy | None = None
     gpu_reason: str = "CPU"
+    # names this index's quantizer to the delta rows it placed (a GPU copy keeps the serial)
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+
+    @cached_property
+    def coarse(self) -> Any | None:
+        """The index as an IndexIVF when it is one itself (no pre-transform or id map): its
+        quantizer places the delta's rows, and one coarse search serves primary and delta."""
+        idx = faiss.downcast_index(self.index)
+        return idx if isinstance(idx, faiss.IndexIVF) else None
+
+    @cached_property
+    def quantizer(self) -> Any:
+        """The coarse quantizer of `coarse` (one SWIG proxy, not one per search)."""
+        return None if self.coarse is None else self.coarse.quantizer
+
+    def lists_of(self, vectors: F32) -> I64 | None:
+        """The coarse list of each vector (None: this index has no quantizer of its own)."""
+        ivf = self.coarse
+        if ivf is None or vectors.shape[0] == 0:
+            return None
+        return np.asarray(self.quantizer.assign(vectors, 1), dtype=np.int64).reshape(-1)
 
     @cached_property
     def plain_params(self) -> dict[tuple[int | None, int | None], CallParams]:
