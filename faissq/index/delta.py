@@ -247,27 +247,34 @@ class Delta:
     def search_probed(
         self, queries: F32, k: int, metric_type: int, lists: I64, nlist: int
     ) -> tuple[F32, I64] | None:
-        """Exact top-k over the live rows in a list the primary probes for some query (or in
-        none); None when no row is in one (the primary's answer stands).
+        """Exact top-k of each query over the live rows in a list the primary probes for it (or
+        in none); None when no query has such a row (the primary's answer stands).
 
         lists: (nq, nprobe) the lists probed, from the quantizer of the primary whose serial is
         this delta's `coarse`, which has `nlist` lists."""
+        if queries.shape[0] > 1:  # each query its own lists: a batch answers as singles would
+            found = [self.search_probed(queries[q : q + 1], k, metric_type, lists[q : q + 1],
+                                        nlist) for q in range(queries.shape[0])]  # fmt: skip
+            if all(f is None for f in found):
+                return None
+            pad = exact_knn(queries[:1], _NO_IDS, self._buf.vectors[:0], k, metric_type)
+            each = [pad if f is None else f for f in found]
+            return np.concatenate([e[0] for e in each]), np.concatenate([e[1] for e in each])
         rows = self._probed_rows(lists, nlist)
         if rows is None:
             return self.search(queries, k, metric_type)
         if rows.size == 0:
             return None
         ids, vectors = self._buf.ids[rows], self._buf.vectors[rows]
-        if queries.shape[0] == 1 and rows.size <= SMALL_SCAN:
+        if rows.size <= SMALL_SCAN:
             return small_knn(queries[0], ids, vectors, k, metric_type)
         return exact_knn(queries, ids, vectors, k, metric_type)
 
     def _probed_rows(self, lists: I64, nlist: int) -> npt.NDArray[np.intp] | None:
-        """Live rows in a probed list or in none; None when that is most rows (a full scan
-        through the selector costs less than gathering them)."""
+        """Live rows in a list one query probes (lists: (1, nprobe), distinct) or in none; None
+        when that is most rows (a full scan through the selector costs less than gathering)."""
         bounds, order = self._by_list(nlist)
-        # one query's probed lists are distinct; several queries' may repeat
-        want = lists[0] if lists.shape[0] == 1 else np.unique(lists)
+        want = lists[0]
         # a list of -1 (a quantizer short of answers) reads bounds[-1] onwards: an empty span
         spans = [
             order[lo:hi]

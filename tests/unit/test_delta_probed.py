@@ -28,9 +28,10 @@ def _exact(
 @pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
 @pytest.mark.parametrize("nq", [1, 3])
 def test_a_probed_search_is_exact_over_the_rows_of_the_probed_lists(metric: int, nq: int) -> None:
-    """Churned rows with lists: the answer equals an exact search over the live rows whose
-    list some query probes, plus the rows without a list (over every live row when those are
-    most of them: a whole scan then costs less); None when no row qualifies."""
+    """Churned rows with lists: each query's answer equals an exact search over the live rows
+    in the lists it probes, plus the rows without a list (over every live row when those are
+    most of them: a whole scan then costs less), whether it came alone or in a batch; None when
+    no query has such a row."""
     rng = np.random.default_rng(7)
     delta = Delta(DIM)
     model: dict[int, tuple[np.ndarray, int]] = {}
@@ -47,21 +48,26 @@ def test_a_probed_search_is_exact_over_the_rows_of_the_probed_lists(metric: int,
         for g in gone:
             model.pop(int(g), None)
         xq = rng.standard_normal((nq, DIM), dtype=np.float32)
-        probed = np.stack([rng.choice(NLIST, 2, replace=False) for _ in range(nq)])
-        seen = set(probed.ravel().tolist()) | {-1}
-        keep = sorted(i for i, (_, lst) in model.items() if lst in seen)
-        got = delta.search_probed(xq, 5, metric, probed.astype(np.int64), NLIST)
-        if not keep:
+        probed = np.stack([rng.choice(NLIST, 2, replace=False) for _ in range(nq)]).astype(np.int64)
+        got = delta.search_probed(xq, 5, metric, probed, NLIST)
+        wants = []
+        for q in range(nq):
+            seen = set(probed[q].tolist()) | {-1}
+            keep = sorted(i for i, (_, lst) in model.items() if lst in seen)
+            if keep and 2 * len(keep) >= len(model):
+                keep = sorted(model)
+            rows = np.array(keep, dtype=np.int64)
+            vecs_q = np.stack([model[i][0] for i in keep]) if keep else np.empty((0, DIM))
+            wants.append((keep, _exact(xq[q : q + 1], rows, vecs_q.astype(np.float32), 5, metric)))
+        if all(not keep for keep, _ in wants):
             assert got is None
             continue
-        if 2 * len(keep) >= len(model):
-            keep = sorted(model)
-        rows = np.array(keep, dtype=np.int64)
-        want_s, want_i = _exact(xq, rows, np.stack([model[i][0] for i in keep]), 5, metric)
         assert got is not None
-        np.testing.assert_array_equal(got[1] < 0, want_i < 0)
-        np.testing.assert_allclose(got[0][got[1] >= 0], want_s[want_i >= 0], rtol=1e-4, atol=1e-4)
-        assert set(got[1][got[1] >= 0].tolist()) <= set(keep)
+        for q, (keep, (want_s, want_i)) in enumerate(wants):
+            got_s, got_i = got[0][q : q + 1], got[1][q : q + 1]
+            np.testing.assert_array_equal(got_i < 0, want_i < 0)
+            np.testing.assert_allclose(got_s[got_i >= 0], want_s[want_i >= 0], rtol=1e-4, atol=1e-4)
+            assert set(got_i[got_i >= 0].tolist()) <= set(keep)
 
 
 def test_rows_placed_by_another_quantizer_are_scanned_by_every_search() -> None:
