@@ -10,9 +10,9 @@ uses any more goes back to the kernel at once, where glibc would keep a freed he
 
 Under an IVF primary each row also holds its coarse list (assigned by the primary's quantizer at
 upsert), and a plain search scans only the rows in the lists the primary probes for the query, so
-recent rows are found as the primary would find them once merged and a search costs about the
-same at any delta size (a full scan of 5,000 rows doubled the CPU of a search of 100k IVF-Flat:
-benchmarks/upsert_stream.py).
+recent rows are found as the primary would find them once merged and the scan grows with the rows
+in those lists, not with the delta (a full scan of 5,000 rows doubled the CPU of a search of 100k
+IVF-Flat: benchmarks/upsert_stream.py).
 """
 
 from __future__ import annotations

@@ -54,15 +54,16 @@ class Reader:
                 return self.exact_subset(st, xq, k, allow, deny)
             nprobe, ef_search = widened(nprobe, ef_search, allow.size, st.ntotal)
         parts: list[tuple[F32, I64]] = []
-        probe = None if allow is not None or deny is not None else coarse_probe(st, xq, nprobe)
-        if st.primary is not None:
+        p = st.primary
+        # delta rows placed by this primary's quantizer: one coarse search serves both
+        placed = p is not None and len(st.delta) > 0 and st.delta.coarse == p.serial
+        probe = coarse_probe(st, xq, nprobe) if placed and allow is None and deny is None else None
+        if p is not None:
             parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny, probe))
-        if probe is not None and st.primary is not None and st.delta.coarse == st.primary.serial:
-            if len(st.delta):
-                found = st.delta.search_probed(xq, k, self.metric_type, probe[1],
-                                               st.primary.shape.nlist)  # fmt: skip
-                if found is not None:
-                    parts.append(found)
+        if probe is not None and p is not None:
+            found = st.delta.search_probed(xq, k, self.metric_type, probe[1], p.shape.nlist)
+            if found is not None:
+                parts.append(found)
         elif len(st.delta) or not parts:
             parts.append(st.delta.search(xq, k, self.metric_type, allow, deny))
         if len(parts) == 1:
@@ -211,10 +212,10 @@ class Reader:
 
 def coarse_probe(st: State, xq: F32, nprobe: int | None) -> tuple[F32, I64] | None:
     """The lists a plain IVF primary on the CPU probes for each query (distances, lists), found
-    once for the primary's search and the delta's; None for other primaries (a GPU copy probes
-    on the device, the delta is then scanned whole)."""
+    once for the primary's search and the delta's; None for other primaries (their delta is
+    scanned whole)."""
     p = st.primary
-    if p is None or p.gpu is not None or p.coarse is None:
+    if p is None or p.coarse is None:
         return None
     width = int(st.params_for(nprobe, None).params.nprobe)
     n = xq.shape[0]

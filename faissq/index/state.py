@@ -37,8 +37,11 @@ class Primary:
 
     @cached_property
     def coarse(self) -> Any | None:
-        """The index as an IndexIVF when it is one itself (no pre-transform or id map): its
-        quantizer places the delta's rows, and one coarse search serves primary and delta."""
+        """The index as an IndexIVF when it is one itself (no pre-transform or id map) and is
+        searched on the CPU: its quantizer places the delta's rows, and one coarse search serves
+        primary and delta (a GPU copy probes on the device)."""
+        if self.gpu is not None:
+            return None
         idx = faiss.downcast_index(self.index)
         return idx if isinstance(idx, faiss.IndexIVF) else None
 
