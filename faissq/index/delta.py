@@ -12,7 +12,9 @@ Under an IVF primary each row also holds its coarse list (assigned by the primar
 upsert), and a plain search scans only the rows in the lists the primary probes for the query, so
 recent rows are found as the primary would find them once merged and the scan grows with the rows
 in those lists, not with the delta (a full scan of 5,000 rows doubled the CPU of a search of 100k
-IVF-Flat: benchmarks/upsert_stream.py).
+IVF-Flat: benchmarks/upsert_stream.py). The first such search of a Delta copies its live rows
+into a small IVF-Flat on the primary's quantizer and those lists, so the delta of a whole batch
+is one FAISS search, parallel over the queries as the primary's is (a scan per query cost 8x).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ MIN_CAPACITY = 1024  # rows of the smallest buffer
 _NO_ROWS: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)
 _NO_IDS: I64 = np.empty(0, dtype=np.int64)
 UNLISTED = -1  # the list of a row that has none (scanned by every search)
-SMALL_SCAN = 256  # probed rows up to this many are scored in NumPy (see small_knn)
+PROBED_MAX_BYTES = 64 << 20  # live rows past this are scanned whole (see _probed_index)
 
 
 def _mapped(shape: tuple[int, ...], dtype: Any) -> Any:
@@ -60,10 +62,10 @@ class Delta:
     __slots__ = (
         "_buf",
         "_dead",
+        "_ivf",
         "_keys",
         "_live",
         "_n",
-        "_order",
         "_rows",
         "_sel",
         "coarse",
@@ -80,8 +82,7 @@ class Delta:
         self._rows: npt.NDArray[np.intp] = _NO_ROWS  # ... and the row holding each
         self._live: tuple[I64, F32] | None = None  # live ids/vectors in row order, made on use
         self._sel: tuple[Any, Any] | None = None  # selector of live rows (+ its bitmap), on use
-        # where each coarse list starts among the live rows sorted by list, and those rows
-        self._order: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]] | None = None
+        self._ivf: tuple[int | None, Any, Any] | None = None  # the probed index, on use
         self.coarse: int | None = None  # serial of the primary whose quantizer gave the lists
 
     @classmethod
@@ -99,7 +100,7 @@ class Delta:
         out._buf, out._n, out._dead, out._keys, out._rows = buf, n, dead, keys, rows
         out._live = None
         out._sel = None
-        out._order = None
+        out._ivf = None
         out.coarse = coarse
         return out
 
@@ -245,61 +246,56 @@ class Delta:
         return exact_knn(queries, ids, vectors, k, metric_type, self._live_selector())
 
     def search_probed(
-        self, queries: F32, k: int, metric_type: int, lists: I64, nlist: int
+        self,
+        queries: F32,
+        k: int,
+        metric_type: int,
+        primary: Any,
+        params: Any,
+        probe: tuple[F32, I64] | None = None,
     ) -> tuple[F32, I64] | None:
-        """Exact top-k of each query over the live rows in a list the primary probes for it (or
-        in none); None when no query has such a row (the primary's answer stands).
+        """Exact top-k of each query over the live rows in the lists the primary probes for it;
+        None when none of those lists holds a row (the primary's answer stands).
 
-        lists: (nq, nprobe) the lists probed, from the quantizer of the primary whose serial is
-        this delta's `coarse`, which has `nlist` lists."""
-        if queries.shape[0] > 1:  # each query its own lists: a batch answers as singles would
-            found = [self.search_probed(queries[q : q + 1], k, metric_type, lists[q : q + 1],
-                                        nlist) for q in range(queries.shape[0])]  # fmt: skip
-            if all(f is None for f in found):
-                return None
-            pad = exact_knn(queries[:1], _NO_IDS, self._buf.vectors[:0], k, metric_type)
-            each = [pad if f is None else f for f in found]
-            return np.concatenate([e[0] for e in each]), np.concatenate([e[1] for e in each])
-        rows = self._probed_rows(lists, nlist)
-        if rows is None:
+        primary: the state.Primary whose serial is this delta's `coarse` (its quantizer placed
+        the rows); params: its SearchParameters for the call, without a selector, so both
+        search the same lists; probe: the coarse search already made for these queries (else
+        the delta's index makes its own). A delta with rows placed by no quantizer, or past
+        PROBED_MAX_BYTES, is scanned whole."""
+        index = self._probed_index(primary, metric_type)
+        if index is None:
             return self.search(queries, k, metric_type)
-        if rows.size == 0:
+        if probe is None:
+            scores, ids = index.search(queries, k, params=params)
+        else:
+            scores, ids = preassigned(index, queries, k, probe, params)
+        return None if int(ids[:, 0].max()) < 0 else (scores, ids)
+
+    def _probed_index(self, primary: Any, metric_type: int) -> Any:
+        """The live rows as an IVF-Flat on the primary's quantizer and their lists, so a batch
+        is one FAISS call that probes as the primary does; made once per Delta, on its first
+        probed search. None when some row has no list or the rows pass PROBED_MAX_BYTES (a
+        copy per Delta would then cost too much)."""
+        made = self._ivf
+        if made is not None and made[0] == self.coarse:
+            return made[1]
+        live = len(self)
+        rows = np.sort(self._rows) if self._dead.size else np.arange(self._n)
+        lists = self._buf.lists[rows].astype(np.int64)
+        if live * (8 + 4 * self.dim) > PROBED_MAX_BYTES or (live and lists.min() == UNLISTED):
+            self._ivf = (self.coarse, None, None)
             return None
-        ids, vectors = self._buf.ids[rows], self._buf.vectors[rows]
-        if rows.size <= SMALL_SCAN:
-            return small_knn(queries[0], ids, vectors, k, metric_type)
-        return exact_knn(queries, ids, vectors, k, metric_type)
-
-    def _probed_rows(self, lists: I64, nlist: int) -> npt.NDArray[np.intp] | None:
-        """Live rows in a list one query probes (lists: (1, nprobe), distinct) or in none; None
-        when that is most rows (a full scan through the selector costs less than gathering)."""
-        bounds, order = self._by_list(nlist)
-        want = lists[0]
-        # a list of -1 (a quantizer short of answers) reads bounds[-1] onwards: an empty span
-        spans = [
-            order[lo:hi]
-            for lo, hi in zip(bounds[want].tolist(), bounds[want + 1].tolist(), strict=True)
-            if hi > lo
-        ]
-        unlisted = int(bounds[0])  # rows without a list sort first: every search scans them
-        if unlisted:
-            spans.append(order[:unlisted])
-        if not spans:
-            return order[:0]
-        rows = spans[0] if len(spans) == 1 else np.concatenate(spans)
-        return rows if 2 * rows.size < order.size else None
-
-    def _by_list(self, nlist: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-        """Live rows sorted by coarse list, and where each list starts among them (list l:
-        bounds[l] to bounds[l + 1]; rows without one before bounds[0]; bounds[nlist + 1] is
-        the end again, so list -1 spans nothing); made once per Delta."""
-        if self._order is None or self._order[0].size != nlist + 2:
-            rows = np.sort(self._rows) if self._dead.size else np.arange(self._n)
-            labels = self._buf.lists[rows]
-            by = np.argsort(labels, kind="stable")
-            bounds = np.searchsorted(labels[by], np.arange(nlist + 1, dtype=np.int32))
-            self._order = (np.append(bounds, rows.size), rows[by])
-        return self._order
+        ids = np.ascontiguousarray(self._buf.ids[rows])
+        vectors = np.ascontiguousarray(self._buf.vectors[rows])
+        nlist = int(primary.coarse.nlist)
+        ivf = faiss.IndexIVFFlat(primary.quantizer, self.dim, nlist, metric_type)
+        ptr = faiss.swig_ptr
+        with one_thread():
+            ivf.add_core(live, ptr(vectors), ptr(ids), ptr(lists))
+        ivf.parallel_mode = 3  # lists given beforehand: still parallel over the queries
+        # the primary's index owns the quantizer: held as long as this index may be searched
+        self._ivf = (self.coarse, ivf, primary)  # two searches may both make it: the same index
+        return ivf
 
     def _live_selector(self) -> Any:
         """A FAISS row selector passing the live rows (None when no row is dead), made once per
@@ -345,26 +341,17 @@ def exact_knn(
     return scores, np.where(hit, ids[np.maximum(found, 0)], -1) if ids.size else found
 
 
-def small_knn(query: F32, ids: I64, vectors: F32, k: int, metric_type: int) -> tuple[F32, I64]:
-    """exact_knn of one query over a few rows, in NumPy: FAISS's fixed cost per call is most
-    of a scan of a few dozen rows. Scores as FAISS gives them; (1, k), -1 pads."""
-    dot = vectors @ query
-    if metric_type == faiss.METRIC_INNER_PRODUCT:
-        scores, key = dot, -dot
-    else:
-        scores = np.einsum("ij,ij->i", vectors, vectors) + float(query @ query) - 2 * dot
-        key = scores
-    m = dot.size
-    if m > k:
-        best = np.argpartition(key, k - 1)[:k]
-        best = best[np.argsort(key[best], kind="stable")]
-        return scores[best][None, :], ids[best][None, :]
-    best = np.argsort(key, kind="stable")
-    out_s = np.full((1, k), _pad(metric_type), dtype=np.float32)
-    out_i = np.full((1, k), -1, dtype=np.int64)
-    out_s[0, :m] = scores[best]
-    out_i[0, :m] = ids[best]
-    return out_s, out_i
+def preassigned(ivf: Any, xq: F32, k: int, probe: tuple[F32, I64], params: Any) -> tuple[F32, I64]:
+    """IndexIVF search over lists already chosen (FAISS's Python wrapper takes no parameters,
+    so the C++ call is made here: a selector travels in `params`)."""
+    dq, iq = probe
+    n = xq.shape[0]
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    x = np.ascontiguousarray(xq, dtype=np.float32)
+    ptr = faiss.swig_ptr
+    ivf.search_preassigned_c(n, ptr(x), k, ptr(iq), ptr(dq), ptr(scores), ptr(ids), False, params)
+    return scores, ids
 
 
 def _pad(metric_type: int) -> np.float32:

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from faissq.errors import IndexNotReady, InvalidParameter
-from faissq.index.delta import exact_knn
+from faissq.index.delta import exact_knn, preassigned
 from faissq.index.params import allow_selector, combine, make_params, not_selector
 from faissq.index.results import exact_scores, merge_topk, worst
 from faissq.index.state import Primary, State, in_sorted, union_sorted
@@ -55,13 +55,19 @@ class Reader:
             nprobe, ef_search = widened(nprobe, ef_search, allow.size, st.ntotal)
         parts: list[tuple[F32, I64]] = []
         p = st.primary
-        # delta rows placed by this primary's quantizer: one coarse search serves both
-        placed = p is not None and len(st.delta) > 0 and st.delta.coarse == p.serial
-        probe = coarse_probe(st, xq, nprobe) if placed and allow is None and deny is None else None
+        # delta rows placed by this primary's quantizer are scanned in the lists it probes,
+        # unless it probes half of them or more: the whole delta (exact) then costs as much
+        params = None
+        unfiltered = allow is None and deny is None
+        if p is not None and p.coarse is not None and st.delta.coarse == p.serial and unfiltered:
+            call = p.params_for(nprobe, ef_search).params
+            if 2 * int(call.nprobe) < p.shape.nlist and len(st.delta):
+                params = call
+        probe = None if params is None else coarse_probe(st, xq, nprobe, ef_search)
         if p is not None:
             parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny, probe))
-        if probe is not None and p is not None:
-            found = st.delta.search_probed(xq, k, self.metric_type, probe[1], p.shape.nlist)
+        if p is not None and params is not None:
+            found = st.delta.search_probed(xq, k, self.metric_type, p, params, probe)
             if found is not None:
                 parts.append(found)
         elif len(st.delta) or not parts:
@@ -117,7 +123,7 @@ class Reader:
     ) -> tuple[F32, I64]:
         """Search the primary (GPU copy when usable), then refine lossy codes exactly.
 
-        probe: the coarse search already done for these queries (coarse_probe)."""
+        probe: the coarse search already made for these queries (coarse_probe)."""
         primary = st.primary
         if primary is None:
             raise IndexNotReady(f"index {self.name!r} has no primary")
@@ -130,11 +136,10 @@ class Reader:
             result = primary.gpu.search(xq, fetch, nprobe, exclude, allow, st.ntotal)
         if result is None and allow is None and deny is None:
             # no per-call selector: the state's parameter trees are shared (FAISS only reads them)
-            call = st.params_for(nprobe, ef_search)
-            if probe is not None:
-                result = preassigned(primary.coarse, xq, fetch, probe, call.params)
+            if post_filtered(st):
+                result = self._past_tombstones(st, xq, fetch, nprobe, ef_search, probe)
             else:
-                result = primary.index.search(xq, fetch, params=call.params)
+                result = plain(st, xq, fetch, st.params_for(nprobe, ef_search).params, probe)
         if result is None:
             sels = [st.tomb_selector] if st.tomb_selector is not None else []
             if allow is not None:
@@ -148,6 +153,38 @@ class Reader:
         scores, ids = result
         if lossy and fetch > k:
             scores, ids = self.refine(primary, xq, ids, k)
+        return scores, ids
+
+    def _past_tombstones(
+        self,
+        st: State,
+        xq: F32,
+        fetch: int,
+        nprobe: int | None,
+        ef_search: int | None,
+        probe: tuple[F32, I64] | None,
+    ) -> tuple[F32, I64]:
+        """A plain IVF primary's top-`fetch` without the tombstoned ids: FAISS fetches a few
+        more without a selector and those are dropped here, as a selector test per scanned row
+        cost a sixth of the search (benchmarks/upsert_stream.py). The lists scanned are the
+        same, so the answer is the selector's; a query left short is searched again with it."""
+        p = st.primary
+        assert p is not None
+        want = fetch + max(POST_FILTER_SPARE, fetch // 4)
+        scores, ids = plain(st, xq, want, p.params_for(nprobe, ef_search).params, probe)
+        dead = in_sorted(st.tombstones, ids)
+        if not dead.any():
+            return scores[:, :fetch], ids[:, :fetch]
+        full = ids[:, -1] >= 0  # FAISS found `want` rows: more may lie past them
+        order = np.argsort(dead, axis=1, kind="stable")[:, :fetch]  # the live ones, best first
+        scores = np.take_along_axis(scores, order, 1)
+        ids = np.take_along_axis(np.where(dead, -1, ids), order, 1)
+        scores[ids < 0] = worst(self.higher_is_better)
+        short = np.flatnonzero(full & (ids[:, -1] < 0))
+        if short.size:
+            call = st.params_for(nprobe, ef_search)
+            again = None if probe is None else (probe[0][short], probe[1][short])
+            scores[short], ids[short] = plain(st, xq[short], fetch, call.params, again)
         return scores, ids
 
     def within(
@@ -210,14 +247,16 @@ class Reader:
         return np.take_along_axis(exact, order, axis=1), ids
 
 
-def coarse_probe(st: State, xq: F32, nprobe: int | None) -> tuple[F32, I64] | None:
-    """The lists a plain IVF primary on the CPU probes for each query (distances, lists), found
-    once for the primary's search and the delta's; None for other primaries (their delta is
-    scanned whole)."""
+def coarse_probe(
+    st: State, xq: F32, nprobe: int | None, ef_search: int | None
+) -> tuple[F32, I64] | None:
+    """The lists the primary probes for each query (distances, lists), found once for the
+    primary's search and the delta's when the primary has a probed view (Primary.probed);
+    None else (each then makes its own coarse search)."""
     p = st.primary
-    if p is None or p.coarse is None:
+    if p is None or p.probed is None:
         return None
-    width = int(st.params_for(nprobe, None).params.nprobe)
+    width = int(p.params_for(nprobe, ef_search).params.nprobe)
     n = xq.shape[0]
     dq = np.empty((n, width), dtype=np.float32)
     iq = np.empty((n, width), dtype=np.int64)
@@ -227,19 +266,28 @@ def coarse_probe(st: State, xq: F32, nprobe: int | None) -> tuple[F32, I64] | No
     return dq, iq
 
 
-def preassigned(ivf: Any, xq: F32, k: int, probe: tuple[F32, I64], params: Any) -> tuple[F32, I64]:
-    """IndexIVF search over lists already chosen (FAISS's Python wrapper takes no parameters,
-    so the C++ call is made here: the tombstone selector travels in `params`)."""
-    dq, iq = probe
-    n = xq.shape[0]
-    scores = np.empty((n, k), dtype=np.float32)
-    ids = np.empty((n, k), dtype=np.int64)
-    x = np.ascontiguousarray(xq, dtype=np.float32)
-    ptr = faiss.swig_ptr
-    ivf.search_preassigned_c(n, ptr(x), k, ptr(iq), ptr(dq), ptr(scores), ptr(ids), False, params)
-    return scores, ids
+def plain(
+    st: State, xq: F32, k: int, params: Any, probe: tuple[F32, I64] | None
+) -> tuple[F32, I64]:
+    """The primary's search with these parameters, over the probed lists when given."""
+    p = st.primary
+    assert p is not None
+    if probe is None:
+        return p.index.search(xq, k, params=params)  # type: ignore[no-any-return]
+    return preassigned(p.probed, xq, k, probe, params)
 
 
+def post_filtered(st: State) -> bool:
+    """Whether a search without filters drops the tombstones from a plain IVF primary's answer
+    instead of passing FAISS a selector: while they are few (POST_FILTER_SHARE of its rows),
+    a few spare results cover them."""
+    p = st.primary
+    dead = int(st.tombstones.size)
+    return p is not None and p.coarse is not None and 0 < dead * POST_FILTER_SHARE <= p.ids.size
+
+
+POST_FILTER_SHARE = 20  # tombstones up to 1 in this many primary rows are dropped after FAISS
+POST_FILTER_SPARE = 4  # results fetched past the asked ones (at least; a quarter more else)
 MAX_WIDEN = 16  # most a filter multiplies nprobe / efSearch by
 
 

@@ -38,8 +38,8 @@ class Primary:
     @cached_property
     def coarse(self) -> Any | None:
         """The index as an IndexIVF when it is one itself (no pre-transform or id map) and is
-        searched on the CPU: its quantizer places the delta's rows, and one coarse search serves
-        primary and delta (a GPU copy probes on the device)."""
+        searched on the CPU: its quantizer places the delta's rows, which a search then scans
+        in the lists the primary probes (a GPU copy probes on the device)."""
         if self.gpu is not None:
             return None
         idx = faiss.downcast_index(self.index)
@@ -49,6 +49,24 @@ class Primary:
     def quantizer(self) -> Any:
         """The coarse quantizer of `coarse` (one SWIG proxy, not one per search)."""
         return None if self.coarse is None else self.coarse.quantizer
+
+    @cached_property
+    def probed(self) -> Any | None:
+        """A second IndexIVFFlat on this one's quantizer and lists (shared, not copied) that
+        searches lists found beforehand in parallel over the queries, so one coarse search
+        serves primary and delta: FAISS's search_preassigned runs a batch on one thread unless
+        parallel_mode is 3, which would also make the primary's range search serial. None
+        unless the primary is an IVF-Flat on a flat quantizer."""
+        ivf: Any = self.coarse
+        if type(ivf) is not faiss.IndexIVFFlat:
+            return None
+        if not isinstance(faiss.downcast_index(self.quantizer), faiss.IndexFlat):
+            return None
+        view = faiss.IndexIVFFlat(self.quantizer, ivf.d, ivf.nlist, ivf.metric_type)
+        view.replace_invlists(ivf.invlists, False)  # this Primary's index owns and frees them
+        view.ntotal = ivf.ntotal
+        view.parallel_mode = 3
+        return view
 
     def lists_of(self, vectors: F32) -> I64 | None:
         """The coarse list of each vector (None: this index has no quantizer of its own)."""

@@ -7,11 +7,33 @@ import numpy as np
 import pytest
 
 from faissq.config import IndexSettings
-from faissq.index.delta import Delta
+from faissq.index.delta import PROBED_MAX_BYTES, Delta
 from faissq.index.engine import Engine
 
 DIM = 16
 NLIST = 8
+
+
+class _Primary:
+    """What a probed delta search reads of a primary: its IndexIVF and quantizer (a real FAISS
+    quantizer with NLIST centroids far apart, one per axis)."""
+
+    def __init__(self, dim: int, metric: int) -> None:
+        self.quantizer = faiss.IndexFlat(dim, metric)
+        self.quantizer.add(np.eye(NLIST, dim, dtype=np.float32) * 10)
+        self.coarse = faiss.IndexIVFFlat(self.quantizer, dim, NLIST, metric)
+
+    def lists_of(self, vectors: np.ndarray) -> np.ndarray:
+        return np.asarray(self.quantizer.assign(vectors, 1), dtype=np.int64).reshape(-1)
+
+    def probed(self, xq: np.ndarray, nprobe: int) -> np.ndarray:
+        return np.asarray(self.quantizer.search(xq, nprobe)[1])
+
+    @staticmethod
+    def params(nprobe: int) -> faiss.SearchParametersIVF:
+        out = faiss.SearchParametersIVF()
+        out.nprobe = nprobe
+        return out
 
 
 def _exact(
@@ -25,21 +47,28 @@ def _exact(
     return s, np.where(r >= 0, ids[np.maximum(r, 0)], -1)
 
 
+def _vectors(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    """Rows near random centroids of _Primary, so every list gets some."""
+    near = np.eye(NLIST, dim, dtype=np.float32)[rng.integers(0, NLIST, n)] * 10
+    return (near + 3 * rng.standard_normal((n, dim))).astype(np.float32)
+
+
 @pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
 @pytest.mark.parametrize("nq", [1, 3])
 def test_a_probed_search_is_exact_over_the_rows_of_the_probed_lists(metric: int, nq: int) -> None:
-    """Churned rows with lists: each query's answer equals an exact search over the live rows
-    in the lists it probes, plus the rows without a list (over every live row when those are
-    most of them: a whole scan then costs less), whether it came alone or in a batch; None when
-    no query has such a row."""
+    """Churned rows placed by the primary's quantizer: each query's answer equals an exact
+    search over the live rows in the lists the primary probes for it, whether it came alone or
+    in a batch; None when no query has such a row. Once some live row has no list (a batch
+    upserted under no quantizer), the whole delta is scanned."""
     rng = np.random.default_rng(7)
+    primary = _Primary(DIM, metric)
     delta = Delta(DIM)
     model: dict[int, tuple[np.ndarray, int]] = {}
     for step in range(40):
         ids = rng.choice(300, size=int(rng.integers(1, 20)), replace=False).astype(np.int64)
-        vecs = rng.standard_normal((ids.size, DIM), dtype=np.float32)
-        listed = step % 7 != 3  # some batches come without lists (no IVF primary then)
-        lists = rng.integers(0, NLIST, ids.size) if listed else None
+        vecs = _vectors(rng, ids.size)
+        listed = step % 7 != 3 or step > 30  # some batches come without lists
+        lists = primary.lists_of(vecs) if listed else None
         delta = delta.without(ids).appended(ids, vecs, lists, 1 if listed else None)
         for i, v, lst in zip(ids, vecs, lists if listed else [-1] * ids.size, strict=True):
             model[int(i)] = (v, int(lst))
@@ -47,15 +76,14 @@ def test_a_probed_search_is_exact_over_the_rows_of_the_probed_lists(metric: int,
         delta = delta.without(gone)
         for g in gone:
             model.pop(int(g), None)
-        xq = rng.standard_normal((nq, DIM), dtype=np.float32)
-        probed = np.stack([rng.choice(NLIST, 2, replace=False) for _ in range(nq)]).astype(np.int64)
-        got = delta.search_probed(xq, 5, metric, probed, NLIST)
+        xq = _vectors(rng, nq)
+        probed = primary.probed(xq, 2)
+        got = delta.search_probed(xq, 5, metric, primary, primary.params(2))
+        whole = any(lst < 0 for _, lst in model.values())
         wants = []
         for q in range(nq):
-            seen = set(probed[q].tolist()) | {-1}
-            keep = sorted(i for i, (_, lst) in model.items() if lst in seen)
-            if keep and 2 * len(keep) >= len(model):
-                keep = sorted(model)
+            seen = set(probed[q].tolist())
+            keep = sorted(i for i, (_, lst) in model.items() if whole or lst in seen)
             rows = np.array(keep, dtype=np.int64)
             vecs_q = np.stack([model[i][0] for i in keep]) if keep else np.empty((0, DIM))
             wants.append((keep, _exact(xq[q : q + 1], rows, vecs_q.astype(np.float32), 5, metric)))
@@ -72,32 +100,22 @@ def test_a_probed_search_is_exact_over_the_rows_of_the_probed_lists(metric: int,
 
 def test_rows_placed_by_another_quantizer_are_scanned_by_every_search() -> None:
     """Lists from another primary say nothing about where this one probes: those rows lose
-    them (every search scans them), and the new rows carry the new primary's."""
+    them, and a delta holding such rows is scanned whole; the older delta still reads only
+    its own rows in the lists its primary probes."""
     rng = np.random.default_rng(1)
-    old = Delta(DIM).appended(np.arange(4), rng.standard_normal((4, DIM), dtype=np.float32),
-                              np.array([0, 1, 2, 3]), coarse=1)  # fmt: skip
-    new = old.appended(np.arange(4, 6), rng.standard_normal((2, DIM), dtype=np.float32),
-                       np.array([5, 5]), coarse=2)  # fmt: skip
+    primary = _Primary(DIM, faiss.METRIC_L2)
+    first = np.eye(4, DIM, dtype=np.float32) * 10  # one row per list 0..3
+    old = Delta(DIM).appended(np.arange(4), first, primary.lists_of(first), coarse=1)
+    second = _vectors(rng, 2)
+    new = old.appended(np.arange(4, 6), second, primary.lists_of(second), coarse=2)
     assert new.coarse == 2
-    got = new.search_probed(np.ones((1, DIM), np.float32), 10, faiss.METRIC_L2,
-                            np.array([[5]]), NLIST)  # fmt: skip
+    query = first[2:3]
+    got = new.search_probed(query, 10, faiss.METRIC_L2, primary, primary.params(1))
     assert got is not None
     assert sorted(got[1][got[1] >= 0].tolist()) == [0, 1, 2, 3, 4, 5]
-    # the older delta still reads its own rows under the first quantizer's lists
-    first = old.search_probed(np.ones((1, DIM), np.float32), 10, faiss.METRIC_L2,
-                              np.array([[2]]), NLIST)  # fmt: skip
-    assert first is not None
-    assert first[1][first[1] >= 0].tolist() == [2]
-
-
-def test_a_quantizer_short_of_lists_probes_nothing_more() -> None:
-    """A probe of -1 (a quantizer that found fewer lists than asked) selects no rows."""
-    delta = Delta(DIM).appended(np.arange(3), np.eye(3, DIM, dtype=np.float32),
-                                np.array([0, 1, 2]), coarse=1)  # fmt: skip
-    got = delta.search_probed(np.ones((1, DIM), np.float32), 2, faiss.METRIC_INNER_PRODUCT,
-                              np.array([[1, -1]]), NLIST)  # fmt: skip
-    assert got is not None
-    assert got[1].tolist() == [[1, -1]]
+    mine = old.search_probed(query, 10, faiss.METRIC_L2, primary, primary.params(1))
+    assert mine is not None
+    assert mine[1][mine[1] >= 0].tolist() == [2]
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -135,3 +153,81 @@ def test_a_delta_under_a_primary_without_lists_is_scanned_whole() -> None:
     eng.upsert(np.array([900]), far)
     assert eng.state.delta.coarse is None
     assert eng.search(far, 1).ids[0, 0] == 900
+
+
+def test_a_delta_past_the_probed_copy_cap_is_scanned_whole() -> None:
+    """The probed scan copies the live rows once per Delta; past PROBED_MAX_BYTES of them the
+    delta is scanned whole instead, so a row in a list the query does not probe is found."""
+    dim = 4096
+    rows = PROBED_MAX_BYTES // (8 + 4 * dim) + 1
+    primary = _Primary(dim, faiss.METRIC_INNER_PRODUCT)
+    vecs = np.zeros((rows, dim), np.float32)
+    vecs[:, 0] = 0.001
+    vecs[-1, 1] = 1.0
+    in_list_0 = np.zeros(rows, np.int64)
+    big = Delta(dim).appended(np.arange(rows), vecs, in_list_0, coarse=1)
+    small = Delta(dim).appended(np.arange(2), vecs[-2:], in_list_0[:2], coarse=1)
+    query = np.zeros((1, dim), np.float32)
+    query[0, 1] = 1.0
+    assert primary.probed(query, 1).tolist() == [[1]]  # list 1: where no row was placed
+    params = primary.params(1)
+    assert small.search_probed(query, 1, faiss.METRIC_INNER_PRODUCT, primary, params) is None
+    got = big.search_probed(query, 1, faiss.METRIC_INNER_PRODUCT, primary, params)
+    assert got is not None
+    assert got[1].tolist() == [[rows - 1]]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("deleted", [30, 400])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_tombstones_dropped_after_faiss_answer_as_the_merged_index(
+    metric: str, deleted: int, with_delta: bool
+) -> None:
+    """Under an IVF primary few tombstones (30 of 4,000) are dropped from FAISS's answer with a
+    few spare results, and a query whose nearest rows are all deleted is searched again with
+    the selector; many (400: past 1 in 20) go to FAISS as a selector. Either way, alone or in
+    a batch, with or without delta rows, the answer is the merged index's at the same nprobe
+    and holds no deleted id."""
+    rng = np.random.default_rng(9)
+    centers = rng.standard_normal((20, DIM)).astype(np.float32) * 4
+    x = (centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, DIM))).astype(np.float32)
+    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6), "t")
+    eng.build(x, np.arange(4000), family="ivf_flat")
+    xq = np.concatenate([x[:12], centers[:4]]).astype(np.float32)
+    near = eng.search(xq[:1], 20, nprobe=3).ids[0]  # more than FAISS's spare results
+    gone = np.union1d(near, rng.choice(np.arange(20, 4000), deleted - near.size, replace=False))
+    eng.delete(gone)
+    if with_delta:
+        new = centers[rng.integers(0, 20, 100)] + rng.standard_normal((100, DIM))
+        eng.upsert(np.arange(5000, 5100), new.astype(np.float32))
+    alone = [eng.search(xq[i : i + 1], 10, nprobe=3) for i in range(len(xq))]
+    batch = eng.search(xq, 10, nprobe=3)
+    assert not set(batch.ids.ravel().tolist()) & set(gone.tolist())
+    eng.merge()  # the lists then hold exactly the live rows
+    assert eng.state.tombstones.size == 0 and len(eng.state.delta) == 0
+    after = eng.search(xq, 10, nprobe=3)
+    np.testing.assert_allclose(batch.scores, after.scores, rtol=1e-4, atol=1e-4)
+    for i, one in enumerate(alone):
+        np.testing.assert_allclose(one.scores[0], after.scores[i], rtol=1e-4, atol=1e-4)
+
+
+def test_a_search_probing_half_the_lists_scans_the_delta_whole() -> None:
+    """Probing half the lists or more, a search scans every delta row (exact, as a range
+    search does): a row placed in a list the query does not probe is found; below half it
+    is found only where the merged index would find it."""
+    rng = np.random.default_rng(4)
+    centers = np.outer(np.arange(8), np.eye(1, DIM)).astype(np.float32) * 20  # on a line
+    x = (centers[np.arange(1000) % 8] + rng.standard_normal((1000, DIM))).astype(np.float32)
+    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6), "w")
+    eng.build(x, np.arange(1000), family="ivf_flat")
+    nlist = eng.state.primary.shape.nlist  # type: ignore[union-attr]
+    far = centers[7:8] + 1  # in cluster 7, the farthest from the query at cluster 0
+    eng.upsert(np.array([9000]), far)
+    query = centers[:1]
+    wide = eng.search(query, 1024, nprobe=(nlist + 1) // 2)
+    assert 9000 in wide.ids[0].tolist()
+    narrow = eng.search(query, 1024, nprobe=1)
+    merged_narrow = set(narrow.ids[0].tolist())
+    eng.merge()
+    assert set(eng.search(query, 1024, nprobe=1).ids[0].tolist()) == merged_narrow
+    assert 9000 not in merged_narrow
