@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -64,3 +65,10 @@ def rpc_stats(r: redis.Redis, index: str) -> list[dict[str, Any]]:
     """The counters each live worker of the index published with its last heartbeat."""
     found = list(r.scan_iter(match=keys.heartbeat_pattern(index)))
     return [json.loads(v)["stats"] for v in r.mget(found) if v] if found else []
+
+
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of a process is stopped: SIGSTOP returns before they all are."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+    return all(state in "Tt" for state in states)

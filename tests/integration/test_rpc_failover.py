@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 from conftest import WorkerProcess, make_settings
-from rpc_support import TIMEOUT, rpc_stats, vecs, wait_for
+from rpc_support import TIMEOUT, all_stopped, rpc_stats, vecs, wait_for
 from test_replica import replica_factory  # noqa: F401 - a fixture
 
 from faissq import IndexBusy, NoWorkerAlive, SearchClient, SearchTimeout, Settings
@@ -73,7 +73,7 @@ def test_stalled_worker_times_out_then_is_busy_then_not_alive(
     assert client.search(q, 3).ids.shape == (1, 3)
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGSTOP)
-    wait_for(lambda: _all_stopped(worker.proc.pid), 5, "every thread of the worker stopped")
+    wait_for(lambda: all_stopped(worker.proc.pid), 5, "every thread of the worker stopped")
     try:
         # a stopped worker blocked in BLMPOP may still take one request into its socket buffer,
         # so the list fills after 3 or 4 searches; each of them times out, never hangs
@@ -103,13 +103,6 @@ def test_stalled_worker_times_out_then_is_busy_then_not_alive(
              "the stale requests counted as expired")  # fmt: skip
     r.close()
     client.close()
-
-
-def _all_stopped(pid: int) -> bool:
-    """Whether every thread of a process is stopped: SIGSTOP returns before they all are."""
-    tasks = Path(f"/proc/{pid}/task")
-    states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
-    return all(state in "Tt" for state in states)
 
 
 def _try(client: SearchClient, q: np.ndarray) -> Any:

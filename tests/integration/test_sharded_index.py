@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rpc_support import all_stopped, wait_for
 
 from faissq import shards
 from faissq.config import Settings
@@ -151,6 +152,7 @@ def test_a_missing_shard_is_a_typed_error_or_a_flagged_partial_answer(
         assert client.search(vecs(2, 4), 3).versions.keys() == {s0, s1}
         assert other.proc is not None
         other.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: all_stopped(other.proc.pid), 5, "every thread of the shard's worker")
         try:
             with pytest.raises(ShardUnavailable) as info:
                 client.search(vecs(2, 4), 3, timeout=0.3)
