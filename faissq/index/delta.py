@@ -82,7 +82,7 @@ class Delta:
         self._rows: npt.NDArray[np.intp] = _NO_ROWS  # ... and the row holding each
         self._live: tuple[I64, F32] | None = None  # live ids/vectors in row order, made on use
         self._sel: tuple[Any, Any] | None = None  # selector of live rows (+ its bitmap), on use
-        self._ivf: tuple[int | None, Any, Any] | None = None  # the probed index, on use
+        self._ivf: tuple[Any, Any] | None = None  # the probed index and its primary, on use
         self.coarse: int | None = None  # serial of the primary whose quantizer gave the lists
 
     @classmethod
@@ -276,14 +276,16 @@ class Delta:
         is one FAISS call that probes as the primary does; made once per Delta, on its first
         probed search. None when some row has no list or the rows pass PROBED_MAX_BYTES (a
         copy per Delta would then cost too much)."""
-        made = self._ivf
-        if made is not None and made[0] == self.coarse:
-            return made[1]
+        if self._ivf is not None:  # a Delta's rows and `coarse` never change
+            return self._ivf[0]
         live = len(self)
+        if live * (8 + 4 * self.dim) > PROBED_MAX_BYTES:
+            self._ivf = (None, None)
+            return None
         rows = np.sort(self._rows) if self._dead.size else np.arange(self._n)
         lists = self._buf.lists[rows].astype(np.int64)
-        if live * (8 + 4 * self.dim) > PROBED_MAX_BYTES or (live and lists.min() == UNLISTED):
-            self._ivf = (self.coarse, None, None)
+        if live and lists.min() == UNLISTED:
+            self._ivf = (None, None)
             return None
         ids = np.ascontiguousarray(self._buf.ids[rows])
         vectors = np.ascontiguousarray(self._buf.vectors[rows])
@@ -294,7 +296,7 @@ class Delta:
             ivf.add_core(live, ptr(vectors), ptr(ids), ptr(lists))
         ivf.parallel_mode = 3  # lists given beforehand: still parallel over the queries
         # the primary's index owns the quantizer: held as long as this index may be searched
-        self._ivf = (self.coarse, ivf, primary)  # two searches may both make it: the same index
+        self._ivf = (ivf, primary)  # two searches may both make it: the same index
         return ivf
 
     def _live_selector(self) -> Any:

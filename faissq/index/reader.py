@@ -63,7 +63,7 @@ class Reader:
             call = p.params_for(nprobe, ef_search).params
             if 2 * int(call.nprobe) < p.shape.nlist and len(st.delta):
                 params = call
-        probe = None if params is None else coarse_probe(st, xq, nprobe, ef_search)
+        probe = None if params is None else coarse_probe(st, xq, int(params.nprobe))
         if p is not None:
             parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny, probe))
         if p is not None and params is not None:
@@ -247,16 +247,13 @@ class Reader:
         return np.take_along_axis(exact, order, axis=1), ids
 
 
-def coarse_probe(
-    st: State, xq: F32, nprobe: int | None, ef_search: int | None
-) -> tuple[F32, I64] | None:
-    """The lists the primary probes for each query (distances, lists), found once for the
-    primary's search and the delta's when the primary has a probed view (Primary.probed);
+def coarse_probe(st: State, xq: F32, width: int) -> tuple[F32, I64] | None:
+    """The `width` lists the primary probes for each query (distances, lists), found once for
+    the primary's search and the delta's when the primary has a probed view (Primary.probed);
     None else (each then makes its own coarse search)."""
     p = st.primary
     if p is None or p.probed is None:
         return None
-    width = int(p.params_for(nprobe, ef_search).params.nprobe)
     n = xq.shape[0]
     dq = np.empty((n, width), dtype=np.float32)
     iq = np.empty((n, width), dtype=np.int64)
