@@ -43,7 +43,9 @@ def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
     log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "faissq.worker.monitor", "flower",
-         f"--port={port}", "--address=127.0.0.1", "--persistent=False"],
+         f"--port={port}", "--address=127.0.0.1", "--persistent=False",
+         # a worker busy building on a loaded host may answer an inspect after Flower's 1 s
+         "--inspect_timeout=15000"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
