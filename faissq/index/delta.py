@@ -11,10 +11,10 @@ uses any more goes back to the kernel at once, where glibc would keep a freed he
 Under an IVF primary each row also holds its coarse list (assigned by the primary's quantizer at
 upsert), and a plain search scans only the rows in the lists the primary probes for the query, so
 recent rows are found as the primary would find them once merged and the scan grows with the rows
-in those lists, not with the delta (a full scan of 5,000 rows doubled the CPU of a search of 100k
-IVF-Flat: benchmarks/upsert_stream.py). The first such search of a Delta copies its live rows
-into a small IVF-Flat on the primary's quantizer and those lists, so the delta of a whole batch
-is one FAISS search, parallel over the queries as the primary's is (a scan per query cost 8x).
+in those lists, not with the delta. The first such search of a Delta copies its live rows into a
+small IVF-Flat on the primary's quantizer and those lists (Probed); under an IVF-Flat primary its
+lists are stacked after the primary's, so primary and delta are one FAISS search (two searches
+and a merge of their answers cost a search and a half: benchmarks/upsert_stream.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ MIN_CAPACITY = 1024  # rows of the smallest buffer
 _NO_ROWS: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)
 _NO_IDS: I64 = np.empty(0, dtype=np.int64)
 UNLISTED = -1  # the list of a row that has none (scanned by every search)
-PROBED_MAX_BYTES = 64 << 20  # live rows past this are scanned whole (see _probed_index)
+PROBED_MAX_BYTES = 64 << 20  # live rows past this are scanned whole (see Delta._probed)
 
 
 def _mapped(shape: tuple[int, ...], dtype: Any) -> Any:
@@ -82,7 +82,7 @@ class Delta:
         self._rows: npt.NDArray[np.intp] = _NO_ROWS  # ... and the row holding each
         self._live: tuple[I64, F32] | None = None  # live ids/vectors in row order, made on use
         self._sel: tuple[Any, Any] | None = None  # selector of live rows (+ its bitmap), on use
-        self._ivf: tuple[Any, Any] | None = None  # the probed index and its primary, on use
+        self._ivf: Probed | bool | None = None  # the probed rows (False: none), on use
         self.coarse: int | None = None  # serial of the primary whose quantizer gave the lists
 
     @classmethod
@@ -252,52 +252,51 @@ class Delta:
         metric_type: int,
         primary: Any,
         params: Any,
-        probe: tuple[F32, I64] | None = None,
     ) -> tuple[F32, I64] | None:
         """Exact top-k of each query over the live rows in the lists the primary probes for it;
         None when none of those lists holds a row (the primary's answer stands).
 
         primary: the state.Primary whose serial is this delta's `coarse` (its quantizer placed
         the rows); params: its SearchParameters for the call, without a selector, so both
-        search the same lists; probe: the coarse search already made for these queries (else
-        the delta's index makes its own). A delta with rows placed by no quantizer, or past
+        search the same lists. A delta with rows placed by no quantizer, or past
         PROBED_MAX_BYTES, is scanned whole."""
-        index = self._probed_index(primary, metric_type)
-        if index is None:
+        probed = self._probed(primary, metric_type)
+        if probed is None:
             return self.search(queries, k, metric_type)
-        if probe is None:
-            scores, ids = index.search(queries, k, params=params)
-        else:
-            scores, ids = preassigned(index, queries, k, probe, params)
-        return None if int(ids[:, 0].max()) < 0 else (scores, ids)
+        scores, tagged = probed.ivf.search(queries, k, params=params)
+        if bool((tagged[:, 0] == -1).all()):
+            return None
+        return scores, probed.untag(tagged)
 
-    def _probed_index(self, primary: Any, metric_type: int) -> Any:
+    def stacked(self, primary: Any, metric_type: int) -> Probed | None:
+        """This delta's probed rows with the primary's lists stacked before them under one
+        IndexIVFFlat (list l of the delta is list nlist + l; nothing copied), so one FAISS call
+        over both finds a batch's top-k (Probed.stacked; see reader.coarse_probe); None as for
+        search_probed, or when the primary has no IVF-Flat lists of its own to stack."""
+        probed = self._probed(primary, metric_type)
+        return None if probed is None or probed.stacked is None else probed
+
+    def _probed(self, primary: Any, metric_type: int) -> Probed | None:
         """The live rows as an IVF-Flat on the primary's quantizer and their lists, so a batch
         is one FAISS call that probes as the primary does; made once per Delta, on its first
         probed search. None when some row has no list or the rows pass PROBED_MAX_BYTES (a
         copy per Delta would then cost too much)."""
         if self._ivf is not None:  # a Delta's rows and `coarse` never change
-            return self._ivf[0]
+            return self._ivf if isinstance(self._ivf, Probed) else None
         live = len(self)
         if live * (8 + 4 * self.dim) > PROBED_MAX_BYTES:
-            self._ivf = (None, None)
+            self._ivf = False
             return None
         rows = np.sort(self._rows) if self._dead.size else np.arange(self._n)
         lists = self._buf.lists[rows].astype(np.int64)
         if live and lists.min() == UNLISTED:
-            self._ivf = (None, None)
+            self._ivf = False
             return None
         ids = np.ascontiguousarray(self._buf.ids[rows])
         vectors = np.ascontiguousarray(self._buf.vectors[rows])
-        nlist = int(primary.coarse.nlist)
-        ivf = faiss.IndexIVFFlat(primary.quantizer, self.dim, nlist, metric_type)
-        ptr = faiss.swig_ptr
-        with one_thread():
-            ivf.add_core(live, ptr(vectors), ptr(ids), ptr(lists))
-        ivf.parallel_mode = 3  # lists given beforehand: still parallel over the queries
-        # the primary's index owns the quantizer: held as long as this index may be searched
-        self._ivf = (ivf, primary)  # two searches may both make it: the same index
-        return ivf
+        out = Probed(primary, ids, vectors, lists, metric_type)
+        self._ivf = out  # two searches may both make it: the same index
+        return out
 
     def _live_selector(self) -> Any:
         """A FAISS row selector passing the live rows (None when no row is dead), made once per
@@ -310,6 +309,47 @@ class Delta:
             bitmap = np.packbits(live, bitorder="little")
             self._sel = (faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap)), bitmap)
         return self._sel[0]
+
+
+class Probed:
+    """A Delta's live rows as a small IVF-Flat on a primary's quantizer, under tagged ids
+    (row r is -2 - r, never a user id nor FAISS's -1), and the primary's lists stacked before
+    them when the primary is an IVF-Flat: a tagged id is never one of the primary's
+    tombstones, so a replaced row's tombstone spares its new copy."""
+
+    def __init__(self, primary: Any, ids: I64, vectors: F32, lists: I64, metric_type: int) -> None:
+        """Copy the rows (ids, vectors, lists) into a new IVF-Flat on primary's quantizer."""
+        live, dim = vectors.shape
+        nlist = int(primary.coarse.nlist)
+        self.ids = ids
+        self.ivf = faiss.IndexIVFFlat(primary.quantizer, dim, nlist, metric_type)
+        tags = -2 - np.arange(live, dtype=np.int64)
+        ptr = faiss.swig_ptr
+        with one_thread():
+            self.ivf.add_core(live, ptr(vectors), ptr(tags), ptr(lists))
+        self.ivf.parallel_mode = 3  # lists given beforehand: still parallel over the queries
+        # the primary's index owns the quantizer and its lists: held while this is searched
+        self.primary = primary
+        self.stacked: Any = None
+        own = primary.coarse
+        if type(own) is faiss.IndexIVFFlat:
+            both = faiss.InvertedListsPtrVector()
+            both.push_back(own.invlists)
+            both.push_back(self.ivf.invlists)
+            self._lists = (both, faiss.VStackInvertedLists(2, both.data()))
+            view = faiss.IndexIVFFlat(primary.quantizer, dim, 2 * nlist, metric_type)
+            view.replace_invlists(self._lists[1], False)  # held by self._lists
+            view.ntotal = own.ntotal + live
+            view.is_trained = True  # FAISS checks quantizer.ntotal == nlist: it holds half
+            view.parallel_mode = 3
+            self.stacked = view
+
+    def untag(self, found: I64) -> I64:
+        """The user ids of FAISS's answer: tagged rows mapped back, primary ids and -1 kept."""
+        tagged = found < -1
+        if not tagged.any():
+            return found
+        return np.where(tagged, self.ids[np.maximum(-2 - found, 0)], found)
 
 
 def exact_knn(
@@ -341,19 +381,6 @@ def exact_knn(
             )
     hit = found >= 0
     return scores, np.where(hit, ids[np.maximum(found, 0)], -1) if ids.size else found
-
-
-def preassigned(ivf: Any, xq: F32, k: int, probe: tuple[F32, I64], params: Any) -> tuple[F32, I64]:
-    """IndexIVF search over lists already chosen (FAISS's Python wrapper takes no parameters,
-    so the C++ call is made here: a selector travels in `params`)."""
-    dq, iq = probe
-    n = xq.shape[0]
-    scores = np.empty((n, k), dtype=np.float32)
-    ids = np.empty((n, k), dtype=np.int64)
-    x = np.ascontiguousarray(xq, dtype=np.float32)
-    ptr = faiss.swig_ptr
-    ivf.search_preassigned_c(n, ptr(x), k, ptr(iq), ptr(dq), ptr(scores), ptr(ids), False, params)
-    return scores, ids
 
 
 def _pad(metric_type: int) -> np.float32:

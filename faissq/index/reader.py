@@ -14,7 +14,8 @@ import faiss
 import numpy as np
 
 from faissq.errors import IndexNotReady, InvalidParameter
-from faissq.index.delta import exact_knn, preassigned
+from faissq.index.delta import Probed, exact_knn
+from faissq.index.omp import one_thread
 from faissq.index.params import allow_selector, combine, make_params, not_selector
 from faissq.index.results import exact_scores, merge_topk, worst
 from faissq.index.state import Primary, State, in_sorted, union_sorted
@@ -57,17 +58,21 @@ class Reader:
         p = st.primary
         # delta rows placed by this primary's quantizer are scanned in the lists it probes,
         # unless it probes half of them or more: the whole delta (exact) then costs as much
-        params = None
+        width = 0
         unfiltered = allow is None and deny is None
         if p is not None and p.coarse is not None and st.delta.coarse == p.serial and unfiltered:
-            call = p.params_for(nprobe, ef_search).params
-            if 2 * int(call.nprobe) < p.shape.nlist and len(st.delta):
-                params = call
-        probe = None if params is None else coarse_probe(st, xq, int(params.nprobe))
+            w = int(p.params_for(nprobe, ef_search).params.nprobe)
+            if 2 * w < p.shape.nlist and len(st.delta):
+                width = w
+        if width and p is not None and p.stackable:
+            probed = st.delta.stacked(p, self.metric_type)
+            if probed is not None:
+                return self._stacked(st, xq, k, width, ef_search, probed)
         if p is not None:
-            parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny, probe))
-        if p is not None and params is not None:
-            found = st.delta.search_probed(xq, k, self.metric_type, p, params, probe)
+            parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
+        if p is not None and width:
+            params = p.params_for(nprobe, ef_search).params
+            found = st.delta.search_probed(xq, k, self.metric_type, p, params)
             if found is not None:
                 parts.append(found)
         elif len(st.delta) or not parts:
@@ -78,6 +83,22 @@ class Reader:
         if self._delta_out_of_reach(parts[0], parts[1]):
             return parts[0]
         return merge_topk(parts, k, self.higher_is_better)
+
+    def _stacked(
+        self, st: State, xq: F32, k: int, width: int, ef_search: int | None, probed: Probed
+    ) -> tuple[F32, I64]:
+        """Top-k over the primary's lists and the delta's stacked after them (Delta.stacked):
+        one coarse search, then one FAISS search of the `width` lists of each, so a batch
+        costs about what it would once merged (two searches and a merge of their answers cost
+        half as much again: benchmarks/upsert_stream.py)."""
+        p = st.primary
+        assert p is not None
+        probe = (*coarse_probe(p, xq, width, p.shape.nlist), probed.stacked)
+        if post_filtered(st):
+            scores, ids = self._past_tombstones(st, xq, k, 2 * width, ef_search, probe)
+        else:
+            scores, ids = plain(st, xq, k, st.params_for(2 * width, ef_search).params, probe)
+        return scores, probed.untag(ids)
 
     def exact_subset(
         self, st: State, xq: F32, k: int, allow: I64, deny: I64 | None
@@ -119,11 +140,8 @@ class Reader:
         k_factor: int | None,
         allow: I64 | None,
         deny: I64 | None,
-        probe: tuple[F32, I64] | None = None,
     ) -> tuple[F32, I64]:
-        """Search the primary (GPU copy when usable), then refine lossy codes exactly.
-
-        probe: the coarse search already made for these queries (coarse_probe)."""
+        """Search the primary (GPU copy when usable), then refine lossy codes exactly."""
         primary = st.primary
         if primary is None:
             raise IndexNotReady(f"index {self.name!r} has no primary")
@@ -137,9 +155,9 @@ class Reader:
         if result is None and allow is None and deny is None:
             # no per-call selector: the state's parameter trees are shared (FAISS only reads them)
             if post_filtered(st):
-                result = self._past_tombstones(st, xq, fetch, nprobe, ef_search, probe)
+                result = self._past_tombstones(st, xq, fetch, nprobe, ef_search, None)
             else:
-                result = plain(st, xq, fetch, st.params_for(nprobe, ef_search).params, probe)
+                result = plain(st, xq, fetch, st.params_for(nprobe, ef_search).params, None)
         if result is None:
             sels = [st.tomb_selector] if st.tomb_selector is not None else []
             if allow is not None:
@@ -162,7 +180,7 @@ class Reader:
         fetch: int,
         nprobe: int | None,
         ef_search: int | None,
-        probe: tuple[F32, I64] | None,
+        probe: Probe | None,
     ) -> tuple[F32, I64]:
         """A plain IVF primary's top-`fetch` without the tombstoned ids: FAISS fetches a few
         more without a selector and those are dropped here, as a selector test per scanned row
@@ -172,18 +190,22 @@ class Reader:
         assert p is not None
         want = fetch + max(POST_FILTER_SPARE, fetch // 4)
         scores, ids = plain(st, xq, want, p.params_for(nprobe, ef_search).params, probe)
+        gone = st.tomb_set
+        if gone is not None and gone.isdisjoint(ids.ravel().tolist()):
+            return scores[:, :fetch], ids[:, :fetch]
         dead = in_sorted(st.tombstones, ids)
         if not dead.any():
             return scores[:, :fetch], ids[:, :fetch]
-        full = ids[:, -1] >= 0  # FAISS found `want` rows: more may lie past them
+        # -1 is an empty slot (a stacked delta row's id is below it: Probed)
+        full = ids[:, -1] != -1  # FAISS found `want` rows: more may lie past them
         order = np.argsort(dead, axis=1, kind="stable")[:, :fetch]  # the live ones, best first
         scores = np.take_along_axis(scores, order, 1)
         ids = np.take_along_axis(np.where(dead, -1, ids), order, 1)
-        scores[ids < 0] = worst(self.higher_is_better)
-        short = np.flatnonzero(full & (ids[:, -1] < 0))
+        scores[ids == -1] = worst(self.higher_is_better)
+        short = np.flatnonzero(full & (ids[:, -1] == -1))
         if short.size:
             call = st.params_for(nprobe, ef_search)
-            again = None if probe is None else (probe[0][short], probe[1][short])
+            again = None if probe is None else (probe[0][short], probe[1][short], probe[2])
             scores[short], ids[short] = plain(st, xq[short], fetch, call.params, again)
         return scores, ids
 
@@ -247,31 +269,50 @@ class Reader:
         return np.take_along_axis(exact, order, axis=1), ids
 
 
-def coarse_probe(st: State, xq: F32, width: int) -> tuple[F32, I64] | None:
-    """The `width` lists the primary probes for each query (distances, lists), found once for
-    the primary's search and the delta's when the primary has a probed view (Primary.probed);
-    None else (each then makes its own coarse search)."""
-    p = st.primary
-    if p is None or p.probed is None:
-        return None
+def coarse_probe(p: Primary, xq: F32, width: int, nlist: int) -> tuple[F32, I64]:
+    """The `width` lists the primary's quantizer picks for each query (distances, lists), each
+    row followed by the same lists shifted by `nlist` at the same distances: the delta's,
+    stacked after the primary's (Delta.stacked)."""
     n = xq.shape[0]
-    dq = np.empty((n, width), dtype=np.float32)
-    iq = np.empty((n, width), dtype=np.int64)
+    dq = np.empty((n, 2 * width), dtype=np.float32)
+    iq = np.empty((n, 2 * width), dtype=np.int64)
     x = np.ascontiguousarray(xq, dtype=np.float32)
     ptr = faiss.swig_ptr  # the C++ call: FAISS's wrapper checks and allocates again
-    p.quantizer.search_c(n, ptr(x), width, ptr(dq), ptr(iq))
+    if n == 1:  # the row's first half is contiguous: the quantizer writes it in place
+        p.quantizer.search_c(1, ptr(x), width, ptr(dq), ptr(iq))
+    else:
+        d1 = np.empty((n, width), dtype=np.float32)
+        i1 = np.empty((n, width), dtype=np.int64)
+        # one thread: a batch's coarse search is short, and a second OpenMP barrier per
+        # search waits for a helper thread the busy cores may not run at once
+        with one_thread():
+            p.quantizer.search_c(n, ptr(x), width, ptr(d1), ptr(i1))
+        dq[:, :width], iq[:, :width] = d1, i1
+    dq[:, width:] = dq[:, :width]
+    # a flat quantizer fills every slot when width <= nlist (no -1 to keep)
+    np.add(iq[:, :width], nlist, out=iq[:, width:])
     return dq, iq
 
 
-def plain(
-    st: State, xq: F32, k: int, params: Any, probe: tuple[F32, I64] | None
-) -> tuple[F32, I64]:
-    """The primary's search with these parameters, over the probed lists when given."""
+Probe = tuple[F32, I64, Any]  # coarse distances and lists found beforehand, the index to search
+
+
+def plain(st: State, xq: F32, k: int, params: Any, probe: Probe | None) -> tuple[F32, I64]:
+    """The primary's search with these parameters; with a probe, that index over its lists
+    (FAISS's Python wrapper of search_preassigned takes no parameters: the C++ call is made
+    here, so a selector travels in `params`)."""
     p = st.primary
     assert p is not None
     if probe is None:
         return p.index.search(xq, k, params=params)  # type: ignore[no-any-return]
-    return preassigned(p.probed, xq, k, probe, params)
+    dq, iq, ivf = probe
+    n = xq.shape[0]
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    x = np.ascontiguousarray(xq, dtype=np.float32)
+    ptr = faiss.swig_ptr
+    ivf.search_preassigned_c(n, ptr(x), k, ptr(iq), ptr(dq), ptr(scores), ptr(ids), False, params)
+    return scores, ids
 
 
 def post_filtered(st: State) -> bool:

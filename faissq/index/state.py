@@ -51,22 +51,14 @@ class Primary:
         return None if self.coarse is None else self.coarse.quantizer
 
     @cached_property
-    def probed(self) -> Any | None:
-        """A second IndexIVFFlat on this one's quantizer and lists (shared, not copied) that
-        searches lists found beforehand in parallel over the queries, so one coarse search
-        serves primary and delta: FAISS's search_preassigned runs a batch on one thread unless
-        parallel_mode is 3, which would also make the primary's range search serial. None
-        unless the primary is an IVF-Flat on a flat quantizer."""
+    def stackable(self) -> bool:
+        """Whether the delta's lists can be stacked after this index's own for one search
+        (reader.Reader._stacked): an IVF-Flat on a flat quantizer, whose coarse search the
+        reader makes itself (a graph quantizer would need its own search parameters)."""
         ivf: Any = self.coarse
         if type(ivf) is not faiss.IndexIVFFlat:
-            return None
-        if not isinstance(faiss.downcast_index(self.quantizer), faiss.IndexFlat):
-            return None
-        view = faiss.IndexIVFFlat(self.quantizer, ivf.d, ivf.nlist, ivf.metric_type)
-        view.replace_invlists(ivf.invlists, False)  # this Primary's index owns and frees them
-        view.ntotal = ivf.ntotal
-        view.parallel_mode = 3
-        return view
+            return False
+        return isinstance(faiss.downcast_index(self.quantizer), faiss.IndexFlat)
 
     def lists_of(self, vectors: F32) -> I64 | None:
         """The coarse list of each vector (None: this index has no quantizer of its own)."""
@@ -168,6 +160,14 @@ class State:
                 self.tomb_params[key] = call
         return call
 
+    @cached_property
+    def tomb_set(self) -> frozenset[int] | None:
+        """The tombstones as a set, for the few ids of one answer (a set lookup per id costs a
+        third of a vectorised search of the sorted array); None past TOMB_SET_MAX of them."""
+        if self.tombstones.size > TOMB_SET_MAX:
+            return None
+        return frozenset(self.tombstones.tolist())
+
     @property
     def ntotal(self) -> int:
         """Live vectors: primary minus tombstones plus delta."""
@@ -223,6 +223,9 @@ class State:
         parts_ids.append(self.delta.ids)
         parts_vecs.append(self.delta.vectors)
         return np.concatenate(parts_ids), np.concatenate(parts_vecs).reshape(-1, self.dim)
+
+
+TOMB_SET_MAX = 1 << 15  # tombstones past this are looked up in the sorted array alone
 
 
 def in_sorted(sorted_arr: I64, ids: I64) -> npt.NDArray[np.bool_]:

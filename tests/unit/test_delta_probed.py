@@ -9,6 +9,7 @@ import pytest
 from faissq.config import IndexSettings
 from faissq.index.delta import PROBED_MAX_BYTES, Delta
 from faissq.index.engine import Engine
+from faissq.index.reader import post_filtered
 
 DIM = 16
 NLIST = 8
@@ -231,3 +232,53 @@ def test_a_search_probing_half_the_lists_scans_the_delta_whole() -> None:
     eng.merge()
     assert set(eng.search(query, 1024, nprobe=1).ids[0].tolist()) == merged_narrow
     assert 9000 not in merged_narrow
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_replaced_row_is_found_under_its_id_and_its_old_copy_is_not(metric: str) -> None:
+    """Few replacements (tombstones dropped after FAISS, primary and delta in one stacked
+    search): each new vector finds its own id first, the old vector is not returned under
+    that id, and a batch answers as the merged index does."""
+    rng = np.random.default_rng(12)
+    centers = rng.standard_normal((20, DIM)).astype(np.float32) * 4
+    x = (centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, DIM))).astype(np.float32)
+    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6), "r")
+    eng.build(x, np.arange(4000), family="ivf_flat")
+    ids = rng.choice(4000, 30, replace=False).astype(np.int64)
+    new = (centers[rng.integers(0, 20, 30)] + rng.standard_normal((30, DIM))).astype(np.float32)
+    eng.upsert(ids, new)
+    st = eng.state
+    assert st.primary is not None and st.primary.stackable and post_filtered(st)
+    assert st.delta.stacked(st.primary, st.primary.coarse.metric_type) is not None
+    own = eng.search(new, 1, nprobe=2)
+    np.testing.assert_array_equal(own.ids[:, 0], ids)
+    old = eng.search(x[ids], 10, nprobe=2)  # each old vector would match itself exactly
+    self_score = old.scores[old.ids == ids[:, None]]  # the id's score, where it is returned
+    if metric == "l2":
+        assert (self_score > 1e-3).all()  # the new row's distance, not the old copy's 0
+    else:
+        assert (self_score < 1 - 1e-3).all()
+    batch = eng.search(np.concatenate([new, x[:20]]), 10, nprobe=2)
+    eng.merge()
+    after = eng.search(np.concatenate([new, x[:20]]), 10, nprobe=2)
+    np.testing.assert_allclose(batch.scores, after.scores, rtol=1e-4, atol=1e-4)
+    assert (batch.ids >= -1).all()
+
+
+def test_a_stacked_search_pads_with_minus_one_and_returns_no_tagged_id() -> None:
+    """When the probed lists of primary and delta hold fewer than k live rows, the answer is
+    those rows then -1: the delta's internal ids never reach the caller."""
+    rng = np.random.default_rng(13)
+    centers = np.outer(np.arange(8), np.eye(1, DIM)).astype(np.float32) * 20
+    x = (centers[np.arange(400) % 8] + rng.standard_normal((400, DIM))).astype(np.float32)
+    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6), "k")
+    eng.build(x, np.arange(400), family="ivf_flat")
+    eng.delete(np.arange(0, 400, 40))  # 10 tombstones: dropped after FAISS
+    new = (centers[:1] + rng.standard_normal((5, DIM))).astype(np.float32)
+    eng.upsert(np.arange(1000, 1005), new)
+    got = eng.search(centers[:1], 100, nprobe=1)  # one list: ~50 primary rows + 5 new ones
+    live = got.ids[0][got.ids[0] != -1]
+    assert set(range(1000, 1005)) <= set(live.tolist())
+    assert (got.ids >= -1).all() and got.ids[0, -1] == -1
+    assert not set(live.tolist()) & set(range(0, 400, 40))
+    assert live.size == np.unique(live).size
