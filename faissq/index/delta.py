@@ -109,6 +109,11 @@ class Delta:
         return int(self._keys.size)
 
     @property
+    def indexed(self) -> bool:
+        """Whether this delta's probed index has been made (or found impossible) already."""
+        return self._ivf is not None
+
+    @property
     def dead(self) -> int:
         """Rows deleted or replaced but still held until the next compaction or merge."""
         return int(self._dead.size)

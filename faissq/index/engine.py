@@ -216,8 +216,8 @@ class Engine:
             lists = p.lists_of(vecs) if p is not None else None
             coarse = p.serial if p is not None else None
             delta = st.delta.without(id_arr).appended(id_arr, vecs, lists, coarse)
-            self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st,
-                                     attrs=attrs)  # fmt: skip
+            new = State.make(self.dim, st.primary, delta, tomb, new_version, before=st, attrs=attrs)
+            self._state = self._reader.ready(new)
             return int(id_arr.size)
 
     def delete(self, ids: Any, *, version: int | None = None) -> int:
@@ -232,8 +232,8 @@ class Engine:
             changed = live or tomb is not st.tombstones or delta is not st.delta
             if changed or new_version != st.version:
                 attrs = st.attrs.without(id_arr) if st.attrs is not None else None
-                self._state = State.make(self.dim, st.primary, delta, tomb, new_version, before=st,
-                                         attrs=attrs)  # fmt: skip
+                self._state = self._reader.ready(State.make(self.dim, st.primary, delta, tomb,
+                                                 new_version, before=st, attrs=attrs))  # fmt: skip
             return live
 
     def merge(self, progress: Progress | None = None) -> dict[str, Any]:

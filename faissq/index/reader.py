@@ -84,6 +84,16 @@ class Reader:
             return parts[0]
         return merge_topk(parts, k, self.higher_is_better)
 
+    def ready(self, st: State) -> State:
+        """The state with what its first search would build made now, on the writer's thread
+        (the delta's stacked lists, the tombstone set), so searches do not wait on it."""
+        p = st.primary
+        if p is not None and p.stackable and st.delta.coarse == p.serial and len(st.delta):
+            st.delta.stacked(p, self.metric_type)
+            if post_filtered(st):
+                _ = st.tomb_set
+        return st
+
     def _stacked(
         self, st: State, xq: F32, k: int, width: int, ef_search: int | None, probed: Probed
     ) -> tuple[F32, I64]:

@@ -282,3 +282,22 @@ def test_a_stacked_search_pads_with_minus_one_and_returns_no_tagged_id() -> None
     assert (got.ids >= -1).all() and got.ids[0, -1] == -1
     assert not set(live.tolist()) & set(range(0, 400, 40))
     assert live.size == np.unique(live).size
+
+
+def test_the_writer_prepares_what_the_first_search_of_a_state_would_build() -> None:
+    """After an upsert or a delete the published state already holds the delta's stacked
+    index and the tombstone set, so no search waits while they are made."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2000, DIM)).astype(np.float32)
+    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6), "w")
+    eng.build(x, np.arange(2000), family="ivf_flat")
+    eng.upsert(np.arange(10), rng.standard_normal((10, DIM)).astype(np.float32))
+    st = eng.state
+    assert st.delta.indexed and "tomb_set" in vars(st)
+    assert st.tomb_set == frozenset(range(10))
+    eng.delete(np.arange(10, 20))
+    st = eng.state
+    assert st.delta.indexed and "tomb_set" in vars(st)
+    assert st.tomb_set == frozenset(range(20))
+    got = eng.search(x[15:16], 1, nprobe=1)  # a deleted row is not found
+    assert got.ids[0, 0] != 15
