@@ -114,6 +114,11 @@ class Delta:
         return self._ivf is not None
 
     @property
+    def searched(self) -> bool:
+        """Whether a search went through this delta's stacked index."""
+        return isinstance(self._ivf, Probed) and self._ivf.searched
+
+    @property
     def dead(self) -> int:
         """Rows deleted or replaced but still held until the next compaction or merge."""
         return int(self._dead.size)
@@ -335,6 +340,7 @@ class Probed:
         self.ivf.parallel_mode = 3  # lists given beforehand: still parallel over the queries
         # the primary's index owns the quantizer and its lists: held while this is searched
         self.primary = primary
+        self.searched = False  # set by the reader: the writer then prepares the next state
         self.stacked: Any = None
         own = primary.coarse
         if type(own) is faiss.IndexIVFFlat:

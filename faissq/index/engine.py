@@ -65,8 +65,7 @@ class Engine:
         """Create an empty engine.
 
         dim: vector dimension; settings: the index section; name: the index's name;
-        gpu: GPU settings (None: CPU only); cloner: replaces clone_to_gpu (tests, custom devices).
-        """
+        gpu: GPU settings (None: CPU only); cloner: replaces clone_to_gpu (tests, own devices)."""
         if dim <= 0:
             raise InvalidParameter(f"dim must be > 0, got {dim}")
         self.dim = dim
@@ -217,7 +216,7 @@ class Engine:
             coarse = p.serial if p is not None else None
             delta = st.delta.without(id_arr).appended(id_arr, vecs, lists, coarse)
             new = State.make(self.dim, st.primary, delta, tomb, new_version, before=st, attrs=attrs)
-            self._state = self._reader.ready(new)
+            self._state = self._reader.ready(new, st)
             return int(id_arr.size)
 
     def delete(self, ids: Any, *, version: int | None = None) -> int:
@@ -232,8 +231,9 @@ class Engine:
             changed = live or tomb is not st.tombstones or delta is not st.delta
             if changed or new_version != st.version:
                 attrs = st.attrs.without(id_arr) if st.attrs is not None else None
-                self._state = self._reader.ready(State.make(self.dim, st.primary, delta, tomb,
-                                                 new_version, before=st, attrs=attrs))  # fmt: skip
+                new = State.make(self.dim, st.primary, delta, tomb, new_version, before=st,
+                                 attrs=attrs)  # fmt: skip
+                self._state = self._reader.ready(new, st)
             return live
 
     def merge(self, progress: Progress | None = None) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class Reader:
         if width and p is not None and p.stackable:
             probed = st.delta.stacked(p, self.metric_type)
             if probed is not None:
+                probed.searched = True
                 return self._stacked(st, xq, k, width, ef_search, probed)
         if p is not None:
             parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
@@ -84,11 +85,15 @@ class Reader:
             return parts[0]
         return merge_topk(parts, k, self.higher_is_better)
 
-    def ready(self, st: State) -> State:
+    def ready(self, st: State, before: State) -> State:
         """The state with what its first search would build made now, on the writer's thread
-        (the delta's stacked lists, the tombstone set), so searches do not wait on it."""
+        (the delta's stacked lists, the tombstone set), so searches do not wait on it; only
+        when `before` (the state it follows) was searched so, or had no delta: a stream of
+        upserts nobody searches would copy the delta once per upsert."""
         p = st.primary
-        if p is not None and p.stackable and st.delta.coarse == p.serial and len(st.delta):
+        if p is None or not p.stackable or st.delta.coarse != p.serial or not len(st.delta):
+            return st
+        if before.delta.searched or not len(before.delta):
             st.delta.stacked(p, self.metric_type)
             if post_filtered(st):
                 _ = st.tomb_set

@@ -285,19 +285,28 @@ def test_a_stacked_search_pads_with_minus_one_and_returns_no_tagged_id() -> None
 
 
 def test_the_writer_prepares_what_the_first_search_of_a_state_would_build() -> None:
-    """After an upsert or a delete the published state already holds the delta's stacked
-    index and the tombstone set, so no search waits while they are made."""
+    """After an upsert or a delete that follows a searched state (or a state without delta
+    rows) the published state already holds the delta's stacked index and the tombstone set,
+    so no search waits while they are made; upserts nobody searches do not copy the delta."""
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2000, DIM)).astype(np.float32)
     eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6), "w")
     eng.build(x, np.arange(2000), family="ivf_flat")
     eng.upsert(np.arange(10), rng.standard_normal((10, DIM)).astype(np.float32))
-    st = eng.state
+    st = eng.state  # follows a state without delta rows
     assert st.delta.indexed and "tomb_set" in vars(st)
     assert st.tomb_set == frozenset(range(10))
+    eng.search(x[:1], 5, nprobe=1)
+    eng.upsert(np.arange(30, 40), rng.standard_normal((10, DIM)).astype(np.float32))
+    eng.upsert(np.arange(40, 50), rng.standard_normal((10, DIM)).astype(np.float32))
+    st = eng.state  # follows a state nobody searched
+    assert not st.delta.indexed and "tomb_set" not in vars(st)
+    eng.search(x[:1], 5, nprobe=1)
     eng.delete(np.arange(10, 20))
+    eng.search(x[:1], 5, nprobe=1)
+    eng.delete(np.arange(30, 35))  # its delta rows go: a new delta
     st = eng.state
     assert st.delta.indexed and "tomb_set" in vars(st)
-    assert st.tomb_set == frozenset(range(20))
+    assert st.tomb_set == frozenset([*range(20), *range(30, 50)])  # replaced or deleted
     got = eng.search(x[15:16], 1, nprobe=1)  # a deleted row is not found
     assert got.ids[0, 0] != 15
