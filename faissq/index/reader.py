@@ -58,21 +58,20 @@ class Reader:
         p = st.primary
         # delta rows placed by this primary's quantizer are scanned in the lists it probes,
         # unless it probes half of them or more: the whole delta (exact) then costs as much
-        width = 0
+        params = None
         unfiltered = allow is None and deny is None
         if p is not None and p.coarse is not None and st.delta.coarse == p.serial and unfiltered:
-            w = int(p.params_for(nprobe, ef_search).params.nprobe)
-            if 2 * w < p.shape.nlist and len(st.delta):
-                width = w
-        if width and p is not None and p.stackable:
-            probed = st.delta.stacked(p, self.metric_type)
+            call = p.params_for(nprobe, ef_search).params
+            if 2 * int(call.nprobe) < p.shape.nlist and len(st.delta):
+                params = call
+        if params is not None and stacks(st):
+            probed = st.delta.stacked(st.primary, self.metric_type)
             if probed is not None:
                 probed.searched = True
-                return self._stacked(st, xq, k, width, ef_search, probed)
+                return self._stacked(st, xq, k, int(params.nprobe), ef_search, probed)
         if p is not None:
             parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
-        if p is not None and width:
-            params = p.params_for(nprobe, ef_search).params
+        if p is not None and params is not None:
             found = st.delta.search_probed(xq, k, self.metric_type, p, params)
             if found is not None:
                 parts.append(found)
@@ -90,11 +89,8 @@ class Reader:
         (the delta's stacked lists, the tombstone set), so searches do not wait on it; only
         when `before` (the state it follows) was searched so, or had no delta: a stream of
         upserts nobody searches would copy the delta once per upsert."""
-        p = st.primary
-        if p is None or not p.stackable or st.delta.coarse != p.serial or not len(st.delta):
-            return st
-        if before.delta.searched or not len(before.delta):
-            st.delta.stacked(p, self.metric_type)
+        if stacks(st) and (before.delta.searched or not len(before.delta)):
+            st.delta.stacked(st.primary, self.metric_type)
             if post_filtered(st):
                 _ = st.tomb_set
         return st
@@ -328,6 +324,13 @@ def plain(st: State, xq: F32, k: int, params: Any, probe: Probe | None) -> tuple
     ptr = faiss.swig_ptr
     ivf.search_preassigned_c(n, ptr(x), k, ptr(iq), ptr(dq), ptr(scores), ptr(ids), False, params)
     return scores, ids
+
+
+def stacks(st: State) -> bool:
+    """Whether the state's delta rows sit in lists of its primary that can be stacked after
+    the primary's own for one search (Primary.stackable, Delta.stacked)."""
+    p = st.primary
+    return p is not None and p.stackable and st.delta.coarse == p.serial and len(st.delta) > 0
 
 
 def post_filtered(st: State) -> bool:
