@@ -141,6 +141,11 @@ class IndexSettings(BaseModel):
         ge=1,
         description="Delta size that makes a merge due (the worker then merges on its own).",
     )
+    live_lists: bool = Field(
+        default=True,
+        description="IVF-Flat on the CPU: upserts and deletes change the lists in place, so a "
+        "search under writes is one FAISS call (an id-to-list hash costs about 40 bytes a vector).",
+    )
     imbalance_rebuild: float = Field(
         default=3.0, gt=1, description="IVF imbalance factor above which a rebuild is due."
     )

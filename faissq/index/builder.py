@@ -215,7 +215,12 @@ def merge_primary(
     raw_dir: str | None = None,
     chunk: int = ADD_CHUNK,
 ) -> Primary:
-    """Copy the primary, drop tombstones, add the delta, reusing the trained quantizer."""
+    """Copy the primary, drop tombstones, add the delta, reusing the trained quantizer; a
+    primary whose lists hold them already (live.py) gets its raw store rewritten alone."""
+    if primary.live is not None:
+        ids, vectors = _merged_store(primary, tombstones, delta_ids, delta_vectors, raw_dir, chunk)
+        plan = replace(primary.plan, ntotal=int(ids.size))
+        return replace(primary, ids=ids, vectors=vectors, plan=plan)
     if tombstones.size and hnsw_of(primary.index) is not None:
         raise InvalidParameter("HNSW cannot remove vectors: use rebuild instead of merge")
     index = faiss.clone_index(primary.index)

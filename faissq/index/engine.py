@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,11 +23,13 @@ from faissq.index.calibrate import sample_calibrator
 from faissq.index.delta import Delta
 from faissq.index.export import EngineExport, export_state, restore_parts
 from faissq.index.filters import filtered_allow
+from faissq.index.live import attach, unmerged
 from faissq.index.memory import host_budget
 from faissq.index.params import hnsw_of
 from faissq.index.placement import Cloner, gpu_budget, with_gpu
 from faissq.index.policy import choose_plan
 from faissq.index.reader import Reader
+from faissq.index.results import SearchResult
 from faissq.index.state import Primary, State
 from faissq.index.validate import (
     F32,
@@ -38,16 +40,6 @@ from faissq.index.validate import (
     check_positive,
     check_recall,
 )
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Top-k scores (nq, k) and ids (nq, k; -1 pads) and the state version that answered."""
-
-    scores: F32
-    ids: I64
-    version: int
-    target_met: bool | None = None  # target_recall given: whether the calibrated curve reaches it
 
 
 class Engine:
@@ -216,6 +208,8 @@ class Engine:
             coarse = p.serial if p is not None else None
             delta = st.delta.without(id_arr).appended(id_arr, vecs, lists, coarse)
             new = State.make(self.dim, st.primary, delta, tomb, new_version, before=st, attrs=attrs)
+            if p is not None and p.live is not None and lists is not None:
+                p.live.put(id_arr, vecs, lists)
             self._state = self._reader.ready(new, st)
             return int(id_arr.size)
 
@@ -233,6 +227,8 @@ class Engine:
                 attrs = st.attrs.without(id_arr) if st.attrs is not None else None
                 new = State.make(self.dim, st.primary, delta, tomb, new_version, before=st,
                                  attrs=attrs)  # fmt: skip
+                if st.primary is not None and st.primary.live is not None:
+                    st.primary.live.remove(id_arr)
                 self._state = self._reader.ready(new, st)
             return live
 
@@ -322,6 +318,7 @@ class Engine:
         attributes: the live vectors are the same)."""
         version = self._state.version if version is None else version
         attrs = attrs if attrs is not None else self._state.attrs
+        primary = attach(primary, delta, tombstones, self.cfg.live_lists)
         self._state = State.make(self.dim, primary, delta, tombstones, version, attrs=attrs)
 
     def _prepare(self, rows: Any) -> F32:
@@ -347,7 +344,7 @@ class Engine:
         self.last_durations[op] = seconds = time.perf_counter() - t0
         return upkeep.report(self, op, seconds, primary)
 
-    # ------------------------------------------------------------ maintenance
+    # ------------------------------------------------------ maintenance, export
     @property
     def family_request(self) -> str:
         """The family the last build asked for (the settings' family when it named none)."""
@@ -361,10 +358,12 @@ class Engine:
         """Actual state, for the stats task, metrics and status."""
         return upkeep.stats(self)
 
-    # ---------------------------------------------------------------- export
     def export(self) -> EngineExport:
-        """A consistent view of the current state for snapshots (arrays are not copied)."""
-        return export_state(self._state, self.metric, self._tuning)
+        """A consistent view of the state for snapshots, arrays not copied (live.unmerged)."""
+        with self._write_lock:
+            if unmerged(self._state):
+                self.merge()
+            return export_state(self._state, self.metric, self._tuning)
 
     def attributes_of(self, ids: Any) -> dict[str, list[Any]]:
         """Each declared field's value per id (None: null or not live); {} without fields."""
@@ -386,7 +385,8 @@ class Engine:
         eng = cls(exp.dim, settings.model_copy(update={"metric": exp.metric}), name, gpu=gpu,
                   cloner=cloner)  # fmt: skip
         primary, delta, tomb = restore_parts(exp)
-        primary = with_gpu(primary, gpu, cloner) if primary is not None else None
+        if primary is not None:
+            primary = attach(with_gpu(primary, gpu, cloner), delta, tomb, settings.live_lists)
         st = State.make(exp.dim, primary, delta, tomb, version)
         attrs = eng._state.attrs
         if attrs is not None:  # live ids a snapshot holds no values for are null

@@ -16,7 +16,7 @@ import numpy as np
 from faissq.errors import IndexNotReady, InvalidParameter
 from faissq.index.delta import Probed, exact_knn
 from faissq.index.omp import one_thread
-from faissq.index.params import allow_selector, combine, make_params, not_selector
+from faissq.index.params import CallParams, allow_selector, combine, make_params, not_selector
 from faissq.index.results import exact_scores, merge_topk, worst
 from faissq.index.state import Primary, State, in_sorted, union_sorted
 from faissq.index.validate import F32, I64
@@ -54,8 +54,11 @@ class Reader:
             if allow.size <= self.exact_rows:
                 return self.exact_subset(st, xq, k, allow, deny)
             nprobe, ef_search = widened(nprobe, ef_search, allow.size, st.ntotal)
-        parts: list[tuple[F32, I64]] = []
         p = st.primary
+        if p is not None and p.live is not None:
+            call = self._call(p, nprobe, ef_search, allow, deny)
+            return p.live.search(xq, k, call.params)
+        parts: list[tuple[F32, I64]] = []
         # delta rows placed by this primary's quantizer are scanned in the lists it probes,
         # unless it probes half of them or more: the whole delta (exact) then costs as much
         params = None
@@ -83,6 +86,17 @@ class Reader:
         if self._delta_out_of_reach(parts[0], parts[1]):
             return parts[0]
         return merge_topk(parts, k, self.higher_is_better)
+
+    @staticmethod
+    def _call(
+        p: Primary, nprobe: int | None, ef_search: int | None, allow: I64 | None, deny: I64 | None
+    ) -> CallParams:
+        """The parameters of a search of lists that hold the live rows alone (live.py): the
+        shared tree without filters, else one with their selectors."""
+        if allow is None and deny is None:
+            return p.params_for(nprobe, ef_search)
+        sel, keep = combine(selectors(None, allow, deny))
+        return make_params(p.shape, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep)
 
     def ready(self, st: State, before: State) -> State:
         """The state with what its first search would build made now, on the writer's thread
@@ -170,12 +184,7 @@ class Reader:
             else:
                 result = plain(st, xq, fetch, st.params_for(nprobe, ef_search).params, None)
         if result is None:
-            sels = [st.tomb_selector] if st.tomb_selector is not None else []
-            if allow is not None:
-                sels.append(allow_selector(allow))
-            if deny is not None:
-                sels.append(not_selector(deny))
-            sel, keep = combine(sels)
+            sel, keep = combine(selectors(st.tomb_selector, allow, deny))
             call = make_params(primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel,
                                keep=keep)  # fmt: skip
             result = primary.index.search(xq, fetch, params=call.params)
@@ -230,22 +239,21 @@ class Reader:
         out_i: list[list[I64]] = [[] for _ in range(nq)]
         if allow is not None and allow.size == 0:  # nothing passes: no selector over no ids
             return [np.empty(0, np.float32) for _ in range(nq)], [_NO_IDS for _ in range(nq)]
-        if st.primary is not None:
-            sels = [st.tomb_selector] if st.tomb_selector is not None else []
-            if allow is not None:
-                sels.append(allow_selector(allow))
-            sel, keep = combine(sels)
-            call = make_params(st.primary.shape, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
+        p = st.primary
+        if p is not None:
+            sel, keep = combine(selectors(st.tomb_selector, allow, None))
+            call = make_params(p.shape, nprobe=nprobe, ef_search=None, sel=sel, keep=keep)
+            ranged = p.index.range_search if p.live is None else p.live.range_search
             try:
-                lims, dist, ids = st.primary.index.range_search(xq, radius, params=call.params)
+                lims, dist, ids = ranged(xq, radius, params=call.params)
             except RuntimeError as exc:
                 raise InvalidParameter(
-                    f"{st.primary.plan.family} does not support range search: {exc}"
+                    f"{p.plan.family} does not support range search: {exc}"
                 ) from None
             for q in range(nq):
                 out_s[q].append(dist[lims[q] : lims[q + 1]])
                 out_i[q].append(ids[lims[q] : lims[q + 1]])
-        if len(st.delta):
+        if len(st.delta) and (p is None or p.live is None):  # live lists hold the delta
             v = st.delta.vectors
             scores = xq @ v.T
             if not self.higher_is_better:
@@ -330,7 +338,9 @@ def stacks(st: State) -> bool:
     """Whether the state's delta rows sit in lists of its primary that can be stacked after
     the primary's own for one search (Primary.stackable, Delta.stacked)."""
     p = st.primary
-    return p is not None and p.stackable and st.delta.coarse == p.serial and len(st.delta) > 0
+    if p is None or p.live is not None or not p.stackable:
+        return False
+    return st.delta.coarse == p.serial and len(st.delta) > 0
 
 
 def post_filtered(st: State) -> bool:
@@ -340,6 +350,17 @@ def post_filtered(st: State) -> bool:
     p = st.primary
     dead = int(st.tombstones.size)
     return p is not None and p.coarse is not None and 0 < dead * POST_FILTER_SHARE <= p.ids.size
+
+
+def selectors(tomb: tuple[Any, list[Any]] | None, allow: I64 | None, deny: I64 | None) -> list[Any]:
+    """The (selector, kept arrays) pairs a filtered search combines: the tombstones', the
+    allowed ids', the denied ids'."""
+    sels = [tomb] if tomb is not None else []
+    if allow is not None:
+        sels.append(allow_selector(allow))
+    if deny is not None:
+        sels.append(not_selector(deny))
+    return sels
 
 
 POST_FILTER_SHARE = 20  # tombstones up to 1 in this many primary rows are dropped after FAISS

@@ -1,10 +1,23 @@
-"""Merging result lists by score (primary + delta) and exact refine from raw vectors."""
+"""A search's result, merging result lists by score (primary + delta), exact rescoring."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from faissq.index.validate import F32, I64
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k scores (nq, k) and ids (nq, k; -1 pads) and the state version that answered."""
+
+    scores: F32
+    ids: I64
+    version: int
+    target_met: bool | None = None  # target_recall given: whether the calibrated curve reaches it
+
 
 WORST_IP = np.float32(-np.finfo(np.float32).max)  # FAISS's score for an empty slot under IP
 WORST_L2 = np.float32(np.finfo(np.float32).max)  # and under L2

@@ -15,6 +15,7 @@ from faissq.errors import IndexNotReady
 from faissq.index.attributes import AttrTable
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy
+from faissq.index.live import LiveLists
 from faissq.index.params import CallParams, ParamShape, make_params, not_selector, param_shape
 from faissq.index.policy import Plan
 from faissq.index.validate import F32, I64
@@ -32,6 +33,7 @@ class Primary:
     plan: Plan
     gpu: GpuCopy | None = None
     gpu_reason: str = "CPU"
+    live: LiveLists | None = None  # lists that upserts and deletes change in place (live.py)
     # names this index's quantizer to the delta rows it placed (a GPU copy keeps the serial)
     serial: int = field(default_factory=lambda: next(_SERIALS))
 
@@ -139,6 +141,8 @@ class State:
             attrs = before.attrs
         if before is not None and before.tombstones is tombstones:
             sel = before.tomb_selector
+        elif primary is not None and primary.live is not None:
+            sel = None  # the tombstoned rows left the lists
         else:
             sel = not_selector(tombstones) if tombstones.size else None
         return cls(dim, primary, delta, tombstones, version, sel, attrs=attrs)

@@ -127,8 +127,8 @@ class DurableStore:
         w = self.writer(index)
         if seq > w.last_seq + 1:
             raise InvalidParameter(f"snapshot seq {seq} is beyond the log's next seq")
-        export = engine.export()
         self.check_mapped(index, engine)  # never write bytes not verified since last read
+        export = engine.export()
         store = self.snapshots(index)
         info = store.save(export, seq)
         w.advance(seq)
@@ -152,9 +152,10 @@ class DurableStore:
 
     def check_mapped(self, index: str, engine: Engine) -> None:
         """Re-verify the memory-mapped snapshot files the engine reads (rebuild, merge, save)."""
-        exp = engine.export()
-        files.reverify_mapped((exp.primary_ids, exp.primary_vectors, exp.delta_ids,
-                               exp.delta_vectors, exp.tombstones))  # fmt: skip
+        st = engine.state  # not export(): that merges live lists first (Engine.export)
+        p = st.primary
+        primary = (p.ids, p.vectors) if p is not None else ()
+        files.reverify_mapped((*primary, st.delta.ids, st.delta.vectors, st.tombstones))
 
     def release(self, index: str) -> None:
         """Release one index's writer lock (a dropped index); another writer may take it."""

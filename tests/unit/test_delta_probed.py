@@ -1,4 +1,8 @@
-"""The delta under an IVF primary: rows keep their coarse list, a search scans the probed ones."""
+"""The delta under an IVF primary: rows keep their coarse list, a search scans the probed ones.
+
+An IVF-Flat primary changes its lists in place instead (live.py, tests/unit/test_live_lists.py):
+the tests of the delta's own search turn that off (live_lists=False).
+"""
 
 from __future__ import annotations
 
@@ -120,13 +124,15 @@ def test_rows_placed_by_another_quantizer_are_scanned_by_every_search() -> None:
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_an_ivf_engine_answers_as_its_merged_index_would(metric: str) -> None:
+@pytest.mark.parametrize("live", [False, True])
+def test_an_ivf_engine_answers_as_its_merged_index_would(metric: str, live: bool) -> None:
     """Upserted rows are found exactly where the merged IVF would find them: the answer of
-    primary + probed delta equals the answer after a merge, at the same nprobe."""
+    primary + probed delta (or of the lists changed in place) equals the answer after a merge,
+    at the same nprobe."""
     rng = np.random.default_rng(5)
     centers = rng.standard_normal((20, DIM)).astype(np.float32) * 4
     x = (centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, DIM))).astype(np.float32)
-    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6), "p")
+    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6, live_lists=live), "p")
     eng.build(x, np.arange(4000), family="ivf_flat")
     assert eng.state.primary is not None and eng.state.primary.coarse is not None
     ids = rng.choice(4000, 300, replace=False).astype(np.int64)
@@ -181,18 +187,19 @@ def test_a_delta_past_the_probed_copy_cap_is_scanned_whole() -> None:
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("deleted", [30, 400])
 @pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("live", [False, True])
 def test_tombstones_dropped_after_faiss_answer_as_the_merged_index(
-    metric: str, deleted: int, with_delta: bool
+    metric: str, deleted: int, with_delta: bool, live: bool
 ) -> None:
     """Under an IVF primary few tombstones (30 of 4,000) are dropped from FAISS's answer with a
     few spare results, and a query whose nearest rows are all deleted is searched again with
     the selector; many (400: past 1 in 20) go to FAISS as a selector. Either way, alone or in
     a batch, with or without delta rows, the answer is the merged index's at the same nprobe
-    and holds no deleted id."""
+    and holds no deleted id; so it is when the deletes leave the lists at once (live)."""
     rng = np.random.default_rng(9)
     centers = rng.standard_normal((20, DIM)).astype(np.float32) * 4
     x = (centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, DIM))).astype(np.float32)
-    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6), "t")
+    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6, live_lists=live), "t")
     eng.build(x, np.arange(4000), family="ivf_flat")
     xq = np.concatenate([x[:12], centers[:4]]).astype(np.float32)
     near = eng.search(xq[:1], 20, nprobe=3).ids[0]  # more than FAISS's spare results
@@ -219,7 +226,7 @@ def test_a_search_probing_half_the_lists_scans_the_delta_whole() -> None:
     rng = np.random.default_rng(4)
     centers = np.outer(np.arange(8), np.eye(1, DIM)).astype(np.float32) * 20  # on a line
     x = (centers[np.arange(1000) % 8] + rng.standard_normal((1000, DIM))).astype(np.float32)
-    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6), "w")
+    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6, live_lists=False), "w")
     eng.build(x, np.arange(1000), family="ivf_flat")
     nlist = eng.state.primary.shape.nlist  # type: ignore[union-attr]
     far = centers[7:8] + 1  # in cluster 7, the farthest from the query at cluster 0
@@ -242,7 +249,7 @@ def test_a_replaced_row_is_found_under_its_id_and_its_old_copy_is_not(metric: st
     rng = np.random.default_rng(12)
     centers = rng.standard_normal((20, DIM)).astype(np.float32) * 4
     x = (centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, DIM))).astype(np.float32)
-    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6), "r")
+    eng = Engine(DIM, IndexSettings(metric=metric, merge_delta_max=10**6, live_lists=False), "r")
     eng.build(x, np.arange(4000), family="ivf_flat")
     ids = rng.choice(4000, 30, replace=False).astype(np.int64)
     new = (centers[rng.integers(0, 20, 30)] + rng.standard_normal((30, DIM))).astype(np.float32)
@@ -271,7 +278,7 @@ def test_a_stacked_search_pads_with_minus_one_and_returns_no_tagged_id() -> None
     rng = np.random.default_rng(13)
     centers = np.outer(np.arange(8), np.eye(1, DIM)).astype(np.float32) * 20
     x = (centers[np.arange(400) % 8] + rng.standard_normal((400, DIM))).astype(np.float32)
-    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6), "k")
+    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6, live_lists=False), "k")
     eng.build(x, np.arange(400), family="ivf_flat")
     eng.delete(np.arange(0, 400, 40))  # 10 tombstones: dropped after FAISS
     new = (centers[:1] + rng.standard_normal((5, DIM))).astype(np.float32)
@@ -290,7 +297,7 @@ def test_the_writer_prepares_what_the_first_search_of_a_state_would_build() -> N
     so no search waits while they are made; upserts nobody searches do not copy the delta."""
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2000, DIM)).astype(np.float32)
-    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6), "w")
+    eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6, live_lists=False), "w")
     eng.build(x, np.arange(2000), family="ivf_flat")
     eng.upsert(np.arange(10), rng.standard_normal((10, DIM)).astype(np.float32))
     st = eng.state  # follows a state without delta rows
