@@ -277,11 +277,3 @@ def _merged_store(
         rows[d_pos[lo:hi] - start] = d_vecs[lo:hi]
         store.write(rows)
     return ids, store.finish()
-
-
-def imbalance(index: Any) -> float:
-    """IVF list-size imbalance factor (1.0 = perfectly even); 1.0 for non-IVF indexes."""
-    ivf = ivf_of(index)
-    if ivf is None or ivf.ntotal == 0:
-        return 1.0
-    return float(ivf.invlists.imbalance_factor())

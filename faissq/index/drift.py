@@ -91,8 +91,7 @@ def measure(primary: Any, added: F32, ratio_max: float, imbalance_max: float) ->
     base = float(primary.plan.centroid_dist) or baseline(primary.index, primary.vectors, 0)
     current = mean_distance(cents, coarse_space(primary.index, added))
     ratio = current / base if base > 0 and added.shape[0] else 1.0
-    ivf = ivf_of(primary.index)
-    imb = float(ivf.invlists.imbalance_factor()) if ivf is not None and ivf.ntotal else 1.0
+    imb = primary.imbalance()
     return {
         "ratio": round(ratio, 4),
         "baseline": round(base, 6),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -16,7 +17,14 @@ from faissq.index.attributes import AttrTable
 from faissq.index.delta import Delta
 from faissq.index.gpu import GpuCopy
 from faissq.index.live import LiveLists
-from faissq.index.params import CallParams, ParamShape, make_params, not_selector, param_shape
+from faissq.index.params import (
+    CallParams,
+    ParamShape,
+    ivf_of,
+    make_params,
+    not_selector,
+    param_shape,
+)
 from faissq.index.policy import Plan
 from faissq.index.validate import F32, I64
 
@@ -95,6 +103,15 @@ class Primary:
     def shape(self) -> ParamShape:
         """Where per-call parameters go in this index (computed once, on first search)."""
         return param_shape(self.index)
+
+    def imbalance(self) -> float:
+        """IVF list-size imbalance factor (1.0: even, or not IVF), read under the lock of lists
+        that change in place (live.py): another thread may be growing one."""
+        ivf = ivf_of(self.index)
+        if ivf is None:
+            return 1.0
+        with self.live.lock if self.live is not None else nullcontext():
+            return float(ivf.invlists.imbalance_factor()) if ivf.ntotal else 1.0
 
     def rows_of(self, ids: I64) -> npt.NDArray[np.intp]:
         """Row of each id in the raw store, -1 where absent (vectorised binary search)."""

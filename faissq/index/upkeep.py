@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from faissq.errors import MemoryBudgetExceeded
-from faissq.index.builder import imbalance
 from faissq.index.calibrate import Calibration
 from faissq.index.memory import host_budget, raw_store_bytes
 from faissq.index.policy import choose_plan
@@ -24,7 +23,7 @@ def maintenance(eng: Engine) -> dict[str, Any]:
         reasons.append(f"delta {len(st.delta)} >= merge_delta_max {cfg.merge_delta_max}")
     rebuild_due = False
     if st.primary is not None:
-        imb = imbalance(st.primary.index)
+        imb = st.primary.imbalance()
         if imb > cfg.imbalance_rebuild:
             rebuild_due = True
             reasons.append(f"IVF imbalance {imb:.2f} > {cfg.imbalance_rebuild}")
@@ -61,7 +60,7 @@ def stats(eng: Engine) -> dict[str, Any]:
         "delta": len(st.delta),
         "tombstones": int(st.tombstones.size),
         "version": st.version,
-        "imbalance": imbalance(p.index) if p is not None else 1.0,
+        "imbalance": p.imbalance() if p is not None else 1.0,
         "device": p.gpu_reason if p is not None else "CPU",
         "gpu": p is not None and p.gpu is not None,
         "gpu_failures": p.gpu.failures if p is not None and p.gpu is not None else 0,
