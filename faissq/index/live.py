@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from faissq.index.state import Primary, State
 
 
+CHUNK = 4096  # rows changed per hold of the lock (4 ms at 128-d on a 2-core VM; 100 rows 0.15)
+
+
 class LiveLists:
     """The lists of one IVF-Flat index, changed in place; shared by the primaries a merge
     makes of it (a merge rewrites the raw store alone: the lists already hold the delta)."""
@@ -37,28 +40,30 @@ class LiveLists:
         self.lock = threading.Lock()
 
     def put(self, ids: I64, vectors: F32, lists: I64) -> None:
-        """Insert or replace rows whose coarse lists are known: the old copies leave and the
-        new rows enter in one step, so no search sees an id twice or not at all."""
-        n = int(ids.size)
-        if n == 0:
-            return
-        keys = np.ascontiguousarray(ids, dtype=np.int64)
-        rows = np.ascontiguousarray(vectors, dtype=np.float32)
-        where = np.ascontiguousarray(lists, dtype=np.int64)
+        """Insert or replace rows whose coarse lists are known: an id's old copy leaves and its
+        new row enters in one step, so no search sees it twice or not at all. A large batch
+        goes in chunks of CHUNK rows, so a search waits for one chunk at most."""
         ptr = faiss.swig_ptr
-        sel = faiss.IDSelectorArray(n, ptr(keys))
-        with self.lock:
-            self.ivf.remove_ids(sel)  # ids not in the lists are skipped
-            self.ivf.add_core(n, ptr(rows), ptr(keys), ptr(where))
+        for start in range(0, int(ids.size), CHUNK):
+            keys = np.ascontiguousarray(ids[start : start + CHUNK], dtype=np.int64)
+            rows = np.ascontiguousarray(vectors[start : start + CHUNK], dtype=np.float32)
+            where = np.ascontiguousarray(lists[start : start + CHUNK], dtype=np.int64)
+            n = int(keys.size)
+            sel = faiss.IDSelectorArray(n, ptr(keys))
+            with self.lock:
+                self.ivf.remove_ids(sel)  # ids not in the lists are skipped
+                self.ivf.add_core(n, ptr(rows), ptr(keys), ptr(where))
 
     def remove(self, ids: I64) -> int:
-        """Drop these ids from the lists (absent ones are skipped); how many were there."""
-        if ids.size == 0:
-            return 0
-        keys = np.ascontiguousarray(ids, dtype=np.int64)
-        sel = faiss.IDSelectorArray(int(keys.size), faiss.swig_ptr(keys))
-        with self.lock:
-            return int(self.ivf.remove_ids(sel))
+        """Drop these ids from the lists, CHUNK at a time (absent ones are skipped); how many
+        were there."""
+        gone = 0
+        for start in range(0, int(ids.size), CHUNK):
+            keys = np.ascontiguousarray(ids[start : start + CHUNK], dtype=np.int64)
+            sel = faiss.IDSelectorArray(int(keys.size), faiss.swig_ptr(keys))
+            with self.lock:
+                gone += int(self.ivf.remove_ids(sel))
+        return gone
 
     def search(self, xq: F32, k: int, params: Any) -> tuple[F32, I64]:
         """FAISS's top-k over the lists as they stand."""

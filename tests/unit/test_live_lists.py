@@ -11,6 +11,7 @@ import pytest
 
 from faissq.config import IndexSettings
 from faissq.index.engine import Engine
+from faissq.index.live import CHUNK
 
 DIM = 16
 
@@ -81,6 +82,23 @@ def test_upserts_and_deletes_change_the_lists_in_place(metric: str) -> None:
             assert len(eng.state.delta) == 0 and eng.state.tombstones.size == 0
         _check_lists_hold_the_live_rows(eng, xq)
     assert len(eng.state.delta) and eng.state.tombstones.size  # recorded beside the lists
+
+
+def test_batches_past_one_chunk_of_the_lock_go_in_whole() -> None:
+    """An upsert or delete of more rows than one hold of the lock changes (CHUNK) goes in
+    chunk by chunk, and in the end the lists hold the live rows as after a small batch."""
+    rng = np.random.default_rng(26)
+    x, centers = _corpus(rng, 3000)
+    eng = _engine()
+    eng.build(x, np.arange(3000), family="ivf_flat")
+    n = 2 * CHUNK + 17
+    ids = np.arange(1000, 1000 + n)  # 2,000 replaced, the rest new
+    eng.upsert(ids, (centers[rng.integers(0, 20, n)] + rng.standard_normal((n, DIM))).astype("f4"))
+    _check_lists_hold_the_live_rows(eng, x[:5])
+    gone = np.arange(0, n + 3000, 2)  # past one chunk too
+    eng.delete(gone)
+    assert not eng.contains(gone).any()
+    _check_lists_hold_the_live_rows(eng, x[1:6])
 
 
 def test_a_search_beside_the_writer_sees_each_id_once() -> None:
