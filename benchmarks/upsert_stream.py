@@ -13,7 +13,8 @@ alternates no-write windows (--quiet s) and stream windows
 after it, every job is answered and a merge job folds the delta, so each no-write window
 measures the index as it stands without writes. Each stream window's ratio is taken against the
 mean of the no-write windows before and after it, so outside load on a shared machine hits both
-sides alike. Target: every stream window >= 0.8 x its no-write QPS, with maintenance on.
+sides alike. Target: >= 0.8 x the no-write QPS over the whole run, and in every stream window,
+with maintenance on.
 --no-maintenance sets FAISSQ_MAINTENANCE__ENABLED=false (nothing merges during the stream).
 """
 
@@ -274,8 +275,10 @@ def main() -> None:
     producer = np.mean([w["producer_cpu"] for w in r["stream"]])
     st = r["stats"]
     eng, mt = st.get("engine", {}), st.get("maintenance", {})
+    whole = np.mean([w["qps"] for w in r["stream"]]) / np.mean([w["qps"] for w in r["quiet"]])
     print(f"# stream windows meeting the target: {sum(x >= TARGET for x in ratios)}/{len(ratios)}"
-          f"; min ratio {min(ratios):.2f}; search errors {r['errors']}; maintenance merges "
+          f"; min ratio {min(ratios):.2f}; all stream time over all no-write time: {whole:.2f} "
+          f"x no-write QPS; search errors {r['errors']}; maintenance merges "
           f"{mt.get('merges')}, saves {mt.get('saves')}; end: delta {eng.get('delta')}, "
           f"tombstones {eng.get('tombstones')}; the machine's CPUs were busy {busy:.2f} of "
           f"{os.cpu_count()} on average (outside load included)")  # fmt: skip

@@ -1,7 +1,9 @@
-"""The engine's read path: top-k and range search over one committed State (no locks, no I/O).
+"""The engine's read path: top-k and range search over one committed State (no I/O).
 
 The Engine checks the arguments and picks the parameters; a Reader answers from the State it is
-given, so a search reads one consistent snapshot while mutations publish new ones.
+given, so a search reads one consistent snapshot while mutations publish new ones. The lists of
+an IVF-Flat primary that upserts change in place are the exception: searched under their lock,
+they may already hold rows of a state not yet published (live.py).
 """
 
 from __future__ import annotations
