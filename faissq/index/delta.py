@@ -12,9 +12,8 @@ Under an IVF primary each row also holds its coarse list (assigned by the primar
 upsert), and a plain search scans only the rows in the lists the primary probes for the query, so
 recent rows are found as the primary would find them once merged and the scan grows with the rows
 in those lists, not with the delta. The first such search of a Delta copies its live rows into a
-small IVF-Flat on the primary's quantizer and those lists (Probed); under an IVF-Flat primary its
-lists are stacked after the primary's, so primary and delta are one FAISS search (two searches
-and a merge of their answers cost a search and a half: benchmarks/upsert_stream.py).
+small IVF-Flat on the primary's quantizer and those lists. An IVF-Flat primary on the
+CPU holds the delta's rows in its own lists instead (live.py).
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ class Delta:
         self._rows: npt.NDArray[np.intp] = _NO_ROWS  # ... and the row holding each
         self._live: tuple[I64, F32] | None = None  # live ids/vectors in row order, made on use
         self._sel: tuple[Any, Any] | None = None  # selector of live rows (+ its bitmap), on use
-        self._ivf: Probed | bool | None = None  # the probed rows (False: none), on use
+        self._ivf: tuple[Any, Any] | None = None  # (probed index or None, its primary), on use
         self.coarse: int | None = None  # serial of the primary whose quantizer gave the lists
 
     @classmethod
@@ -107,16 +106,6 @@ class Delta:
     def __len__(self) -> int:
         """Live rows."""
         return int(self._keys.size)
-
-    @property
-    def indexed(self) -> bool:
-        """Whether this delta's probed index has been made (or found impossible) already."""
-        return self._ivf is not None
-
-    @property
-    def searched(self) -> bool:
-        """Whether a search went through this delta's stacked index."""
-        return isinstance(self._ivf, Probed) and self._ivf.searched
 
     @property
     def dead(self) -> int:
@@ -270,43 +259,39 @@ class Delta:
         the rows); params: its SearchParameters for the call, without a selector, so both
         search the same lists. A delta with rows placed by no quantizer, or past
         PROBED_MAX_BYTES, is scanned whole."""
-        probed = self._probed(primary, metric_type)
-        if probed is None:
+        index = self._probed_index(primary, metric_type)
+        if index is None:
             return self.search(queries, k, metric_type)
-        scores, tagged = probed.ivf.search(queries, k, params=params)
-        if bool((tagged[:, 0] == -1).all()):
-            return None
-        return scores, probed.untag(tagged)
+        scores, ids = index.search(queries, k, params=params)
+        return None if int(ids[:, 0].max()) < 0 else (scores, ids)
 
-    def stacked(self, primary: Any, metric_type: int) -> Probed | None:
-        """This delta's probed rows with the primary's lists stacked before them under one
-        IndexIVFFlat (list l of the delta is list nlist + l; nothing copied), so one FAISS call
-        over both finds a batch's top-k (Probed.stacked; see reader.coarse_probe); None as for
-        search_probed, or when the primary has no IVF-Flat lists of its own to stack."""
-        probed = self._probed(primary, metric_type)
-        return None if probed is None or probed.stacked is None else probed
-
-    def _probed(self, primary: Any, metric_type: int) -> Probed | None:
+    def _probed_index(self, primary: Any, metric_type: int) -> Any:
         """The live rows as an IVF-Flat on the primary's quantizer and their lists, so a batch
         is one FAISS call that probes as the primary does; made once per Delta, on its first
         probed search. None when some row has no list or the rows pass PROBED_MAX_BYTES (a
         copy per Delta would then cost too much)."""
         if self._ivf is not None:  # a Delta's rows and `coarse` never change
-            return self._ivf if isinstance(self._ivf, Probed) else None
+            return self._ivf[0]
         live = len(self)
         if live * (8 + 4 * self.dim) > PROBED_MAX_BYTES:
-            self._ivf = False
+            self._ivf = (None, None)
             return None
         rows = np.sort(self._rows) if self._dead.size else np.arange(self._n)
         lists = self._buf.lists[rows].astype(np.int64)
         if live and lists.min() == UNLISTED:
-            self._ivf = False
+            self._ivf = (None, None)
             return None
         ids = np.ascontiguousarray(self._buf.ids[rows])
         vectors = np.ascontiguousarray(self._buf.vectors[rows])
-        out = Probed(primary, ids, vectors, lists, metric_type)
-        self._ivf = out  # two searches may both make it: the same index
-        return out
+        nlist = int(primary.coarse.nlist)
+        ivf = faiss.IndexIVFFlat(primary.quantizer, self.dim, nlist, metric_type)
+        ptr = faiss.swig_ptr
+        with one_thread():
+            ivf.add_core(live, ptr(vectors), ptr(ids), ptr(lists))
+        ivf.parallel_mode = 3  # lists given beforehand: still parallel over the queries
+        # the primary's index owns the quantizer: held as long as this index may be searched
+        self._ivf = (ivf, primary)  # two searches may both make it: the same index
+        return ivf
 
     def _live_selector(self) -> Any:
         """A FAISS row selector passing the live rows (None when no row is dead), made once per
@@ -319,48 +304,6 @@ class Delta:
             bitmap = np.packbits(live, bitorder="little")
             self._sel = (faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap)), bitmap)
         return self._sel[0]
-
-
-class Probed:
-    """A Delta's live rows as a small IVF-Flat on a primary's quantizer, under tagged ids
-    (row r is -2 - r, never a user id nor FAISS's -1), and the primary's lists stacked before
-    them when the primary is an IVF-Flat: a tagged id is never one of the primary's
-    tombstones, so a replaced row's tombstone spares its new copy."""
-
-    def __init__(self, primary: Any, ids: I64, vectors: F32, lists: I64, metric_type: int) -> None:
-        """Copy the rows (ids, vectors, lists) into a new IVF-Flat on primary's quantizer."""
-        live, dim = vectors.shape
-        nlist = int(primary.coarse.nlist)
-        self.ids = ids
-        self.ivf = faiss.IndexIVFFlat(primary.quantizer, dim, nlist, metric_type)
-        tags = -2 - np.arange(live, dtype=np.int64)
-        ptr = faiss.swig_ptr
-        with one_thread():
-            self.ivf.add_core(live, ptr(vectors), ptr(tags), ptr(lists))
-        self.ivf.parallel_mode = 3  # lists given beforehand: still parallel over the queries
-        # the primary's index owns the quantizer and its lists: held while this is searched
-        self.primary = primary
-        self.searched = False  # set by the reader: the writer then prepares the next state
-        self.stacked: Any = None
-        own = primary.coarse
-        if type(own) is faiss.IndexIVFFlat:
-            both = faiss.InvertedListsPtrVector()
-            both.push_back(own.invlists)
-            both.push_back(self.ivf.invlists)
-            self._lists = (both, faiss.VStackInvertedLists(2, both.data()))
-            view = faiss.IndexIVFFlat(primary.quantizer, dim, 2 * nlist, metric_type)
-            view.replace_invlists(self._lists[1], False)  # held by self._lists
-            view.ntotal = own.ntotal + live
-            view.is_trained = True  # FAISS checks quantizer.ntotal == nlist: it holds half
-            view.parallel_mode = 3
-            self.stacked = view
-
-    def untag(self, found: I64) -> I64:
-        """The user ids of FAISS's answer: tagged rows mapped back, primary ids and -1 kept."""
-        tagged = found < -1
-        if not tagged.any():
-            return found
-        return np.where(tagged, self.ids[np.maximum(-2 - found, 0)], found)
 
 
 def exact_knn(

@@ -210,7 +210,7 @@ class Engine:
             new = State.make(self.dim, st.primary, delta, tomb, new_version, before=st, attrs=attrs)
             if p is not None and p.live is not None and lists is not None:
                 p.live.put(id_arr, vecs, lists)
-            self._state = self._reader.ready(new, st)
+            self._state = new
             return int(id_arr.size)
 
     def delete(self, ids: Any, *, version: int | None = None) -> int:
@@ -229,7 +229,7 @@ class Engine:
                                  attrs=attrs)  # fmt: skip
                 if st.primary is not None and st.primary.live is not None:
                     st.primary.live.remove(id_arr)
-                self._state = self._reader.ready(new, st)
+                self._state = new
             return live
 
     def merge(self, progress: Progress | None = None) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def attach(primary: Primary, delta: Delta, tombstones: I64, enabled: bool = True
     """`primary` with its lists changed in place from now on, the delta's rows put and the
     tombstoned ids removed (a snapshot holds them apart); as it is where its lists cannot be
     (not IVF-Flat on a flat quantizer on the CPU) or `enabled` is off."""
-    if not enabled or primary.live is not None or not primary.stackable:
+    if not enabled or primary.live is not None or not primary.in_place:
         return primary
     live = LiveLists(primary.index)
     live.remove(tombstones)

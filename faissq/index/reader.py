@@ -12,12 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
 from faissq.errors import IndexNotReady, InvalidParameter
-from faissq.index.delta import Probed, exact_knn
-from faissq.index.omp import one_thread
+from faissq.index.delta import exact_knn
 from faissq.index.params import CallParams, allow_selector, combine, make_params, not_selector
 from faissq.index.results import exact_scores, merge_topk, worst
 from faissq.index.state import Primary, State, in_sorted, union_sorted
@@ -69,11 +67,6 @@ class Reader:
             call = p.params_for(nprobe, ef_search).params
             if 2 * int(call.nprobe) < p.shape.nlist and len(st.delta):
                 params = call
-        if params is not None and stacks(st):
-            probed = st.delta.stacked(st.primary, self.metric_type)
-            if probed is not None:
-                probed.searched = True
-                return self._stacked(st, xq, k, int(params.nprobe), ef_search, probed)
         if p is not None:
             parts.append(self.primary(st, xq, k, nprobe, ef_search, k_factor, allow, deny))
         if p is not None and params is not None:
@@ -99,33 +92,6 @@ class Reader:
             return p.params_for(nprobe, ef_search)
         sel, keep = combine(selectors(None, allow, deny))
         return make_params(p.shape, nprobe=nprobe, ef_search=ef_search, sel=sel, keep=keep)
-
-    def ready(self, st: State, before: State) -> State:
-        """The state with what its first search would build made now, on the writer's thread
-        (the delta's stacked lists, the tombstone set), so searches do not wait on it; only
-        when `before` (the state it follows) was searched so, or had no delta: a stream of
-        upserts nobody searches would copy the delta once per upsert."""
-        if stacks(st) and (before.delta.searched or not len(before.delta)):
-            st.delta.stacked(st.primary, self.metric_type)
-            if post_filtered(st):
-                _ = st.tomb_set
-        return st
-
-    def _stacked(
-        self, st: State, xq: F32, k: int, width: int, ef_search: int | None, probed: Probed
-    ) -> tuple[F32, I64]:
-        """Top-k over the primary's lists and the delta's stacked after them (Delta.stacked):
-        one coarse search, then one FAISS search of the `width` lists of each, so a batch
-        costs about what it would once merged (two searches and a merge of their answers cost
-        half as much again: benchmarks/upsert_stream.py)."""
-        p = st.primary
-        assert p is not None
-        probe = (*coarse_probe(p, xq, width, p.shape.nlist), probed.stacked)
-        if post_filtered(st):
-            scores, ids = self._past_tombstones(st, xq, k, 2 * width, ef_search, probe)
-        else:
-            scores, ids = plain(st, xq, k, st.params_for(2 * width, ef_search).params, probe)
-        return scores, probed.untag(ids)
 
     def exact_subset(
         self, st: State, xq: F32, k: int, allow: I64, deny: I64 | None
@@ -182,9 +148,9 @@ class Reader:
         if result is None and allow is None and deny is None:
             # no per-call selector: the state's parameter trees are shared (FAISS only reads them)
             if post_filtered(st):
-                result = self._past_tombstones(st, xq, fetch, nprobe, ef_search, None)
+                result = self._past_tombstones(st, xq, fetch, nprobe, ef_search)
             else:
-                result = plain(st, xq, fetch, st.params_for(nprobe, ef_search).params, None)
+                result = plain(st, xq, fetch, st.params_for(nprobe, ef_search).params)
         if result is None:
             sel, keep = combine(selectors(st.tomb_selector, allow, deny))
             call = make_params(primary.shape, nprobe=nprobe, ef_search=ef_search, sel=sel,
@@ -202,7 +168,6 @@ class Reader:
         fetch: int,
         nprobe: int | None,
         ef_search: int | None,
-        probe: Probe | None,
     ) -> tuple[F32, I64]:
         """A plain IVF primary's top-`fetch` without the tombstoned ids: FAISS fetches a few
         more without a selector and those are dropped here, as a selector test per scanned row
@@ -211,24 +176,22 @@ class Reader:
         p = st.primary
         assert p is not None
         want = fetch + max(POST_FILTER_SPARE, fetch // 4)
-        scores, ids = plain(st, xq, want, p.params_for(nprobe, ef_search).params, probe)
+        scores, ids = plain(st, xq, want, p.params_for(nprobe, ef_search).params)
         gone = st.tomb_set
         if gone is not None and gone.isdisjoint(ids.ravel().tolist()):
             return scores[:, :fetch], ids[:, :fetch]
         dead = in_sorted(st.tombstones, ids)
         if not dead.any():
             return scores[:, :fetch], ids[:, :fetch]
-        # -1 is an empty slot (a stacked delta row's id is below it: Probed)
-        full = ids[:, -1] != -1  # FAISS found `want` rows: more may lie past them
+        full = ids[:, -1] >= 0  # FAISS found `want` rows: more may lie past them
         order = np.argsort(dead, axis=1, kind="stable")[:, :fetch]  # the live ones, best first
         scores = np.take_along_axis(scores, order, 1)
         ids = np.take_along_axis(np.where(dead, -1, ids), order, 1)
         scores[ids == -1] = worst(self.higher_is_better)
-        short = np.flatnonzero(full & (ids[:, -1] == -1))
+        short = np.flatnonzero(full & (ids[:, -1] < 0))
         if short.size:
             call = st.params_for(nprobe, ef_search)
-            again = None if probe is None else (probe[0][short], probe[1][short], probe[2])
-            scores[short], ids[short] = plain(st, xq[short], fetch, call.params, again)
+            scores[short], ids[short] = plain(st, xq[short], fetch, call.params)
         return scores, ids
 
     def within(
@@ -290,59 +253,11 @@ class Reader:
         return np.take_along_axis(exact, order, axis=1), ids
 
 
-def coarse_probe(p: Primary, xq: F32, width: int, nlist: int) -> tuple[F32, I64]:
-    """The `width` lists the primary's quantizer picks for each query (distances, lists), each
-    row followed by the same lists shifted by `nlist` at the same distances: the delta's,
-    stacked after the primary's (Delta.stacked)."""
-    n = xq.shape[0]
-    dq = np.empty((n, 2 * width), dtype=np.float32)
-    iq = np.empty((n, 2 * width), dtype=np.int64)
-    x = np.ascontiguousarray(xq, dtype=np.float32)
-    ptr = faiss.swig_ptr  # the C++ call: FAISS's wrapper checks and allocates again
-    if n == 1:  # the row's first half is contiguous: the quantizer writes it in place
-        p.quantizer.search_c(1, ptr(x), width, ptr(dq), ptr(iq))
-    else:
-        d1 = np.empty((n, width), dtype=np.float32)
-        i1 = np.empty((n, width), dtype=np.int64)
-        # one thread: a batch's coarse search is short, and a second OpenMP barrier per
-        # search waits for a helper thread the busy cores may not run at once
-        with one_thread():
-            p.quantizer.search_c(n, ptr(x), width, ptr(d1), ptr(i1))
-        dq[:, :width], iq[:, :width] = d1, i1
-    dq[:, width:] = dq[:, :width]
-    # a flat quantizer fills every slot when width <= nlist (no -1 to keep)
-    np.add(iq[:, :width], nlist, out=iq[:, width:])
-    return dq, iq
-
-
-Probe = tuple[F32, I64, Any]  # coarse distances and lists found beforehand, the index to search
-
-
-def plain(st: State, xq: F32, k: int, params: Any, probe: Probe | None) -> tuple[F32, I64]:
-    """The primary's search with these parameters; with a probe, that index over its lists
-    (FAISS's Python wrapper of search_preassigned takes no parameters: the C++ call is made
-    here, so a selector travels in `params`)."""
+def plain(st: State, xq: F32, k: int, params: Any) -> tuple[F32, I64]:
+    """The primary's search with these parameters (a shared tree: FAISS only reads it)."""
     p = st.primary
     assert p is not None
-    if probe is None:
-        return p.index.search(xq, k, params=params)  # type: ignore[no-any-return]
-    dq, iq, ivf = probe
-    n = xq.shape[0]
-    scores = np.empty((n, k), dtype=np.float32)
-    ids = np.empty((n, k), dtype=np.int64)
-    x = np.ascontiguousarray(xq, dtype=np.float32)
-    ptr = faiss.swig_ptr
-    ivf.search_preassigned_c(n, ptr(x), k, ptr(iq), ptr(dq), ptr(scores), ptr(ids), False, params)
-    return scores, ids
-
-
-def stacks(st: State) -> bool:
-    """Whether the state's delta rows sit in lists of its primary that can be stacked after
-    the primary's own for one search (Primary.stackable, Delta.stacked)."""
-    p = st.primary
-    if p is None or p.live is not None or not p.stackable:
-        return False
-    return st.delta.coarse == p.serial and len(st.delta) > 0
+    return p.index.search(xq, k, params=params)  # type: ignore[no-any-return]
 
 
 def post_filtered(st: State) -> bool:

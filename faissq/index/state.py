@@ -61,10 +61,9 @@ class Primary:
         return None if self.coarse is None else self.coarse.quantizer
 
     @cached_property
-    def stackable(self) -> bool:
-        """Whether the delta's lists can be stacked after this index's own for one search
-        (reader.Reader._stacked): an IVF-Flat on a flat quantizer, whose coarse search the
-        reader makes itself (a graph quantizer would need its own search parameters)."""
+    def in_place(self) -> bool:
+        """Whether upserts and deletes can change this index's lists in place (live.py): an
+        IVF-Flat on a flat quantizer searched on the CPU (a GPU copy would not see them)."""
         ivf: Any = self.coarse
         if type(ivf) is not faiss.IndexIVFFlat:
             return False

@@ -243,9 +243,9 @@ def test_a_search_probing_half_the_lists_scans_the_delta_whole() -> None:
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_a_replaced_row_is_found_under_its_id_and_its_old_copy_is_not(metric: str) -> None:
-    """Few replacements (tombstones dropped after FAISS, primary and delta in one stacked
-    search): each new vector finds its own id first, the old vector is not returned under
-    that id, and a batch answers as the merged index does."""
+    """Few replacements (tombstones dropped after FAISS, the delta searched in the probed
+    lists): each new vector finds its own id first, the old vector is not returned under that
+    id, and a batch answers as the merged index does."""
     rng = np.random.default_rng(12)
     centers = rng.standard_normal((20, DIM)).astype(np.float32) * 4
     x = (centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, DIM))).astype(np.float32)
@@ -255,8 +255,7 @@ def test_a_replaced_row_is_found_under_its_id_and_its_old_copy_is_not(metric: st
     new = (centers[rng.integers(0, 20, 30)] + rng.standard_normal((30, DIM))).astype(np.float32)
     eng.upsert(ids, new)
     st = eng.state
-    assert st.primary is not None and st.primary.stackable and post_filtered(st)
-    assert st.delta.stacked(st.primary, st.primary.coarse.metric_type) is not None
+    assert st.primary is not None and st.primary.in_place and post_filtered(st)
     own = eng.search(new, 1, nprobe=2)
     np.testing.assert_array_equal(own.ids[:, 0], ids)
     old = eng.search(x[ids], 10, nprobe=2)  # each old vector would match itself exactly
@@ -272,9 +271,9 @@ def test_a_replaced_row_is_found_under_its_id_and_its_old_copy_is_not(metric: st
     assert (batch.ids >= -1).all()
 
 
-def test_a_stacked_search_pads_with_minus_one_and_returns_no_tagged_id() -> None:
+def test_a_search_of_few_live_rows_pads_with_minus_one() -> None:
     """When the probed lists of primary and delta hold fewer than k live rows, the answer is
-    those rows then -1: the delta's internal ids never reach the caller."""
+    those rows then -1, with no deleted or repeated id."""
     rng = np.random.default_rng(13)
     centers = np.outer(np.arange(8), np.eye(1, DIM)).astype(np.float32) * 20
     x = (centers[np.arange(400) % 8] + rng.standard_normal((400, DIM))).astype(np.float32)
@@ -291,29 +290,19 @@ def test_a_stacked_search_pads_with_minus_one_and_returns_no_tagged_id() -> None
     assert live.size == np.unique(live).size
 
 
-def test_the_writer_prepares_what_the_first_search_of_a_state_would_build() -> None:
-    """After an upsert or a delete that follows a searched state (or a state without delta
-    rows) the published state already holds the delta's stacked index and the tombstone set,
-    so no search waits while they are made; upserts nobody searches do not copy the delta."""
+def test_the_tombstone_set_holds_the_replaced_and_deleted_ids() -> None:
+    """The set a search checks its few ids against (State.tomb_set) holds every id replaced
+    or deleted since the primary was built, and a deleted row is not found."""
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2000, DIM)).astype(np.float32)
     eng = Engine(DIM, IndexSettings(metric="l2", merge_delta_max=10**6, live_lists=False), "w")
     eng.build(x, np.arange(2000), family="ivf_flat")
     eng.upsert(np.arange(10), rng.standard_normal((10, DIM)).astype(np.float32))
-    st = eng.state  # follows a state without delta rows
-    assert st.delta.indexed and "tomb_set" in vars(st)
-    assert st.tomb_set == frozenset(range(10))
-    eng.search(x[:1], 5, nprobe=1)
-    eng.upsert(np.arange(30, 40), rng.standard_normal((10, DIM)).astype(np.float32))
-    eng.upsert(np.arange(40, 50), rng.standard_normal((10, DIM)).astype(np.float32))
-    st = eng.state  # follows a state nobody searched
-    assert not st.delta.indexed and "tomb_set" not in vars(st)
-    eng.search(x[:1], 5, nprobe=1)
+    assert eng.state.tomb_set == frozenset(range(10))
+    eng.upsert(np.arange(30, 50), rng.standard_normal((20, DIM)).astype(np.float32))
     eng.delete(np.arange(10, 20))
-    eng.search(x[:1], 5, nprobe=1)
     eng.delete(np.arange(30, 35))  # its delta rows go: a new delta
     st = eng.state
-    assert st.delta.indexed and "tomb_set" in vars(st)
     assert st.tomb_set == frozenset([*range(20), *range(30, 50)])  # replaced or deleted
     got = eng.search(x[15:16], 1, nprobe=1)  # a deleted row is not found
     assert got.ids[0, 0] != 15
