@@ -11,9 +11,11 @@ uses any more goes back to the kernel at once, where glibc would keep a freed he
 Under an IVF primary each row also holds its coarse list (assigned by the primary's quantizer at
 upsert), and a plain search scans only the rows in the lists the primary probes for the query, so
 recent rows are found as the primary would find them once merged and the scan grows with the rows
-in those lists, not with the delta. The first such search of a Delta copies its live rows into a
-small IVF-Flat on the primary's quantizer and those lists. An IVF-Flat primary on the
-CPU holds the delta's rows in its own lists instead (live.py).
+in those lists, not with the delta (a full scan of 5,000 rows doubled the CPU of a search of 100k
+IVF-Flat: benchmarks/upsert_stream.py). The first such search of a Delta copies its live rows
+into a small IVF-Flat on the primary's quantizer and those lists, so the delta of a whole batch
+is one FAISS search, parallel over the queries as the primary's is (a scan per query cost 8x).
+An IVF-Flat primary on the CPU holds the delta's rows in its own lists instead (live.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ MIN_CAPACITY = 1024  # rows of the smallest buffer
 _NO_ROWS: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)
 _NO_IDS: I64 = np.empty(0, dtype=np.int64)
 UNLISTED = -1  # the list of a row that has none (scanned by every search)
-PROBED_MAX_BYTES = 64 << 20  # live rows past this are scanned whole (see Delta._probed)
+PROBED_MAX_BYTES = 64 << 20  # live rows past this are scanned whole (see _probed_index)
 
 
 def _mapped(shape: tuple[int, ...], dtype: Any) -> Any:
@@ -81,7 +83,7 @@ class Delta:
         self._rows: npt.NDArray[np.intp] = _NO_ROWS  # ... and the row holding each
         self._live: tuple[I64, F32] | None = None  # live ids/vectors in row order, made on use
         self._sel: tuple[Any, Any] | None = None  # selector of live rows (+ its bitmap), on use
-        self._ivf: tuple[Any, Any] | None = None  # (probed index or None, its primary), on use
+        self._ivf: tuple[Any, Any] | None = None  # the probed index and its primary, on use
         self.coarse: int | None = None  # serial of the primary whose quantizer gave the lists
 
     @classmethod
